@@ -1,0 +1,88 @@
+"""Run the five notebooks in order, headless, with papermill: the "start it in the evening" mode.
+
+    python run_pipeline.py                           # embedded sample, published schedule
+    python run_pipeline.py --quick                   # smoke mode: minutes on a laptop CPU
+    python run_pipeline.py --data-dir D --work-dir W -p bs 4 -p lr_frozen 1e-4
+
+Executed notebooks (with their outputs, plots and errors) are kept in
+`<work_dir>/notebooks/`, and the time taken by each in `<work_dir>/run_times.json`.
+"""
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _value(text):
+    """Parse a `-p` value as a Python literal (1e-4, True, None, 'x'), else keep it as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", help="dataset folder (default: the embedded synthetic sample)")
+    ap.add_argument("--work-dir", help="run folder (default: runs/<dataset>[_quick])")
+    ap.add_argument("--data-url", help="Google Drive id/URL or HTTP URL of a zipped dataset")
+    ap.add_argument("--quick", action="store_true", help="smoke mode: small images, one epoch per phase")
+    ap.add_argument("--force", action="store_true", help="retrain stages that are already finished")
+    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="any other notebook parameter, e.g. -p bs 4 (given to every notebook that has it)")
+    ap.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks, e.g. --only 04 05")
+    args = ap.parse_args(argv)
+
+    import papermill as pm
+    sys.path.insert(0, str(ROOT))
+    import utils
+
+    params = {k: _value(v) for k, v in args.p}
+    data_dir, work_dir = utils.resolve_paths(args.data_dir, args.work_dir, args.quick, args.data_url,
+                                             params.get("sample_size", "default"), params.get("seed", 0))
+    params.update(data_dir=str(data_dir), work_dir=str(work_dir), quick=args.quick)
+    if args.force:
+        params["force"] = True
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if nb.name[:2] in args.only]
+    out_dir = work_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    times_file = work_dir / "run_times.json"
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    print(f"data_dir: {data_dir}\nwork_dir: {work_dir}")
+    for nb in notebooks:
+        known = pm.inspect_notebook(str(nb))
+        unknown = set(params) - set(known) - {"data_dir", "work_dir", "quick", "force"}
+        if unknown and nb == notebooks[0]:
+            missing_everywhere = [k for k in unknown if not any(k in pm.inspect_notebook(str(n)) for n in notebooks)]
+            if missing_everywhere:
+                ap.error(f"no notebook has a parameter named {', '.join(sorted(missing_everywhere))}")
+        t = time.time()
+        print(f"--- {nb.name} ...", flush=True)
+        try:
+            pm.execute_notebook(str(nb), str(out_dir / nb.name), cwd=str(nb.parent), kernel_name="python3",
+                                parameters={k: v for k, v in params.items() if k in known}, progress_bar=False)
+        except pm.PapermillExecutionError as e:
+            print(f"\n{nb.name} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback is "
+                  f"{out_dir / nb.name}", file=sys.stderr)
+            return 1
+        times[nb.stem] = round(time.time() - t, 1)
+        times_file.write_text(json.dumps(times, indent=2))
+        print(f"    done in {times[nb.stem]:.0f}s", flush=True)
+    print(f"\nAll done. Predictions: {work_dir / 'predictions'}; metrics: {work_dir / 'metrics.json'}; "
+          f"executed notebooks: {out_dir}")
+    metrics = work_dir / "metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        print("Validation block IoU: " + ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} n/a"
+                                                   for c, v in m["iou"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

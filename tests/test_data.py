@@ -1,0 +1,185 @@
+"""Loading, validation of bad input, the split, and the synthetic sample."""
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+import utils
+from conftest import snapshot
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "ds"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_png_sample(tiny):
+    before = snapshot(tiny)
+    vol = utils.load_volume(tiny)
+    assert vol.images.shape == vol.labels.shape == (12, 96, 96)
+    assert vol.images.dtype == np.uint8 and vol.window == (0.0, 255.0)
+    assert vol.codes == ["background", "foraminifera", "ostracod"]
+    assert vol.stems == [f"slice_{z:04d}" for z in range(12)]
+    assert set(np.unique(vol.labels)) == {0, 1, 2}
+    assert snapshot(tiny) == before, "loading must never write into the dataset folder"
+
+
+def test_natural_slice_order(tmp_path):
+    ds = tmp_path / "ds"
+    (ds / "train").mkdir(parents=True)
+    (ds / "train_masks_labels").mkdir()
+    (ds / "codes.txt").write_text("rock\nfossil\n")
+    for z in (10, 2, 1):  # lexicographic order would put 10 before 2
+        Image.fromarray(np.full((8, 8), z, np.uint8)).save(ds / "train" / f"s{z}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(ds / "train_masks_labels" / f"s{z}_GT.png")
+    vol = utils.load_volume(ds)
+    assert vol.stems == ["s1", "s2", "s10"]
+    assert vol.images[:, 0, 0].tolist() == [1, 2, 10]
+
+
+def test_multipage_tiff_equals_png_slices(tiny, tmp_path):
+    stack = utils.make_sample(tmp_path / "stack", n_slices=12, height=96, width=96, seed=3, fmt="tif-stack")
+    a, b = utils.load_volume(tiny), utils.load_volume(stack)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert b.stems[0] == "volume_0000" and len(b.stems) == 12
+
+
+def test_16bit_is_windowed_to_uint8(tmp_path):
+    ds = utils.make_sample(tmp_path / "s16", n_slices=6, height=64, width=72, seed=1, bit_depth=16)
+    assert np.asarray(Image.open(ds / "train" / "slice_0000.png")).dtype == np.uint16
+    vol = utils.load_volume(ds)
+    assert vol.images.dtype == np.uint8 and vol.raw_dtype == "uint16"
+    lo, hi = vol.window
+    assert 0 <= lo < hi <= 65535 and hi - lo > 255  # a real 16-bit window, not 8-bit identity
+    assert vol.images.min() <= 5 and vol.images.max() >= 250  # the window spans the uint8 range
+
+
+def test_16bit_tiff_slices(tmp_path):
+    ds = tmp_path / "ds"
+    (ds / "train").mkdir(parents=True)
+    (ds / "train_masks_labels").mkdir()
+    (ds / "codes.txt").write_text("a\nb\nc\nd\n")
+    rng = np.random.default_rng(0)
+    for z in range(3):
+        tifffile.imwrite(ds / "train" / f"x{z}.tif", rng.integers(1000, 50000, (17, 23), dtype=np.uint16))
+        tifffile.imwrite(ds / "train_masks_labels" / f"x{z}_GT.tif", rng.integers(0, 4, (17, 23), dtype=np.uint8))
+    vol = utils.load_volume(ds)
+    assert vol.shape == (3, 17, 23) and vol.codes == ["a", "b", "c", "d"] and vol.labels.max() == 3
+
+
+def _expect(ds, *fragments):
+    with pytest.raises(utils.DatasetError) as e:
+        utils.load_volume(ds)
+    for f in fragments:
+        assert str(f) in str(e.value), f"{f!r} not in error message: {e.value}"
+    return str(e.value)
+
+
+def test_no_images(tmp_path):
+    (tmp_path / "ds" / "train").mkdir(parents=True)
+    (tmp_path / "ds" / "train" / "notes.txt").write_text("x")
+    _expect(tmp_path / "ds", "No images", "train")
+
+
+def test_no_train_folder(tmp_path):
+    (tmp_path / "ds").mkdir()
+    _expect(tmp_path / "ds", "train", "does not exist")
+
+
+def test_missing_mask(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    (ds / "train_masks_labels" / "slice_0005_GT.png").unlink()
+    _expect(ds, "No mask for", "slice_0005.png", "slice_0005_GT.png")
+
+
+def test_mask_size_mismatch(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    Image.fromarray(np.zeros((90, 96), np.uint8)).save(ds / "train_masks_labels" / "slice_0003_GT.png")
+    _expect(ds, "slice_0003_GT.png", "must match its slice")
+
+
+def test_label_not_in_codes(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    m = np.zeros((96, 96), np.uint8)
+    m[5, 5] = 7
+    Image.fromarray(m).save(ds / "train_masks_labels" / "slice_0002_GT.png")
+    _expect(ds, "slice_0002_GT.png", "label 7", "codes.txt", "3 classes")
+
+
+def test_corrupt_file(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    (ds / "train" / "slice_0004.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _expect(ds, "Cannot read", "slice_0004.png", "corrupt")
+
+
+def test_slices_of_different_sizes(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    Image.fromarray(np.zeros((80, 96), np.uint8)).save(ds / "train" / "slice_0007.png")
+    _expect(ds, "slice_0007.png", "same size")
+
+
+def test_missing_codes(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    (ds / "codes.txt").unlink()
+    _expect(ds, "codes.txt", "one class name per line")
+
+
+def test_unlabelled_volume_for_prediction(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    shutil.rmtree(ds / "train_masks_labels")
+    vol = utils.load_volume(ds, require_labels=False)
+    assert vol.labels is None and vol.codes == ["background", "foraminifera", "ostracod"]
+    _expect(ds, "train_masks_labels", "does not exist")
+
+
+def test_split_is_last_contiguous_block():
+    tr, va = utils.split_slices(50, 0.2)
+    assert tr.tolist() == list(range(40)) and va.tolist() == list(range(40, 50))
+    tr, va = utils.split_slices(3, 0.2)
+    assert len(va) == 1 and va[0] == 2
+    with pytest.raises(utils.DatasetError):
+        utils.split_slices(1, 0.2)
+
+
+def test_work_dir_inside_dataset_is_refused(tiny):
+    with pytest.raises(utils.DatasetError, match="never written"):
+        utils.resolve_paths(tiny, tiny / "runs")
+
+
+def test_sample_is_deterministic(tmp_path):
+    a = utils.make_sample(tmp_path / "a", n_slices=6, height=64, width=64, seed=5)
+    b = utils.make_sample(tmp_path / "b", n_slices=6, height=64, width=64, seed=5)
+    c = utils.make_sample(tmp_path / "c", n_slices=6, height=64, width=64, seed=6)
+    va, vb, vc = (utils.load_volume(p) for p in (a, b, c))
+    np.testing.assert_array_equal(va.images, vb.images)
+    np.testing.assert_array_equal(va.labels, vb.labels)
+    assert not np.array_equal(va.images, vc.images)
+
+
+def test_sample_content(tiny):
+    vol = utils.load_volume(tiny)
+    tr, va = utils.split_slices(len(vol.images), 0.2)
+    for block in (tr, va):  # every fossil class appears in both the training and the validation block
+        assert set(np.unique(vol.labels[block])) == {0, 1, 2}
+    assert vol.images[:, :3, :3].mean() < 40  # air around the cylindrical core is dark
+    img, lab = vol.images.astype(float), vol.labels
+    matrix = img[(lab == 0) & (img > 60)].mean()
+    assert img[lab > 0].max() > matrix + 40  # bright calcite walls in the fossils
+
+
+def test_sample_slabs_are_seamless(tmp_path):
+    """Generating slab by slab must give the same volume as one big slab (no seams at slab borders)."""
+    a = utils.make_sample(tmp_path / "a", n_slices=10, height=64, width=64, seed=2, slab=3)
+    b = utils.make_sample(tmp_path / "b", n_slices=10, height=64, width=64, seed=2, slab=10)
+    np.testing.assert_array_equal(utils.load_volume(a).images, utils.load_volume(b).images)
+
+
+def test_ensure_sample_reuses(tmp_path):
+    p = utils.ensure_sample(tmp_path / "s", 4, 48, 48, seed=1)
+    before = snapshot(p)
+    utils.ensure_sample(tmp_path / "s", 4, 48, 48, seed=1)
+    assert snapshot(p) == before

@@ -1,0 +1,92 @@
+"""The notebooks: committed clean, one shared parameter vocabulary, and all five executed headless in order."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import papermill as pm
+import pytest
+import tifffile
+from PIL import Image
+
+import run_pipeline
+import utils
+from conftest import ROOT, snapshot
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+COMMON = {"data_dir", "work_dir", "quick", "valid_pct", "data_url", "sample_size", "seed"}
+
+
+def test_five_numbered_notebooks():
+    assert [n.stem for n in NOTEBOOKS] == ["01_explore_data", "02_train_256", "03_train_512",
+                                           "04_train_full", "05_predict_export"]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stripped_and_parametrised(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), \
+        f"{nb.name} has outputs: strip them before committing"
+    assert cells[0]["cell_type"] == "markdown" and "colab-badge" in "".join(cells[0]["source"])
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{nb.name} needs exactly one cell tagged 'parameters'"
+    assigned = {ln.split("=")[0].strip() for ln in "".join(tagged[0]["source"]).splitlines()
+                if "=" in ln and not ln.startswith("#")}
+    seen = set(pm.inspect_notebook(str(nb)))
+    assert assigned == seen, f"papermill cannot parse {assigned - seen} in {nb.name}"
+    assert COMMON <= seen
+
+
+def _check_run(ds, work, n_classes):
+    vol = utils.load_volume(ds)
+    pred_dir = work / "predictions"
+    for stem in vol.stems:  # a prediction PNG for every slice, same size, values = class index
+        png = np.asarray(Image.open(pred_dir / f"{stem}.png"))
+        assert png.shape == vol.shape[1:] and png.max() < n_classes
+    assert tifffile.imread(pred_dir / "labels.tif").shape == vol.shape
+    m = json.loads((work / "metrics.json").read_text())
+    assert set(m["iou"]) == set(vol.codes) and 0 <= m["mean_iou"] <= 1
+    assert m["pixel_acc_nonbg"] is None or 0 <= m["pixel_acc_nonbg"] <= 1
+    assert m["n_validation_slices"] == max(1, round(0.2 * len(vol.stems)))
+    assert set(json.loads((work / "run_times.json").read_text())) == {n.stem for n in NOTEBOOKS}
+    for nb in NOTEBOOKS:
+        assert (work / "notebooks" / nb.name).exists()
+    for fig in ("slice", "orthoviews", "histogram", "lr_find_256_frozen", "lr_find_full_unfrozen",
+                "history_full", "predictions_valid"):
+        assert (work / "figures" / f"{fig}.png").exists(), fig
+    for name in ("256", "512", "full"):
+        for phase in ("frozen", "unfrozen"):
+            assert utils.phase_done(work, f"{name}_{phase}")
+
+
+def test_pipeline_quick_on_png_sample(tiny, tmp_path):
+    before = snapshot(tiny)
+    work = tmp_path / "run"
+    assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--quick",
+                              "-p", "pretrained", "False"]) == 0
+    _check_run(tiny, work, 3)
+    assert snapshot(tiny) == before, "the pipeline wrote into the dataset folder"
+
+    # re-running a finished stage skips it (the "survives a disconnect" path)
+    assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--quick", "--only", "03",
+                              "-p", "pretrained", "False"]) == 0
+    out = json.loads((work / "notebooks" / "03_train_512.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in out["cells"] for o in c.get("outputs", []))
+    assert "512_frozen: already trained" in text and "512_unfrozen: already trained" in text
+
+
+def test_pipeline_quick_on_unseen_layout(tmp_path):
+    """Odd slice size, 16-bit multi-page TIFF, other class names and an extra (unused) class."""
+    ds = utils.make_sample(tmp_path / "odd", n_slices=10, height=75, width=83, seed=9, bit_depth=16, fmt="tif-stack")
+    (ds / "codes.txt").write_text("matrix\nbenthic foram\nostracod valve\npyrite\n")
+    work = tmp_path / "run"
+    assert run_pipeline.main(["--data-dir", str(ds), "--work-dir", str(work), "--quick",
+                              "-p", "pretrained", "False", "-p", "bs", "3"]) == 0
+    _check_run(ds, work, 4)
+    assert json.loads((work / "models" / "full_unfrozen.json").read_text())["codes"][3] == "pyrite"
+
+
+def test_runner_rejects_unknown_parameter(tiny, tmp_path):
+    with pytest.raises(SystemExit):
+        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "-p", "no_such_param", "1"])

@@ -1,0 +1,130 @@
+"""DataLoaders, the learner, checkpoints across stage sizes, resume after an interruption."""
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+import utils
+
+
+@pytest.fixture(scope="module")
+def odd_vol(tmp_path_factory):
+    """A volume with odd slice sizes (141 x 133)."""
+    ds = utils.make_sample(tmp_path_factory.mktemp("odd") / "ds", n_slices=6, height=141, width=133, seed=4)
+    return utils.load_volume(ds)
+
+
+def test_stage_sizes():
+    assert utils.stage_size((983, 1004, 956), 0.25) == (251, 239)
+    assert utils.stage_size((983, 1004, 956), 0.5) == (502, 478)
+    assert utils.stage_size((983, 1004, 956), 1.0) == (1004, 956)
+    assert max(utils.stage_size((983, 1004, 956), 0.25, quick=True)) == 64
+    assert max(utils.stage_size((983, 1004, 956), 1.0, quick=True)) == 128
+    assert min(utils.stage_size((10, 96, 96), 0.25)) == 32  # floor: the encoder downsamples 32x
+
+
+def test_batches_resized_and_aligned(odd_vol):
+    dls = utils.make_dls(odd_vol, 0.5, bs=2, device=torch.device("cpu"))
+    x, y = dls.valid.one_batch()
+    assert x.shape == (1, 3, 70, 66) and x.dtype == torch.float32  # 6 slices: a 1-slice validation block
+    assert y.shape == (1, 70, 66) and y.dtype == torch.int64
+    assert abs(float(x.mean())) < 3  # ImageNet-normalised
+    assert set(torch.unique(y).tolist()) <= {0, 1, 2}
+    xt, yt = dls.train.one_batch()  # augmented training batch keeps image and mask shapes aligned
+    assert xt.shape[-2:] == yt.shape[-2:] == (70, 66)
+
+
+def test_checkpoint_from_quarter_loads_strictly_at_half(odd_vol, tmp_path):
+    """DynamicUnet is built from img_size: a 1/4-size checkpoint must load strictly into the 1/2-size model."""
+    q = utils.build_learner(utils.make_dls(odd_vol, 0.25, bs=2), pretrained=False, work_dir=tmp_path)
+    h = utils.build_learner(utils.make_dls(odd_vol, 0.5, bs=2), pretrained=False, work_dir=tmp_path)
+    assert q.dls.size == (35, 33) and h.dls.size == (70, 66)
+    q.save("quarter", with_opt=False)
+    h.load("quarter", with_opt=False, strict=True)
+    for a, b in zip(q.model.state_dict().values(), h.model.state_dict().values()):
+        assert torch.equal(a.cpu(), b.cpu())
+    x = h.dls.valid.one_batch()[0]
+    with torch.no_grad():
+        assert h.model.eval()(x).shape == (1, 3, 70, 66)
+
+
+def test_offline_imagenet_falls_back_to_random_init(odd_vol, tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    dls = utils.make_dls(odd_vol, 0.25, bs=2)
+    with pytest.warns(UserWarning, match="RANDOM initialisation"):
+        learn = utils.build_learner(dls, pretrained=True, work_dir=tmp_path)
+    assert learn.used_pretrained is False
+
+
+class _Disconnect(Callback):
+    """Simulates a Colab disconnect right after epoch `at` was checkpointed."""
+    order = 90
+
+    def __init__(self, at): self.at = at
+
+    def after_epoch(self):
+        if self.epoch == self.at:
+            raise KeyboardInterrupt("simulated disconnect")
+
+
+class _CountEpochs(Callback):
+    def __init__(self): self.trained = []
+
+    def before_train(self): self.trained.append(self.epoch)
+
+
+def test_train_phase_resumes_and_skips(odd_vol, tmp_path, capsys):
+    dls = utils.make_dls(odd_vol, 0.25, bs=2)
+    learn = utils.build_learner(dls, pretrained=False, work_dir=tmp_path)
+    learn.add_cb(_Disconnect(at=1))
+    with pytest.raises(KeyboardInterrupt):
+        utils.train_phase(learn, "t_frozen", 3, 1e-3, 0.5)
+    models = tmp_path / "models"
+    assert json.loads((models / "t_frozen.progress.json").read_text())["epoch"] == 1
+    assert not utils.phase_done(tmp_path, "t_frozen")
+
+    # a fresh session: new learner, same call -> continues with the last epoch only
+    learn2 = utils.build_learner(dls, pretrained=False, work_dir=tmp_path)
+    counter = _CountEpochs()
+    learn2.add_cb(counter)
+    info = utils.train_phase(learn2, "t_frozen", 3, 1e-3, 0.5)
+    assert counter.trained == [2]
+    assert "resuming after epoch 2 of 3" in capsys.readouterr().out
+    assert utils.phase_done(tmp_path, "t_frozen") and not (models / "t_frozen.progress.pth").exists()
+    assert info["epochs"] == 3 and 0 <= info["final"]["mean_iou"] <= 1
+    history = (tmp_path / "history" / "t_frozen.csv").read_text()
+    assert "mean_iou" in history and "acc_nonbg" in history
+
+    # finished: a third call trains nothing and loads the saved weights
+    counter.trained.clear()
+    utils.train_phase(learn2, "t_frozen", 3, 1e-3, 0.5)
+    assert counter.trained == []
+    assert "already trained" in capsys.readouterr().out
+
+
+def test_load_stage_names_the_missing_checkpoint(odd_vol, tmp_path):
+    learn = utils.build_learner(utils.make_dls(odd_vol, 0.25, bs=2), pretrained=False, work_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="256_unfrozen.pth"):
+        utils.load_stage(learn, "256_unfrozen")
+
+
+def test_predict_volume_writes_every_slice(odd_vol, tmp_path):
+    import tifffile
+    from PIL import Image
+    learn = utils.build_learner(utils.make_dls(odd_vol, 1.0, bs=2), pretrained=False, work_dir=tmp_path)
+    utils.train_phase(learn, "full_unfrozen", 1, 1e-3)
+    model, info = utils.load_model(tmp_path, "full_unfrozen", torch.device("cpu"))
+    pred = utils.predict_volume(model, odd_vol, tmp_path / "pred", bs=4)
+    assert pred.shape == odd_vol.shape and pred.dtype == np.uint8
+    for z, stem in enumerate(odd_vol.stems):
+        png = np.asarray(Image.open(tmp_path / "pred" / f"{stem}.png"))
+        assert png.shape == (141, 133)
+        np.testing.assert_array_equal(png, pred[z])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "pred" / "labels.tif"), pred)
+    m = utils.save_metrics(tmp_path, odd_vol, pred, 0.2)
+    assert m["n_validation_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]

@@ -1,0 +1,1080 @@
+"""Shared code for the microfossil micro-CT notebooks.
+
+Grouped by stage: paths and set-up -> data (reading, validating, the embedded
+sample) -> training (DataLoaders, learner, metrics, checkpoints) -> prediction
+-> plots. The notebooks in `notebooks/` stay thin and call into this file.
+
+The data contract (see README): a dataset folder holds `train/` (one grayscale
+image per CT slice, PNG or TIFF, 8 or 16 bit, or multi-page TIFF volumes),
+`train_masks_labels/<stem>_GT<ext>` (integer class label per pixel) and
+`codes.txt` (one class name per line, line index = label value, line 0 = the
+background / rock matrix). Slices in natural name order are the z order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # raised inside fastai's imports
+import torch.nn.functional as F
+from fastai.vision.all import (CrossEntropyLossFlat, CSVLogger, Callback, DataLoader, DataLoaders, Metric,
+                               Normalize, Pipeline, TensorImage, TensorMask, Transform, aug_transforms,
+                               create_unet_model, imagenet_stats, unet_learner)
+from fastai.learner import load_model as _fastai_load_model
+from fastai.vision.learner import model_meta
+
+__all__ = [
+    # paths and set-up
+    "ROOT", "resolve_paths", "fetch_dataset", "get_device",
+    # data
+    "DatasetError", "Volume", "load_volume", "read_codes", "split_slices", "describe_volume",
+    "make_sample", "ensure_sample", "SAMPLE_SIZES",
+    # training
+    "STAGES", "stage_size", "make_dls", "build_learner", "seg_metrics", "load_stage",
+    "find_lr", "train_phase", "phase_done",
+    # metrics
+    "confusion_matrix", "segmentation_scores",
+    # prediction
+    "load_model", "predict_volume", "save_metrics",
+    # plots
+    "plot_slice", "plot_orthoviews", "plot_histogram", "plot_history", "plot_predictions",
+]
+
+ROOT = Path(__file__).resolve().parent
+IMAGE_EXTS = (".png", ".tif", ".tiff")
+IS_COLAB = "google.colab" in sys.modules
+DRIVE_RUNS = Path("/content/drive/MyDrive/microfossil_runs")
+
+# ----------------------------------------------------------------------------
+# Paths and set-up
+# ----------------------------------------------------------------------------
+
+# Sizes (slices, height, width) of the embedded sample. "default" runs the whole
+# quick-mode demo on a 2-core CPU in minutes; "full" is the size of the published
+# LAPiX volume (983 slices of 1004 x 956).
+SAMPLE_SIZES = {"default": (48, 256, 256), "full": (983, 1004, 956)}
+
+
+def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, sample_size="default", seed=0):
+    """Return `(data_dir, work_dir)` as Paths, making the embedded sample or downloading `data_url` when needed.
+
+    `data_dir=None` means the embedded sample of size `sample_size` (a key of
+    `SAMPLE_SIZES`), generated once under `data/`. `work_dir=None` means
+    `runs/<dataset>[_quick]` locally, and the same under MyDrive/microfossil_runs in Colab.
+    """
+    if data_url:
+        data_dir = fetch_dataset(data_url)
+    elif data_dir is None:
+        if sample_size not in SAMPLE_SIZES:
+            raise ValueError(f"sample_size must be one of {list(SAMPLE_SIZES)}, got {sample_size!r}")
+        data_dir = ensure_sample(ROOT / "data" / f"sample_{sample_size}", *SAMPLE_SIZES[sample_size], seed=seed)
+    data_dir = Path(data_dir).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise DatasetError(f"data_dir {data_dir} does not exist. Set `data_dir` to a folder holding "
+                           "train/, train_masks_labels/ and codes.txt, or leave it None for the embedded sample.")
+    if work_dir is None:
+        base = DRIVE_RUNS if IS_COLAB else ROOT / "runs"
+        work_dir = base / (data_dir.name + ("_quick" if quick else ""))
+    work_dir = Path(work_dir).expanduser().resolve()
+    if work_dir == data_dir or data_dir in work_dir.parents:
+        raise DatasetError(f"work_dir {work_dir} is inside the dataset folder {data_dir}; "
+                           "the dataset is never written to, so choose a work_dir outside it.")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir, work_dir
+
+
+def fetch_dataset(data_url, dest=None):
+    """Download and unzip the dataset at `data_url` (Google Drive id/URL or HTTP URL) once; return its folder.
+
+    The zip is kept under `data/downloads/<hash>/` and reused on later calls. The
+    returned folder is the one inside the archive that holds `train/`.
+    """
+    dest = Path(dest or ROOT / "data" / "downloads" / hashlib.sha1(data_url.encode()).hexdigest()[:10])
+    done = dest / ".complete"
+    if not done.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = dest / "dataset.zip"
+        print(f"Downloading {data_url} -> {archive}")
+        try:
+            if "drive.google.com" in data_url or not re.match(r"^[a-z]+://", data_url):
+                import gdown  # Google Drive id or share link
+                kw = {"url": data_url, "fuzzy": True} if "://" in data_url else {"id": data_url}
+                if gdown.download(output=str(archive), quiet=False, **kw) is None:
+                    raise OSError("gdown returned nothing (is the file shared as 'anyone with the link'?)")
+            else:
+                import urllib.request
+                with urllib.request.urlopen(data_url, timeout=60) as r, open(archive, "wb") as f:
+                    shutil.copyfileobj(r, f)
+        except Exception as e:
+            raise DatasetError(f"Could not download {data_url}: {e}. Check the link and the network, or "
+                               "download the zip by hand, unzip it and set `data_dir` to its folder.") from e
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(dest / "unzipped")
+        except zipfile.BadZipFile as e:
+            raise DatasetError(f"{archive} downloaded from {data_url} is not a zip file. "
+                               "Point `data_url` at a zipped dataset folder.") from e
+        archive.unlink()
+        done.write_text(data_url)
+    roots = sorted(p.parent for p in (dest / "unzipped").rglob("train") if p.is_dir())
+    if not roots:
+        raise DatasetError(f"The archive from {data_url} holds no train/ folder; see the data contract in README.md.")
+    return roots[0]
+
+
+def get_device(verbose=True):
+    """Return the torch device to use: CUDA, then Apple MPS, else CPU (with a visible message)."""
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        if verbose: print(f"Using GPU: {torch.cuda.get_device_name(0)}")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        dev = torch.device("mps")
+        if verbose: print("Using Apple GPU (MPS)")
+    else:
+        dev = torch.device("cpu")
+        if verbose: print("No GPU found: running on the CPU (fine for the sample and quick mode, slow for full volumes).")
+    return dev
+
+
+# ----------------------------------------------------------------------------
+# Data: reading and validating a dataset
+# ----------------------------------------------------------------------------
+
+class DatasetError(ValueError):
+    """A problem with the user's dataset; the message names the file and the fix."""
+
+
+@dataclass
+class Volume:
+    """A CT volume held in memory: `images` (Z,H,W) uint8 after intensity windowing, `labels` (Z,H,W) or None."""
+    images: np.ndarray
+    labels: np.ndarray | None
+    codes: list
+    stems: list
+    source: Path
+    window: tuple = (0.0, 255.0)
+    raw_dtype: str = "uint8"
+    files: list = field(default_factory=list, repr=False)
+
+    @property
+    def shape(self): return self.images.shape
+
+
+def _natural_key(p):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(p).name)]
+
+
+def read_codes(path):
+    """Read class names from `codes.txt` at `path` (one per line, line index = label value)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing. Add codes.txt with one class name per line "
+                           "(line 0 = background), e.g. 'background', 'foraminifera', 'ostracod'.")
+    codes = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+    while codes and not codes[-1]: codes.pop()
+    if len(codes) < 2 or any(not c for c in codes):
+        raise DatasetError(f"{path} must list at least two class names, one per line, with no blank lines "
+                           f"in between (found {codes!r}).")
+    if len(codes) > 255:
+        raise DatasetError(f"{path} lists {len(codes)} classes; at most 255 are supported.")
+    return codes
+
+
+def _read_pages(path):
+    """Read every page of image `path` as an array (Z,H,W); raise DatasetError if unreadable."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+            arr = tifffile.imread(path)
+            # A single RGB page is (H,W,3); a stack is (Z,H,W); an RGB stack (Z,H,W,3).
+            if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4) and _n_pages(path) == 1):
+                arr = arr[None]
+        else:
+            from PIL import Image
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im)[None]
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise DatasetError(f"Cannot read {path}: {e}. The file is corrupt or not an image; "
+                           "re-export it as PNG or TIFF, or remove it.") from e
+    if arr.ndim == 4:  # colour pages: keep one channel when they are gray, else luminance
+        rgb = arr[..., :3]
+        arr = rgb[..., 0] if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all() \
+            else rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if arr.ndim != 3 or arr.size == 0:
+        raise DatasetError(f"{path} has shape {arr.shape}; expected a 2D grayscale slice or a stack of slices.")
+    return arr
+
+
+def _n_pages(path):
+    import tifffile
+    with tifffile.TiffFile(path) as t:
+        return len(t.pages)
+
+
+def _find_mask(masks_dir, img):
+    stem = img.stem
+    for ext in (img.suffix, *IMAGE_EXTS):
+        for cand in (masks_dir / f"{stem}_GT{ext}", masks_dir / f"{stem}_GT{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _window(raw):
+    """Intensity window (lo, hi) used to map `raw` to uint8: identity for 8-bit, else 0.1-99.9 percentiles."""
+    if raw.dtype == np.uint8:
+        return 0.0, 255.0
+    sub = raw[:: max(1, raw.shape[0] // 32), ::4, ::4]
+    lo, hi = np.percentile(sub, [0.1, 99.9])
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def _to_uint8(raw, window, chunk=32):
+    if raw.dtype == np.uint8:
+        return raw
+    lo, hi = window
+    out = np.empty(raw.shape, np.uint8)
+    for z in range(0, raw.shape[0], chunk):  # chunked: never a full float copy of the volume
+        x = (raw[z:z + chunk].astype(np.float32) - lo) * (255.0 / (hi - lo))
+        out[z:z + chunk] = np.clip(x + 0.5, 0, 255)
+    return out
+
+
+def load_volume(data_dir, require_labels=True):
+    """Load and validate the dataset in `data_dir` into a `Volume`; never writes to `data_dir`.
+
+    Raises `DatasetError` naming the file and the fix for: no images, a missing mask,
+    image/mask size mismatch, a label with no line in codes.txt, an unreadable file,
+    slices of different sizes. With `require_labels=False` a missing
+    `train_masks_labels/` folder gives `labels=None` (prediction on new scans).
+    """
+    data_dir = Path(data_dir)
+    img_dir, mask_dir = data_dir / "train", data_dir / "train_masks_labels"
+    if not img_dir.is_dir():
+        raise DatasetError(f"{img_dir} does not exist. Put one image per CT slice (PNG or TIFF) in "
+                           f"{data_dir}/train/, or point data_dir at the folder that holds train/.")
+    files = sorted((p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
+                   key=_natural_key)
+    if not files:
+        raise DatasetError(f"No images in {img_dir}. Expected PNG or TIFF slices "
+                           f"(found: {', '.join(sorted(p.name for p in img_dir.iterdir())[:5]) or 'nothing'}).")
+    has_masks = mask_dir.is_dir()
+    if require_labels and not has_masks:
+        raise DatasetError(f"{mask_dir} does not exist. Add a label image <stem>_GT<ext> per slice there.")
+    codes_path = data_dir / "codes.txt"
+    codes = read_codes(codes_path) if (require_labels or codes_path.exists()) else None
+
+    raw_pages, label_pages, stems = [], [], []
+    shape = None
+    for f in files:
+        pages = _read_pages(f)
+        if shape is None:
+            shape = pages.shape[1:]
+        elif pages.shape[1:] != shape:
+            raise DatasetError(f"{f} is {pages.shape[2]}x{pages.shape[1]} (WxH) but {files[0].name} is "
+                               f"{shape[1]}x{shape[0]}: all slices of a volume must have the same size. "
+                               "Crop or pad them to one size.")
+        raw_pages.append(pages)
+        stems += [f.stem] if len(pages) == 1 else [f"{f.stem}_{k:04d}" for k in range(len(pages))]
+        if has_masks:
+            m = _find_mask(mask_dir, f)
+            if m is None:
+                raise DatasetError(f"No mask for {f}: expected {mask_dir / (f.stem + '_GT' + f.suffix)}. "
+                                   "Add it, or remove the slice from train/.")
+            lab = _read_pages(m)
+            if lab.shape != pages.shape:
+                raise DatasetError(f"{m} has shape {lab.shape} (pages, H, W) but its image {f} has "
+                                   f"{pages.shape}: a mask must match its slice pixel for pixel.")
+            if np.issubdtype(lab.dtype, np.floating) and not np.array_equal(lab, np.round(lab)):
+                raise DatasetError(f"{m} holds non-integer values; masks must hold integer class labels.")
+            if lab.min() < 0 or lab.max() >= len(codes):
+                bad = int(lab.max()) if lab.max() >= len(codes) else int(lab.min())
+                raise DatasetError(f"{m} holds label {bad}, but {codes_path} lists only {len(codes)} classes "
+                                   f"(labels 0..{len(codes) - 1}). Add a line for it to codes.txt or fix the mask.")
+            label_pages.append(lab.astype(np.uint8))
+    raw = raw_pages[0] if len(raw_pages) == 1 else np.concatenate(raw_pages)
+    del raw_pages
+    window = _window(raw)
+    images = _to_uint8(raw, window)
+    raw_dtype = str(raw.dtype)
+    del raw
+    labels = None
+    if has_masks:
+        labels = label_pages[0] if len(label_pages) == 1 else np.concatenate(label_pages)
+    return Volume(images=images, labels=labels, codes=codes, stems=stems, source=data_dir,
+                  window=window, raw_dtype=raw_dtype, files=files)
+
+
+def split_slices(n_slices, valid_pct=0.2):
+    """Split `n_slices` into (train, valid) index arrays: the LAST `valid_pct` of z is one validation block.
+
+    Neighbouring slices are nearly identical, so a random split would leak.
+    """
+    if not 0 <= valid_pct < 1:
+        raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    n_valid = int(round(n_slices * valid_pct))
+    if valid_pct > 0:
+        n_valid = max(1, n_valid)
+    if n_slices - n_valid < 1:
+        raise DatasetError(f"Only {n_slices} slice(s): need at least one training slice "
+                           f"besides the {n_valid} validation slice(s). Lower valid_pct or add slices.")
+    idx = np.arange(n_slices)
+    return idx[: n_slices - n_valid], idx[n_slices - n_valid:]
+
+
+def describe_volume(vol):
+    """Summary of `vol`: slice count and size, intensity window and per-class pixel fractions."""
+    z, h, w = vol.shape
+    info = {"source": str(vol.source), "slices": z, "height": h, "width": w, "raw_dtype": vol.raw_dtype,
+            "intensity_window": [round(v, 3) for v in vol.window]}
+    if vol.labels is not None:
+        counts = np.zeros(len(vol.codes), np.int64)
+        for k in range(0, z, 64):
+            counts += np.bincount(vol.labels[k:k + 64].ravel(), minlength=len(vol.codes))[: len(vol.codes)]
+        info["class_fraction"] = {c: float(n) / counts.sum() for c, n in zip(vol.codes, counts)}
+        info["slices_with_class"] = {c: int(sum((vol.labels[k] == i).any() for k in range(z)))
+                                     for i, c in enumerate(vol.codes)}
+    return info
+
+
+# ----------------------------------------------------------------------------
+# Data: the embedded synthetic sample
+# ----------------------------------------------------------------------------
+
+SAMPLE_CODES = ["background", "foraminifera", "ostracod"]
+
+
+def _rotation(rng):
+    q = rng.normal(size=4)
+    a, b, c, d = q / np.linalg.norm(q)
+    return np.array([[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)],
+                     [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
+                     [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]])
+
+
+def _make_objects(shape, seed):
+    """Draw the sample's objects (fossils, pores, grains) deterministically from `seed`."""
+    Z, H, W = shape
+    rng = np.random.default_rng(seed)
+    scale = math.sqrt(min(H, W) / 256)
+    core_r = 0.46 * min(H, W)
+    core_vox = math.pi * core_r ** 2 * Z
+    objs, placed = [], []
+
+    def place(radius, tries=200, zrange=None):
+        for _ in range(tries):
+            rr = core_r - radius - 2
+            if rr <= 0:
+                return None
+            a, d = rng.uniform(0, 2 * math.pi), rr * math.sqrt(rng.uniform())
+            z = rng.uniform(*zrange) if zrange else rng.uniform(-radius * 0.3, Z - 1 + radius * 0.3)
+            c = np.array([z, H / 2 + d * math.sin(a), W / 2 + d * math.cos(a)])
+            if all(np.linalg.norm(c - c2) > radius + r2 + 2 for c2, r2 in placed):
+                placed.append((c, radius))
+                return c
+        return None
+
+    n_foram = max(2, round(core_vox * 3.0e-6 / scale ** 3))
+    n_ostra = max(2, round(core_vox * 2.0e-6 / scale ** 3))
+    # the first specimen of each class lies in the last 20% of z (the default validation block), the second before it
+    zranges = [(0.84 * Z, 0.96 * Z), (0.1 * Z, 0.7 * Z)]
+    for kind, n in (("foram", n_foram), ("ostracod", n_ostra)):
+        for i in range(n):
+            zr = zranges[i] if i < len(zranges) else None
+            R = _rotation(rng)
+            if kind == "foram":
+                n_ch, r0, g = rng.integers(4, 9), rng.uniform(2.5, 4.0) * scale, rng.uniform(1.15, 1.3)
+                radii = r0 * g ** np.arange(n_ch)
+                ang = np.cumsum(np.full(n_ch, rng.uniform(0.75, 1.0)))
+                dist = 1.35 * radii
+                local = np.stack([rng.uniform(-0.3, 0.3) * radii, dist * np.cos(ang), dist * np.sin(ang)], 1)
+                local -= local.mean(0)
+                extent = float(np.max(np.linalg.norm(local, axis=1) + radii))
+                c = place(extent, zrange=zr)
+                if c is None: continue
+                objs.append(dict(kind="foram", label=1, center=c, extent=extent, R=R, chambers=local, radii=radii,
+                                 wall=max(1.2, 0.12 * radii.max()), filled=bool(rng.uniform() < 0.4)))
+            else:
+                L = rng.uniform(7, 13) * scale
+                axes = np.array([0.5, 0.65, 1.0]) * L * rng.uniform(0.9, 1.1, 3)
+                c = place(float(axes.max()), zrange=zr)
+                if c is None: continue
+                objs.append(dict(kind="ostracod", label=2, center=c, extent=float(axes.max()), R=R, axes=axes,
+                                 wall=max(1.2, 0.1 * axes.min()), filled=bool(rng.uniform() < 0.4)))
+    for _ in range(max(4, round(core_vox * 1.5e-5 / scale ** 3))):  # pores: dark ellipsoids
+        axes = rng.uniform(1.5, 6, 3) * scale
+        c = place(float(axes.max()), tries=20)
+        if c is not None:
+            objs.append(dict(kind="pore", label=0, center=c, extent=float(axes.max()), R=_rotation(rng), axes=axes))
+    for _ in range(max(4, round(core_vox * 1.0e-5 / scale ** 3))):  # dense mineral grains (pyrite)
+        axes = rng.uniform(1.0, 3.5, 3) * scale
+        c = place(float(axes.max()), tries=20)
+        if c is not None:
+            objs.append(dict(kind="grain", label=0, center=c, extent=float(axes.max()), R=_rotation(rng), axes=axes))
+    return objs
+
+
+def _render_object(o, img, lab, z0):
+    """Paint object `o` into the slab `img`/`lab` whose first slice is z index `z0`."""
+    Zs, H, W = img.shape
+    e = o["extent"] + 2
+    lo = np.floor(o["center"] - e).astype(int)
+    hi = np.ceil(o["center"] + e).astype(int) + 1
+    lo_c = np.maximum(lo, [z0, 0, 0])
+    hi_c = np.minimum(hi, [z0 + Zs, H, W])
+    if np.any(hi_c <= lo_c):
+        return
+    g = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo_c, hi_c)], indexing="ij"), -1)
+    p = (g - o["center"].astype(np.float32)) @ o["R"].astype(np.float32)  # local coordinates
+    sl = tuple(slice(a - (z0 if i == 0 else 0), b - (z0 if i == 0 else 0)) for i, (a, b) in enumerate(zip(lo_c, hi_c)))
+    sub_img, sub_lab = img[sl], lab[sl]
+    if o["kind"] in ("pore", "grain"):
+        inside = np.sum((p / o["axes"]) ** 2, -1) < 1
+        sub_img[inside] = 0.14 if o["kind"] == "pore" else 0.97
+        return
+    if o["kind"] == "foram":
+        d = np.stack([np.linalg.norm(p - c, axis=-1) - r for c, r in zip(o["chambers"], o["radii"])], 0)
+        inside = (d < 0).any(0)
+        wall = inside & (np.max(np.where(d < 0, d, -np.inf), 0) > -o["wall"])
+    else:
+        rho = np.linalg.norm(p / o["axes"], axis=-1)
+        inside = rho < 1
+        wall = inside & (rho > 1 - o["wall"] / o["axes"].min())
+        wall &= ~((np.abs(p[..., 1]) < 0.6) & (p[..., 0] < 0))  # gape between the two valves
+    sub_img[inside] = 0.52 if o["filled"] else 0.10
+    sub_img[wall] = 0.82
+    sub_lab[inside] = o["label"]
+
+
+def _texture(zs, H, W, seed):
+    """Smooth carbonate-matrix texture on slices `zs`: a sum of random 3D plane waves, seamless in z."""
+    rng = np.random.default_rng(seed + 7919)
+    k = rng.normal(size=(24, 3)) * np.array([0.05, 0.05, 0.05]) * rng.uniform(0.3, 3.0, (24, 1))
+    ph, amp = rng.uniform(0, 2 * np.pi, 24), 1 / np.sqrt(24)
+    y, x = np.arange(H, dtype=np.float32), np.arange(W, dtype=np.float32)
+    out = np.zeros((len(zs), H, W), np.float32)
+    for kk, p in zip(k, ph):
+        ey, ex = np.exp(1j * kk[1] * y).astype(np.complex64), np.exp(1j * kk[2] * x).astype(np.complex64)
+        plane = np.outer(ey, ex)
+        for i, z in enumerate(zs):
+            out[i] += amp * (plane * np.exp(1j * (kk[0] * z + p))).real
+    return out
+
+
+def make_sample(out_dir, n_slices=48, height=256, width=256, seed=0, bit_depth=8, fmt="png", slab=48):
+    """Write a synthetic micro-CT sample in the dataset layout to `out_dir`; deterministic from `seed`.
+
+    A cylindrical carbonate core in air with pores, dense grains, foraminifera
+    (chambers along a spiral, thin bright calcite walls, hollow or sediment-filled)
+    and ostracods (two thin valves of an ellipsoid), then CT blur, noise and ring
+    artefacts. Labels: 0 background, 1 foraminifera, 2 ostracod. `fmt` is "png"
+    (one file per slice) or "tif-stack" (one multi-page TIFF). Works slab by slab,
+    so the full 983 x 1004 x 956 size fits in a few GB of RAM.
+    """
+    from scipy import ndimage
+    from PIL import Image
+    import tifffile
+    out_dir = Path(out_dir)
+    (out_dir / "train").mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_masks_labels").mkdir(parents=True, exist_ok=True)
+    (out_dir / "codes.txt").write_text("\n".join(SAMPLE_CODES) + "\n")
+    Z, H, W = n_slices, height, width
+    objs = _make_objects((Z, H, W), seed)
+    yy, xx = np.mgrid[:H, :W].astype(np.float32)
+    r = np.hypot(yy - (H - 1) / 2, xx - (W - 1) / 2)
+    core_r = 0.46 * min(H, W)
+    core = r < core_r
+    rng_r = np.random.default_rng(seed + 1)
+    rings = sum(a * np.exp(-0.5 * ((r - r0) / 0.8) ** 2)
+                for r0, a in zip(rng_r.uniform(0, core_r, 6), rng_r.uniform(-0.05, 0.05, 6))).astype(np.float32)
+    maxval = 255 if bit_depth == 8 else 65535
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    m = 3  # margin for the 3D blur
+    tif_img = tif_lab = None
+    if fmt == "tif-stack":
+        tif_img = tifffile.TiffWriter(out_dir / "train" / "volume.tif")
+        tif_lab = tifffile.TiffWriter(out_dir / "train_masks_labels" / "volume_GT.tif")
+    try:
+        for s0 in range(0, Z, slab):
+            s1 = min(Z, s0 + slab)
+            a0, a1 = max(0, s0 - m), min(Z, s1 + m)
+            zs = np.arange(a0, a1)
+            img = np.where(core, 0.45 + 0.07 * _texture(zs, H, W, seed), 0.04).astype(np.float32)
+            lab = np.zeros(img.shape, np.uint8)
+            for o in objs:
+                _render_object(o, img, lab, a0)
+            img[:, ~core] = 0.04
+            img = ndimage.gaussian_filter(img, 0.9)[s0 - a0: s0 - a0 + (s1 - s0)]
+            lab = lab[s0 - a0: s0 - a0 + (s1 - s0)]
+            for i, z in enumerate(range(s0, s1)):
+                noise = np.random.default_rng([seed, z]).normal(0, 0.035, (H, W)).astype(np.float32)
+                sl = np.clip((img[i] + rings + noise) * 0.9 + 0.05, 0, 1)
+                sl = (sl * maxval + 0.5).astype(dtype)
+                if fmt == "tif-stack":
+                    tif_img.write(sl, contiguous=True)
+                    tif_lab.write(lab[i], contiguous=True)
+                else:
+                    name = f"slice_{z:04d}"
+                    Image.fromarray(sl).save(out_dir / "train" / f"{name}.png")
+                    Image.fromarray(lab[i]).save(out_dir / "train_masks_labels" / f"{name}_GT.png")
+    finally:
+        if tif_img is not None:
+            tif_img.close(); tif_lab.close()
+    return out_dir
+
+
+def ensure_sample(out_dir, n_slices=48, height=256, width=256, seed=0, **kw):
+    """Generate the embedded sample into `out_dir` unless an identical one is already there; return `out_dir`.
+
+    Written to a temporary folder and renamed, so an interrupted run never leaves a half sample.
+    """
+    out_dir = Path(out_dir)
+    spec = dict(n_slices=n_slices, height=height, width=width, seed=seed, **kw)
+    marker = out_dir / "sample.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t = time.time()
+    print(f"Generating the synthetic sample ({n_slices} slices of {height}x{width}) in {out_dir} ...")
+    make_sample(tmp, **spec)
+    (tmp / "sample.json").write_text(json.dumps(spec))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    print(f"  done in {time.time() - t:.1f}s")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------
+# Training: DataLoaders on the in-memory volume, batch transforms on the device
+# ----------------------------------------------------------------------------
+
+# The published schedule, one entry per training notebook.
+STAGES = {
+    "256": dict(size_frac=0.25, prev=None),
+    "512": dict(size_frac=0.5, prev="256_unfrozen"),
+    "full": dict(size_frac=1.0, prev="512_unfrozen"),
+}
+
+
+def stage_size(shape, size_frac, quick=False):
+    """(height, width) for training at `size_frac` of slice `shape`.
+
+    Quick mode caps the longest side (64 px at 1/4 and 1/2, 128 px at full); the
+    shorter side never goes below 32 px (the encoder downsamples 32x) unless the slice is smaller.
+    """
+    h, w = shape[-2:]
+    s = size_frac
+    if quick:
+        s = min(s, max(64, int(128 * size_frac)) / max(h, w))
+    s = min(1.0, max(s, 32 / min(h, w)))
+    return int(round(h * s)), int(round(w * s))
+
+
+class _SliceDataset:
+    """Items (TensorImage uint8 (1,H,W), TensorMask uint8 (H,W)) taken from the volume at z indices `idx`."""
+    def __init__(self, vol, idx):
+        self.vol, self.idx = vol, np.asarray(idx)
+
+    def __len__(self): return len(self.idx)
+
+    def __getitem__(self, i):
+        z = self.idx[i]
+        return (TensorImage(torch.from_numpy(np.ascontiguousarray(self.vol.images[z]))[None]),
+                TensorMask(torch.from_numpy(np.ascontiguousarray(self.vol.labels[z]))))
+
+
+class _ResizeBatch(Transform):
+    """Resize a batch on its device: bilinear (antialiased) for images, nearest for masks."""
+    order = 1
+
+    def __init__(self, size=None):
+        super().__init__()
+        self.size = None if size is None else tuple(size)
+
+    def encodes(self, x: TensorImage):
+        if self.size is None or tuple(x.shape[-2:]) == self.size: return x
+        return TensorImage(F.interpolate(x.float(), size=self.size, mode="bilinear", align_corners=False,
+                                         antialias=True).round_().clamp_(0, 255).to(torch.uint8))
+
+    def encodes(self, x: TensorMask):  # noqa: F811  (fastai type dispatch)
+        if self.size is None or tuple(x.shape[-2:]) == self.size: return x
+        return TensorMask(F.interpolate(x[:, None].float(), size=self.size, mode="nearest-exact")[:, 0].to(torch.uint8))
+
+
+class _ToFloat3(Transform):
+    """uint8 gray (B,1,H,W) -> float [0,1] with 3 channels for the ImageNet encoder; masks -> long."""
+    order = 10
+
+    def encodes(self, x: TensorImage): return TensorImage(x.float().div_(255).expand(-1, 3, -1, -1).contiguous())
+
+    def encodes(self, x: TensorMask): return TensorMask(x.long())  # noqa: F811
+
+
+def _batch_tfms(size=None, augment=False):
+    """Batch transforms run on the device: resize to `size`, to float 3-channel, augment, ImageNet-normalise."""
+    tfms = [_ResizeBatch(size), _ToFloat3()]
+    if augment:  # the published augmentation: flips, rotation, zoom, warp, lighting (masks follow the image)
+        tfms += aug_transforms(flip_vert=True, max_rotate=10, max_zoom=1.1, max_lighting=0.2, max_warp=0.2)
+    return tfms + [Normalize.from_stats(*imagenet_stats)]
+
+
+def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0):
+    """fastai DataLoaders over `vol` at `size_frac` of full resolution; the last `valid_pct` of z validates.
+
+    Slices come from the in-memory uint8 volume (no per-epoch image decoding);
+    resizing and augmentation run batch-wise on `device`.
+    """
+    if vol.labels is None:
+        raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
+    device = device or get_device(verbose=False)
+    train_idx, valid_idx = split_slices(len(vol.images), valid_pct)
+    size = stage_size(vol.shape, size_frac, quick)
+    bs = max(1, min(bs, len(train_idx)))
+    train = DataLoader(_SliceDataset(vol, train_idx), bs=bs, shuffle=True, drop_last=len(train_idx) >= 2 * bs,
+                       num_workers=0, device=device, after_batch=Pipeline(_batch_tfms(size, augment), split_idx=0))
+    valid = DataLoader(_SliceDataset(vol, valid_idx), bs=bs, shuffle=False, num_workers=0, device=device,
+                       after_batch=Pipeline(_batch_tfms(size, False), split_idx=1))
+    dls = DataLoaders(train, valid, device=device)
+    dls.c, dls.codes, dls.size, dls.valid_idx = len(vol.codes), vol.codes, size, valid_idx
+    return dls
+
+
+def _arch(arch):
+    import torchvision.models as tvm
+    fn = getattr(tvm, arch, None) if isinstance(arch, str) else arch
+    if fn is None or not callable(fn):
+        raise ValueError(f"Unknown encoder {arch!r}; use a torchvision ResNet name such as 'resnet34'.")
+    return fn
+
+
+def _imagenet_weights_ok(arch):
+    """True when ImageNet weights for `arch` are cached or can be downloaded now (30 s limit)."""
+    import torchvision.models as tvm
+    w = model_meta.get(_arch(arch), {}).get("weights", "DEFAULT")
+    try:
+        enum = tvm.get_model_weights(_arch(arch))
+        url = (enum.DEFAULT if w == "DEFAULT" else enum[w] if isinstance(w, str) else w).url
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)
+        try:
+            torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
+        finally:
+            socket.setdefaulttimeout(old)
+        return True
+    except Exception as e:
+        warnings.warn(f"ImageNet weights for {arch} could not be loaded ({type(e).__name__}: {e}); "
+                      "training starts from RANDOM initialisation, which needs more epochs. "
+                      "Connect to the internet (or put the weights in the torch hub cache) for transfer learning.")
+        return False
+
+
+def _mixed_precision(learn):
+    """fp16 on CUDA GPUs without bf16 (the Colab T4), bf16 on Ampere and newer; full precision elsewhere."""
+    if learn.dls.device.type != "cuda":
+        return learn
+    if torch.cuda.get_device_capability()[0] >= 8:
+        return learn.to_bf16()
+    return learn.to_fp16()
+
+
+def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True):
+    """fastai U-Net learner on `dls` with encoder `arch`; ImageNet weights when they can be had, else random init."""
+    if pretrained:
+        pretrained = _imagenet_weights_ok(arch)
+    learn = unet_learner(dls, _arch(arch), normalize=False, n_out=len(dls.codes), pretrained=pretrained,
+                         loss_func=CrossEntropyLossFlat(axis=1), wd=wd, path=Path(work_dir),
+                         metrics=seg_metrics(dls.codes) if metrics else None)
+    learn.freeze()  # the published schedule starts frozen even without ImageNet weights
+    learn.arch_name, learn.used_pretrained = arch if isinstance(arch, str) else arch.__name__, pretrained
+    return _mixed_precision(learn)
+
+
+# ----------------------------------------------------------------------------
+# Metrics: true per-class IoU and Dice, and the published metric under its real name
+# ----------------------------------------------------------------------------
+
+def confusion_matrix(pred, target, n_classes):
+    """Confusion matrix (rows = true class, columns = predicted) of integer arrays/tensors `pred` and `target`."""
+    p = torch.as_tensor(pred).reshape(-1).long()
+    t = torch.as_tensor(target).reshape(-1).long().to(p.device)
+    return torch.bincount(t * n_classes + p, minlength=n_classes ** 2).reshape(n_classes, n_classes).cpu().numpy()
+
+
+def segmentation_scores(cm, codes, background=0):
+    """Per-class IoU and Dice, their means, and pixel accuracy over non-`background` pixels from confusion `cm`.
+
+    A class absent from both prediction and truth has IoU/Dice None and is left
+    out of the means. `pixel_acc_nonbg` is what the published study called "IoU".
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, true, pred = np.diag(cm), cm.sum(1), cm.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (true + pred - tp)
+        dice = 2 * tp / (true + pred)
+    fg = [i for i in range(len(codes)) if i != background]
+    nan_none = lambda v: None if np.isnan(v) else float(v)  # noqa: E731
+    mean = lambda v, idx: nan_none(np.nanmean(v[idx])) if not np.isnan(v[idx]).all() else None  # noqa: E731
+    fg_true = true[fg].sum()
+    return {
+        "iou": {c: nan_none(v) for c, v in zip(codes, iou)},
+        "dice": {c: nan_none(v) for c, v in zip(codes, dice)},
+        "mean_iou": mean(iou, list(range(len(codes)))),
+        "mean_iou_fossils": mean(iou, fg),
+        "mean_dice": mean(dice, list(range(len(codes)))),
+        "pixel_acc": float(tp.sum() / cm.sum()) if cm.sum() else None,
+        "pixel_acc_nonbg": float(tp[fg].sum() / fg_true) if fg_true else None,
+    }
+
+
+class _SharedConfusion:
+    """One confusion matrix per validation pass, shared by all metric columns (one argmax per batch)."""
+    def __init__(self, n): self.n, self.cm, self._last = n, None, None
+
+    def reset(self): self.cm, self._last = np.zeros((self.n, self.n), np.int64), None
+
+    def update(self, pred, y):
+        if pred is self._last: return
+        self._last = pred
+        self.cm += confusion_matrix(pred.argmax(1), y, self.n)
+
+
+def seg_metrics(codes, background=0):
+    """fastai metrics reporting per-class IoU and Dice, mean IoU and `acc_nonbg` (the published metric) each epoch."""
+    shared = _SharedConfusion(len(codes))
+
+    class _M(Metric):
+        def __init__(self, name, get): self._name, self.get = name, get
+        def reset(self): shared.reset()
+        def accumulate(self, learn): shared.update(learn.pred, learn.y)
+        @property
+        def value(self):
+            v = self.get(segmentation_scores(shared.cm, codes, background))
+            return float("nan") if v is None else v
+        @property
+        def name(self): return self._name
+
+    safe = lambda c: re.sub(r"\W+", "_", c).strip("_")  # noqa: E731
+    ms = [_M("mean_iou", lambda s: s["mean_iou"])]
+    ms += [_M(f"iou_{safe(c)}", lambda s, c=c: s["iou"][c]) for c in codes]
+    ms += [_M(f"dice_{safe(c)}", lambda s, c=c: s["dice"][c]) for c in codes]
+    return ms + [_M("acc_nonbg", lambda s: s["pixel_acc_nonbg"])]
+
+
+# ----------------------------------------------------------------------------
+# Training: checkpoints, resume after a disconnect, the published schedule
+# ----------------------------------------------------------------------------
+
+def _models_dir(learn): return Path(learn.path) / learn.model_dir
+
+
+def _atomic_save(learn, name, with_opt):
+    """`learn.save` to a temporary name, then rename: a disconnect mid-write never leaves a corrupt checkpoint."""
+    d = _models_dir(learn)
+    learn.save(f"{name}.partial", with_opt=with_opt)
+    os.replace(d / f"{name}.partial.pth", d / f"{name}.pth")
+
+
+def _write_json(path, obj):
+    tmp = Path(str(path) + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def phase_done(work_dir, name):
+    """True when phase checkpoint `name` (e.g. "256_frozen") is finished in `work_dir/models/`."""
+    d = Path(work_dir) / "models"
+    return (d / f"{name}.pth").exists() and (d / f"{name}.json").exists()
+
+
+def load_stage(learn, name):
+    """Load finished checkpoint `name` (e.g. the previous stage's "256_unfrozen") strictly into `learn`."""
+    if name is None:
+        return learn
+    if not phase_done(learn.path, name):
+        raise FileNotFoundError(f"{_models_dir(learn) / (name + '.pth')} not found: run the notebook that trains "
+                                f"'{name.split('_')[0]}' first with the same work_dir, or set init_from=None "
+                                "to start from ImageNet weights.")
+    learn.load(name, with_opt=False, strict=True)
+    print(f"Loaded weights of stage {name}")
+    return learn
+
+
+def find_lr(learn, name, quick=False, force=False):
+    """Run `lr_find` before phase `name`, show and save its plot (`figures/lr_find_<name>.png`); return the suggestion.
+
+    Skipped (returns None) when the phase is already trained and `force` is False.
+    """
+    import matplotlib.pyplot as plt
+    if phase_done(learn.path, name) and not force:
+        print(f"{name} is already trained: lr_find skipped")
+        return None
+    sug = learn.lr_find(num_it=12 if quick else 100, show_plot=False)
+    learn.recorder.plot_lr_find()
+    plt.title(f"lr_find before {name} (valley {sug.valley:.1e})")
+    _save(plt.gcf(), Path(learn.path) / "figures" / f"lr_find_{name}.png")
+    plt.show()
+    return sug.valley
+
+
+class _EpochCheckpoint(Callback):
+    """After every epoch save weights + optimizer and the epoch reached, so a disconnect costs one epoch at most."""
+    order = 65  # after the Recorder has logged the epoch
+
+    def __init__(self, name, plan): self.ck_name, self.plan = name, plan
+
+    def after_epoch(self):
+        _atomic_save(self.learn, f"{self.ck_name}.progress", with_opt=True)
+        _write_json(_models_dir(self.learn) / f"{self.ck_name}.progress.json", dict(self.plan, epoch=self.epoch))
+
+
+def train_phase(learn, name, epochs, lr, pct_start=0.25, force=False):
+    """`fit_one_cycle(epochs, lr, pct_start)` saved as checkpoint `name`, skipped when done, resumed after a disconnect.
+
+    A checkpoint is written every epoch (`models/<name>.progress.*`); re-running the
+    same call after an interruption continues from the last finished epoch.
+    """
+    d = _models_dir(learn)
+    d.mkdir(parents=True, exist_ok=True)
+    if phase_done(learn.path, name) and not force:
+        learn.load(name, with_opt=False, strict=True)
+        print(f"{name}: already trained, loaded models/{name}.pth (set force=True to retrain)")
+        return json.loads((d / f"{name}.json").read_text())
+    lr_repr = [lr.start, lr.stop] if isinstance(lr, slice) else lr
+    plan = dict(epochs=epochs, lr=lr_repr, pct_start=pct_start, size=list(learn.dls.size), wd=learn.wd)
+    start = 0
+    prog = d / f"{name}.progress.json"
+    if prog.exists() and not force:
+        saved = json.loads(prog.read_text())
+        if {k: saved.get(k) for k in plan} == json.loads(json.dumps(plan)):
+            learn.load(f"{name}.progress", with_opt=True, strict=True)
+            start = saved["epoch"] + 1
+            print(f"{name}: resuming after epoch {saved['epoch'] + 1} of {epochs}")
+        else:
+            print(f"{name}: settings changed since the interrupted run, starting this phase again")
+    t = time.time()
+    if start < epochs:
+        hist = Path("history") / f"{name}.csv"  # CSVLogger writes relative to learn.path
+        (Path(learn.path) / "history").mkdir(exist_ok=True)
+        learn.fit_one_cycle(epochs, lr, pct_start=pct_start, start_epoch=start,
+                            cbs=[_EpochCheckpoint(name, plan), CSVLogger(hist, append=start > 0)])
+    _atomic_save(learn, name, with_opt=False)
+    names = learn.recorder.metric_names[1:-1]  # drop "epoch" and "time"
+    last = learn.recorder.values[-1] if learn.recorder.values else []
+    info = dict(plan, name=name, arch=learn.arch_name, pretrained=learn.used_pretrained, codes=list(learn.dls.codes),
+                seconds=round(time.time() - t, 1), final=dict(zip(names, map(float, last))))
+    _write_json(d / f"{name}.json", info)
+    for p in (prog, d / f"{name}.progress.pth"):
+        p.unlink(missing_ok=True)
+    f = info["final"]
+    print(f"{name}: saved models/{name}.pth after {info['seconds']:.0f}s; validation mean IoU "
+          f"{f.get('mean_iou', float('nan')):.3f}, acc_nonbg {f.get('acc_nonbg', float('nan')):.3f}")
+    return info
+
+
+# ----------------------------------------------------------------------------
+# Prediction: every slice at full resolution, PNGs + a multi-page TIFF, metrics
+# ----------------------------------------------------------------------------
+
+def load_model(work_dir, name="full_unfrozen", device=None):
+    """Rebuild the U-Net saved as `work_dir/models/<name>` and load its weights; return `(model, info)`."""
+    d = Path(work_dir) / "models"
+    if not phase_done(work_dir, name):
+        raise FileNotFoundError(f"{d / (name + '.pth')} not found: run the training notebooks (02-04) first "
+                                "with the same work_dir, or set model_name to a checkpoint in models/.")
+    info = json.loads((d / f"{name}.json").read_text())
+    device = device or get_device(verbose=False)
+    model = create_unet_model(_arch(info["arch"]), len(info["codes"]), tuple(info["size"]), pretrained=False)
+    _fastai_load_model(d / f"{name}.pth", model, None, with_opt=False, device=device, strict=True)
+    return model.to(device).eval(), info
+
+
+def predict_volume(model, vol, out_dir, bs=4, device=None):
+    """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice and `labels.tif`; return labels.
+
+    Each batch is written as soon as it is predicted (PNG values = class index,
+    same size as the input slice). Mixed precision on CUDA.
+    """
+    import tifffile
+    from PIL import Image
+    device = device or next(model.parameters()).device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tfms = Pipeline(_batch_tfms(None, augment=False), split_idx=1)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)
+           if device.type == "cuda" else torch.autocast("cpu", enabled=False))
+    pred = np.empty(vol.shape, np.uint8)
+
+    def pages():  # predicts batch by batch; tifffile pulls the pages one at a time into one series
+        for z0 in range(0, len(vol.images), bs):
+            x = TensorImage(torch.from_numpy(vol.images[z0:z0 + bs])[:, None].to(device))
+            with torch.inference_mode(), amp:
+                p = model(tfms(x)).argmax(1).to(torch.uint8).cpu().numpy()
+            pred[z0:z0 + len(p)] = p
+            for k, sl in enumerate(p):
+                Image.fromarray(sl).save(out_dir / f"{vol.stems[z0 + k]}.png")
+                yield sl
+
+    tiff_tmp = out_dir / "labels.tif.partial"
+    with tifffile.TiffWriter(tiff_tmp) as tif:
+        tif.write(pages(), shape=vol.shape, dtype=np.uint8, compression="zlib")
+    os.replace(tiff_tmp, out_dir / "labels.tif")
+    return pred
+
+
+def save_metrics(work_dir, vol, pred, valid_pct=0.2, extra=None):
+    """Score `pred` against `vol.labels` on the validation block; write and return `work_dir/metrics.json`."""
+    _, valid_idx = split_slices(len(vol.images), valid_pct)
+    n = len(vol.codes)
+    cm = sum(confusion_matrix(pred[z], vol.labels[z], n) for z in valid_idx)
+    out = {"validation_slices": [int(valid_idx[0]), int(valid_idx[-1])] if len(valid_idx) else [],
+           "n_validation_slices": int(len(valid_idx)), **segmentation_scores(cm, vol.codes),
+           "confusion_matrix": np.asarray(cm).tolist(), "codes": vol.codes, **(extra or {})}
+    _write_json(Path(work_dir) / "metrics.json", out)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------
+
+def _cmap(n):
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+    cols = plt.get_cmap("tab10" if n <= 10 else "tab20")(np.arange(n) % (10 if n <= 10 else 20))
+    cols[0, 3] = 0  # background transparent
+    return mcolors.ListedColormap(cols)
+
+
+def _overlay(ax, img, lab, n, title=None):
+    ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+    if lab is not None:
+        ax.imshow(lab, cmap=_cmap(n), vmin=-0.5, vmax=n - 0.5, alpha=0.45, interpolation="nearest")
+    ax.set_axis_off()
+    if title: ax.set_title(title, fontsize=9)
+
+
+def _legend(fig, codes):
+    import matplotlib.patches as mpatches
+    cm = _cmap(len(codes))
+    fig.legend(handles=[mpatches.Patch(color=cm(i), label=c) for i, c in enumerate(codes) if i],
+               loc="lower center", ncol=min(6, len(codes)), fontsize=8, frameon=False)
+
+
+def _save(fig, path):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+
+
+def plot_slice(vol, z=None, path=None):
+    """Slice `z` (default: the one with most fossil pixels) beside its mask overlay."""
+    import matplotlib.pyplot as plt
+    if z is None:
+        z = int(np.argmax([(vol.labels[k] > 0).sum() for k in range(len(vol.images))])) if vol.labels is not None \
+            else len(vol.images) // 2
+    fig, axs = plt.subplots(1, 2, figsize=(10, 5))
+    _overlay(axs[0], vol.images[z], None, 1, f"slice {z}: {vol.stems[z]}")
+    _overlay(axs[1], vol.images[z], vol.labels[z] if vol.labels is not None else None, len(vol.codes), "labels")
+    if vol.labels is not None: _legend(fig, vol.codes)
+    _save(fig, path)
+    return fig
+
+
+def plot_orthoviews(vol, labels=None, path=None):
+    """Orthogonal views XY, XZ and YZ through the volume centre, image on top and labels overlaid below."""
+    import matplotlib.pyplot as plt
+    labels = vol.labels if labels is None else labels
+    Z, H, W = vol.shape
+    views = [("XY (z=%d)" % (Z // 2), lambda a: a[Z // 2]), ("XZ (y=%d)" % (H // 2), lambda a: a[:, H // 2]),
+             ("YZ (x=%d)" % (W // 2), lambda a: a[:, :, W // 2])]
+    rows = 1 if labels is None else 2
+    fig, axs = plt.subplots(rows, 3, figsize=(14, 4.5 * rows), squeeze=False)
+    for j, (t, f) in enumerate(views):
+        _overlay(axs[0, j], f(vol.images), None, 1, t)
+        if labels is not None:
+            _overlay(axs[1, j], f(vol.images), f(labels), len(vol.codes), t + " + labels")
+    if labels is not None: _legend(fig, vol.codes)
+    _save(fig, path)
+    return fig
+
+
+def plot_histogram(vol, path=None):
+    """Intensity histogram of the volume, per class when labels exist (log counts)."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    step = max(1, len(vol.images) // 32)
+    imgs = vol.images[::step]
+    if vol.labels is None:
+        ax.hist(imgs.ravel(), bins=128, range=(0, 255), log=True, color="gray")
+    else:
+        labs = vol.labels[::step]
+        cm = _cmap(len(vol.codes))
+        for i, c in enumerate(vol.codes):
+            v = imgs[labs == i]
+            if v.size:
+                ax.hist(v, bins=128, range=(0, 255), log=True, histtype="step", label=c,
+                        color=cm(i)[:3] if i else "gray")
+        ax.legend(fontsize=8)
+    lo, hi = vol.window
+    ax.set_xlabel(f"intensity (uint8; raw {vol.raw_dtype} window {lo:.4g}..{hi:.4g} mapped to 0..255)")
+    ax.set_ylabel("voxels")
+    _save(fig, path)
+    return fig
+
+
+def plot_history(work_dir, names, path=None):
+    """Loss and mean IoU per epoch from `history/<name>.csv` for each phase in `names`."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4))
+    off = 0
+    for n in names:
+        f = Path(work_dir) / "history" / f"{n}.csv"
+        if not f.exists(): continue
+        h = pd.read_csv(f)
+        h = h[pd.to_numeric(h["epoch"], errors="coerce").notna()]
+        x = off + np.arange(len(h))
+        axs[0].plot(x, h["train_loss"].astype(float), "-", label=f"{n} train")
+        axs[0].plot(x, h["valid_loss"].astype(float), "--", label=f"{n} valid")
+        axs[1].plot(x, h["mean_iou"].astype(float), "-o", ms=3, label=n)
+        off += len(h)
+    axs[0].set(xlabel="epoch", ylabel="loss"); axs[1].set(xlabel="epoch", ylabel="mean IoU (validation block)")
+    for a in axs: a.legend(fontsize=8)
+    _save(fig, path)
+    return fig
+
+
+def plot_predictions(vol, pred, idx, path=None):
+    """Image, ground truth and prediction side by side for slices `idx`."""
+    import matplotlib.pyplot as plt
+    idx = list(idx)
+    fig, axs = plt.subplots(len(idx), 3, figsize=(12, 4 * len(idx)), squeeze=False)
+    for r, z in enumerate(idx):
+        _overlay(axs[r, 0], vol.images[z], None, 1, f"slice {z}")
+        _overlay(axs[r, 1], vol.images[z], vol.labels[z] if vol.labels is not None else None, len(vol.codes),
+                 "ground truth")
+        _overlay(axs[r, 2], vol.images[z], pred[z], len(vol.codes), "prediction")
+    _legend(fig, vol.codes)
+    _save(fig, path)
+    return fig
