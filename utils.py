@@ -98,7 +98,7 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
 
 
 def fetch_dataset(data_url, dest=None):
-    """Download and unzip the dataset at `data_url` (Google Drive id/URL or HTTP URL) once; return its folder.
+    """Download and unzip the dataset at `data_url` (Google Drive id/URL, HTTP URL or local zip) once; return its folder.
 
     The zip is kept under `data/downloads/<hash>/` and reused on later calls. The
     returned folder is the one inside the archive that holds `train/`.
@@ -110,7 +110,9 @@ def fetch_dataset(data_url, dest=None):
         archive = dest / "dataset.zip"
         print(f"Downloading {data_url} -> {archive}")
         try:
-            if "drive.google.com" in data_url or not re.match(r"^[a-z]+://", data_url):
+            if Path(data_url).expanduser().is_file():  # a zip already on disk
+                shutil.copyfile(Path(data_url).expanduser(), archive)
+            elif "drive.google.com" in data_url or not re.match(r"^[a-z]+://", data_url):
                 import gdown  # Google Drive id or share link
                 kw = {"url": data_url, "fuzzy": True} if "://" in data_url else {"id": data_url}
                 if gdown.download(output=str(archive), quiet=False, **kw) is None:
@@ -348,12 +350,14 @@ def describe_volume(vol):
     info = {"source": str(vol.source), "slices": z, "height": h, "width": w, "raw_dtype": vol.raw_dtype,
             "intensity_window": [round(v, 3) for v in vol.window]}
     if vol.labels is not None:
-        counts = np.zeros(len(vol.codes), np.int64)
-        for k in range(0, z, 64):
-            counts += np.bincount(vol.labels[k:k + 64].ravel(), minlength=len(vol.codes))[: len(vol.codes)]
-        info["class_fraction"] = {c: float(n) / counts.sum() for c, n in zip(vol.codes, counts)}
-        info["slices_with_class"] = {c: int(sum((vol.labels[k] == i).any() for k in range(z)))
-                                     for i, c in enumerate(vol.codes)}
+        n = len(vol.codes)
+        counts, present = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        for lab in vol.labels:  # one pass, slice by slice
+            bc = np.bincount(lab.ravel(), minlength=n)[:n]
+            counts += bc
+            present += bc > 0
+        info["class_fraction"] = {c: float(k / counts.sum()) for c, k in zip(vol.codes, counts)}
+        info["slices_with_class"] = {c: int(k) for c, k in zip(vol.codes, present)}
     return info
 
 

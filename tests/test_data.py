@@ -1,5 +1,6 @@
 """Loading, validation of bad input, the split, and the synthetic sample."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,23 @@ def test_ensure_sample_reuses(tmp_path):
     before = snapshot(p)
     utils.ensure_sample(tmp_path / "s", 4, 48, 48, seed=1)
     assert snapshot(p) == before
+
+
+def test_fetch_dataset_unzips_once_and_finds_the_root(tiny, tmp_path):
+    """data_url: the zip is fetched once (file:// stands in for HTTP: no network in tests) and reused."""
+    archive = shutil.make_archive(str(tmp_path / "lapix"), "zip", root_dir=tiny.parent, base_dir=tiny.name)
+    dest = tmp_path / "downloads"
+    root = utils.fetch_dataset(f"file://{archive}", dest)
+    assert root == dest / "unzipped" / tiny.name
+    assert utils.load_volume(root).shape == (12, 96, 96)
+    Path(archive).unlink()  # a second call must not fetch again
+    assert utils.fetch_dataset(f"file://{archive}", dest) == root
+
+
+def test_fetch_dataset_errors_name_the_fix(tmp_path):
+    bad = tmp_path / "notzip.zip"
+    bad.write_text("not a zip")
+    with pytest.raises(utils.DatasetError, match="not a zip file"):
+        utils.fetch_dataset(str(bad), tmp_path / "d1")
+    with pytest.raises(utils.DatasetError, match="Could not download"):
+        utils.fetch_dataset(f"file://{tmp_path}/missing.zip", tmp_path / "d2")
