@@ -383,9 +383,11 @@ def _make_objects(shape, seed):
     scale = math.sqrt(min(H, W) / 256)
     core_r = 0.46 * min(H, W)
     core_vox = math.pi * core_r ** 2 * Z
-    objs, placed = [], []
+    objs = []
+    taken_c, taken_r = np.empty((0, 3)), np.empty(0)  # placed objects, for vectorised overlap checks
 
     def place(radius, tries=200, zrange=None):
+        nonlocal taken_c, taken_r
         for _ in range(tries):
             rr = core_r - radius - 2
             if rr <= 0:
@@ -393,8 +395,8 @@ def _make_objects(shape, seed):
             a, d = rng.uniform(0, 2 * math.pi), rr * math.sqrt(rng.uniform())
             z = rng.uniform(*zrange) if zrange else rng.uniform(-radius * 0.3, Z - 1 + radius * 0.3)
             c = np.array([z, H / 2 + d * math.sin(a), W / 2 + d * math.cos(a)])
-            if all(np.linalg.norm(c - c2) > radius + r2 + 2 for c2, r2 in placed):
-                placed.append((c, radius))
+            if np.all(np.linalg.norm(taken_c - c, axis=1) > taken_r + radius + 2):
+                taken_c, taken_r = np.vstack([taken_c, c]), np.append(taken_r, radius)
                 return c
         return None
 
