@@ -196,39 +196,53 @@ def read_codes(path):
     return codes
 
 
-def _read_pages(path):
-    """Read every page of image `path` as an array (Z,H,W); raise DatasetError if unreadable."""
+def _gray(arr, path):
+    """One page as a 2D array: colour pages that are gray keep one channel, others become luminance."""
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        arr = rgb[..., 0] if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all() \
+            else rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if arr.ndim != 2 or arr.size == 0:
+        raise DatasetError(f"{path} has pages of shape {arr.shape}; expected 2D grayscale slices.")
+    return arr
+
+
+def _is_tiff(path): return Path(path).suffix.lower() in (".tif", ".tiff")
+
+
+def _n_pages(path):
+    """Number of slices in image file `path` (TIFF pages; 1 for PNG), reading headers only."""
+    if not _is_tiff(path):
+        return 1
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as t:
+            return len(t.pages)
+    except Exception as e:
+        raise DatasetError(f"Cannot read {path}: {e}. The file is corrupt or not an image; "
+                           "re-export it as PNG or TIFF, or remove it.") from e
+
+
+def _iter_pages(path, step=1):
+    """Yield every `step`-th slice of image `path`, one at a time, as 2D arrays; raise DatasetError if unreadable."""
     path = Path(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if _is_tiff(path):
             import tifffile
-            arr = tifffile.imread(path)
-            # A single RGB page is (H,W,3); a stack is (Z,H,W); an RGB stack (Z,H,W,3).
-            if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4) and _n_pages(path) == 1):
-                arr = arr[None]
+            with tifffile.TiffFile(path) as t:
+                for k in range(0, len(t.pages), step):
+                    yield _gray(t.pages[k].asarray(), path)
         else:
             from PIL import Image
             with Image.open(path) as im:
                 im.load()
-                arr = np.asarray(im)[None]
+                arr = np.asarray(im)
+            yield _gray(arr, path)
     except DatasetError:
         raise
     except Exception as e:
         raise DatasetError(f"Cannot read {path}: {e}. The file is corrupt or not an image; "
                            "re-export it as PNG or TIFF, or remove it.") from e
-    if arr.ndim == 4:  # colour pages: keep one channel when they are gray, else luminance
-        rgb = arr[..., :3]
-        arr = rgb[..., 0] if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all() \
-            else rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    if arr.ndim != 3 or arr.size == 0:
-        raise DatasetError(f"{path} has shape {arr.shape}; expected a 2D grayscale slice or a stack of slices.")
-    return arr
-
-
-def _n_pages(path):
-    import tifffile
-    with tifffile.TiffFile(path) as t:
-        return len(t.pages)
 
 
 def _find_mask(masks_dir, img):
@@ -240,35 +254,39 @@ def _find_mask(masks_dir, img):
     return None
 
 
-def _window(raw):
-    """Intensity window (lo, hi) used to map `raw` to uint8: identity for 8-bit, else 0.1-99.9 percentiles."""
-    if raw.dtype == np.uint8:
+def _window_of(pages):
+    """Intensity window (lo, hi) from a sample of raw `pages`: identity for 8-bit, else 0.1-99.9 percentiles."""
+    if pages[0].dtype == np.uint8:
         return 0.0, 255.0
-    sub = raw[:: max(1, raw.shape[0] // 32), ::4, ::4]
-    lo, hi = np.percentile(sub, [0.1, 99.9])
-    if hi <= lo:
-        hi = lo + 1.0
-    return float(lo), float(hi)
+    lo, hi = np.percentile(np.stack([p[::4, ::4] for p in pages]), [0.1, 99.9])
+    return float(lo), float(max(hi, lo + 1.0))
 
 
-def _to_uint8(raw, window, chunk=32):
+def _to_uint8(raw, window):
     if raw.dtype == np.uint8:
         return raw
     lo, hi = window
-    out = np.empty(raw.shape, np.uint8)
-    for z in range(0, raw.shape[0], chunk):  # chunked: never a full float copy of the volume
-        x = (raw[z:z + chunk].astype(np.float32) - lo) * (255.0 / (hi - lo))
-        out[z:z + chunk] = np.clip(x + 0.5, 0, 255)
-    return out
+    return np.clip((raw.astype(np.float32) - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
 
 
-def load_volume(data_dir, require_labels=True):
+def _cache_key(data_dir, files):
+    h = hashlib.sha1(str(Path(data_dir).resolve()).encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def load_volume(data_dir, require_labels=True, cache_dir=None):
     """Load and validate the dataset in `data_dir` into a `Volume`; never writes to `data_dir`.
 
     Raises `DatasetError` naming the file and the fix for: no images, a missing mask,
     image/mask size mismatch, a label with no line in codes.txt, an unreadable file,
     slices of different sizes. With `require_labels=False` a missing
     `train_masks_labels/` folder gives `labels=None` (prediction on new scans).
+    Slices are read one at a time into one preallocated uint8 array. With `cache_dir`,
+    that array is a `.npy` file there, and later calls on unchanged files
+    memory-map it instead of decoding the images again (volumes larger than RAM work).
     """
     data_dir = Path(data_dir)
     img_dir, mask_dir = data_dir / "train", data_dir / "train_masks_labels"
@@ -285,44 +303,85 @@ def load_volume(data_dir, require_labels=True):
         raise DatasetError(f"{mask_dir} does not exist. Add a label image <stem>_GT<ext> per slice there.")
     codes_path = data_dir / "codes.txt"
     codes = read_codes(codes_path) if (require_labels or codes_path.exists()) else None
-
-    raw_pages, label_pages, stems = [], [], []
-    shape = None
-    for f in files:
-        pages = _read_pages(f)
-        if shape is None:
-            shape = pages.shape[1:]
-        elif pages.shape[1:] != shape:
-            raise DatasetError(f"{f} is {pages.shape[2]}x{pages.shape[1]} (WxH) but {files[0].name} is "
-                               f"{shape[1]}x{shape[0]}: all slices of a volume must have the same size. "
-                               "Crop or pad them to one size.")
-        raw_pages.append(pages)
-        stems += [f.stem] if len(pages) == 1 else [f"{f.stem}_{k:04d}" for k in range(len(pages))]
-        if has_masks:
+    masks = []
+    if has_masks:
+        for f in files:
             m = _find_mask(mask_dir, f)
             if m is None:
                 raise DatasetError(f"No mask for {f}: expected {mask_dir / (f.stem + '_GT' + f.suffix)}. "
                                    "Add it, or remove the slice from train/.")
-            lab = _read_pages(m)
-            if lab.shape != pages.shape:
-                raise DatasetError(f"{m} has shape {lab.shape} (pages, H, W) but its image {f} has "
-                                   f"{pages.shape}: a mask must match its slice pixel for pixel.")
+            masks.append(m)
+    counts = [_n_pages(f) for f in files]
+    stems = [s for f, n in zip(files, counts) for s in ([f.stem] if n == 1 else [f"{f.stem}_{k:04d}" for k in range(n)])]
+
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / _cache_key(data_dir, files + masks + ([codes_path] if codes_path.exists() else []))
+        meta_file = cache / "volume.json"
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            return Volume(images=np.load(cache / "images.npy", mmap_mode="r"),
+                          labels=np.load(cache / "labels.npy", mmap_mode="r") if meta["has_labels"] else None,
+                          codes=codes, stems=stems, source=data_dir, window=tuple(meta["window"]),
+                          raw_dtype=meta["raw_dtype"], files=files)
+
+    # the intensity window comes from a sample of about 32 slices spread over z
+    first = next(_iter_pages(files[0]))
+    shape, raw_dtype = first.shape, str(first.dtype)
+    sample = [first] if first.dtype == np.uint8 else [
+        p for f, n in list(zip(files, counts))[::max(1, len(files) // 32)] for p in _iter_pages(f, max(1, n // 32))]
+    window = _window_of(sample)
+    del sample
+
+    Z = len(stems)
+    tmp = None
+    if cache is not None:
+        tmp = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        alloc = lambda name: np.lib.format.open_memmap(tmp / name, "w+", np.uint8, (Z, *shape))  # noqa: E731
+    else:
+        alloc = lambda name: np.empty((Z, *shape), np.uint8)  # noqa: E731
+    images = alloc("images.npy")
+    labels = alloc("labels.npy") if has_masks else None
+    z = 0
+    for i, f in enumerate(files):
+        z0 = z
+        for page in _iter_pages(f):
+            if page.shape != shape:
+                raise DatasetError(f"{f} is {page.shape[1]}x{page.shape[0]} (WxH) but {files[0].name} is "
+                                   f"{shape[1]}x{shape[0]}: all slices of a volume must have the same size. "
+                                   "Crop or pad them to one size.")
+            images[z] = _to_uint8(page, window)
+            z += 1
+        if not has_masks:
+            continue
+        m = masks[i]
+        k = z0
+        for lab in _iter_pages(m):
+            if lab.shape != shape or k >= z:
+                raise DatasetError(f"{m} does not match its image {f} ({z - z0} slice(s) of {shape[0]}x{shape[1]}, "
+                                   f"HxW): a mask must match its slice pixel for pixel.")
             if np.issubdtype(lab.dtype, np.floating) and not np.array_equal(lab, np.round(lab)):
                 raise DatasetError(f"{m} holds non-integer values; masks must hold integer class labels.")
             if lab.min() < 0 or lab.max() >= len(codes):
                 bad = int(lab.max()) if lab.max() >= len(codes) else int(lab.min())
                 raise DatasetError(f"{m} holds label {bad}, but {codes_path} lists only {len(codes)} classes "
                                    f"(labels 0..{len(codes) - 1}). Add a line for it to codes.txt or fix the mask.")
-            label_pages.append(lab.astype(np.uint8))
-    raw = raw_pages[0] if len(raw_pages) == 1 else np.concatenate(raw_pages)
-    del raw_pages
-    window = _window(raw)
-    images = _to_uint8(raw, window)
-    raw_dtype = str(raw.dtype)
-    del raw
-    labels = None
-    if has_masks:
-        labels = label_pages[0] if len(label_pages) == 1 else np.concatenate(label_pages)
+            labels[k] = lab
+            k += 1
+        if k != z:
+            raise DatasetError(f"{m} has {k - z0} slice(s) but its image {f} has {z - z0}: "
+                               "a mask must match its slice pixel for pixel.")
+    if tmp is not None:
+        images.flush()
+        if labels is not None:
+            labels.flush()
+        del images, labels
+        (tmp / "volume.json").write_text(json.dumps({"window": window, "raw_dtype": raw_dtype, "has_labels": has_masks}))
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+        return load_volume(data_dir, require_labels, cache_dir)
     return Volume(images=images, labels=labels, codes=codes, stems=stems, source=data_dir,
                   window=window, raw_dtype=raw_dtype, files=files)
 
@@ -597,17 +656,37 @@ def stage_size(shape, size_frac, quick=False):
     return int(round(h * s)), int(round(w * s))
 
 
-class _SliceDataset:
-    """Items (TensorImage uint8 (1,H,W), TensorMask uint8 (H,W)) taken from the volume at z indices `idx`."""
-    def __init__(self, vol, idx):
-        self.vol, self.idx = vol, np.asarray(idx)
+class _VolumeDL(DataLoader):
+    """fastai DataLoader whose batches are gathered straight from the volume tensors (on the GPU when they fit).
 
-    def __len__(self): return len(self.idx)
+    Items are z indices; a batch is one indexing op on `images`/`labels`: no
+    per-slice Python, decoding or host-to-device copy on the training path.
+    """
+    def __init__(self, images=None, labels=None, idx=None, **kwargs):
+        self.images, self.labels = images, labels
+        super().__init__(dataset=np.asarray(idx), **kwargs)
 
-    def __getitem__(self, i):
-        z = self.idx[i]
-        return (TensorImage(torch.from_numpy(np.ascontiguousarray(self.vol.images[z]))[None]),
-                TensorMask(torch.from_numpy(np.ascontiguousarray(self.vol.labels[z]))))
+    def create_item(self, s): return int(self.dataset[s])
+
+    def do_batch(self, b):
+        z = torch.as_tensor(b, device=self.images.device)
+        return TensorImage(self.images[z][:, None]), TensorMask(self.labels[z])
+
+
+def _to_tensor(arr, device, chunk=64):
+    """Copy a (possibly memory-mapped) uint8 array to a tensor on `device`, chunk by chunk (no full host copy)."""
+    out = torch.empty(arr.shape, dtype=torch.uint8, device=device)
+    for z in range(0, len(arr), chunk):
+        out[z:z + chunk].copy_(torch.from_numpy(np.ascontiguousarray(arr[z:z + chunk])))
+    return out
+
+
+def _volume_device(vol, device):
+    """The GPU when the uint8 volume takes at most a third of its free memory, else the CPU (batches are copied)."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = vol.images.nbytes * (2 if vol.labels is not None else 1)
+    return device if need < torch.cuda.mem_get_info(device)[0] / 3 else torch.device("cpu")
 
 
 class _ResizeBatch(Transform):
@@ -637,19 +716,30 @@ class _ToFloat3(Transform):
     def encodes(self, x: TensorMask): return TensorMask(x.long())  # noqa: F811
 
 
-def _batch_tfms(size=None, augment=False):
+class _ChannelsLast(Transform):
+    """Last batch transform on CUDA: channels_last images, the memory layout the mixed-precision convolutions prefer."""
+    order = 100
+
+    def encodes(self, x: TensorImage): return x.contiguous(memory_format=torch.channels_last)
+
+
+def _batch_tfms(size=None, augment=False, device=None):
     """Batch transforms run on the device: resize to `size`, to float 3-channel, augment, ImageNet-normalise."""
     tfms = [_ResizeBatch(size), _ToFloat3()]
     if augment:  # the published augmentation: flips, rotation, zoom, warp, lighting (masks follow the image)
         tfms += aug_transforms(flip_vert=True, max_rotate=10, max_zoom=1.1, max_lighting=0.2, max_warp=0.2)
-    return tfms + [Normalize.from_stats(*imagenet_stats)]
+    tfms.append(Normalize.from_stats(*imagenet_stats, cuda=device is not None and device.type == "cuda"))
+    if device is not None and device.type == "cuda":
+        tfms.append(_ChannelsLast())
+    return tfms
 
 
 def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution; the last `valid_pct` of z validates.
 
-    Slices come from the in-memory uint8 volume (no per-epoch image decoding);
-    resizing and augmentation run batch-wise on `device`.
+    Batches are gathered from the uint8 volume held as one tensor (on the GPU when it
+    fits), then resized, augmented and normalised batch-wise on `device`: no image is
+    decoded per epoch.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
@@ -657,10 +747,13 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
     train_idx, valid_idx = split_slices(len(vol.images), valid_pct)
     size = stage_size(vol.shape, size_frac, quick)
     bs = max(1, min(bs, len(train_idx)))
-    train = DataLoader(_SliceDataset(vol, train_idx), bs=bs, shuffle=True, drop_last=len(train_idx) >= 2 * bs,
-                       num_workers=0, device=device, after_batch=Pipeline(_batch_tfms(size, augment), split_idx=0))
-    valid = DataLoader(_SliceDataset(vol, valid_idx), bs=bs, shuffle=False, num_workers=0, device=device,
-                       after_batch=Pipeline(_batch_tfms(size, False), split_idx=1))
+    where = _volume_device(vol, device)
+    images, labels = _to_tensor(vol.images, where), _to_tensor(vol.labels, where)
+    common = dict(images=images, labels=labels, bs=bs, num_workers=0, device=device)
+    train = _VolumeDL(idx=train_idx, shuffle=True, drop_last=len(train_idx) >= 2 * bs,
+                      after_batch=Pipeline(_batch_tfms(size, augment, device), split_idx=0), **common)
+    valid = _VolumeDL(idx=valid_idx, shuffle=False,
+                      after_batch=Pipeline(_batch_tfms(size, False, device), split_idx=1), **common)
     dls = DataLoaders(train, valid, device=device)
     dls.c, dls.codes, dls.size, dls.valid_idx = len(vol.codes), vol.codes, size, valid_idx
     return dls
@@ -695,13 +788,20 @@ def _imagenet_weights_ok(arch):
         return False
 
 
+def _amp_dtype(device):
+    """bf16 on Ampere and newer GPUs, fp16 on older ones (the Colab T4), None (full precision) off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
 def _mixed_precision(learn):
-    """fp16 on CUDA GPUs without bf16 (the Colab T4), bf16 on Ampere and newer; full precision elsewhere."""
-    if learn.dls.device.type != "cuda":
+    """Mixed precision and a channels_last model on CUDA; full precision elsewhere."""
+    dt = _amp_dtype(learn.dls.device)
+    if dt is None:
         return learn
-    if torch.cuda.get_device_capability()[0] >= 8:
-        return learn.to_bf16()
-    return learn.to_fp16()
+    learn.model.to(memory_format=torch.channels_last)
+    return learn.to_bf16() if dt == torch.bfloat16 else learn.to_fp16()
 
 
 def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True):
@@ -915,36 +1015,94 @@ def load_model(work_dir, name="full_unfrozen", device=None):
     return model.to(device).eval(), info
 
 
-def predict_volume(model, vol, out_dir, bs=4, device=None):
-    """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice and `labels.tif`; return labels.
+def _padded_forward(model, x, tfms, dtype):
+    """Class logits of uint8 slices `x` (B,1,H,W): reflect-pad H and W to multiples of 32, predict, crop back."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % 32, -w % 32
+    xp = tfms(TensorImage(x))
+    if ph or pw:
+        xp = TensorImage(F.pad(torch.Tensor(xp), (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate"))
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        return model(xp)[..., :h, :w]
 
-    Each batch is written as soon as it is predicted (PNG values = class index,
-    same size as the input slice). Mixed precision on CUDA.
+
+def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
+    """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice, `labels.tif`, `probs.npy`.
+
+    PNG values are class indices, same size as the input slice; `labels.tif` is the
+    label volume as one multi-page TIFF; `probs.npy` (when `save_probs`) holds the
+    class probabilities as uint8 (0-255), shape (Z, classes, H, W), memory-mapped and
+    written block by block, never whole in RAM. Mixed precision on CUDA; files are
+    written by background threads while the GPU works on the next batch. Returns the
+    label volume (uint8, Z x H x W).
     """
+    import queue
+    import threading
     import tifffile
     from PIL import Image
+    from concurrent.futures import ThreadPoolExecutor
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tfms = Pipeline(_batch_tfms(None, augment=False), split_idx=1)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)
-           if device.type == "cuda" else torch.autocast("cpu", enabled=False))
-    pred = np.empty(vol.shape, np.uint8)
+    tfms = Pipeline(_batch_tfms(None, False, device), split_idx=1)
+    dtype = _amp_dtype(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    Z, H, W = vol.shape
+    pred = np.empty((Z, H, W), np.uint8)
+    n_out = None
+    probs = None
+    pages = queue.Queue(maxsize=8)
+    tiff_tmp = out_dir / "labels.tif.partial"
 
-    def pages():  # predicts batch by batch; tifffile pulls the pages one at a time into one series
-        for z0 in range(0, len(vol.images), bs):
-            x = TensorImage(torch.from_numpy(vol.images[z0:z0 + bs])[:, None].to(device))
-            with torch.inference_mode(), amp:
-                p = model(tfms(x)).argmax(1).to(torch.uint8).cpu().numpy()
+    tiff_error = []
+
+    def write_tiff():  # one writer thread: pages arrive in z order, tifffile makes them one series
+        def it():
+            for _ in range(Z):
+                yield pages.get()
+        try:
+            with tifffile.TiffWriter(tiff_tmp) as tif:
+                tif.write(it(), shape=(Z, H, W), dtype=np.uint8, compression="zlib", compressionargs={"level": 1})
+        except Exception as e:
+            tiff_error.append(e)
+
+    def put_page(sl):
+        while True:
+            try:
+                return pages.put(sl, timeout=1)
+            except queue.Full:
+                if not tiff_thread.is_alive():
+                    raise OSError(f"writing {tiff_tmp} failed: {tiff_error}") from None
+
+    tiff_thread = threading.Thread(target=write_tiff, daemon=True)
+    tiff_thread.start()
+    save_png = lambda sl, stem: Image.fromarray(sl).save(out_dir / f"{stem}.png", compress_level=1)  # noqa: E731
+    with ThreadPoolExecutor(2) as pool, torch.inference_mode():
+        futures = []
+        for z0 in range(0, Z, bs):
+            x = torch.from_numpy(np.ascontiguousarray(vol.images[z0:z0 + bs]))[:, None].to(device, non_blocking=True)
+            logits = _padded_forward(model, x, tfms, dtype).float()
+            if save_probs:
+                if probs is None:
+                    n_out = logits.shape[1]
+                    probs = np.lib.format.open_memmap(out_dir / "probs.npy.partial", "w+", np.uint8, (Z, n_out, H, W))
+                probs[z0:z0 + len(x)] = (logits.softmax(1) * 255).round_().to(torch.uint8).cpu().numpy()
+            p = logits.argmax(1).to(torch.uint8).cpu().numpy()
             pred[z0:z0 + len(p)] = p
             for k, sl in enumerate(p):
-                Image.fromarray(sl).save(out_dir / f"{vol.stems[z0 + k]}.png")
-                yield sl
-
-    tiff_tmp = out_dir / "labels.tif.partial"
-    with tifffile.TiffWriter(tiff_tmp) as tif:
-        tif.write(pages(), shape=vol.shape, dtype=np.uint8, compression="zlib")
+                put_page(sl)
+                futures.append(pool.submit(save_png, sl, vol.stems[z0 + k]))
+        for f in futures:
+            f.result()  # re-raises a failed write
+    tiff_thread.join()
+    if tiff_error:
+        raise OSError(f"writing {tiff_tmp} failed: {tiff_error[0]}")
     os.replace(tiff_tmp, out_dir / "labels.tif")
+    if probs is not None:
+        probs.flush()
+        del probs
+        os.replace(out_dir / "probs.npy.partial", out_dir / "probs.npy")
     return pred
 
 

@@ -204,3 +204,30 @@ def test_fetch_dataset_errors_name_the_fix(tmp_path):
         utils.fetch_dataset(str(bad), tmp_path / "d1")
     with pytest.raises(utils.DatasetError, match="Could not download"):
         utils.fetch_dataset(f"file://{tmp_path}/missing.zip", tmp_path / "d2")
+
+
+def test_cache_is_memory_mapped_and_reused(tiny, tmp_path, monkeypatch):
+    before = snapshot(tiny)
+    plain = utils.load_volume(tiny)
+    first = utils.load_volume(tiny, cache_dir=tmp_path / "cache")
+    assert isinstance(first.images, np.memmap) and isinstance(first.labels, np.memmap)
+    np.testing.assert_array_equal(first.images, plain.images)
+    np.testing.assert_array_equal(first.labels, plain.labels)
+    assert first.stems == plain.stems and first.codes == plain.codes
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images decoded again although the cache is valid")
+    monkeypatch.setattr(utils, "_iter_pages", no_decoding)
+    again = utils.load_volume(tiny, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.images, plain.images)
+    assert snapshot(tiny) == before
+
+
+def test_cache_is_rebuilt_when_a_file_changes(tiny, tmp_path):
+    ds = _copy(tiny, tmp_path)
+    a = utils.load_volume(ds, cache_dir=tmp_path / "cache")
+    img = np.asarray(Image.open(ds / "train" / "slice_0000.png")).copy()
+    img[:10, :10] = 255
+    Image.fromarray(img).save(ds / "train" / "slice_0000.png")
+    b = utils.load_volume(ds, cache_dir=tmp_path / "cache")
+    assert (b.images[0, :10, :10] == 255).all() and not (a.images[0, :10, :10] == 255).all()

@@ -126,5 +126,23 @@ def test_predict_volume_writes_every_slice(odd_vol, tmp_path):
         assert png.shape == (141, 133)
         np.testing.assert_array_equal(png, pred[z])
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "pred" / "labels.tif"), pred)
+    probs = np.load(tmp_path / "pred" / "probs.npy", mmap_mode="r")
+    assert probs.shape == (6, 3, 141, 133) and probs.dtype == np.uint8
+    assert np.abs(probs.astype(int).sum(1) - 255).max() <= 3  # uint8 probabilities sum to ~1
+    assert (probs.argmax(1) != pred).mean() <= 0.01  # quantised probabilities agree with the labels
     m = utils.save_metrics(tmp_path, odd_vol, pred, 0.2)
     assert m["n_validation_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]
+
+
+def test_padded_forward_matches_shapes_and_crops(odd_vol, tmp_path):
+    """Odd slices are reflect-padded to a multiple of 32 and the logits cropped back to the slice size."""
+    learn = utils.build_learner(utils.make_dls(odd_vol, 1.0, bs=2), pretrained=False, work_dir=tmp_path)
+    model = learn.model.eval()
+    tfms = utils.Pipeline(utils._batch_tfms(None, False), split_idx=1)
+    x = torch.from_numpy(np.ascontiguousarray(odd_vol.images[:2]))[:, None]
+    with torch.no_grad():
+        out = utils._padded_forward(model, x, tfms, None)
+        assert out.shape == (2, 3, 141, 133)
+        sq = torch.from_numpy(np.ascontiguousarray(odd_vol.images[:2, :128, :96]))[:, None]
+        ref = model(tfms(utils.TensorImage(sq)))  # already a multiple of 32: no padding, same result
+        torch.testing.assert_close(utils._padded_forward(model, sq, tfms, None), ref)
