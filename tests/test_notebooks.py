@@ -1,7 +1,5 @@
 """The notebooks: committed clean, one shared parameter vocabulary, and all five executed headless in order."""
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import papermill as pm

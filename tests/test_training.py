@@ -146,3 +146,22 @@ def test_padded_forward_matches_shapes_and_crops(odd_vol, tmp_path):
         sq = torch.from_numpy(np.ascontiguousarray(odd_vol.images[:2, :128, :96]))[:, None]
         ref = model(tfms(utils.TensorImage(sq)))  # already a multiple of 32: no padding, same result
         torch.testing.assert_close(utils._padded_forward(model, sq, tfms, None), ref)
+
+
+def test_augmentation_keeps_masks_aligned():
+    """Flips, rotation, zoom: a mask drawn from its image's bright pixels still matches after augmentation."""
+    torch.manual_seed(0)
+    img = torch.zeros(8, 1, 64, 80, dtype=torch.uint8)
+    for i in range(8):  # an off-centre bright rectangle per slice, so flips and rotations are visible
+        img[i, 0, 5 + i:25 + i, 10:30 + 2 * i] = 255
+    mask = (img[:, 0] > 128).to(torch.uint8)
+    tfms = utils.Pipeline([utils._ToFloat3(), utils._Augment(p_lighting=0.0)], split_idx=0)
+    x, y = tfms((utils.TensorImage(img), utils.TensorMask(mask)))
+    assert x.shape == (8, 3, 64, 80) and y.shape == (8, 64, 80)
+    moved = (y.to(torch.uint8) != mask).float().mean()
+    assert moved > 0.01  # the batch really was transformed
+    agree = ((x[:, 0] > 0.5) == (y == 1)).float().mean()
+    assert agree > 0.98, f"image and mask disagree on {1 - agree:.1%} of pixels"
+    valid = utils.Pipeline([utils._ToFloat3(), utils._Augment()], split_idx=1)  # no augmentation at validation
+    xv, yv = valid((utils.TensorImage(img), utils.TensorMask(mask)))
+    assert torch.equal(yv, mask.long())
