@@ -548,25 +548,10 @@ def _texture(zs, H, W, seed):
     return out
 
 
-def make_sample(out_dir, n_slices=48, height=256, width=256, seed=0, bit_depth=8, fmt="png", slab=48):
-    """Write a synthetic micro-CT sample in the dataset layout to `out_dir`; deterministic from `seed`.
-
-    A cylindrical carbonate core in air with pores, dense grains, foraminifera
-    (chambers along a spiral, thin bright calcite walls, hollow or sediment-filled)
-    and ostracods (two thin valves of an ellipsoid), then CT blur, noise and ring
-    artefacts. Labels: 0 background, 1 foraminifera, 2 ostracod. `fmt` is "png"
-    (one file per slice) or "tif-stack" (one multi-page TIFF). Works slab by slab,
-    so the full 983 x 1004 x 956 size fits in a few GB of RAM.
-    """
+def _sample_slabs(shape, seed, bit_depth, s0, s1, objs):
+    """Yield (z, image slice, label slice) of the sample for z in [s0, s1): one slab, blurred with a margin."""
     from scipy import ndimage
-    from PIL import Image
-    import tifffile
-    out_dir = Path(out_dir)
-    (out_dir / "train").mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_masks_labels").mkdir(parents=True, exist_ok=True)
-    (out_dir / "codes.txt").write_text("\n".join(SAMPLE_CODES) + "\n")
-    Z, H, W = n_slices, height, width
-    objs = _make_objects((Z, H, W), seed)
+    Z, H, W = shape
     yy, xx = np.mgrid[:H, :W].astype(np.float32)
     r = np.hypot(yy - (H - 1) / 2, xx - (W - 1) / 2)
     core_r = 0.46 * min(H, W)
@@ -574,39 +559,66 @@ def make_sample(out_dir, n_slices=48, height=256, width=256, seed=0, bit_depth=8
     rng_r = np.random.default_rng(seed + 1)
     rings = sum(a * np.exp(-0.5 * ((r - r0) / 0.8) ** 2)
                 for r0, a in zip(rng_r.uniform(0, core_r, 6), rng_r.uniform(-0.05, 0.05, 6))).astype(np.float32)
-    maxval = 255 if bit_depth == 8 else 65535
-    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    maxval, dtype = (255, np.uint8) if bit_depth == 8 else (65535, np.uint16)
     m = 3  # margin for the 3D blur
-    tif_img = tif_lab = None
+    a0, a1 = max(0, s0 - m), min(Z, s1 + m)
+    img = np.where(core, 0.45 + 0.07 * _texture(np.arange(a0, a1), H, W, seed), 0.04).astype(np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    for o in objs:
+        _render_object(o, img, lab, a0)
+    img[:, ~core] = 0.04
+    img = ndimage.gaussian_filter(img, 0.9)[s0 - a0: s1 - a0]
+    lab = lab[s0 - a0: s1 - a0]
+    for i, z in enumerate(range(s0, s1)):
+        noise = np.random.default_rng([seed, z]).normal(0, 0.035, (H, W)).astype(np.float32)
+        sl = np.clip((img[i] + rings + noise) * 0.9 + 0.05, 0, 1)
+        yield z, (sl * maxval + 0.5).astype(dtype), lab[i]
+
+
+def _write_png_slab(out_dir, shape, seed, bit_depth, s0, s1, objs):
+    from PIL import Image
+    for z, sl, lab in _sample_slabs(shape, seed, bit_depth, s0, s1, objs):
+        Image.fromarray(sl).save(out_dir / "train" / f"slice_{z:04d}.png")
+        Image.fromarray(lab).save(out_dir / "train_masks_labels" / f"slice_{z:04d}_GT.png")
+
+
+def make_sample(out_dir, n_slices=48, height=256, width=256, seed=0, bit_depth=8, fmt="png", slab=48, workers=None):
+    """Write a synthetic micro-CT sample in the dataset layout to `out_dir`; deterministic from `seed`.
+
+    A cylindrical carbonate core in air with pores, dense grains, foraminifera
+    (chambers along a spiral, thin bright calcite walls, hollow or sediment-filled)
+    and ostracods (two thin valves of an ellipsoid), then CT blur, noise and ring
+    artefacts. Labels: 0 background, 1 foraminifera, 2 ostracod. `fmt` is "png"
+    (one file per slice) or "tif-stack" (one multi-page TIFF). Works slab by slab,
+    so the full 983 x 1004 x 956 size fits in a few GB of RAM; PNG slabs are written
+    by up to `workers` processes (default: the CPU count, at most 8).
+    """
+    import tifffile
+    out_dir = Path(out_dir)
+    (out_dir / "train").mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_masks_labels").mkdir(parents=True, exist_ok=True)
+    (out_dir / "codes.txt").write_text("\n".join(SAMPLE_CODES) + "\n")
+    shape = (n_slices, height, width)
+    objs = _make_objects(shape, seed)
+    slabs = [(s0, min(n_slices, s0 + slab)) for s0 in range(0, n_slices, slab)]
     if fmt == "tif-stack":
-        tif_img = tifffile.TiffWriter(out_dir / "train" / "volume.tif")
-        tif_lab = tifffile.TiffWriter(out_dir / "train_masks_labels" / "volume_GT.tif")
-    try:
-        for s0 in range(0, Z, slab):
-            s1 = min(Z, s0 + slab)
-            a0, a1 = max(0, s0 - m), min(Z, s1 + m)
-            zs = np.arange(a0, a1)
-            img = np.where(core, 0.45 + 0.07 * _texture(zs, H, W, seed), 0.04).astype(np.float32)
-            lab = np.zeros(img.shape, np.uint8)
-            for o in objs:
-                _render_object(o, img, lab, a0)
-            img[:, ~core] = 0.04
-            img = ndimage.gaussian_filter(img, 0.9)[s0 - a0: s0 - a0 + (s1 - s0)]
-            lab = lab[s0 - a0: s0 - a0 + (s1 - s0)]
-            for i, z in enumerate(range(s0, s1)):
-                noise = np.random.default_rng([seed, z]).normal(0, 0.035, (H, W)).astype(np.float32)
-                sl = np.clip((img[i] + rings + noise) * 0.9 + 0.05, 0, 1)
-                sl = (sl * maxval + 0.5).astype(dtype)
-                if fmt == "tif-stack":
-                    tif_img.write(sl, contiguous=True)
-                    tif_lab.write(lab[i], contiguous=True)
-                else:
-                    name = f"slice_{z:04d}"
-                    Image.fromarray(sl).save(out_dir / "train" / f"{name}.png")
-                    Image.fromarray(lab[i]).save(out_dir / "train_masks_labels" / f"{name}_GT.png")
-    finally:
-        if tif_img is not None:
-            tif_img.close(); tif_lab.close()
+        with tifffile.TiffWriter(out_dir / "train" / "volume.tif") as ti, \
+                tifffile.TiffWriter(out_dir / "train_masks_labels" / "volume_GT.tif") as tl:
+            for s0, s1 in slabs:
+                for _, sl, lab in _sample_slabs(shape, seed, bit_depth, s0, s1, objs):
+                    ti.write(sl, contiguous=True)
+                    tl.write(lab, contiguous=True)
+        return out_dir
+    workers = min(len(slabs), workers or min(8, os.cpu_count() or 1))
+    if workers > 1 and sys.platform.startswith("linux"):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for f in [pool.submit(_write_png_slab, out_dir, shape, seed, bit_depth, s0, s1, objs) for s0, s1 in slabs]:
+                f.result()
+    else:
+        for s0, s1 in slabs:
+            _write_png_slab(out_dir, shape, seed, bit_depth, s0, s1, objs)
     return out_dir
 
 
@@ -1089,6 +1101,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
     written by background threads while the GPU works on the next batch. Returns the
     label volume (uint8, Z x H x W).
     """
+    import collections
     import queue
     import threading
     import tifffile
@@ -1103,7 +1116,6 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
         model = model.to(memory_format=torch.channels_last)
     Z, H, W = vol.shape
     pred = np.empty((Z, H, W), np.uint8)
-    n_out = None
     probs = None
     pages = queue.Queue(maxsize=8)
     tiff_tmp = out_dir / "labels.tif.partial"
@@ -1128,24 +1140,31 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
 
     tiff_thread = threading.Thread(target=write_tiff, daemon=True)
     tiff_thread.start()
-    save_png = lambda sl, stem: Image.fromarray(sl).save(out_dir / f"{stem}.png", compress_level=1)  # noqa: E731
-    with ThreadPoolExecutor(2) as pool, torch.inference_mode():
-        futures = []
+
+    def store(z0, p, pr):  # host-side work for one batch, on a worker thread while the GPU runs the next
+        if pr is not None:
+            probs[z0:z0 + len(p)] = pr
+        for k, sl in enumerate(p):
+            Image.fromarray(sl).save(out_dir / f"{vol.stems[z0 + k]}.png", compress_level=1)
+
+    pending = collections.deque()
+    with ThreadPoolExecutor(3) as pool, torch.inference_mode():
         for z0 in range(0, Z, bs):
             x = torch.from_numpy(np.ascontiguousarray(vol.images[z0:z0 + bs]))[:, None].to(device, non_blocking=True)
-            logits = _padded_forward(model, x, tfms, dtype).float()
-            if save_probs:
-                if probs is None:
-                    n_out = logits.shape[1]
-                    probs = np.lib.format.open_memmap(out_dir / "probs.npy.partial", "w+", np.uint8, (Z, n_out, H, W))
-                probs[z0:z0 + len(x)] = (logits.softmax(1) * 255).round_().to(torch.uint8).cpu().numpy()
-            p = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            logits = _padded_forward(model, x, tfms, dtype)
+            lab = logits.argmax(1).to(torch.uint8)
+            pr = (logits.float().softmax(1) * 255).round_().to(torch.uint8) if save_probs else None
+            p, pr = lab.cpu().numpy(), (None if pr is None else pr.cpu().numpy())
+            if pr is not None and probs is None:
+                probs = np.lib.format.open_memmap(out_dir / "probs.npy.partial", "w+", np.uint8, (Z, pr.shape[1], H, W))
             pred[z0:z0 + len(p)] = p
-            for k, sl in enumerate(p):
+            for sl in p:
                 put_page(sl)
-                futures.append(pool.submit(save_png, sl, vol.stems[z0 + k]))
-        for f in futures:
-            f.result()  # re-raises a failed write
+            pending.append(pool.submit(store, z0, p, pr))
+            while len(pending) > 6:  # bounded backlog: at most a few batches held in RAM
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()  # re-raises a failed write
     tiff_thread.join()
     if tiff_error:
         raise OSError(f"writing {tiff_tmp} failed: {tiff_error[0]}")

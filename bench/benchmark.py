@@ -198,7 +198,7 @@ def main(argv=None):
     ap.add_argument("--infer-bs", type=int, default=4)
     ap.add_argument("--iters", type=int, default=30, help="timed training iterations per stage")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--stages", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--stages", type=float, nargs="*", default=[0.25, 0.5, 1.0], help="training stages (none: inference only)")
     ap.add_argument("--classes", type=int, default=3)
     ap.add_argument("--out", help="also write the JSON to this file")
     args = ap.parse_args(argv)
