@@ -1147,22 +1147,53 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
         for k, sl in enumerate(p):
             Image.fromarray(sl).save(out_dir / f"{vol.stems[z0 + k]}.png", compress_level=1)
 
+    # Double buffering: batch i+1 is launched on the GPU before batch i's results are collected (through
+    # pinned buffers and an event), so the GPU never waits for the host-side work.
+    cuda = device.type == "cuda"
+    bufs = {}
+
+    def launch(z0):
+        x = torch.from_numpy(np.ascontiguousarray(vol.images[z0:z0 + bs]))[:, None].to(device, non_blocking=True)
+        logits = _padded_forward(model, x, tfms, dtype)
+        out = [logits.argmax(1).to(torch.uint8)]
+        if save_probs:
+            out.append((logits.float().softmax(1) * 255).round_().to(torch.uint8))
+        slot = (z0 // bs) % 2
+        host = []
+        for j, t in enumerate(out):
+            if (slot, j) not in bufs or bufs[slot, j].shape[1:] != t.shape[1:]:
+                bufs[slot, j] = torch.empty((bs, *t.shape[1:]), dtype=torch.uint8, pin_memory=cuda)
+            host.append(bufs[slot, j][:len(t)].copy_(t, non_blocking=cuda))
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        return z0, host, event
+
+    def collect(item):
+        nonlocal probs
+        z0, host, event = item
+        if event is not None:
+            event.synchronize()
+        p = host[0].numpy().copy()
+        pr = host[1].numpy().copy() if save_probs else None
+        if pr is not None and probs is None:
+            probs = np.lib.format.open_memmap(out_dir / "probs.npy.partial", "w+", np.uint8, (Z, pr.shape[1], H, W))
+        pred[z0:z0 + len(p)] = p
+        for sl in p:
+            put_page(sl)
+        pending.append(pool.submit(store, z0, p, pr))
+        while len(pending) > 6:  # bounded backlog: at most a few batches held in RAM
+            pending.popleft().result()
+
     pending = collections.deque()
     with ThreadPoolExecutor(3) as pool, torch.inference_mode():
+        prev = None
         for z0 in range(0, Z, bs):
-            x = torch.from_numpy(np.ascontiguousarray(vol.images[z0:z0 + bs]))[:, None].to(device, non_blocking=True)
-            logits = _padded_forward(model, x, tfms, dtype)
-            lab = logits.argmax(1).to(torch.uint8)
-            pr = (logits.float().softmax(1) * 255).round_().to(torch.uint8) if save_probs else None
-            p, pr = lab.cpu().numpy(), (None if pr is None else pr.cpu().numpy())
-            if pr is not None and probs is None:
-                probs = np.lib.format.open_memmap(out_dir / "probs.npy.partial", "w+", np.uint8, (Z, pr.shape[1], H, W))
-            pred[z0:z0 + len(p)] = p
-            for sl in p:
-                put_page(sl)
-            pending.append(pool.submit(store, z0, p, pr))
-            while len(pending) > 6:  # bounded backlog: at most a few batches held in RAM
-                pending.popleft().result()
+            cur = launch(z0)
+            if prev is not None:
+                collect(prev)
+            prev = cur
+        collect(prev)
         while pending:
             pending.popleft().result()  # re-raises a failed write
     tiff_thread.join()
