@@ -193,7 +193,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 6 slices of 64x72, 2 timed iterations")
     ap.add_argument("--shape", type=int, nargs=3, metavar=("Z", "H", "W"), help="volume size (default 983 1004 956)")
-    ap.add_argument("--bs", type=int, nargs=3, default=[16, 8, 4], metavar=("Q", "H", "F"),
+    ap.add_argument("--bs", type=int, nargs=3, default=[16, 16, 4], metavar=("Q", "H", "F"),
                     help="training batch size at 1/4, 1/2 and full resolution (the notebooks' defaults)")
     ap.add_argument("--infer-bs", type=int, default=4)
     ap.add_argument("--iters", type=int, default=30, help="timed training iterations per stage")
