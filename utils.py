@@ -680,8 +680,6 @@ class _VolumeDL(DataLoader):
         self.images, self.labels = images, labels
         super().__init__(dataset=np.asarray(idx), **kwargs)
 
-    def create_item(self, s): return int(self.dataset[s])
-
     def create_batches(self, samps):
         # The epoch's (shuffled) indices go to the volume's device in ONE copy: a per-batch host-to-device
         # copy would make the CPU wait for the GPU every step and stop it preparing the next batch.
@@ -784,13 +782,12 @@ class _ChannelsLast(Transform):
 
 def _batch_tfms(size=None, augment=False, device=None):
     """Batch transforms run on the device: resize to `size`, to float 3-channel, augment, ImageNet-normalise."""
+    cuda = device is not None and device.type == "cuda"
     tfms = [_ResizeBatch(size), _ToFloat3()]
     if augment:
         tfms.append(_Augment())
-    tfms.append(Normalize.from_stats(*imagenet_stats, cuda=device is not None and device.type == "cuda"))
-    if device is not None and device.type == "cuda":
-        tfms.append(_ChannelsLast())
-    return tfms
+    tfms.append(Normalize.from_stats(*imagenet_stats, cuda=cuda))
+    return tfms + [_ChannelsLast()] if cuda else tfms
 
 
 def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0):
