@@ -1,4 +1,4 @@
-"""Run the five notebooks in order, headless, with papermill: the "start it in the evening" mode.
+"""Run the numbered notebooks in order, headless, with papermill: the "start it in the evening" mode.
 
     python run_pipeline.py                           # embedded sample, published schedule
     python run_pipeline.py --quick                   # smoke mode: minutes on a laptop CPU
@@ -10,6 +10,7 @@ Executed notebooks (with their outputs, plots and errors) are kept in
 import argparse
 import ast
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import papermill as pm
+    os.environ["MICROFOSSIL_HEADLESS"] = "1"  # the kernels inherit it: 06_review skips its widget panel
     sys.path.insert(0, str(ROOT))
     import utils
 

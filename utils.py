@@ -2,7 +2,8 @@
 
 Grouped by stage: paths and set-up -> data (reading, validating, the embedded
 sample) -> training (DataLoaders, learner, metrics, checkpoints) -> prediction
--> plots. The notebooks in `notebooks/` stay thin and call into this file.
+-> extraction (3D specimens, catalogue, exports) -> review -> plots. The
+notebooks in `notebooks/` stay thin and call into this file.
 
 The data contract (see README): a dataset folder holds `train/` (one grayscale
 image per CT slice, PNG or TIFF, 8 or 16 bit, or multi-page TIFF volumes),
@@ -52,6 +53,10 @@ __all__ = [
     "confusion_matrix", "segmentation_scores",
     # prediction
     "load_model", "predict_volume", "save_metrics",
+    # extraction
+    "read_voxel_size", "extract_fossils", "evaluate_specimens", "MIN_VOXELS",
+    # review
+    "ReviewSession", "ReviewPanel", "has_widget_frontend",
     # plots
     "plot_slice", "plot_orthoviews", "plot_histogram", "plot_history", "plot_predictions",
 ]
@@ -1214,6 +1219,733 @@ def save_metrics(work_dir, vol, pred, valid_pct=0.2, extra=None):
            "confusion_matrix": np.asarray(cm).tolist(), "codes": vol.codes, **(extra or {})}
     _write_json(Path(work_dir) / "metrics.json", out)
     return out
+
+
+# ----------------------------------------------------------------------------
+# Extraction: 3D specimens, measurements, exports, object-level evaluation
+# ----------------------------------------------------------------------------
+
+VOXEL_SIZE_FILE = "voxel_size.txt"
+MIN_VOXELS = 250  # default smallest specimen, in voxels: see README "Extraction" for the measurement behind it
+
+
+def read_voxel_size(data_dir=None, voxel_size_um=None):
+    """Voxel size `(z, y, x)` in µm and where it came from: `voxel_size_um`, else `data_dir/voxel_size.txt`, else 1.0.
+
+    `voxel_size.txt` holds one number (isotropic voxels, e.g. `2.5`) or three, z y x
+    (e.g. `5 2.5 2.5`), in µm; text after `#` is a comment.
+    """
+    def check(values, where):
+        try:
+            vs = np.asarray(values, float).ravel()
+        except (TypeError, ValueError):
+            vs = np.zeros(0)
+        if vs.size not in (1, 3) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+            raise DatasetError(f"{where}: expected one positive voxel size in µm (e.g. 2.5) or three, z y x "
+                               f"(e.g. 5 2.5 2.5); got {values!r}. Fix it or remove it (sizes are then in voxels).")
+        return tuple(float(v) for v in np.broadcast_to(vs, (3,)))
+    if voxel_size_um is not None:
+        return check(voxel_size_um, "parameter voxel_size_um"), "parameter voxel_size_um"
+    path = Path(data_dir) / VOXEL_SIZE_FILE if data_dir is not None else None
+    if path is not None and path.is_file():
+        text = " ".join(line.split("#")[0] for line in path.read_text(errors="replace").splitlines())
+        try:
+            values = [float(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            values = text.strip()
+        return check(values, str(path)), str(path)
+    return (1.0, 1.0, 1.0), "default 1.0 µm (no voxel_size_um and no voxel_size.txt: sizes are in voxels)"
+
+
+def _mesh(mask, spacing, max_voxels=2 ** 24):
+    """Watertight triangle mesh of boolean `mask` in µm: `(verts (n, 3) z y x, faces (m, 3))`, outward normals.
+
+    Marching cubes on the mask smoothed by a 0.5-voxel Gaussian, each mask voxel kept inside
+    (so one-voxel-thin walls survive). A sphere's area comes out within ~4% (a plain binary
+    mesh overestimates it by ~9%). Masks over `max_voxels` are meshed on a coarser grid
+    (block occupancy), so a huge false specimen cannot exhaust memory.
+    """
+    from scipy import ndimage
+    from skimage.measure import marching_cubes
+    spacing = np.asarray(spacing, float)
+    f = max(1, math.ceil((mask.size / max_voxels) ** (1 / 3)))
+    if f == 1:
+        pad = 2
+        m = np.pad(mask, pad).astype(np.float32)
+        field = np.maximum(ndimage.gaussian_filter(m, 0.5), 0.55 * m)
+    else:
+        pad = 1
+        shape = [math.ceil(s / f) * f for s in mask.shape]
+        m = np.zeros(shape, np.float32)
+        m[tuple(slice(0, s) for s in mask.shape)] = mask
+        blocks = m.reshape(shape[0] // f, f, shape[1] // f, f, shape[2] // f, f)
+        field = np.pad(np.maximum(blocks.mean((1, 3, 5)), 0.55 * blocks.max((1, 3, 5))), pad)
+    verts, faces, _, _ = marching_cubes(field, 0.5, allow_degenerate=False)
+    verts = ((verts - pad) * f + (f - 1) / 2) * spacing  # back to the voxel grid of `mask`, then µm
+    tri = verts[faces]
+    if np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() < 0:
+        faces = faces[:, ::-1]  # orient the normals outwards
+    return verts.astype(np.float32), np.ascontiguousarray(faces)
+
+
+def _mesh_area(verts, faces):
+    tri = verts[faces].astype(np.float64)
+    return float(0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
+
+
+def _write_stl(path, verts, faces):
+    """Binary STL of a mesh whose `verts` are z, y, x in µm (written as x, y, z); atomic."""
+    xyz = verts[:, ::-1].astype(np.float32)
+    tri = xyz[faces[:, ::-1]]  # swapping z and x mirrors the mesh: reverse the winding to keep normals outward
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    rec = np.zeros(len(tri), dtype=[("normal", "<f4", (3,)), ("verts", "<f4", (3, 3)), ("attr", "<u2")])
+    rec["normal"], rec["verts"] = n, tri
+    tmp = Path(str(path) + ".partial")
+    with open(tmp, "wb") as fh:
+        fh.write(b"microfossil-ct specimen mesh, units: micrometres".ljust(80, b" "))
+        fh.write(np.uint32(len(rec)).tobytes())
+        fh.write(rec.tobytes())
+    os.replace(tmp, path)
+
+
+def _write_stack(path, arr, spacing):
+    """Multi-page TIFF with the voxel size in ImageJ/Fiji metadata (µm); atomic."""
+    import tifffile
+    tmp = Path(str(path) + ".partial")
+    tifffile.imwrite(tmp, arr, imagej=True, resolution=(1 / spacing[2], 1 / spacing[1]),
+                     metadata={"spacing": spacing[0], "unit": "um", "axes": "ZYX"}, compression="zlib")
+    os.replace(tmp, path)
+
+
+def _fit(img, size):
+    """Resize 2D uint8/RGB `img` so that its longest side is `size` (nearest neighbour when enlarging)."""
+    from PIL import Image
+    im = Image.fromarray(img)
+    s = size / max(im.size)
+    return im.resize((max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))),
+                     Image.NEAREST if s >= 1 else Image.BILINEAR)
+
+
+def _outlined(ct, mask):
+    """RGB of CT slice `ct` with the outline of `mask` drawn in red."""
+    from scipy import ndimage
+    rgb = np.repeat(ct[..., None], 3, -1)
+    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    rgb[edge] = (255, 40, 40)
+    return rgb
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _centroid(mask):
+    """Centroid (z, y, x) of boolean `mask`, from its projections (no coordinate list of every voxel)."""
+    n = max(1, int(mask.sum()))
+    return np.array([(mask.sum(tuple(j for j in range(3) if j != i)) * np.arange(mask.shape[i])).sum() / n
+                     for i in range(3)])
+
+
+def _preview(ct, mask, title, panel=180):
+    """Preview image: three orthogonal mid-slices (mask outlined) and the specimen's maximum-intensity projection."""
+    from PIL import Image, ImageDraw
+    zc, yc, xc = (int(round(c)) for c in _centroid(mask)) if mask.any() else (s // 2 for s in mask.shape)
+    views = [("z (YX)", _outlined(ct[zc], mask[zc])), ("y (ZX)", _outlined(ct[:, yc], mask[:, yc])),
+             ("x (ZY)", _outlined(ct[:, :, xc], mask[:, :, xc])),
+             ("MIP of specimen", np.where(mask, ct, 0).max(0))]
+    out = Image.new("RGB", (4 * (panel + 6) + 6, panel + 44), (255, 255, 255))
+    draw, font = ImageDraw.Draw(out), _font(13)
+    draw.text((6, 3), title, fill=(0, 0, 0), font=font)
+    for k, (name, img) in enumerate(views):
+        im = _fit(img, panel)
+        x0 = 6 + k * (panel + 6)
+        out.paste(im, (x0 + (panel - im.size[0]) // 2, 22 + (panel - im.size[1]) // 2))
+        draw.text((x0, panel + 26), name, fill=(80, 80, 80), font=font)
+    return out, views[-1][1]
+
+
+def _write_gallery(exp_dir, tiles, per_page=100, tile=128):
+    """`gallery.png` (then `gallery_02.png`, ...): specimen thumbnails `(id, class, image)` in the given order."""
+    from PIL import Image, ImageDraw
+    for old in exp_dir.glob("gallery*.png"):
+        old.unlink()
+    cols, pages = min(10, max(1, len(tiles))), []
+    for p0 in range(0, len(tiles), per_page):
+        page = tiles[p0:p0 + per_page]
+        rows = math.ceil(len(page) / cols)
+        out = Image.new("RGB", (cols * (tile + 4) + 4, rows * (tile + 18) + 4), (255, 255, 255))
+        draw, font = ImageDraw.Draw(out), _font(11)
+        for k, (sid, cls, img) in enumerate(page):
+            x0, y0 = 4 + (k % cols) * (tile + 4), 4 + (k // cols) * (tile + 18)
+            im = _fit(img, tile)
+            out.paste(im, (x0 + (tile - im.size[0]) // 2, y0 + (tile - im.size[1]) // 2))
+            draw.text((x0, y0 + tile + 2), f"#{sid}  {cls}"[:24], fill=(0, 0, 0), font=font)
+        path = exp_dir / ("gallery.png" if not pages else f"gallery_{len(pages) + 1:02d}.png")
+        out.save(path)
+        pages.append(path)
+    return pages
+
+
+def _open_probs(pred_dir, shape):
+    """`predictions/probs.npy` memory-mapped when it exists and matches `shape` (Z, classes, H, W), else None."""
+    path = Path(pred_dir) / "probs.npy"
+    if not path.exists():
+        print(f"No {path}: each specimen's class is its majority predicted class and confidence is empty "
+              "(run 05 with save_probs=True for the mean class probability).")
+        return None
+    probs = np.load(path, mmap_mode="r")
+    if probs.shape != tuple(shape):
+        print(f"{path} has shape {probs.shape}, expected {tuple(shape)} (left from another run?): ignored; "
+              "re-run the prediction cell to rewrite it.")
+        return None
+    return probs
+
+
+def _masked_class_sums(probs, bb, mask):
+    """Sum over the voxels of `mask` (the crop `bb` of the volume) of each class's probability (0-255 scale)."""
+    z0, y0, x0 = (s.start for s in bb)
+    dz, dy, dx = mask.shape
+    out = np.zeros(probs.shape[1], np.float64)
+    step = max(1, 2 ** 26 // (probs.shape[1] * dy * dx))  # at most ~64 MB of probabilities at once
+    for a in range(0, dz, step):
+        m = mask[a:a + step]
+        if m.any():
+            p = np.asarray(probs[z0 + a:z0 + a + len(m), :, y0:y0 + dy, x0:x0 + dx])
+            out += p.transpose(1, 0, 2, 3)[:, m].sum(1, dtype=np.float64)
+    return out
+
+
+def _split_touching(mask, spacing, min_distance_um):
+    """Watershed on the distance transform of `mask`: int labels 1..n of the parts (n = 1 when nothing to split)."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+    dist = ndimage.distance_transform_edt(mask, sampling=spacing)
+    md = max(1, int(round(min_distance_um / min(spacing))))
+    peaks = peak_local_max(dist, min_distance=md, labels=mask.astype(np.uint8), exclude_border=False)
+    if len(peaks) < 2:
+        return mask.astype(np.int32)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=mask)
+
+
+def _specimen_label_volumes(cc, lut_cls, lut_id, id_dtype, out_dir):
+    """Write `labels_clean.tif` (each kept specimen painted with its class) and `specimens.tif` (its id), page by page."""
+    import tifffile
+    tmp_c, tmp_s = out_dir / "labels_clean.tif.partial", out_dir / "specimens.tif.partial"
+    with tifffile.TiffWriter(tmp_c) as tc, tifffile.TiffWriter(tmp_s) as ts:
+        for z in range(len(cc)):
+            page = cc[z]
+            tc.write(lut_cls[page], compression="zlib", compressionargs={"level": 1}, metadata=None)
+            ts.write(lut_id[page].astype(id_dtype), compression="zlib", compressionargs={"level": 1}, metadata=None)
+    os.replace(tmp_c, out_dir / "labels_clean.tif")
+    os.replace(tmp_s, out_dir / "specimens.tif")
+
+
+def _find_specimens(pred, connectivity, min_vox, split_touching, spacing, split_min_distance_um):
+    """Components of `pred > 0` of at least `min_vox` voxels, optionally split by watershed.
+
+    Returns `(cc, n, n_kept, parts)`: the component labels (split parts relabelled in place),
+    the number of components, how many were big enough, and one `(label in cc, bounding box,
+    voxel count)` per specimen.
+    """
+    import cc3d
+    cc, n = cc3d.connected_components(pred, connectivity=connectivity, binary_image=True, return_N=True)
+    stats = cc3d.statistics(cc) if n else {"voxel_counts": np.zeros(1, np.int64), "bounding_boxes": [None]}
+    counts, boxes = stats["voxel_counts"], stats["bounding_boxes"]
+    kept = [i for i in range(1, n + 1) if counts[i] >= min_vox]
+    parts = []  # (label value in cc, bounding box, voxel count)
+    if split_touching and kept:
+        if cc.dtype == np.uint16:
+            cc = cc.astype(np.uint32)  # room for the labels of new parts
+        md = split_min_distance_um if split_min_distance_um is not None else 10 * min(spacing)
+        nxt = n + 1
+        for i in kept:
+            bb = boxes[i]
+            sub = _split_touching(cc[bb] == i, spacing, md) if counts[i] >= 2 * min_vox else None
+            if sub is None or sub.max() < 2:
+                parts.append((i, bb, int(counts[i])))
+                continue
+            view = cc[bb]
+            for j in range(1, int(sub.max()) + 1):
+                m = sub == j
+                if not m.any():
+                    continue
+                lbl = i if j == 1 else nxt
+                if j > 1:
+                    view[m] = lbl
+                    nxt += 1
+                nz = [np.flatnonzero(m.any(tuple(j for j in range(3) if j != ax))) for ax in range(3)]
+                lo, hi = [a[0] for a in nz], [a[-1] + 1 for a in nz]
+                parts.append((lbl, tuple(slice(s.start + a, s.start + b) for s, a, b in zip(bb, lo, hi)), int(m.sum())))
+        parts = [p for p in parts if p[2] >= min_vox]
+    else:
+        parts = [(i, boxes[i], int(counts[i])) for i in kept]
+    return cc, n, len(kept), parts
+
+
+def _export_specimen(d, images, cc, lbl, bb, margin, spacing, verts, faces, title):
+    """Write folder `d`: CT crop and mask TIFFs (`bb` plus `margin`), the STL mesh, the preview; return the MIP."""
+    d.mkdir()
+    crop = tuple(slice(max(0, s.start - margin), min(size, s.stop + margin)) for s, size in zip(bb, cc.shape))
+    ct = np.asarray(images[crop])
+    mask = cc[crop] == lbl
+    _write_stack(d / f"{d.name}_ct.tif", ct, spacing)
+    _write_stack(d / f"{d.name}_mask.tif", mask.astype(np.uint8) * 255, spacing)
+    _write_stl(d / f"{d.name}.stl", verts, faces)
+    img, mip = _preview(ct, mask, title)
+    img.save(d / f"{d.name}_preview.png")
+    return mip
+
+
+CATALOGUE_COLUMNS = ["id", "class", "voxels", "volume_um3", "surface_um2", "esd_um", "sphericity",
+                     "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z", "centroid_y", "centroid_x",
+                     "mean_intensity", "confidence", "touches_border"]
+
+
+def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN_VOXELS, min_volume_um3=0.0,
+                    connectivity=26, split_touching=False, split_min_distance_um=None, margin=8, max_exports=500):
+    """Find every specimen in the predicted labels, measure it and export it; return the catalogue (a DataFrame).
+
+    A specimen is a 3D connected component of the fossil mask (every class but 0
+    together; `connectivity` 26, 18 or 6). Components below `min_voxels` voxels or
+    `min_volume_um3` µm³ are dropped; `split_touching` splits touching specimens by a
+    watershed on the distance transform, seeds at least `split_min_distance_um` apart.
+    Each specimen gets the fossil class with the highest mean predicted probability over
+    its voxels (`predictions/probs.npy`; without it, its majority class).
+
+    Writes, in `work_dir`:
+    - `predictions/labels_clean.tif` (kept specimens painted with their class) and
+      `predictions/specimens.tif` (specimen ids), beside the raw `labels.tif`;
+    - `exports/fossils.csv`, one row per specimen (see README), and `exports/extraction.json`;
+    - for the `max_exports` largest specimens, `exports/fossil_<id>/` with the CT crop
+      (`margin` voxels around) and its mask as multi-page TIFFs (voxel size in the ImageJ
+      metadata), an STL mesh in µm and a preview PNG; and `exports/gallery*.png`.
+    `pred` is the label volume from `predict_volume` (default: read `predictions/labels.tif`).
+    Works inside each specimen's bounding box; `exports/review.csv` is never touched.
+    """
+    import pandas as pd
+    import tifffile
+    t0 = time.time()
+    work_dir = Path(work_dir)
+    pred_dir, exp_dir = work_dir / "predictions", work_dir / "exports"
+    if pred is None:
+        if not (pred_dir / "labels.tif").exists():
+            raise FileNotFoundError(f"{pred_dir / 'labels.tif'} not found: run the prediction cell of 05 first "
+                                    "(same work_dir).")
+        pred = tifffile.imread(pred_dir / "labels.tif")
+    if pred.shape != vol.shape:
+        raise ValueError(f"predicted labels in {pred_dir} are {pred.shape} but the volume in {vol.source} is "
+                         f"{vol.shape}: they come from another dataset; re-run the prediction cell of 05.")
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity!r}")
+    codes, K = list(vol.codes), len(vol.codes)
+    spacing, vs_source = read_voxel_size(vol.source, voxel_size_um)
+    voxel_um3 = float(np.prod(spacing))
+    min_vox = max(1, int(min_voxels), math.ceil(float(min_volume_um3 or 0) / voxel_um3))
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    probs = _open_probs(pred_dir, (vol.shape[0], K, *vol.shape[1:]))
+
+    cc, n, n_kept, parts = _find_specimens(pred, connectivity, min_vox, split_touching, spacing,
+                                           split_min_distance_um)
+    parts.sort(key=lambda p: (p[1][0].start, p[1][1].start, p[1][2].start, p[0]))
+    N = len(parts)
+    width = max(4, len(str(N)))
+    exported_ids = {k + 1 for k in sorted(range(N), key=lambda k: -parts[k][2])[:max(0, int(max_exports))]}
+
+    for old in exp_dir.glob("fossil_*"):  # a previous extraction's folders (review.csv is kept)
+        if old.is_dir() and re.fullmatch(r"fossil_\d+", old.name):
+            shutil.rmtree(old)
+    Z, H, W = vol.shape
+    lut_cls = np.zeros(int(cc.max()) + 1 if cc.size else 1, np.uint8)
+    lut_id = np.zeros(len(lut_cls), np.uint32)
+    rows, tiles = [], []
+    for sid, (lbl, bb, nv) in enumerate(parts, 1):
+        local = cc[bb] == lbl
+        off = np.array([s.start for s in bb])
+        centroid = _centroid(local) + off
+        frac = np.bincount(pred[bb][local], minlength=K)[:K] / nv
+        if probs is not None:
+            mean_p = _masked_class_sums(probs, bb, local) / nv / 255
+            cls = 1 + int(np.argmax(mean_p[1:]))
+            conf = float(mean_p[cls])
+        else:
+            cls, conf = 1 + int(np.argmax(frac[1:])), float("nan")
+        verts, faces = _mesh(local, spacing)
+        verts += off * np.asarray(spacing, np.float32)  # volume coordinates: all the STLs load in place together
+        area = _mesh_area(verts, faces)
+        volume = nv * voxel_um3
+        lut_cls[lbl], lut_id[lbl] = cls, sid
+        rows.append({
+            "id": sid, "class": codes[cls], "voxels": nv, "volume_um3": volume, "surface_um2": area,
+            "esd_um": (6 * volume / math.pi) ** (1 / 3),
+            "sphericity": math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area if area > 0 else float("nan"),
+            "z0": bb[0].start, "y0": bb[1].start, "x0": bb[2].start, "z1": bb[0].stop, "y1": bb[1].stop, "x1": bb[2].stop,
+            "centroid_z": centroid[0], "centroid_y": centroid[1], "centroid_x": centroid[2],
+            "mean_intensity": float(vol.images[bb][local].mean()), "confidence": conf,
+            "touches_border": bool(bb[0].start == 0 or bb[1].start == 0 or bb[2].start == 0
+                                   or bb[0].stop == Z or bb[1].stop == H or bb[2].stop == W),
+            **{f"frac_{c}": float(frac[k]) for k, c in enumerate(codes) if k},
+            "exported": sid in exported_ids,
+        })
+        if sid in exported_ids:
+            title = (f"#{sid}  {codes[cls]}  volume {volume:.4g} um^3  ESD {rows[-1]['esd_um']:.3g} um  "
+                     f"sphericity {rows[-1]['sphericity']:.2f}  confidence {conf:.2f}")
+            mip = _export_specimen(exp_dir / f"fossil_{sid:0{width}d}", vol.images, cc, lbl, bb, margin, spacing,
+                                   verts, faces, title)
+            tiles.append((nv, sid, codes[cls], mip))
+    cat = pd.DataFrame(rows, columns=CATALOGUE_COLUMNS + [f"frac_{c}" for c in codes[1:]] + ["exported"])
+    tmp = exp_dir / "fossils.csv.partial"
+    cat.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, exp_dir / "fossils.csv")
+    _specimen_label_volumes(cc, lut_cls, lut_id, np.uint16 if N < 65535 else np.uint32, pred_dir)
+    tiles.sort(key=lambda t: (-t[0], t[1]))
+    pages = _write_gallery(exp_dir, [t[1:] for t in tiles])
+    info = {"n_components": int(n), "n_dropped_small": int(n - n_kept), "n_split_parts": N - n_kept if split_touching else 0,
+            "n_specimens": N, "n_exported": len(exported_ids), "min_voxels": min_vox,
+            "min_voxels_param": int(min_voxels), "min_volume_um3": float(min_volume_um3 or 0),
+            "voxel_size_um": spacing, "voxel_size_source": vs_source, "connectivity": connectivity,
+            "split_touching": bool(split_touching), "margin": margin, "max_exports": int(max_exports),
+            "class_from": "mean probability" if probs is not None else "majority predicted class",
+            "gallery_pages": [p.name for p in pages], "seconds": round(time.time() - t0, 1),
+            "per_class": {c: int((cat["class"] == c).sum()) for c in codes[1:]}}
+    _write_json(exp_dir / "extraction.json", info)
+    if N == 0:
+        print(f"No specimen found: {'nothing was predicted as a fossil' if n == 0 else f'all {n} components are below {min_vox} voxels'}. "
+              f"An empty catalogue was written to {exp_dir / 'fossils.csv'}.")
+    else:
+        print(f"{N} specimens ({', '.join(f'{v} {k}' for k, v in info['per_class'].items())}) from {n} components "
+              f"({n - n_kept} below {min_vox} voxels dropped) in {info['seconds']:.0f}s; voxel size {spacing} µm "
+              f"({vs_source}).")
+        if len(exported_ids) < N:
+            print(f"Exports and previews capped: the {len(exported_ids)} largest of {N} specimens have a folder in "
+                  f"{exp_dir}; the catalogue lists all {N}. Raise max_exports to export more.")
+    return cat
+
+
+def _components(mask, connectivity, min_vox):
+    """3D components of `mask` with at least `min_vox` voxels: `(labels, counts)`, dropped ones set to 0."""
+    import cc3d
+    cc, n = cc3d.connected_components(mask, connectivity=connectivity, binary_image=True, return_N=True)
+    counts = np.asarray(cc3d.statistics(cc)["voxel_counts"], np.int64) if n else np.zeros(1, np.int64)
+    small = counts < min_vox
+    small[0] = False
+    if small.any():
+        cc[small[cc]] = 0
+    return cc, counts
+
+
+def _component_class(cc, labels, n_comp, K):
+    """Majority class in `labels` of each component of `cc` (index = component)."""
+    m = cc > 0
+    table = np.bincount(cc[m].astype(np.int64) * K + labels[m], minlength=(n_comp + 1) * K).reshape(-1, K)
+    table[:, 0] = 0  # a fossil specimen's class is its majority fossil class
+    return table.argmax(1)
+
+
+def _match_specimens(truth, pred, codes, conn, min_vox, iou_threshold=0.5):
+    """Object-level scores of label volume `pred` against `truth`.
+
+    Specimens are components (connectivity `conn`) of at least `min_vox` voxels; a predicted
+    and a true one match when their IoU is at least `iou_threshold`.
+    """
+    gt, gt_counts = _components(truth > 0, conn, min_vox)
+    pr, pr_counts = _components(pred > 0, conn, min_vox)
+    gt_ids, pr_ids = (np.flatnonzero(c >= min_vox) for c in (gt_counts, pr_counts))
+    gt_ids, pr_ids = gt_ids[gt_ids > 0], pr_ids[pr_ids > 0]
+    K = len(codes)
+    gt_cls, pr_cls = _component_class(gt, truth, len(gt_counts) - 1, K), _component_class(pr, pred, len(pr_counts) - 1, K)
+    both = (gt > 0) & (pr > 0)
+    keys = gt[both].astype(np.int64) * len(pr_counts) + pr[both]
+    pairs, inter = np.unique(keys, return_counts=True)
+    g, p = pairs // len(pr_counts), pairs % len(pr_counts)
+    iou = inter / (gt_counts[g] + pr_counts[p] - inter)
+    ok = iou >= iou_threshold  # above 0.5 a specimen can match at most one other: no assignment problem
+    g, p = g[ok], p[ok]
+    same = gt_cls[g] == pr_cls[p]
+
+    def prf(tp, n_pred, n_true):
+        prec = tp / n_pred if n_pred else None
+        rec = tp / n_true if n_true else None
+        f1 = 2 * tp / (n_pred + n_true) if n_pred + n_true else None
+        return prec, rec, f1
+    precision, recall, f1 = prf(len(g), len(pr_ids), len(gt_ids))
+    return {"iou_threshold": iou_threshold, "min_voxels": min_vox,
+            "connectivity": conn, "n_true": len(gt_ids), "n_predicted": len(pr_ids), "n_matched": int(len(g)),
+            "n_matched_same_class": int(same.sum()), "precision": precision, "recall": recall, "f1": f1,
+            "class_f1": prf(int(same.sum()), len(pr_ids), len(gt_ids))[2],
+            "n_true_below_min_size": int((gt_counts[1:] < min_vox).sum()),
+            "per_class": {c: {"true": int((gt_cls[gt_ids] == k).sum()), "predicted": int((pr_cls[pr_ids] == k).sum()),
+                              "matched": int(((gt_cls[g] == k) & same).sum())}
+                          for k, c in enumerate(codes) if k}}
+
+
+def evaluate_specimens(vol, work_dir, valid_pct=0.2, iou_threshold=0.5):
+    """Object-level detection on the validation block: predicted vs true specimens matched at IoU >= `iou_threshold`.
+
+    True specimens are the 3D components of the ground-truth fossil mask, predicted ones
+    those of `predictions/labels_clean.tif`, both inside the validation block (the last
+    `valid_pct` of slices) and both with the connectivity and minimum size of the
+    extraction. Adds `specimens` to `work_dir/metrics.json` and returns it: counts,
+    precision, recall, F1, and `class_f1` (a match counts only with the right class).
+    """
+    import tifffile
+    work_dir = Path(work_dir)
+    if vol.labels is None:
+        raise ValueError(f"{vol.source} has no train_masks_labels/: nothing to evaluate against.")
+    info = json.loads((work_dir / "exports" / "extraction.json").read_text())
+    _, valid_idx = split_slices(len(vol.images), valid_pct)
+    if len(valid_idx) == 0:
+        return None
+    z0, z1 = int(valid_idx[0]), int(valid_idx[-1]) + 1
+    codes = list(vol.codes)
+    truth = np.asarray(vol.labels[z0:z1])
+    pred = tifffile.imread(work_dir / "predictions" / "labels_clean.tif", key=range(z0, z1))
+    pred = pred.reshape(truth.shape)
+    out = {"validation_slices": [z0, z1 - 1],
+           **_match_specimens(truth, pred, codes, info["connectivity"], info["min_voxels"], iou_threshold)}
+    path = work_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics["specimens"] = out
+    _write_json(path, metrics)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Review: accept / reject / name each specimen; every click saved to review.csv
+# ----------------------------------------------------------------------------
+
+REVIEW_COLUMNS = ["id", "decision", "taxon", "predicted_class", "confidence", "voxels",
+                  "centroid_z", "centroid_y", "centroid_x", "updated"]
+REVIEW_ORDERS = {"confidence": "least certain first", "confidence_desc": "most certain first",
+                 "size": "largest first", "size_asc": "smallest first", "id": "by id"}
+
+
+class ReviewSession:
+    """The review of the catalogue `work_dir/exports/fossils.csv`, saved in `exports/review.csv`.
+
+    Each decision (`accepted` / `rejected`, with a taxon) is written at once with an atomic
+    replace, so a disconnect loses nothing. Decisions are tied to a specimen by its id and
+    centroid: after a new extraction (other parameters, new ids) they follow their specimen
+    when its centroid moved less than `tol` voxels; the others are kept in the file
+    untouched (`stale`) and not shown.
+    """
+
+    def __init__(self, work_dir, tol=3.0):
+        import pandas as pd
+        self.exp_dir = Path(work_dir) / "exports"
+        self.path = self.exp_dir / "review.csv"
+        cat_path = self.exp_dir / "fossils.csv"
+        if not cat_path.exists():
+            raise FileNotFoundError(f"{cat_path} not found: run 05_predict_export (its extraction cell) first, "
+                                    "with the same work_dir.")
+        self.cat = pd.read_csv(cat_path).set_index("id", drop=False).rename_axis(None)
+        self.codes = [c[5:] for c in self.cat.columns if c.startswith("frac_")]
+        self.decisions, self.stale = {}, []
+        self._folders = {int(d.name[7:]): d for d in self.exp_dir.glob("fossil_*") if d.name[7:].isdigit()}
+        if self.path.exists():
+            cents = self.cat[["centroid_z", "centroid_y", "centroid_x"]].to_numpy(float)
+            for r in pd.read_csv(self.path, dtype=str, keep_default_na=False).to_dict("records"):
+                sid = self._match(r, cents, tol)
+                if sid is None or sid in self.decisions:
+                    self.stale.append(r)
+                else:
+                    self.decisions[sid] = {**r, "id": sid}
+
+    def _match(self, r, cents, tol):
+        try:
+            c = np.array([float(r["centroid_z"]), float(r["centroid_y"]), float(r["centroid_x"])])
+        except (KeyError, ValueError):
+            return None
+        if not len(cents):
+            return None
+        d = np.linalg.norm(cents - c, axis=1)
+        same = self.cat.index == int(float(r.get("id") or -1))
+        k = int(np.flatnonzero(same)[0]) if same.any() and d[same][0] <= tol else int(np.argmin(d))
+        return int(self.cat.index[k]) if d[k] <= tol else None
+
+    def taxa(self):
+        """Taxa to offer: the model's fossil classes, then every taxon typed so far."""
+        seen = [d["taxon"] for d in self.decisions.values() if d.get("taxon")] + [r.get("taxon", "") for r in self.stale]
+        return list(dict.fromkeys([*self.codes, *sorted(t for t in seen if t)]))
+
+    def get(self, sid):
+        """The decision row of specimen `sid`, or None when it is not reviewed yet."""
+        return self.decisions.get(int(sid))
+
+    def set(self, sid, decision=None, taxon=None):
+        """Record `decision` ("accepted", "rejected" or "" to undo) and/or `taxon` for specimen `sid`; saved at once."""
+        sid = int(sid)
+        if decision not in (None, "", "accepted", "rejected"):
+            raise ValueError(f"decision must be 'accepted', 'rejected' or '', not {decision!r}")
+        row = self.cat.loc[sid]
+        d = self.decisions.get(sid) or {"decision": "", "taxon": ""}
+        d.update({"id": sid, "predicted_class": row["class"], "confidence": row["confidence"], "voxels": row["voxels"],
+                  "centroid_z": row["centroid_z"], "centroid_y": row["centroid_y"], "centroid_x": row["centroid_x"],
+                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if decision is not None:
+            d["decision"] = decision
+        if taxon is not None:
+            d["taxon"] = str(taxon).strip()
+        self.decisions[sid] = d
+        self.save()
+        return d
+
+    def save(self):
+        """Write `review.csv` (decisions, then the stale rows) to a temporary file and rename it over the old one."""
+        import csv
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name("review.csv.partial")
+        with open(tmp, "w", newline="") as fh:
+            wr = csv.DictWriter(fh, REVIEW_COLUMNS, extrasaction="ignore")
+            wr.writeheader()
+            for sid in sorted(self.decisions):
+                wr.writerow(self.decisions[sid])
+            wr.writerows(self.stale)
+        os.replace(tmp, self.path)
+
+    def order(self, cls="all", sort="confidence"):
+        """Specimen ids of class `cls` ("all" for every class) in the order `sort` (a key of `REVIEW_ORDERS`)."""
+        if sort not in REVIEW_ORDERS:
+            raise ValueError(f"sort must be one of {list(REVIEW_ORDERS)}, not {sort!r}")
+        c = self.cat if cls == "all" else self.cat[self.cat["class"] == cls]
+        key, asc = {"confidence": ("confidence", True), "confidence_desc": ("confidence", False),
+                    "size": ("voxels", False), "size_asc": ("voxels", True), "id": ("id", True)}[sort]
+        return [int(i) for i in c.sort_values([key, "id"], ascending=[asc, True], na_position="first")["id"]]
+
+    def first_unreviewed(self, ids):
+        """Position in `ids` of the first specimen without a decision (0 when all are reviewed)."""
+        return next((k for k, sid in enumerate(ids) if not (self.get(sid) or {}).get("decision")), 0)
+
+    def summary(self):
+        dec = [d.get("decision") for d in self.decisions.values()]
+        return {"specimens": len(self.cat), "accepted": dec.count("accepted"), "rejected": dec.count("rejected"),
+                "to_review": len(self.cat) - dec.count("accepted") - dec.count("rejected"), "stale_rows": len(self.stale)}
+
+    def preview(self, sid):
+        """Path of specimen `sid`'s preview PNG, or None when its export was capped."""
+        d = self._folders.get(int(sid))
+        p = d / f"{d.name}_preview.png" if d is not None else None
+        return p if p is not None and p.exists() else None
+
+
+def has_widget_frontend():
+    """True in a live Jupyter or Colab kernel; False in plain Python and in headless runs (`run_pipeline.py`)."""
+    if os.environ.get("MICROFOSSIL_HEADLESS"):
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and hasattr(ip, "kernel")
+
+
+class ReviewPanel:
+    """ipywidgets panel over a `ReviewSession`: one specimen at a time; show it with `display(panel.box)`.
+
+    Preview and measurements; accept / reject (then on to the next); a taxon field
+    offering the classes seen so far; previous / next; filter by class; sort by
+    confidence or size. Opens on the first specimen not reviewed yet.
+    """
+
+    def __init__(self, work_dir):
+        import ipywidgets as w
+        if IS_COLAB:  # Colab needs this for ipywidgets 8
+            try:
+                from google.colab import output
+                output.enable_custom_widget_manager()
+            except Exception:
+                pass
+        self.session = s = ReviewSession(work_dir)
+        self.filter = w.Dropdown(options=["all", *sorted(set(s.cat["class"]))], description="class")
+        self.sort = w.Dropdown(options=[(v, k) for k, v in REVIEW_ORDERS.items()], value="confidence", description="order")
+        self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.info = w.HTML()
+        self.taxon = w.Combobox(options=s.taxa(), placeholder="taxon", description="taxon", ensure_option=False,
+                                continuous_update=False)
+        self.prev_b, self.next_b = w.Button(description="◀ previous"), w.Button(description="next ▶")
+        self.accept_b = w.Button(description="accept", button_style="success")
+        self.reject_b = w.Button(description="reject", button_style="danger")
+        self.status = w.HTML()
+        self.ids, self.pos = [], 0
+        self.prev_b.on_click(lambda _: self.go(-1))
+        self.next_b.on_click(lambda _: self.go(+1))
+        self.accept_b.on_click(lambda _: self.decide("accepted"))
+        self.reject_b.on_click(lambda _: self.decide("rejected"))
+        self.filter.observe(lambda _: self.refresh(), "value")
+        self.sort.observe(lambda _: self.refresh(), "value")
+        self.taxon.observe(self._on_taxon, "value")
+        self.box = w.VBox([w.HBox([self.filter, self.sort]), self.image, self.info,
+                           w.HBox([self.prev_b, self.accept_b, self.reject_b, self.next_b]), self.taxon, self.status])
+        self.refresh()
+
+    @property
+    def current(self):
+        return self.ids[self.pos] if self.ids else None
+
+    def refresh(self):
+        """Re-apply the class filter and the order; go to the first specimen not reviewed yet."""
+        self.ids = self.session.order(self.filter.value, self.sort.value)
+        self.pos = self.session.first_unreviewed(self.ids)
+        self.show()
+
+    def go(self, step):
+        if self.ids:
+            self.pos = (self.pos + step) % len(self.ids)
+        self.show()
+
+    def decide(self, decision):
+        """Record `decision` for the current specimen, with the taxon typed (default: its predicted class); next."""
+        sid = self.current
+        if sid is None:
+            return
+        taxon = self.taxon.value or (self.session.cat.loc[sid, "class"] if decision == "accepted" else "")
+        self.session.set(sid, decision, taxon)
+        self.taxon.options = self.session.taxa()
+        self.go(+1)
+
+    def _on_taxon(self, change):
+        if self.current is not None and not self._showing:
+            self.session.set(self.current, taxon=change["new"])
+            self.taxon.options = self.session.taxa()
+            self._show_status()
+
+    _showing = False
+
+    def show(self):
+        s, sid = self.session, self.current
+        self._showing = True
+        try:
+            if sid is None:
+                self.image.value, self.info.value, self.taxon.value = b"", "<b>No specimen to review.</b>", ""
+            else:
+                row, d = s.cat.loc[sid], s.get(sid) or {}
+                p = s.preview(sid)
+                self.image.value = p.read_bytes() if p else b""
+                fields = ["class", "confidence", "voxels", "volume_um3", "surface_um2", "esd_um", "sphericity",
+                          "mean_intensity", "touches_border"]
+                cells = "".join(f"<td><b>{f}</b><br>{row[f]:.4g}</td>" if isinstance(row[f], float)
+                                else f"<td><b>{f}</b><br>{row[f]}</td>" for f in fields)
+                note = "" if p else "<br><i>no preview: exports were capped (max_exports); re-run the extraction with a larger max_exports</i>"
+                self.info.value = (f"<b>specimen #{sid}</b> ({self.pos + 1} of {len(self.ids)}), box z {row['z0']}-{row['z1']}, "
+                                   f"y {row['y0']}-{row['y1']}, x {row['x0']}-{row['x1']}<table><tr>{cells}</tr></table>{note}")
+                self.taxon.value = d.get("taxon", "")
+        finally:
+            self._showing = False
+        self._show_status()
+
+    def _show_status(self):
+        sm, d = self.session.summary(), self.session.get(self.current) if self.current is not None else None
+        mine = f"this one: <b>{d['decision'] or 'not decided'}</b> {d.get('taxon', '')}" if d else "this one: not reviewed"
+        self.status.value = (f"{mine} · reviewed {sm['accepted'] + sm['rejected']} of {sm['specimens']} "
+                             f"({sm['accepted']} accepted, {sm['rejected']} rejected) · saved to {self.session.path}")
 
 
 # ----------------------------------------------------------------------------

@@ -20,3 +20,34 @@ def test_benchmark_tiny_produces_all_figures(tmp_path):
     for k in ("predict_and_write_s", "raw_forward_s", "ratio", "peak_rss_gb"):
         assert inf[k] > 0, k
     assert inf["slices"] == res["volume"][0]
+
+
+def test_extraction_benchmark_tiny_produces_all_figures(tmp_path):
+    out = tmp_path / "extract.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "extract_memory.py"), "--tiny", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    for k in ("extract_s", "peak_rss_gb", "peak_anon_gb", "n_components", "n_specimens"):
+        assert res[k] > 0, k
+    assert res["n_components"] == res["n_specimens"] + res["n_dropped_small"]
+    assert 0 <= res["object_f1_validation"] <= 1
+
+
+def test_min_size_report(tiny, tmp_path, capsys):
+    """bench/min_size.py on a run whose prediction is the ground truth plus specks: the specks are the false components."""
+    import numpy as np
+    import tifffile
+    sys.path.insert(0, str(ROOT / "bench"))
+    import min_size
+    import utils
+    vol = utils.load_volume(tiny)
+    pred = np.asarray(vol.labels).copy()
+    pred[0, 0, 0] = pred[5, 90, 3] = 1  # two one-voxel specks on background
+    (tmp_path / "predictions").mkdir()
+    tifffile.imwrite(tmp_path / "predictions" / "labels.tif", pred)
+    assert min_size.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    first = res["predicted_components"]["by_size"][0]
+    assert first["voxels"] == "1-9" and first["false"] >= 2
+    assert sum(b["true"] for b in res["predicted_components"]["by_size"]) == res["true_specimens"]["n"]
+    assert [r["min_voxels"] for r in res["by_min_voxels"]] == min_size.THRESHOLDS

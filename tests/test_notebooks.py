@@ -1,5 +1,6 @@
-"""The notebooks: committed clean, one shared parameter vocabulary, and all five executed headless in order."""
+"""The notebooks: committed clean, one shared parameter vocabulary, and all of them executed headless in order."""
 import json
+import re
 
 import numpy as np
 import papermill as pm
@@ -15,9 +16,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 COMMON = {"data_dir", "work_dir", "quick", "valid_pct", "data_url", "sample_size", "seed"}
 
 
-def test_five_numbered_notebooks():
+def test_numbered_notebooks():
     assert [n.stem for n in NOTEBOOKS] == ["01_explore_data", "02_train_256", "03_train_512",
-                                           "04_train_full", "05_predict_export"]
+                                           "04_train_full", "05_predict_export", "06_review"]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
@@ -34,6 +35,9 @@ def test_notebook_is_stripped_and_parametrised(nb):
     seen = set(pm.inspect_notebook(str(nb)))
     assert assigned == seen, f"papermill cannot parse {assigned - seen} in {nb.name}"
     assert COMMON <= seen
+    rest = "\n".join("".join(c["source"]) for c in code if c is not tagged[0])
+    unused = {p for p in seen - COMMON if not re.search(rf"\b{p}\b", rest)}  # COMMON: in every notebook, by design
+    assert not unused, f"{nb.name}: parameters {unused} are never used"
 
 
 def _check_run(ds, work, n_classes):
@@ -56,6 +60,17 @@ def _check_run(ds, work, n_classes):
     for name in ("256", "512", "full"):
         for phase in ("frozen", "unfrozen"):
             assert utils.phase_done(work, f"{name}_{phase}")
+    # extraction ran inside the pipeline: a catalogue (possibly empty with a quick model), the cleaned labels,
+    # object-level scores; the review notebook ran headless and skipped its panel
+    cat = utils.ReviewSession(work).cat
+    assert list(cat.columns[:3]) == ["id", "class", "voxels"] and set(cat["class"]) <= set(vol.codes[1:])
+    assert tifffile.imread(pred_dir / "labels_clean.tif").shape == vol.shape
+    assert {"n_true", "n_predicted", "precision", "recall", "f1"} <= set(m["specimens"])
+    info = json.loads((work / "exports" / "extraction.json").read_text())
+    assert info["n_specimens"] == len(cat) and info["n_exported"] == len(list((work / "exports").glob("fossil_*")))
+    out = json.loads((work / "notebooks" / "06_review.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in out["cells"] for o in c.get("outputs", []))
+    assert "review panel skipped" in text
 
 
 def test_pipeline_quick_on_png_sample(tiny, tmp_path):
