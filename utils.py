@@ -1254,7 +1254,7 @@ def read_voxel_size(data_dir=None, voxel_size_um=None):
         except ValueError:
             values = text.strip()
         return check(values, str(path)), str(path)
-    return (1.0, 1.0, 1.0), "default 1.0 µm (no voxel_size_um and no voxel_size.txt: sizes are in voxels)"
+    return (1.0, 1.0, 1.0), "the default: no voxel_size_um and no voxel_size.txt, so sizes are in voxels"
 
 
 def _mesh(mask, spacing, max_voxels=2 ** 24):
@@ -1621,8 +1621,8 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
               f"An empty catalogue was written to {exp_dir / 'fossils.csv'}.")
     else:
         print(f"{N} specimens ({', '.join(f'{v} {k}' for k, v in info['per_class'].items())}) from {n} components "
-              f"({n - n_kept} below {min_vox} voxels dropped) in {info['seconds']:.0f}s; voxel size {spacing} µm "
-              f"({vs_source}).")
+              f"({n - n_kept} below {min_vox} voxels dropped) in {info['seconds']:.0f}s; voxel size {spacing} µm, "
+              f"from {vs_source}.")
         if len(exported_ids) < N:
             print(f"Exports and previews capped: the {len(exported_ids)} largest of {N} specimens have a folder in "
                   f"{exp_dir}; the catalogue lists all {N}. Raise max_exports to export more.")
