@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -968,10 +969,17 @@ def _atomic_save(learn, name, with_opt):
     os.replace(d / f"{name}.partial.pth", d / f"{name}.pth")
 
 
-def _write_json(path, obj):
+@contextmanager
+def _replacing(path):
+    """Yield a temporary path beside `path`; when the block succeeds, rename it over `path` (atomic on one disk)."""
     tmp = Path(str(path) + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    yield tmp
     os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    with _replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def phase_done(work_dir, name):
@@ -1093,6 +1101,10 @@ def _padded_forward(model, x, tfms, dtype):
         return model(xp)[..., :h, :w]
 
 
+# One page of a label TIFF: fast zlib, no metadata, so that uniform pages read back as one (Z, H, W) stack.
+_LABEL_PAGE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata": None}
+
+
 def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
     """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice, `labels.tif`, `probs.npy`.
 
@@ -1128,7 +1140,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
         try:
             with tifffile.TiffWriter(tiff_tmp) as tif:
                 for _ in range(Z):
-                    tif.write(pages.get(), compression="zlib", compressionargs={"level": 1}, metadata=None)
+                    tif.write(pages.get(), **_LABEL_PAGE)
         except Exception as e:
             tiff_error.append(e)
 
@@ -1288,11 +1300,6 @@ def _mesh(mask, spacing, max_voxels=2 ** 24):
     return verts.astype(np.float32), np.ascontiguousarray(faces)
 
 
-def _mesh_area(verts, faces):
-    tri = verts[faces].astype(np.float64)
-    return float(0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
-
-
 def _write_stl(path, verts, faces):
     """Binary STL of a mesh whose `verts` are z, y, x in µm (written as x, y, z); atomic."""
     xyz = verts[:, ::-1].astype(np.float32)
@@ -1301,21 +1308,18 @@ def _write_stl(path, verts, faces):
     n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
     rec = np.zeros(len(tri), dtype=[("normal", "<f4", (3,)), ("verts", "<f4", (3, 3)), ("attr", "<u2")])
     rec["normal"], rec["verts"] = n, tri
-    tmp = Path(str(path) + ".partial")
-    with open(tmp, "wb") as fh:
+    with _replacing(path) as tmp, open(tmp, "wb") as fh:
         fh.write(b"microfossil-ct specimen mesh, units: micrometres".ljust(80, b" "))
         fh.write(np.uint32(len(rec)).tobytes())
         fh.write(rec.tobytes())
-    os.replace(tmp, path)
 
 
 def _write_stack(path, arr, spacing):
     """Multi-page TIFF with the voxel size in ImageJ/Fiji metadata (µm); atomic."""
     import tifffile
-    tmp = Path(str(path) + ".partial")
-    tifffile.imwrite(tmp, arr, imagej=True, resolution=(1 / spacing[2], 1 / spacing[1]),
-                     metadata={"spacing": spacing[0], "unit": "um", "axes": "ZYX"}, compression="zlib")
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tifffile.imwrite(tmp, arr, imagej=True, resolution=(1 / spacing[2], 1 / spacing[1]),
+                         metadata={"spacing": spacing[0], "unit": "um", "axes": "ZYX"}, compression="zlib")
 
 
 def _fit(img, size):
@@ -1438,14 +1442,11 @@ def _split_touching(mask, spacing, min_distance_um):
 def _specimen_label_volumes(cc, lut_cls, lut_id, id_dtype, out_dir):
     """Write `labels_clean.tif` (each kept specimen painted with its class) and `specimens.tif` (its id), page by page."""
     import tifffile
-    tmp_c, tmp_s = out_dir / "labels_clean.tif.partial", out_dir / "specimens.tif.partial"
-    with tifffile.TiffWriter(tmp_c) as tc, tifffile.TiffWriter(tmp_s) as ts:
-        for z in range(len(cc)):
-            page = cc[z]
-            tc.write(lut_cls[page], compression="zlib", compressionargs={"level": 1}, metadata=None)
-            ts.write(lut_id[page].astype(id_dtype), compression="zlib", compressionargs={"level": 1}, metadata=None)
-    os.replace(tmp_c, out_dir / "labels_clean.tif")
-    os.replace(tmp_s, out_dir / "specimens.tif")
+    with _replacing(out_dir / "labels_clean.tif") as tmp_c, _replacing(out_dir / "specimens.tif") as tmp_s, \
+            tifffile.TiffWriter(tmp_c) as tc, tifffile.TiffWriter(tmp_s) as ts:
+        for page in cc:
+            tc.write(lut_cls[page], **_LABEL_PAGE)
+            ts.write(lut_id[page].astype(id_dtype), **_LABEL_PAGE)
 
 
 def _find_specimens(pred, connectivity, min_vox, split_touching, spacing, split_min_distance_um):
@@ -1532,6 +1533,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     """
     import pandas as pd
     import tifffile
+    from skimage.measure import mesh_surface_area
     t0 = time.time()
     work_dir = Path(work_dir)
     pred_dir, exp_dir = work_dir / "predictions", work_dir / "exports"
@@ -1579,7 +1581,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
             cls, conf = 1 + int(np.argmax(frac[1:])), float("nan")
         verts, faces = _mesh(local, spacing)
         verts += off * np.asarray(spacing, np.float32)  # volume coordinates: all the STLs load in place together
-        area = _mesh_area(verts, faces)
+        area = float(mesh_surface_area(verts.astype(np.float64), faces))
         volume = nv * voxel_um3
         lut_cls[lbl], lut_id[lbl] = cls, sid
         rows.append({
@@ -1601,9 +1603,8 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
                                    verts, faces, title)
             tiles.append((nv, sid, codes[cls], mip))
     cat = pd.DataFrame(rows, columns=CATALOGUE_COLUMNS + [f"frac_{c}" for c in codes[1:]] + ["exported"])
-    tmp = exp_dir / "fossils.csv.partial"
-    cat.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, exp_dir / "fossils.csv")
+    with _replacing(exp_dir / "fossils.csv") as tmp:
+        cat.to_csv(tmp, index=False, float_format="%.6g")
     _specimen_label_volumes(cc, lut_cls, lut_id, np.uint16 if N < 65535 else np.uint32, pred_dir)
     tiles.sort(key=lambda t: (-t[0], t[1]))
     pages = _write_gallery(exp_dir, [t[1:] for t in tiles])
@@ -1801,14 +1802,12 @@ class ReviewSession:
         """Write `review.csv` (decisions, then the stale rows) to a temporary file and rename it over the old one."""
         import csv
         self.exp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name("review.csv.partial")
-        with open(tmp, "w", newline="") as fh:
+        with _replacing(self.path) as tmp, open(tmp, "w", newline="") as fh:
             wr = csv.DictWriter(fh, REVIEW_COLUMNS, extrasaction="ignore")
             wr.writeheader()
             for sid in sorted(self.decisions):
                 wr.writerow(self.decisions[sid])
             wr.writerows(self.stale)
-        os.replace(tmp, self.path)
 
     def order(self, cls="all", sort="confidence"):
         """Specimen ids of class `cls` ("all" for every class) in the order `sort` (a key of `REVIEW_ORDERS`)."""
