@@ -56,6 +56,9 @@ __all__ = [
     "load_model", "predict_volume", "save_metrics",
     # extraction
     "read_voxel_size", "extract_fossils", "evaluate_specimens", "MIN_VOXELS",
+    # specimen classifier and evaluation table
+    "classify_specimens", "NOT_A_FOSSIL", "SPECIMEN_FEATURES", "variant_name", "evaluation_row", "write_evaluation",
+    "describe_specimen_scores",
     # review
     "ReviewSession", "ReviewPanel", "has_widget_frontend",
     # plots
@@ -679,21 +682,49 @@ def stage_size(shape, size_frac, quick=False):
 class _VolumeDL(DataLoader):
     """fastai DataLoader whose batches are gathered straight from the volume tensors (on the GPU when they fit).
 
-    Items are z indices; a batch is one indexing op on `images`/`labels`: no
-    per-slice Python, decoding or host-to-device copy on the training path.
+    `planes` is a list of `(images, labels, lo, hi)`: uint8 tensors of slices stacked on
+    dim 0 (the axial volume, or a permuted view of it for XZ / YZ slices), and the index
+    range `[lo, hi)` that context slices are clamped to (so a training slice never takes
+    context from the validation block). Items of plane 0 are the z indices `idx`; every
+    epoch also draws `extra` random slices from each other plane (tri-planar training).
+    A batch holds slices of one plane (`context` adjacent ones as channels) and is one
+    indexing op: no per-slice Python, decoding or host-to-device copy on the training path.
     """
-    def __init__(self, images=None, labels=None, idx=None, **kwargs):
-        self.images, self.labels = images, labels
-        super().__init__(dataset=np.asarray(idx), **kwargs)
+    def __init__(self, planes=None, idx=None, context=1, extra=0, dataset=None, **kwargs):
+        self.planes, self.context, self.extra = planes, context, extra
+        super().__init__(dataset=np.asarray(idx if idx is not None else dataset), **kwargs)
+
+    def new(self, dataset=None, cls=None, **kwargs):  # fastai's `new` (get_preds, show_batch) with the planes kept
+        return super().new(dataset, cls, **{"planes": self.planes, "context": self.context, "extra": self.extra, **kwargs})
+
+    def _plane_sizes(self):
+        return [len(self.dataset)] + [self.extra] * (len(self.planes) - 1)
+
+    def __len__(self):
+        nb = lambda n: n // self.bs if self.drop_last else -(-n // self.bs)  # noqa: E731
+        return sum(nb(n) for n in self._plane_sizes())
 
     def create_batches(self, samps):
-        # The epoch's (shuffled) indices go to the volume's device in ONE copy: a per-batch host-to-device
-        # copy would make the CPU wait for the GPU every step and stop it preparing the next batch.
-        idx = torch.as_tensor(self.dataset[list(samps)], device=self.images.device)
-        stop = len(idx) - len(idx) % self.bs if self.drop_last else len(idx)
-        for i in range(0, stop, self.bs):
-            z = idx[i:i + self.bs]
-            yield TensorImage(self.images[z][:, None]), TensorMask(self.labels[z])
+        groups = [np.asarray(self.dataset[list(samps)])]
+        groups += [np.array([self.rng.randrange(len(p[0])) for _ in range(self.extra)], np.int64) for p in self.planes[1:]]
+        batches = []  # (plane, start, stop) into the concatenated indices
+        off = 0
+        for p, g in enumerate(groups):
+            stop = len(g) - len(g) % self.bs if self.drop_last else len(g)
+            batches += [(p, off + i, off + min(i + self.bs, stop)) for i in range(0, stop, self.bs)]
+            off += len(g)
+        if len(groups) > 1 and self.shuffle:
+            self.rng.shuffle(batches)
+        # All the epoch's indices go to the volume's device in ONE copy: a per-batch host-to-device copy would
+        # make the CPU wait for the GPU every step and stop it preparing the next batch.
+        images = self.planes[0][0]
+        idx = torch.as_tensor(np.concatenate(groups).astype(np.int64), device=images.device)
+        offs = torch.arange(self.context, device=images.device) - self.context // 2
+        for p, a, b in batches:
+            imgs, labels, lo, hi = self.planes[p]
+            z = idx[a:b]
+            zz = (z[:, None] + offs).clamp_(lo, hi - 1)
+            yield TensorImage(imgs[zz]), TensorMask(labels[z])
 
 
 def _to_tensor(arr, device, chunk=64):
@@ -713,30 +744,66 @@ def _volume_device(vol, device):
 
 
 class _ResizeBatch(Transform):
-    """Resize a batch on its device: bilinear (antialiased) for images, nearest for masks."""
+    """Resize a batch on its device: bilinear (antialiased) for images, nearest for masks.
+
+    `size` is the output (height, width), or a dict from input to output size (tri-planar
+    batches come in several shapes). A side under 32 px is then padded (edge pixels
+    repeated, masks alike) to 32, the encoder's downsampling factor.
+    """
     order = 1
 
     def __init__(self, size=None):
         super().__init__()
-        self.size = None if size is None else tuple(size)
+        self.size = size if size is None or isinstance(size, dict) else tuple(size)
+
+    def _out(self, shape):
+        return self.size.get(tuple(shape), tuple(shape)) if isinstance(self.size, dict) else self.size
+
+    @staticmethod
+    def _pad(x):
+        ph, pw = max(0, 32 - x.shape[-2]), max(0, 32 - x.shape[-1])
+        return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
     def encodes(self, x: TensorImage):
-        if self.size is None or tuple(x.shape[-2:]) == self.size: return x
-        return TensorImage(F.interpolate(x.float(), size=self.size, mode="bilinear", align_corners=False,
-                                         antialias=True).round_().clamp_(0, 255).to(torch.uint8))
+        size = self._out(x.shape[-2:])
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False,
+                              antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        return TensorImage(self._pad(x))
 
     def encodes(self, x: TensorMask):  # noqa: F811  (fastai type dispatch)
-        if self.size is None or tuple(x.shape[-2:]) == self.size: return x
-        return TensorMask(F.interpolate(x[:, None].float(), size=self.size, mode="nearest-exact")[:, 0].to(torch.uint8))
+        size = self._out(x.shape[-2:])
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x[:, None].float(), size=size, mode="nearest-exact")[:, 0].to(torch.uint8)
+        return TensorMask(self._pad(x[:, None])[:, 0])
 
 
 class _ToFloat3(Transform):
-    """uint8 gray (B,1,H,W) -> float [0,1] with 3 channels for the ImageNet encoder; masks -> long."""
+    """uint8 (B,k,H,W) -> float [0,1]; one gray channel is repeated to the 3 the ImageNet encoder expects; masks -> long."""
     order = 10
 
-    def encodes(self, x: TensorImage): return TensorImage(x.float().div_(255).expand(-1, 3, -1, -1).contiguous())
+    def encodes(self, x: TensorImage):
+        x = x.float().div_(255)
+        return TensorImage(x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x)
 
     def encodes(self, x: TensorMask): return TensorMask(x.long())  # noqa: F811
+
+
+def _n_in(context):
+    """Input channels of the model for `context` slices: one gray slice is fed as 3 identical channels."""
+    if not isinstance(context, (int, np.integer)) or context < 1 or context % 2 == 0:
+        raise ValueError(f"context_slices must be an odd number >= 1 (the slice and as many neighbours on each side), "
+                         f"not {context!r}")
+    return 3 if context == 1 else int(context)
+
+
+def _normalize(context, cuda):
+    """ImageNet normalisation; with k != 3 context slices every channel gets the mean of the 3 channels' statistics."""
+    n = _n_in(context)
+    if n == 3:
+        return Normalize.from_stats(*imagenet_stats, cuda=cuda)
+    m, sd = (float(np.mean(v)) for v in imagenet_stats)
+    return Normalize.from_stats([m] * n, [sd] * n, cuda=cuda)
 
 
 class _Augment(RandTransform):
@@ -786,38 +853,64 @@ class _ChannelsLast(Transform):
     def encodes(self, x: TensorImage): return x.contiguous(memory_format=torch.channels_last)
 
 
-def _batch_tfms(size=None, augment=False, device=None):
-    """Batch transforms run on the device: resize to `size`, to float 3-channel, augment, ImageNet-normalise."""
+def _batch_tfms(size=None, augment=False, device=None, context=1):
+    """Batch transforms run on the device: resize to `size`, to float, augment, ImageNet-normalise."""
     cuda = device is not None and device.type == "cuda"
     tfms = [_ResizeBatch(size), _ToFloat3()]
     if augment:
         tfms.append(_Augment())
-    tfms.append(Normalize.from_stats(*imagenet_stats, cuda=cuda))
+    tfms.append(_normalize(context, cuda))
     return tfms + [_ChannelsLast()] if cuda else tfms
 
 
-def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0):
+def _orthogonal_planes(images, labels, n_train):
+    """XZ and YZ slices cut from the training block only (z < `n_train`): `(images, labels, lo, hi)` per plane."""
+    out = []
+    for perm in ((1, 0, 2), (2, 0, 1)):  # XZ: (y, z, x); YZ: (x, z, y)
+        im, lb = images[:n_train].permute(*perm), labels[:n_train].permute(*perm)
+        out.append((im, lb, 0, len(im)))
+    return out
+
+
+def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0,
+             context_slices=1, triplanar=False):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution; the last `valid_pct` of z validates.
 
     Batches are gathered from the uint8 volume held as one tensor (on the GPU when it
     fits), then resized, augmented and normalised batch-wise on `device`: no image is
-    decoded per epoch.
+    decoded per epoch. `context_slices` (odd k) feeds each slice with its k-1 neighbours
+    as input channels (clamped at the ends of its block). `triplanar` also trains on XZ and
+    YZ slices cut from the training block (never from the validation block): every epoch
+    sees each axial training slice and as many random XZ and as many random YZ slices,
+    resized by the same factor; validation stays on the axial validation block.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
+    _n_in(context_slices)
     device = device or get_device(verbose=False)
     train_idx, valid_idx = split_slices(len(vol.images), valid_pct)
     size = stage_size(vol.shape, size_frac, quick)
     bs = max(1, min(bs, len(train_idx)))
     where = _volume_device(vol, device)
     images, labels = _to_tensor(vol.images, where), _to_tensor(vol.labels, where)
-    common = dict(images=images, labels=labels, bs=bs, num_workers=0, device=device)
-    train = _VolumeDL(idx=train_idx, shuffle=True, drop_last=len(train_idx) >= 2 * bs,
-                      after_batch=Pipeline(_batch_tfms(size, augment, device), split_idx=0), **common)
-    valid = _VolumeDL(idx=valid_idx, shuffle=False,
-                      after_batch=Pipeline(_batch_tfms(size, False, device), split_idx=1), **common)
+    n_train = len(train_idx)
+    planes = [(images, labels, 0, n_train)]
+    train_size = size
+    if triplanar:
+        planes += _orthogonal_planes(images, labels, n_train)
+        (H, W), s = vol.shape[1:], size[0] / vol.shape[1]
+        train_size = {(H, W): size, (n_train, W): (max(1, round(n_train * s)), size[1]),
+                      (n_train, H): (max(1, round(n_train * s)), size[0])}
+    common = dict(bs=bs, num_workers=0, device=device, context=context_slices)
+    train = _VolumeDL(planes=planes, idx=train_idx, shuffle=True, drop_last=n_train >= 2 * bs,
+                      extra=n_train if triplanar else 0,
+                      after_batch=Pipeline(_batch_tfms(train_size, augment, device, context_slices), split_idx=0), **common)
+    valid = _VolumeDL(planes=[(images, labels, int(valid_idx[0]) if len(valid_idx) else 0, len(vol.images))],
+                      idx=valid_idx, shuffle=False,
+                      after_batch=Pipeline(_batch_tfms(size, False, device, context_slices), split_idx=1), **common)
     dls = DataLoaders(train, valid, device=device)
     dls.c, dls.codes, dls.size, dls.valid_idx = len(vol.codes), vol.codes, size, valid_idx
+    dls.context_slices, dls.triplanar = int(context_slices), bool(triplanar)
     return dls
 
 
@@ -873,11 +966,16 @@ def _adamw(params, **kwargs):
 
 
 def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True):
-    """fastai U-Net learner on `dls` with encoder `arch`; ImageNet weights when they can be had, else random init."""
+    """fastai U-Net learner on `dls` with encoder `arch`; ImageNet weights when they can be had, else random init.
+
+    With `dls.context_slices` = k other than 1 or 3 the first convolution takes k channels
+    (fastai adapts the pretrained filters to them); k = 3 uses the ImageNet RGB filters as they are.
+    """
     if pretrained:
         pretrained = _imagenet_weights_ok(arch)
+    context = getattr(dls, "context_slices", 1)
     learn = unet_learner(dls, _arch(arch), normalize=False, n_out=len(dls.codes), pretrained=pretrained,
-                         loss_func=CrossEntropyLossFlat(axis=1), wd=wd, path=Path(work_dir), opt_func=_adamw,
+                         n_in=_n_in(context), loss_func=CrossEntropyLossFlat(axis=1), wd=wd, path=Path(work_dir), opt_func=_adamw,
                          metrics=seg_metrics(dls.codes) if metrics else None)
     learn.freeze()  # the published schedule starts frozen even without ImageNet weights
     learn.arch_name, learn.used_pretrained = arch if isinstance(arch, str) else arch.__name__, pretrained
@@ -996,6 +1094,11 @@ def load_stage(learn, name):
         raise FileNotFoundError(f"{_models_dir(learn) / (name + '.pth')} not found: run the notebook that trains "
                                 f"'{name.split('_')[0]}' first with the same work_dir, or set init_from=None "
                                 "to start from ImageNet weights.")
+    prev = json.loads((_models_dir(learn) / f"{name}.json").read_text())
+    k, k_prev = getattr(learn.dls, "context_slices", 1), prev.get("context_slices", 1)
+    if _n_in(k) != _n_in(k_prev):
+        raise ValueError(f"stage {name} was trained with context_slices={k_prev}, this one has context_slices={k}: "
+                         f"use the same value in every training notebook (or init_from=None to start afresh).")
     learn.load(name, with_opt=False, strict=True)
     print(f"Loaded weights of stage {name}")
     return learn
@@ -1042,7 +1145,8 @@ def train_phase(learn, name, epochs, lr, pct_start=0.25, force=False):
         print(f"{name}: already trained, loaded models/{name}.pth (set force=True to retrain)")
         return json.loads((d / f"{name}.json").read_text())
     lr_repr = [lr.start, lr.stop] if isinstance(lr, slice) else lr
-    plan = dict(epochs=epochs, lr=lr_repr, pct_start=pct_start, size=list(learn.dls.size), wd=learn.wd)
+    plan = dict(epochs=epochs, lr=lr_repr, pct_start=pct_start, size=list(learn.dls.size), wd=learn.wd,
+                context_slices=getattr(learn.dls, "context_slices", 1), triplanar=getattr(learn.dls, "triplanar", False))
     start = 0
     prog = d / f"{name}.progress.json"
     if prog.exists() and not force:
@@ -1078,20 +1182,26 @@ def train_phase(learn, name, epochs, lr, pct_start=0.25, force=False):
 # ----------------------------------------------------------------------------
 
 def load_model(work_dir, name="full_unfrozen", device=None):
-    """Rebuild the U-Net saved as `work_dir/models/<name>` and load its weights; return `(model, info)`."""
+    """Rebuild the U-Net saved as `work_dir/models/<name>` and load its weights; return `(model, info)`.
+
+    `info` (the phase's JSON) holds what prediction must repeat: `context_slices` and `triplanar`.
+    """
     d = Path(work_dir) / "models"
     if not phase_done(work_dir, name):
         raise FileNotFoundError(f"{d / (name + '.pth')} not found: run the training notebooks (02-04) first "
                                 "with the same work_dir, or set model_name to a checkpoint in models/.")
     info = json.loads((d / f"{name}.json").read_text())
+    info.setdefault("context_slices", 1)  # checkpoints from before these options
+    info.setdefault("triplanar", False)
     device = device or get_device(verbose=False)
-    model = create_unet_model(_arch(info["arch"]), len(info["codes"]), tuple(info["size"]), pretrained=False)
+    model = create_unet_model(_arch(info["arch"]), len(info["codes"]), tuple(info["size"]), pretrained=False,
+                              n_in=_n_in(info.get("context_slices", 1)))
     _fastai_load_model(d / f"{name}.pth", model, None, with_opt=False, device=device, strict=True)
     return model.to(device).eval(), info
 
 
 def _padded_forward(model, x, tfms, dtype):
-    """Class logits of uint8 slices `x` (B,1,H,W): reflect-pad H and W to multiples of 32, predict, crop back."""
+    """Class logits of uint8 slices `x` (B,k,H,W): reflect-pad H and W to multiples of 32, predict, crop back."""
     h, w = x.shape[-2:]
     ph, pw = -h % 32, -w % 32
     xp = tfms(TensorImage(x))
@@ -1101,11 +1211,50 @@ def _padded_forward(model, x, tfms, dtype):
         return model(xp)[..., :h, :w]
 
 
+TTA_FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: the flips of the slice plane
+
+
+def _forward_probs(model, x, tfms, dtype, tta=False):
+    """Class probabilities (float, B x classes x H x W) of uint8 slices `x` (B,k,H,W).
+
+    With `tta`, the mean over the four flips of the slice plane, each prediction flipped
+    back before averaging (so the result does not depend on the slice's orientation).
+    """
+    out = None
+    for f in TTA_FLIPS if tta else ((),):
+        p = _padded_forward(model, x.flip(f) if f else x, tfms, dtype).float().softmax(1)
+        p = p.flip(f) if f else p
+        out = p if out is None else out.add_(p)
+    return out.div_(4) if tta else out
+
+
+def _prediction_setup(model, out_dir, device, context_slices):
+    """What every prediction path needs: `(model, device, out_dir, batch transforms, autocast dtype)`; the output
+    folder is created and, on CUDA, the model is made channels_last."""
+    device = device or next(model.parameters()).device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, device, out_dir, Pipeline(_batch_tfms(None, False, device, context_slices), split_idx=1), _amp_dtype(device)
+
+
+def _slices_with_context(arr, idx, context=1, axis=0):
+    """uint8 array (B, k, a, b): the slices `idx` of volume `arr` cut across `axis`, each with its k-1 neighbours
+    along `axis` as channels (clamped at the volume's ends). Axis 1 gives XZ slices (rows z), axis 2 YZ slices."""
+    idx = np.asarray(idx)
+    ctx = np.clip(idx[:, None] + np.arange(context) - context // 2, 0, arr.shape[axis] - 1)
+    x = np.take(arr, ctx.ravel(), axis=axis)
+    x = np.moveaxis(x, axis, 0)
+    return np.ascontiguousarray(x.reshape(len(idx), context, *x.shape[1:]))
+
+
 # One page of a label TIFF: fast zlib, no metadata, so that uniform pages read back as one (Z, H, W) stack.
 _LABEL_PAGE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata": None}
 
 
-def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
+def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, context_slices=1, tta=False,
+                   triplanar=False):
     """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice, `labels.tif`, `probs.npy`.
 
     PNG values are class indices, same size as the input slice; `labels.tif` is the
@@ -1114,20 +1263,21 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
     written block by block, never whole in RAM. Mixed precision on CUDA; files are
     written by background threads while the GPU works on the next batch. Returns the
     label volume (uint8, Z x H x W).
+
+    `context_slices` must be the value the model was trained with (its `info`). `tta`
+    averages the four flips of each slice (4x the model time). `triplanar` also predicts
+    every XZ and YZ slice and averages the three probabilities per voxel (3x; see
+    `_predict_triplanar`).
     """
+    if triplanar:
+        return _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slices, tta)
     import collections
     import queue
     import threading
     import tifffile
     from PIL import Image
     from concurrent.futures import ThreadPoolExecutor
-    device = device or next(model.parameters()).device
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tfms = Pipeline(_batch_tfms(None, False, device), split_idx=1)
-    dtype = _amp_dtype(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
     Z, H, W = vol.shape
     pred = np.empty((Z, H, W), np.uint8)
     probs = None
@@ -1167,11 +1317,14 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
     bufs = {}
 
     def launch(z0):
-        x = torch.from_numpy(np.ascontiguousarray(vol.images[z0:z0 + bs]))[:, None].to(device, non_blocking=True)
-        logits = _padded_forward(model, x, tfms, dtype)
-        out = [logits.argmax(1).to(torch.uint8)]
+        if context_slices == 1:
+            x = torch.from_numpy(np.ascontiguousarray(vol.images[z0:z0 + bs]))[:, None]
+        else:
+            x = torch.from_numpy(_slices_with_context(vol.images, np.arange(z0, min(Z, z0 + bs)), context_slices))
+        p = _forward_probs(model, x.to(device, non_blocking=True), tfms, dtype, tta)
+        out = [p.argmax(1).to(torch.uint8)]
         if save_probs:
-            out.append((logits.float().softmax(1) * 255).round_().to(torch.uint8))
+            out.append((p * 255).round_().to(torch.uint8))
         slot = (z0 // bs) % 2
         host = []
         for j, t in enumerate(out):
@@ -1218,6 +1371,56 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True):
         probs.flush()
         del probs
         os.replace(out_dir / "probs.npy.partial", out_dir / "probs.npy")
+    return pred
+
+
+def _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slices, tta):
+    """`predict_volume` with tri-planar averaging: every axial, XZ and YZ slice is predicted and the three class
+    probabilities of each voxel are averaged in `probs.npy.partial` (uint8, memory-mapped, a running mean), one block
+    of slices at a time (256 MB of probabilities, about 1 GB of RAM at the peak; big blocks, because a block of YZ
+    slices touches every page of the file); then the labels are its arg-max, written as in `predict_volume`."""
+    import tifffile
+    from PIL import Image
+    from concurrent.futures import ThreadPoolExecutor
+    model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
+    Z, H, W = vol.shape
+    K = None
+    probs = None
+    part = out_dir / "probs.npy.partial"
+    with torch.inference_mode():
+        for j, axis in enumerate((0, 1, 2)):  # pass j averages its prediction into the mean of the j before it
+            n, plane = vol.shape[axis], [d for a, d in enumerate(vol.shape) if a != axis]
+            blk = max(bs, 2 ** 28 // max(1, (K or 4) * int(np.prod(plane))))  # 256 MB of uint8 probabilities
+            for b0 in range(0, n, blk):
+                chunk = []
+                for i0 in range(b0, min(n, b0 + blk), bs):
+                    idx = np.arange(i0, min(n, i0 + bs, b0 + blk))
+                    x = torch.from_numpy(_slices_with_context(vol.images, idx, context_slices, axis)).to(device)
+                    chunk.append((_forward_probs(model, x, tfms, dtype, tta) * 255).round_().to(torch.uint8).cpu().numpy())
+                p = np.concatenate(chunk)  # (slices of the block, K, a, b), uint8
+                if probs is None:
+                    K = p.shape[1]
+                    probs = np.lib.format.open_memmap(part, "w+", np.uint8, (Z, K, H, W))
+                # to (Z, K, H, W) order: axis 1 blocks are (y, K, z, x), axis 2 blocks (x, K, z, y)
+                p = p if axis == 0 else p.transpose(2, 1, 0, 3) if axis == 1 else p.transpose(2, 1, 3, 0)
+                where = (np.s_[b0:b0 + blk], np.s_[:, :, b0:b0 + blk], np.s_[:, :, :, b0:b0 + blk])[axis]
+                if j:  # running mean in integers (rounded): (old * j + new) / (j + 1)
+                    p = ((probs[where].astype(np.uint16) * j + p + (j + 1) // 2) // (j + 1)).astype(np.uint8)
+                probs[where] = p
+    pred = np.empty((Z, H, W), np.uint8)
+    with _replacing(out_dir / "labels.tif") as tmp, tifffile.TiffWriter(tmp) as tif, ThreadPoolExecutor(2) as pool:
+        for z0 in range(0, Z, bs):
+            pred[z0:z0 + bs] = np.asarray(probs[z0:z0 + bs]).argmax(1)
+            for z in range(z0, min(Z, z0 + bs)):
+                tif.write(pred[z], **_LABEL_PAGE)
+            list(pool.map(lambda z: Image.fromarray(pred[z]).save(out_dir / f"{vol.stems[z]}.png", compress_level=1),
+                          range(z0, min(Z, z0 + bs))))
+    probs.flush()
+    del probs
+    if save_probs:
+        os.replace(part, out_dir / "probs.npy")
+    else:
+        part.unlink()
     return pred
 
 
@@ -1525,6 +1728,10 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     - `predictions/labels_clean.tif` (kept specimens painted with their class) and
       `predictions/specimens.tif` (specimen ids), beside the raw `labels.tif`;
     - `exports/fossils.csv`, one row per specimen (see README), and `exports/extraction.json`;
+    - `exports/features.csv`: each specimen's 3D descriptors (`SPECIMEN_FEATURES`) for the
+      specimen classifier and, when the volume has masks, the ground-truth voxel count of
+      each class under it (`truth_<class>`); with masks also `exports/truth_features.csv`,
+      the same for every true specimen (more examples for the classifier);
     - for the `max_exports` largest specimens, `exports/fossil_<id>/` with the CT crop
       (`margin` voxels around) and its mask as multi-page TIFFs (voxel size in the ImageJ
       metadata), an STL mesh in µm and a preview PNG; and `exports/gallery*.png`.
@@ -1552,6 +1759,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     voxel_um3 = float(np.prod(spacing))
     min_vox = max(1, int(min_voxels), math.ceil(float(min_volume_um3 or 0) / voxel_um3))
     exp_dir.mkdir(parents=True, exist_ok=True)
+    pred_dir.mkdir(parents=True, exist_ok=True)
     probs = _open_probs(pred_dir, (vol.shape[0], K, *vol.shape[1:]))
 
     cc, n, n_kept, parts = _find_specimens(pred, connectivity, min_vox, split_touching, spacing,
@@ -1567,9 +1775,13 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     Z, H, W = vol.shape
     lut_cls = np.zeros(int(cc.max()) + 1 if cc.size else 1, np.uint8)
     lut_id = np.zeros(len(lut_cls), np.uint32)
-    rows, tiles = [], []
+    rows, tiles, feats = [], [], []
     for sid, (lbl, bb, nv) in enumerate(parts, 1):
         local = cc[bb] == lbl
+        feats.append({"id": sid, **_descriptors(np.asarray(vol.images[bb]), local)})
+        if vol.labels is not None:  # the ground truth under the specimen: what the classifier learns from
+            truth = np.bincount(np.asarray(vol.labels[bb])[local], minlength=K)[:K]
+            feats[-1].update({f"truth_{c}": int(truth[k]) for k, c in enumerate(codes)})
         off = np.array([s.start for s in bb])
         centroid = _centroid(local) + off
         frac = np.bincount(pred[bb][local], minlength=K)[:K] / nv
@@ -1605,7 +1817,14 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     cat = pd.DataFrame(rows, columns=CATALOGUE_COLUMNS + [f"frac_{c}" for c in codes[1:]] + ["exported"])
     with _replacing(exp_dir / "fossils.csv") as tmp:
         cat.to_csv(tmp, index=False, float_format="%.6g")
+    with _replacing(exp_dir / "features.csv") as tmp:
+        pd.DataFrame(feats, columns=["id", *SPECIMEN_FEATURES] + ([f"truth_{c}" for c in codes] if vol.labels is not None
+                                                               else [])).to_csv(tmp, index=False, float_format="%.6g")
+    (exp_dir / "classifier.json").unlink(missing_ok=True)  # it described the previous extraction's specimens
     _specimen_label_volumes(cc, lut_cls, lut_id, np.uint16 if N < 65535 else np.uint32, pred_dir)
+    del cc
+    if vol.labels is not None:
+        _truth_features(vol, pred, connectivity, min_vox, exp_dir / "truth_features.csv")
     tiles.sort(key=lambda t: (-t[0], t[1]))
     pages = _write_gallery(exp_dir, [t[1:] for t in tiles])
     info = {"n_components": int(n), "n_dropped_small": int(n - n_kept), "n_split_parts": N - n_kept if split_touching else 0,
@@ -1615,6 +1834,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
             "split_touching": bool(split_touching), "margin": margin, "max_exports": int(max_exports),
             "class_from": "mean probability" if probs is not None else "majority predicted class",
             "gallery_pages": [p.name for p in pages], "seconds": round(time.time() - t0, 1),
+            "codes": codes, "shape": list(vol.shape),
             "per_class": {c: int((cat["class"] == c).sum()) for c in codes[1:]}}
     _write_json(exp_dir / "extraction.json", info)
     if N == 0:
@@ -1694,7 +1914,9 @@ def evaluate_specimens(vol, work_dir, valid_pct=0.2, iou_threshold=0.5):
     those of `predictions/labels_clean.tif`, both inside the validation block (the last
     `valid_pct` of slices) and both with the connectivity and minimum size of the
     extraction. Adds `specimens` to `work_dir/metrics.json` and returns it: counts,
-    precision, recall, F1, and `class_f1` (a match counts only with the right class).
+    precision, recall, F1, and `class_f1` (a match counts only with the right class); and
+    `labels_clean`, the voxel scores (IoU, Dice, ...) of `labels_clean.tif` on the block
+    (specks dropped, classes from the extraction or the specimen classifier).
     """
     import tifffile
     work_dir = Path(work_dir)
@@ -1710,12 +1932,253 @@ def evaluate_specimens(vol, work_dir, valid_pct=0.2, iou_threshold=0.5):
     pred = tifffile.imread(work_dir / "predictions" / "labels_clean.tif", key=range(z0, z1))
     pred = pred.reshape(truth.shape)
     out = {"validation_slices": [z0, z1 - 1],
-           **_match_specimens(truth, pred, codes, info["connectivity"], info["min_voxels"], iou_threshold)}
+           **_match_specimens(truth, pred, codes, info["connectivity"], info["min_voxels"], iou_threshold),
+           "labels_clean": segmentation_scores(confusion_matrix(pred, truth, len(codes)), codes)}
     path = work_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics["specimens"] = out
     _write_json(path, metrics)
     return out
+
+
+# ----------------------------------------------------------------------------
+# Specimen classifier: 3D descriptors, trained on the ground truth and the review
+# ----------------------------------------------------------------------------
+
+NOT_A_FOSSIL = "not a fossil"
+SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "box_fill", "solidity", "enclosed", "n_peaks",
+                     "peaks_per_1000_voxels", "max_thickness", "mean_thickness", "intensity_p10", "intensity_p50",
+                     "intensity_p90", "intensity_std"]
+
+
+def _descriptors(ct, mask):
+    """3D shape and intensity descriptors of one specimen, in voxel units (names: `SPECIMEN_FEATURES`).
+
+    `mask` is the specimen in its bounding box, `ct` the CT crop of the same box.
+    surface_share: share of its voxels on its surface; elongation / flatness: square roots of the ratios of the principal second moments
+    (2nd/1st, 3rd/2nd); box_fill: share of the bounding box filled; solidity: volume over
+    convex-hull volume; enclosed: share of the filled-in shape that is an inner cavity;
+    n_peaks: local maxima of the distance to the surface, a proxy for chambers; thickness:
+    the largest and mean distance to the surface (relative to the size); intensity percentiles.
+    """
+    import itertools
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull
+    from skimage.feature import peak_local_max
+    nv = int(mask.sum())
+    pts = np.argwhere(mask).astype(np.float64)
+    c = pts - pts.mean(0)
+    ev = np.sort(np.linalg.eigvalsh(c.T @ c / nv))[::-1] + 1 / 12  # + a voxel's own moment: no zero for flat shapes
+    surface = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+    corners = (surface[:, None, :] + np.array(list(itertools.product((-0.5, 0.5), repeat=3)))[None]).reshape(-1, 3)
+    try:
+        hull = ConvexHull(np.unique(corners, axis=0)).volume
+    except Exception:  # a flat or tiny specimen has no 3D hull
+        hull = nv
+    filled = int(ndimage.binary_fill_holes(mask).sum())
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    peaks = peak_local_max(dist, min_distance=2, threshold_abs=1.5, labels=mask.astype(np.uint8), exclude_border=False)
+    vals = ct[mask].astype(np.float64)
+    p10, p50, p90 = np.percentile(vals, [10, 50, 90])
+    size = nv ** (1 / 3)
+    return {"log_voxels": math.log10(nv), "surface_share": len(surface) / nv, "elongation": math.sqrt(ev[1] / ev[0]), "flatness": math.sqrt(ev[2] / ev[1]),
+            "box_fill": nv / mask.size, "solidity": min(1.0, nv / max(hull, 1e-9)), "enclosed": 1 - nv / filled,
+            "n_peaks": len(peaks), "peaks_per_1000_voxels": 1000 * len(peaks) / nv,
+            "max_thickness": float(dist.max()) / size, "mean_thickness": float(dist[mask].mean()) / size,
+            "intensity_p10": p10, "intensity_p50": p50, "intensity_p90": p90, "intensity_std": float(vals.std())}
+
+
+def _truth_features(vol, pred, connectivity, min_vox, path):
+    """Descriptors of every true specimen (component of the ground-truth fossil mask, `min_vox` voxels or more) in
+    `path`: its box, `SPECIMEN_FEATURES`, the predicted class fractions `frac_*` under it and its true voxel counts."""
+    import pandas as pd
+    import cc3d
+    codes, K = list(vol.codes), len(vol.codes)
+    cc, n = cc3d.connected_components(np.asarray(vol.labels) > 0, connectivity=connectivity, binary_image=True,
+                                      return_N=True)
+    stats = cc3d.statistics(cc) if n else {"voxel_counts": [0], "bounding_boxes": [None]}
+    rows = []
+    for i in range(1, n + 1):
+        nv, bb = int(stats["voxel_counts"][i]), stats["bounding_boxes"][i]
+        if nv < min_vox:
+            continue
+        local = cc[bb] == i
+        frac = np.bincount(pred[bb][local], minlength=K)[:K] / nv
+        truth = np.bincount(np.asarray(vol.labels[bb])[local], minlength=K)[:K]
+        rows.append({"id": len(rows) + 1, "z0": bb[0].start, "z1": bb[0].stop,
+                     **_descriptors(np.asarray(vol.images[bb]), local),
+                     **{f"frac_{c}": float(frac[k]) for k, c in enumerate(codes) if k},
+                     **{f"truth_{c}": int(truth[k]) for k, c in enumerate(codes)}})
+    cols = ["id", "z0", "z1", *SPECIMEN_FEATURES, *[f"frac_{c}" for c in codes[1:]], *[f"truth_{c}" for c in codes]]
+    with _replacing(path) as tmp:
+        pd.DataFrame(rows, columns=cols).to_csv(tmp, index=False, float_format="%.6g")
+
+
+def _training_labels(cat, feats, codes, n_train, review):
+    """Labels to learn from, a Series by specimen id, and where each comes from.
+
+    Ground truth (when `feats` has `truth_*` columns): specimens whose bounding box lies
+    wholly in the training block (z1 <= `n_train`), labelled with their majority true
+    fossil class, or `NOT_A_FOSSIL` when most of their voxels are background in the truth.
+    Review (overrides the truth): accepted specimens get their taxon (their class at review
+    time when no taxon was typed), rejected ones `NOT_A_FOSSIL`.
+    """
+    import pandas as pd
+    labels, source = {}, {}
+    tcols = [f"truth_{c}" for c in codes]
+    if all(c in feats.columns for c in tcols):
+        t = feats.set_index("id")[tcols].to_numpy()
+        inside = cat.set_index("id").loc[feats["id"], "z1"].to_numpy() <= n_train
+        for sid, counts, ok in zip(feats["id"], t, inside):
+            if ok:
+                labels[int(sid)] = NOT_A_FOSSIL if counts[0] * 2 >= counts.sum() else codes[1 + int(np.argmax(counts[1:]))]
+                source[int(sid)] = "truth"
+    for sid, d in (review or {}).items():
+        if d.get("decision") == "rejected":
+            labels[sid], source[sid] = NOT_A_FOSSIL, "review"
+        elif d.get("decision") == "accepted":
+            labels[sid], source[sid] = d.get("taxon") or d.get("predicted_class"), "review"
+    return pd.Series(labels, dtype=object), source
+
+
+def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, use_review=True, min_examples=4, seed=0):
+    """Train the specimen classifier and re-score every specimen; one call after each round of review.
+
+    A random forest on the 3D descriptors of `exports/features.csv` and the segmentation's
+    class fractions (`frac_*` in the catalogue), trained on the ground truth of the
+    training-block specimens (`use_truth`: the predicted ones, labelled as in
+    `_training_labels`, and the true ones of `exports/truth_features.csv`) and the
+    decisions in `exports/review.csv` (`use_review`). Then, in `exports/fossils.csv`: `class` is the
+    classifier's class and `class_probability` its probability; the segmentation's class
+    stays in `seg_class`; specimens it calls `NOT_A_FOSSIL` are `flagged` (kept, not
+    deleted). `predictions/labels_clean.tif` is repainted (flagged specimens as background;
+    a typed taxon that is not one of the classes keeps its segmentation class there).
+    Writes `exports/classifier.json`. With fewer than `min_examples` labelled specimens or
+    a single label, nothing changes and None is returned; else the new catalogue.
+    """
+    import pandas as pd
+    import tifffile
+    from sklearn.ensemble import RandomForestClassifier
+    exp_dir, pred_dir = Path(work_dir) / "exports", Path(work_dir) / "predictions"
+    for p in (exp_dir / "fossils.csv", exp_dir / "features.csv", exp_dir / "extraction.json", pred_dir / "specimens.tif"):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: run the extraction cell of 05_predict_export first (same work_dir).")
+    cat, feats = pd.read_csv(exp_dir / "fossils.csv"), pd.read_csv(exp_dir / "features.csv")
+    if len(feats) != len(cat) or not (feats["id"].to_numpy() == cat["id"].to_numpy()).all():
+        raise ValueError(f"{exp_dir / 'features.csv'} does not describe the specimens of {exp_dir / 'fossils.csv'}: "
+                         "re-run the extraction cell of 05_predict_export.")
+    if "seg_class" not in cat.columns:
+        cat.insert(2, "seg_class", cat["class"])
+    extraction = json.loads((exp_dir / "extraction.json").read_text())
+    codes = extraction["codes"]
+    n_train = len(split_slices(extraction["shape"][0], valid_pct)[0])
+    review = {}
+    if use_review and (exp_dir / "review.csv").exists():
+        review = ReviewSession(work_dir).decisions
+    y, source = _training_labels(cat, feats if use_truth else feats[["id"]], codes, n_train, review)
+    cols = SPECIMEN_FEATURES + [f"frac_{c}" for c in codes[1:]]
+    X = feats.set_index("id")[SPECIMEN_FEATURES].join(cat.set_index("id")[cols[len(SPECIMEN_FEATURES):]]).fillna(0.0)
+    X_fit, y_fit = X.loc[y.index].to_numpy(), y.to_numpy().astype(str)
+    n_from = {k: list(source.values()).count(k) for k in ("truth", "review")}
+    tf_path = exp_dir / "truth_features.csv"
+    if use_truth and tf_path.exists():  # the true specimens of the training block: more (and cleaner) examples
+        tf = pd.read_csv(tf_path)
+        tf = tf[tf["z1"] <= n_train]
+        t = tf[[f"truth_{c}" for c in codes[1:]]].to_numpy()
+        if len(tf):
+            X_fit = np.concatenate([X_fit, tf[cols].fillna(0.0).to_numpy()])
+            y_fit = np.concatenate([y_fit, np.asarray(codes[1:])[t.argmax(1)]])
+        n_from["true specimens"] = len(tf)
+    n_from.setdefault("true specimens", 0)
+    sources = (f"{n_from['truth']} predicted specimens labelled from the ground truth, {n_from['true specimens']} true "
+               f"specimens, {n_from['review']} from the review")
+    if len(y_fit) < min_examples or len(set(y_fit)) < 2:
+        print(f"Specimen classifier not trained: {len(y_fit)} examples ({sources}) with {len(set(y_fit))} different "
+              f"label(s); it needs {min_examples} or more and two labels. Classes stay those of the segmentation.")
+        return None
+    clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1,
+                                 oob_score=len(y_fit) >= 20)
+    clf.fit(X_fit, y_fit)
+    proba = clf.predict_proba(X.to_numpy())
+    best = proba.argmax(1)
+    cat["class"] = clf.classes_[best]
+    cat["class_probability"] = proba[np.arange(len(best)), best]
+    cat["flagged"] = cat["class"] == NOT_A_FOSSIL
+    with _replacing(exp_dir / "fossils.csv") as tmp:
+        cat.to_csv(tmp, index=False, float_format="%.6g")
+    index = {c: k for k, c in enumerate(codes)}
+    lut = np.zeros(int(cat["id"].max()) + 1 if len(cat) else 1, np.uint8)
+    for sid, cls, seg in zip(cat["id"], cat["class"], cat["seg_class"]):
+        lut[sid] = 0 if cls == NOT_A_FOSSIL else index.get(cls, index.get(seg, 0))
+    with _replacing(pred_dir / "labels_clean.tif") as tmp, tifffile.TiffFile(pred_dir / "specimens.tif") as src, \
+            tifffile.TiffWriter(tmp) as dst:
+        for page in src.pages:
+            dst.write(lut[page.asarray()], **_LABEL_PAGE)
+    info = {"n_examples": len(y_fit), "from_truth": n_from["truth"], "true_specimens": n_from["true specimens"],
+            "from_review": n_from["review"],
+            "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
+            "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
+            "features": list(X.columns), "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
+            "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
+            "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()}}
+    _write_json(exp_dir / "classifier.json", info)
+    print(f"Specimen classifier trained on {len(y_fit)} examples ({sources}): "
+          f"{info['changed_class']} of {len(cat)} specimens changed class, "
+          f"{info['flagged']} flagged as {NOT_A_FOSSIL!r}. Now: {info['per_class']}.")
+    return cat
+
+
+def describe_specimen_scores(sp):
+    """One line for the object-level scores returned by `evaluate_specimens`."""
+    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    return (f"validation block: {sp['n_true']} true specimens, {sp['n_predicted']} predicted, {sp['n_matched']} matched "
+            f"(IoU >= {sp['iou_threshold']}): precision {f(sp['precision'])}, recall {f(sp['recall'])}, "
+            f"F1 {f(sp['f1'])}, F1 with the right class {f(sp['class_f1'])}")
+
+
+def variant_name(context_slices=1, triplanar=False, tta=False):
+    """Short name of a segmentation variant, e.g. "k=3, tri-planar, flip TTA" ("k=1" is the published recipe)."""
+    return ", ".join([f"k={int(context_slices)}"] + (["tri-planar"] if triplanar else []) + (["flip TTA"] if tta else []))
+
+
+EVALUATION_COLUMNS = ["variant", "step", "iou", "dice", "mean_iou_fossils", "pixel_acc_nonbg", "specimen_precision",
+                      "specimen_recall", "specimen_f1", "specimen_class_f1", "n_true", "n_predicted"]
+
+
+def evaluation_row(variant, step, scores, specimens):
+    """One row of the evaluation table: voxel `scores` (from `segmentation_scores`) and object `specimens` scores."""
+    sp = specimens or {}
+    return {"variant": variant, "step": step, "iou": scores["iou"], "dice": scores["dice"],
+            "mean_iou_fossils": scores["mean_iou_fossils"], "pixel_acc_nonbg": scores["pixel_acc_nonbg"],
+            "specimen_precision": sp.get("precision"), "specimen_recall": sp.get("recall"), "specimen_f1": sp.get("f1"),
+            "specimen_class_f1": sp.get("class_f1"), "n_true": sp.get("n_true"), "n_predicted": sp.get("n_predicted")}
+
+
+def evaluation_markdown(rows, codes, extra=None):
+    """The evaluation table as markdown: per-class IoU and Dice, the published metric, specimen P / R / F1;
+    `extra` maps more column titles to row keys (numbers shown to the unit)."""
+    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    fossil, extra = codes[1:], extra or {}
+    head = (["variant", "step"] + [f"IoU {c}" for c in codes] + [f"Dice {c}" for c in fossil]
+            + ["mean IoU fossils", "acc. non-bg (published 'IoU')", "specimen P", "R", "F1", "F1 right class", *extra])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ([r["variant"], r["step"]] + [f(r["iou"].get(c)) for c in codes] + [f(r["dice"].get(c)) for c in fossil]
+                 + [f(r[k]) for k in ("mean_iou_fossils", "pixel_acc_nonbg", "specimen_precision", "specimen_recall",
+                                      "specimen_f1", "specimen_class_f1")]
+                 + ["n/a" if r.get(k) is None else f"{r[k]:.0f}" for k in extra.values()])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation(work_dir, rows, codes):
+    """Write this run's evaluation rows to `work_dir/evaluation.json` and `evaluation.md`; return the markdown."""
+    work_dir = Path(work_dir)
+    md = evaluation_markdown(rows, codes)
+    _write_json(work_dir / "evaluation.json", {"codes": list(codes), "rows": rows})
+    with _replacing(work_dir / "evaluation.md") as tmp:
+        tmp.write_text(md)
+    return md
 
 
 # ----------------------------------------------------------------------------
@@ -1787,7 +2250,8 @@ class ReviewSession:
             raise ValueError(f"decision must be 'accepted', 'rejected' or '', not {decision!r}")
         row = self.cat.loc[sid]
         d = self.decisions.get(sid) or {"decision": "", "taxon": ""}
-        d.update({"id": sid, "predicted_class": row["class"], "confidence": row["confidence"], "voxels": row["voxels"],
+        d.update({"id": sid, "predicted_class": row["class"], "confidence": row[self._confidence_column()],
+                  "voxels": row["voxels"],
                   "centroid_z": row["centroid_z"], "centroid_y": row["centroid_y"], "centroid_x": row["centroid_x"],
                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if decision is not None:
@@ -1814,9 +2278,14 @@ class ReviewSession:
         if sort not in REVIEW_ORDERS:
             raise ValueError(f"sort must be one of {list(REVIEW_ORDERS)}, not {sort!r}")
         c = self.cat if cls == "all" else self.cat[self.cat["class"] == cls]
-        key, asc = {"confidence": ("confidence", True), "confidence_desc": ("confidence", False),
+        conf = self._confidence_column()
+        key, asc = {"confidence": (conf, True), "confidence_desc": (conf, False),
                     "size": ("voxels", False), "size_asc": ("voxels", True), "id": ("id", True)}[sort]
         return [int(i) for i in c.sort_values([key, "id"], ascending=[asc, True], na_position="first")["id"]]
+
+    def _confidence_column(self):
+        """The specimen classifier's probability once it has run (`classify_specimens`), else the segmentation's."""
+        return "class_probability" if "class_probability" in self.cat.columns else "confidence"
 
     def first_unreviewed(self, ids):
         """Position in `ids` of the first specimen without a decision (0 when all are reviewed)."""
@@ -1928,8 +2397,9 @@ class ReviewPanel:
                 row, d = s.cat.loc[sid], s.get(sid) or {}
                 p = s.preview(sid)
                 self.image.value = p.read_bytes() if p else b""
-                fields = ["class", "confidence", "voxels", "volume_um3", "surface_um2", "esd_um", "sphericity",
-                          "mean_intensity", "touches_border"]
+                fields = [f for f in ["class", "class_probability", "seg_class", "confidence", "voxels", "volume_um3",
+                                      "surface_um2", "esd_um", "sphericity", "mean_intensity", "touches_border"]
+                          if f in row.index]
                 cells = "".join(f"<td><b>{f}</b><br>{row[f]:.4g}</td>" if isinstance(row[f], float)
                                 else f"<td><b>{f}</b><br>{row[f]}</td>" for f in fields)
                 note = "" if p else "<br><i>no preview: exports were capped (max_exports); re-run the extraction with a larger max_exports</i>"

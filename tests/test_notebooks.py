@@ -40,7 +40,7 @@ def test_notebook_is_stripped_and_parametrised(nb):
     assert not unused, f"{nb.name}: parameters {unused} are never used"
 
 
-def _check_run(ds, work, n_classes):
+def _check_run(ds, work, n_classes, variant="k=1"):
     vol = utils.load_volume(ds)
     pred_dir = work / "predictions"
     for stem in vol.stems:  # a prediction PNG for every slice, same size, values = class index
@@ -63,14 +63,18 @@ def _check_run(ds, work, n_classes):
     # extraction ran inside the pipeline: a catalogue (possibly empty with a quick model), the cleaned labels,
     # object-level scores; the review notebook ran headless and skipped its panel
     cat = utils.ReviewSession(work).cat
-    assert list(cat.columns[:3]) == ["id", "class", "voxels"] and set(cat["class"]) <= set(vol.codes[1:])
+    assert list(cat.columns[:2]) == ["id", "class"] and set(cat["class"]) <= {*vol.codes[1:], utils.NOT_A_FOSSIL}
     assert tifffile.imread(pred_dir / "labels_clean.tif").shape == vol.shape
     assert {"n_true", "n_predicted", "precision", "recall", "f1"} <= set(m["specimens"])
     info = json.loads((work / "exports" / "extraction.json").read_text())
     assert info["n_specimens"] == len(cat) and info["n_exported"] == len(list((work / "exports").glob("fossil_*")))
+    # the evaluation table of the run: segmentation (and + specimen classifier when it could be trained)
+    ev = json.loads((work / "evaluation.json").read_text())
+    assert ev["rows"][0]["variant"] == variant and ev["rows"][0]["step"] == "segmentation"
+    assert ev["rows"][0]["iou"] == m["iou"] and "| variant | step |" in (work / "evaluation.md").read_text()
     out = json.loads((work / "notebooks" / "06_review.ipynb").read_text())
     text = "".join("".join(o.get("text", "")) for c in out["cells"] for o in c.get("outputs", []))
-    assert "review panel skipped" in text
+    assert "review panel skipped" in text and "No decision in review.csv yet" in text
 
 
 def test_pipeline_quick_on_png_sample(tiny, tmp_path):
@@ -78,7 +82,7 @@ def test_pipeline_quick_on_png_sample(tiny, tmp_path):
     work = tmp_path / "run"
     assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--quick",
                               "-p", "pretrained", "False"]) == 0
-    _check_run(tiny, work, 3)
+    _check_run(tiny, work, 3, variant="k=3, flip TTA")  # the defaults
     assert snapshot(tiny) == before, "the pipeline wrote into the dataset folder"
 
     # re-running a finished stage skips it (the "survives a disconnect" path)
@@ -90,13 +94,18 @@ def test_pipeline_quick_on_png_sample(tiny, tmp_path):
 
 
 def test_pipeline_quick_on_unseen_layout(tmp_path):
-    """Odd slice size, 16-bit multi-page TIFF, other class names and an extra (unused) class."""
+    """Odd slice size, 16-bit multi-page TIFF, other class names and an extra (unused) class; and the 3D-context
+    variants all at once: 5 context slices (the first convolution adapted), tri-planar training and prediction,
+    flip TTA."""
     ds = utils.make_sample(tmp_path / "odd", n_slices=10, height=75, width=83, seed=9, bit_depth=16, fmt="tif-stack")
     (ds / "codes.txt").write_text("matrix\nbenthic foram\nostracod valve\npyrite\n")
     work = tmp_path / "run"
     assert run_pipeline.main(["--data-dir", str(ds), "--work-dir", str(work), "--quick",
-                              "-p", "pretrained", "False", "-p", "bs", "3"]) == 0
-    _check_run(ds, work, 4)
+                              "-p", "pretrained", "False", "-p", "bs", "3", "-p", "context_slices", "5",
+                              "-p", "triplanar", "True", "-p", "tta", "True"]) == 0
+    _check_run(ds, work, 4, variant="k=5, tri-planar, flip TTA")
+    info = json.loads((work / "models" / "full_unfrozen.json").read_text())
+    assert info["context_slices"] == 5 and info["triplanar"] is True
     assert json.loads((work / "models" / "full_unfrozen.json").read_text())["codes"][3] == "pyrite"
 
 

@@ -1,0 +1,106 @@
+"""Issue 5's evaluation: train and score each segmentation variant on one dataset, then one table.
+
+    python bench/variants.py --work-root runs/variants                 # published schedule (02-05) per variant
+    python bench/variants.py --work-root runs/variants --stages 04 \\
+        -p init_from None -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 24 \\
+        -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 8      # the README's CPU table (full resolution only)
+    python bench/variants.py --work-root runs/variants --collect       # only gather the tables of finished runs
+
+Each variant is one run folder `<work-root>/<variant>` made by `run_pipeline.py` with the
+same dataset, seed and `-p` settings; variants that only change prediction (flip TTA)
+reuse the model of the variant they name instead of training again. Notebook 05 of each
+run writes its `evaluation.json` (segmentation, then + specimen classifier); this script
+gathers them, with the training and prediction seconds, into `<work-root>/evaluation.md`
+and `evaluation.json`, and prints the markdown.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import utils  # noqa: E402
+
+# name: (notebook parameters, the variant whose trained model it reuses or None)
+VARIANTS = {
+    "k1": ({"context_slices": 1, "triplanar": False, "tta": False}, None),  # the published recipe
+    "k1_tta": ({"tta": True}, "k1"),                                        # + flip test-time augmentation
+    "k3": ({"context_slices": 3, "triplanar": False, "tta": False}, None),  # 3 adjacent slices as the RGB channels
+    "k3_tta": ({"tta": True}, "k3"),
+    "triplanar": ({"context_slices": 1, "triplanar": True, "tta": False}, None),  # + XZ and YZ training slices
+    "triplanar_tta": ({"tta": True}, "triplanar"),
+}
+
+
+def _run(args, name, params, model_from):
+    work = Path(args.work_root) / name
+    stages = ["05"] if model_from else [*args.stages, "05"]
+    if model_from:
+        src = Path(args.work_root) / model_from / "models"
+        if not src.exists():
+            raise SystemExit(f"{name} reuses the model of {model_from}: run that variant first ({src} not found)")
+        shutil.copytree(src, work / "models", dirs_exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "--work-dir", str(work), "--only", *stages]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if args.quick:
+        cmd.append("--quick")
+    import papermill as pm
+    known = {k for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if nb.name[:2] in stages
+             for k in pm.inspect_notebook(str(nb))}
+    for k, v in [*args.p, *((k, repr(v)) for k, v in params.items())]:
+        if k in known:  # e.g. no training parameters for a variant that only predicts
+            cmd += ["-p", k, str(v)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def collect(work_root, names):
+    """Rows of every finished variant run under `work_root`, with training and prediction seconds."""
+    rows, codes = [], None
+    for name in names:
+        work = Path(work_root) / name
+        ev = work / "evaluation.json"
+        if not ev.exists():
+            print(f"{name}: no {ev} (not run, or no ground truth): left out")
+            continue
+        e = json.loads(ev.read_text())
+        codes = codes or e["codes"]
+        models = work / "models"
+        train_s = sum(json.loads(p.read_text()).get("seconds", 0) for p in models.glob("*.json")
+                      if not p.name.endswith(".progress.json")) if VARIANTS.get(name, ({}, None))[1] is None else None
+        predict_s = json.loads((work / "metrics.json").read_text()).get("predict_seconds")
+        for r in e["rows"]:
+            rows.append({**r, "run": name, "train_seconds": train_s, "predict_seconds": predict_s})
+    return rows, codes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-root", required=True, help="one run folder per variant goes under it")
+    ap.add_argument("--data-dir", help="labelled dataset (default: the embedded sample)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--stages", nargs="+", default=["02", "03", "04"], help="training notebooks to run (e.g. 04)")
+    ap.add_argument("--quick", action="store_true", help="smoke mode of run_pipeline.py")
+    ap.add_argument("--collect", action="store_true", help="do not run anything, only gather finished runs")
+    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="notebook parameter for every variant, e.g. -p epochs_unfrozen 24")
+    args = ap.parse_args(argv)
+    if not args.collect:
+        for name in args.variants:
+            _run(args, name, *VARIANTS[name])
+    rows, codes = collect(args.work_root, args.variants)
+    if not rows:
+        raise SystemExit(f"no finished variant run with an evaluation under {args.work_root}")
+    md = utils.evaluation_markdown(rows, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
+    root = Path(args.work_root)
+    utils._write_json(root / "evaluation.json", {"codes": codes, "rows": rows, "settings": dict(args.p)})
+    (root / "evaluation.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
