@@ -2053,8 +2053,8 @@ def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, use_review=True,
     stays in `seg_class`; specimens it calls `NOT_A_FOSSIL` are `flagged` (kept, not
     deleted). `predictions/labels_clean.tif` is repainted (flagged specimens as background;
     a typed taxon that is not one of the classes keeps its segmentation class there).
-    Writes `exports/classifier.json`. With fewer than `min_examples` labelled specimens or
-    a single label, nothing changes and None is returned; else the new catalogue.
+    Writes `exports/classifier.json`. With no specimen, fewer than `min_examples` labelled
+    specimens or a single label, nothing changes and None is returned; else the new catalogue.
     """
     import pandas as pd
     import tifffile
@@ -2067,6 +2067,9 @@ def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, use_review=True,
     if len(feats) != len(cat) or not (feats["id"].to_numpy() == cat["id"].to_numpy()).all():
         raise ValueError(f"{exp_dir / 'features.csv'} does not describe the specimens of {exp_dir / 'fossils.csv'}: "
                          "re-run the extraction cell of 05_predict_export.")
+    if not len(cat):
+        print("Specimen classifier: no specimen in the catalogue, nothing to classify.")
+        return None
     if "seg_class" not in cat.columns:
         cat.insert(2, "seg_class", cat["class"])
     extraction = json.loads((exp_dir / "extraction.json").read_text())

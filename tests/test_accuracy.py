@@ -221,3 +221,13 @@ def test_review_labels_change_the_classifier(tmp_path, capsys):
     order = utils.ReviewSession(work).order("all", "confidence")  # least certain first: by the classifier's probability
     probs = cat2.set_index("id").loc[order, "class_probability"].to_numpy()
     assert (np.diff(probs) >= 0).all()
+
+
+def test_classifier_with_no_specimen(tmp_path, capsys):
+    """An empty prediction (a quick model) on a labelled volume: true specimens to learn from, none to classify."""
+    vol, pred = shells_and_chains(tmp_path)
+    work = tmp_path / "run"
+    utils.extract_fossils(vol, work, pred * 0, min_voxels=50, max_exports=0)
+    assert len(pd.read_csv(work / "exports" / "truth_features.csv")) == 80
+    assert utils.classify_specimens(work) is None
+    assert "no specimen in the catalogue" in capsys.readouterr().out
