@@ -1113,12 +1113,36 @@ def find_lr(learn, name, quick=False, force=False):
     if phase_done(learn.path, name) and not force:
         print(f"{name} is already trained: lr_find skipped")
         return None
-    sug = learn.lr_find(num_it=12 if quick else 100, show_plot=False)
+    num_it = 12 if quick else 100
+    learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=None)
+    sug = _lr_valley(learn.recorder.lrs, learn.recorder.losses, num_it)
     learn.recorder.plot_lr_find()
-    plt.title(f"lr_find before {name} (valley {sug.valley:.1e})")
+    if sug is None:
+        print(f"lr_find before {name}: the loss diverged after {len(learn.recorder.losses)} steps, no suggestion; "
+              "keep the learning rate of the parameters cell, or lower it if training diverges too")
+    plt.title(f"lr_find before {name} " + ("(no suggestion: the loss diverged at once)" if sug is None
+                                            else f"(valley {sug:.1e})"))
     _save(plt.gcf(), Path(learn.path) / "figures" / f"lr_find_{name}.png")
     plt.show()
-    return sug.valley
+    return sug
+
+
+def _lr_valley(lrs, losses, num_it):
+    """fastai's "valley" suggestion from the recorded lr_find steps, or None when there is nothing to suggest from.
+
+    fastai drops the first tenth and the last five steps, which leaves nothing when the
+    loss diverged early (`stop_div`; likely with a short `num_it`) and then fails with an
+    IndexError; here all the recorded steps before the first NaN are used instead.
+    """
+    from fastai.callback.schedule import valley
+    lrs, losses = torch.as_tensor(list(map(float, lrs))), torch.as_tensor(list(map(float, losses)))
+    nan = torch.nonzero(torch.isnan(losses)).flatten()
+    if len(nan):
+        lrs, losses = lrs[:nan[0]], losses[:nan[0]]
+    trimmed = slice(num_it // 10, -5)
+    if len(losses[trimmed]) >= 3:
+        lrs, losses = lrs[trimmed], losses[trimmed]
+    return float(valley(lrs, losses, num_it)[0]) if len(losses) else None
 
 
 class _EpochCheckpoint(Callback):

@@ -107,6 +107,34 @@ def test_train_phase_resumes_and_skips(odd_vol, tmp_path, capsys):
     assert "already trained" in capsys.readouterr().out
 
 
+class _DivergeAfter(Callback):
+    """Make the loss NaN from step `at` on, as a learning rate that blows the model up does."""
+    def __init__(self, at): self.at = at
+
+    def after_loss(self):
+        if self.training and self.iter >= self.at:
+            self.learn.loss_grad = self.learn.loss_grad * float("nan")
+            self.learn.loss = self.learn.loss_grad.clone()
+
+
+def test_find_lr_survives_a_loss_that_diverges_at_once(odd_vol, tmp_path, capsys):
+    """fastai's own suggestion drops the first tenth and last five steps and raised IndexError on what was left."""
+    dls = utils.make_dls(odd_vol, 0.25, bs=2)
+    learn = utils.build_learner(dls, pretrained=False, work_dir=tmp_path)
+    learn.add_cb(_DivergeAfter(at=2))
+    sug = utils.find_lr(learn, "t_frozen", quick=True)
+    assert sug is not None and 1e-8 < sug < 10
+    assert (tmp_path / "figures" / "lr_find_t_frozen.png").exists()
+    learn.remove_cb(learn.cbs.filter(lambda c: isinstance(c, _DivergeAfter))[0])
+    learn.add_cb(_DivergeAfter(at=0))
+    assert utils.find_lr(learn, "t_frozen", quick=True) is None
+    assert "no suggestion" in capsys.readouterr().out
+    lrs = np.logspace(-6, 0, 20)
+    losses = np.r_[np.linspace(2, 1, 15), np.linspace(1.5, 9, 5)]  # falls, then blows up in the last 5 steps
+    assert np.isclose(lrs[2:15], utils._lr_valley(lrs, losses, 20), rtol=1e-6).any()  # a step where the loss falls
+    assert utils._lr_valley([], [], 100) is None
+
+
 def test_load_stage_names_the_missing_checkpoint(odd_vol, tmp_path):
     learn = utils.build_learner(utils.make_dls(odd_vol, 0.25, bs=2), pretrained=False, work_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="256_unfrozen.pth"):
