@@ -36,7 +36,10 @@ import torch.nn.functional as F
 from fastai.vision.all import (CrossEntropyLossFlat, CSVLogger, Callback, DataLoader, DataLoaders, Metric,
                                Normalize, Pipeline, TensorImage, TensorMask, Transform,
                                create_unet_model, imagenet_stats, unet_learner)
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import AvgLoss, AvgSmoothLoss
 from fastai.learner import load_model as _fastai_load_model
+from fastai.torch_core import find_bs
 from fastai.optimizer import OptimWrapper
 from fastai.vision.augment import RandTransform
 from fastai.vision.learner import model_meta
@@ -965,6 +968,68 @@ def _adamw(params, **kwargs):
     return OptimWrapper(params, torch.optim.AdamW, eps=1e-5, foreach=True, **kwargs)
 
 
+class _DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, kept on the loss's device.
+
+    fastai's version copies every batch's loss to the CPU, which makes the CPU wait for
+    the GPU once per step: it cannot queue the next step while the current one runs,
+    and that idle GPU time costs most at 1/4 size, where a step is shortest.
+    """
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.detach().mean().float()
+        self.val = loss * (1 - self.beta) if self.count == 1 else torch.lerp(loss, self.val, self.beta)
+
+
+class _DeviceAvgLoss(AvgLoss):
+    """fastai's validation loss, summed on the loss's device (read once per epoch, not once per batch)."""
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        self.total = self.total + learn.loss.detach().mean().float() * bs
+        self.count += bs
+
+
+class _NoStepSync(Callback):
+    """No GPU-to-CPU copy on the training step: the recorder's losses stay on the device during an epoch.
+
+    The Recorder's loss list is copied to the CPU in one go at the end of each training
+    pass and of each fit (lr_find stops mid-epoch), so lr_find's suggestion, its plot
+    and `plot_loss` see plain CPU values, as with fastai's own recorder.
+    """
+    order = 51  # after the Recorder (50)
+
+    def before_fit(self):
+        rec = self.learn.recorder
+        # vars(): a Callback's setattr warns that `learn.loss` exists, which is another thing (the batch's loss)
+        vars(rec).update(smooth_loss=_DeviceSmoothLoss(beta=rec.smooth_loss.beta), loss=_DeviceAvgLoss())
+
+    def _to_host(self):
+        losses = self.learn.recorder.losses
+        dev = [i for i, v in enumerate(losses) if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+        if dev:
+            host = torch.stack([losses[i] for i in dev]).cpu()
+            for i, v in zip(dev, host):
+                losses[i] = v
+
+    def after_train(self): self._to_host()
+    def after_fit(self): self._to_host()
+
+
+class _Progress(ProgressCallback):
+    """fastai's progress bars, with the running loss read from the GPU at most once a second, not every batch.
+
+    (fastai's `learn.no_bar()` puts fastai's own bar back when it exits.)
+    """
+    name = "progress"  # what fastai's `no_bar` looks for
+    _shown = 0.0
+
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        now = time.monotonic()
+        if hasattr(self, "smooth_loss") and now - self._shown >= 1.0:
+            self._shown, self.pbar.comment = now, f"{float(self.smooth_loss):.4f}"
+
+
 def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True):
     """fastai U-Net learner on `dls` with encoder `arch`; ImageNet weights when they can be had, else random init.
 
@@ -977,6 +1042,8 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     learn = unet_learner(dls, _arch(arch), normalize=False, n_out=len(dls.codes), pretrained=pretrained,
                          n_in=_n_in(context), loss_func=CrossEntropyLossFlat(axis=1), wd=wd, path=Path(work_dir), opt_func=_adamw,
                          metrics=seg_metrics(dls.codes) if metrics else None)
+    learn.remove_cb(ProgressCallback)
+    learn.add_cbs([_Progress(), _NoStepSync()])
     learn.freeze()  # the published schedule starts frozen even without ImageNet weights
     learn.arch_name, learn.used_pretrained = arch if isinstance(arch, str) else arch.__name__, pretrained
     return _mixed_precision(learn)
@@ -988,9 +1055,14 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
 
 def confusion_matrix(pred, target, n_classes):
     """Confusion matrix (rows = true class, columns = predicted) of integer arrays/tensors `pred` and `target`."""
+    return _confusion(pred, target, n_classes).cpu().numpy()
+
+
+def _confusion(pred, target, n_classes):
+    """`confusion_matrix` as an int64 tensor on `pred`'s device (no copy to the CPU)."""
     p = torch.as_tensor(pred).reshape(-1).long()
     t = torch.as_tensor(target).reshape(-1).long().to(p.device)
-    return torch.bincount(t * n_classes + p, minlength=n_classes ** 2).reshape(n_classes, n_classes).cpu().numpy()
+    return torch.bincount(t * n_classes + p, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
 
 def segmentation_scores(cm, codes, background=0):
@@ -1020,15 +1092,26 @@ def segmentation_scores(cm, codes, background=0):
 
 
 class _SharedConfusion:
-    """One confusion matrix per validation pass, shared by all metric columns (one argmax per batch)."""
-    def __init__(self, n): self.n, self.cm, self._last = n, None, None
+    """One confusion matrix per validation pass, shared by all metric columns (one argmax per batch).
 
-    def reset(self): self.cm, self._last = np.zeros((self.n, self.n), np.int64), None
+    It is summed on the predictions' device and copied to the CPU once, when the epoch's
+    figures are read, not once per batch.
+    """
+    def __init__(self, n): self.n, self._sum, self._last, self._host = n, None, None, None
+
+    def reset(self): self._sum, self._last, self._host = None, None, None
 
     def update(self, pred, y):
         if pred is self._last: return
-        self._last = pred
-        self.cm += confusion_matrix(pred.argmax(1), y, self.n)
+        self._last, self._host = pred, None
+        cm = _confusion(pred.argmax(1), y, self.n)
+        self._sum = cm if self._sum is None else self._sum + cm
+
+    @property
+    def cm(self):
+        if self._host is None:
+            self._host = (np.zeros((self.n, self.n), np.int64) if self._sum is None else self._sum.cpu().numpy())
+        return self._host
 
 
 def seg_metrics(codes, background=0):

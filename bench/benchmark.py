@@ -5,14 +5,16 @@
 
 For each stage size (1/4, 1/2, full) it reports:
 - `data_path_slices_per_s`: training slices/s through `utils.make_dls` + fastai's Learner (unfrozen,
-  mixed precision on CUDA), the way notebooks 02-04 train;
+  mixed precision on CUDA, `--context-slices` slices per input: 3, the notebooks' default), the way
+  notebooks 02-04 train;
 - `raw_model_slices_per_s`: training steps of the same U-Net on synthetic tensors already on the
   device (same batch size, precision and memory format), measured in the same run;
 - `ratio` = data path / raw model;
 - `peak_rss_gb` (host) and `peak_gpu_gb` (torch allocator) during that stage.
 For whole-volume inference: `predict_and_write_s` (`utils.predict_volume`: every slice at full
 resolution, label PNGs, label TIFF and probabilities written) against `raw_forward_s` (forward
-passes alone on device tensors of the same padded size), and their ratio.
+passes alone on device tensors of the same padded size), and their ratio; without flip TTA, which
+runs the forward pass four times by design.
 The volume is synthetic random data held in memory: speed does not depend on the content.
 """
 import argparse
@@ -109,15 +111,16 @@ def _synthetic_volume(z, h, w, n_classes, seed=0):
                         stems=[f"s{i:04d}" for i in range(z)], source=Path("synthetic"))
 
 
-def _raw_train(size, bs, n_classes, device, warmup, iters, arch="resnet34"):
+def _raw_train(size, bs, n_classes, device, warmup, iters, context=1, arch="resnet34"):
     """Slices/s of plain training steps of the same U-Net on tensors already on the device."""
-    model = utils.create_unet_model(utils._arch(arch), n_classes, size, pretrained=False).to(device)
+    n_in = utils._n_in(context)
+    model = utils.create_unet_model(utils._arch(arch), n_classes, size, pretrained=False, n_in=n_in).to(device)
     dtype = utils._amp_dtype(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    x = torch.randn(bs, 3, *size, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(bs, n_in, *size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, n_classes, (bs, *size), device=device)
     for i in range(warmup + iters):
         if i == warmup:
@@ -133,11 +136,11 @@ def _raw_train(size, bs, n_classes, device, warmup, iters, arch="resnet34"):
     return bs * iters / (time.perf_counter() - t0)
 
 
-def bench_stage(vol, frac, bs, device, warmup, iters, work):
+def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1):
     """Data-path and raw-model training throughput at `frac` of full resolution."""
     _reset_gpu(device)
     with _PeakRSS() as rss:
-        dls = utils.make_dls(vol, frac, bs, valid_pct=0.2, device=device)
+        dls = utils.make_dls(vol, frac, bs, valid_pct=0.2, device=device, context_slices=context)
         learn = utils.build_learner(dls, pretrained=False, work_dir=work, metrics=False)
         learn.unfreeze()
         timer = _TimeBatches(warmup, iters)
@@ -148,23 +151,24 @@ def bench_stage(vol, frac, bs, device, warmup, iters, work):
         size = dls.size
         del learn, dls
         _reset_gpu(device)
-        raw = _raw_train(size, bs, len(vol.codes), device, warmup, iters)
+        raw = _raw_train(size, bs, len(vol.codes), device, warmup, iters, context)
     return {"size": list(size), "bs": bs, "data_path_slices_per_s": _sig(data),
             "raw_model_slices_per_s": _sig(raw), "ratio": round(data / raw, 3),
             "peak_rss_gb": round(rss.peak / 2**30, 2), "peak_gpu_gb": _round(_gpu_peak(device))}
 
 
-def bench_inference(vol, bs, device, work):
+def bench_inference(vol, bs, device, work, context=1):
     """`utils.predict_volume` (predict and write) against raw forward passes over the same slices."""
-    model = utils.create_unet_model(utils._arch("resnet34"), len(vol.codes), vol.shape[1:], pretrained=False)
+    n_in = utils._n_in(context)
+    model = utils.create_unet_model(utils._arch("resnet34"), len(vol.codes), vol.shape[1:], pretrained=False, n_in=n_in)
     model = model.to(device).eval()
     _reset_gpu(device)
     with _PeakRSS() as rss:
         head = utils.Volume(images=vol.images[:bs], labels=None, codes=vol.codes, stems=vol.stems[:bs], source=vol.source)
-        utils.predict_volume(model, head, work / "pred_warmup", bs, device)  # warm-up (kernel selection)
+        utils.predict_volume(model, head, work / "pred_warmup", bs, device, context_slices=context)  # warm-up (kernels)
         _sync(device)
         t0 = time.perf_counter()
-        utils.predict_volume(model, vol, work / "pred", bs, device)
+        utils.predict_volume(model, vol, work / "pred", bs, device, context_slices=context)
         _sync(device)
         predict = time.perf_counter() - t0
     peak_gpu = _gpu_peak(device)
@@ -172,7 +176,7 @@ def bench_inference(vol, bs, device, work):
     dtype = utils._amp_dtype(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    x = torch.randn(bs, 3, h + (-h % 32), w + (-w % 32), device=device).contiguous(memory_format=fmt)
+    x = torch.randn(bs, n_in, h + (-h % 32), w + (-w % 32), device=device).contiguous(memory_format=fmt)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         model(x)  # warm-up
         _sync(device)
@@ -203,6 +207,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--stages", type=float, nargs="*", default=[0.25, 0.5, 1.0], help="training stages (none: inference only)")
     ap.add_argument("--classes", type=int, default=3)
+    ap.add_argument("--context-slices", type=int, default=3, help="slices per input (the notebooks' default: 3)")
     ap.add_argument("--out", help="also write the JSON to this file")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -213,12 +218,13 @@ def main(argv=None):
     vol = _synthetic_volume(*shape, args.classes)
     res = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "precision": str(utils._amp_dtype(device) or "float32"),
-           "volume": shape, "cpu_count": os.cpu_count(), "stages": {}}
+           "volume": shape, "context_slices": args.context_slices, "cpu_count": os.cpu_count(), "stages": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for frac, bs in zip(args.stages, args.bs):
-            res["stages"][str(frac)] = bench_stage(vol, frac, bs, device, args.warmup, args.iters, Path(tmp))
+            res["stages"][str(frac)] = bench_stage(vol, frac, bs, device, args.warmup, args.iters, Path(tmp),
+                                                   args.context_slices)
             print(f"stage {frac}: {res['stages'][str(frac)]}", file=sys.stderr, flush=True)
-        res["inference"] = bench_inference(vol, args.infer_bs, device, Path(tmp))
+        res["inference"] = bench_inference(vol, args.infer_bs, device, Path(tmp), args.context_slices)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

@@ -23,6 +23,7 @@ def test_benchmark_tiny_produces_all_figures(tmp_path):
     for k in ("predict_and_write_s", "raw_forward_s", "ratio", "peak_rss_gb"):
         assert inf[k] > 0, k
     assert inf["slices"] == res["volume"][0]
+    assert res["context_slices"] == 3  # the notebooks' default
 
 
 def test_extraction_benchmark_tiny_produces_all_figures(tmp_path):

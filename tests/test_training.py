@@ -1,11 +1,16 @@
 """DataLoaders, the learner, checkpoints across stage sizes, resume after an interruption."""
 import json
+import sys
+import time
 import urllib.error
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
+from fastai.learner import AvgSmoothLoss
+from fastai.torch_core import find_bs
 
 import utils
 
@@ -105,6 +110,82 @@ def test_train_phase_resumes_and_skips(odd_vol, tmp_path, capsys):
     utils.train_phase(learn2, "t_frozen", 3, 1e-3, 0.5)
     assert counter.trained == []
     assert "already trained" in capsys.readouterr().out
+
+
+class _RecordLosses(Callback):
+    """Every batch's loss and size, training and validation apart."""
+    def before_fit(self): self.seen = {True: [], False: []}
+    def after_batch(self): self.seen[self.training].append((float(self.loss.detach().mean()), find_bs(self.yb)))
+
+
+def test_recorder_losses_match_fastai_and_come_back_to_the_cpu(odd_vol, tmp_path):
+    """The losses are kept on the device during an epoch (no per-step GPU sync); the figures are fastai's."""
+    dls = utils.make_dls(odd_vol, 0.25, bs=2)
+    learn = utils.build_learner(dls, pretrained=False, work_dir=tmp_path)
+    assert isinstance(learn.progress, utils._Progress)
+    with learn.no_bar():
+        assert not hasattr(learn, "progress")
+        seen = _RecordLosses()
+        learn.fit(2, 1e-3, cbs=seen)
+    assert hasattr(learn, "progress")
+    ref = AvgSmoothLoss()
+    expected = []
+    for loss, _ in seen.seen[True]:
+        ref.accumulate(SimpleNamespace(loss=torch.tensor(loss)))
+        expected.append(float(ref.value))
+    losses = learn.recorder.losses
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in losses)
+    assert [float(v) for v in losses] == pytest.approx(expected, rel=1e-5)
+    n_valid = len(seen.seen[False]) // 2  # the last epoch's validation batches
+    valid = seen.seen[False][-n_valid:]
+    valid_loss = sum(v * n for v, n in valid) / sum(n for _, n in valid)
+    assert learn.recorder.values[-1][1] == pytest.approx(valid_loss, rel=1e-5)
+    assert learn.recorder.values[-1][0] == pytest.approx(expected[-1], rel=1e-5)
+
+
+class _InBatch(Callback):
+    """Flags (and numbers) the span from the start of each batch to the end of every callback's after_batch."""
+    order, inside, n = -100, False, 0
+
+    def before_batch(self):
+        type(self).inside = True
+        type(self).n += 1
+
+
+class _BatchEnd(Callback):
+    order = 1000
+    def after_batch(self): _InBatch.inside = False
+
+
+def test_no_copy_to_the_host_inside_a_batch(odd_vol, tmp_path, monkeypatch):
+    """Nothing reads a tensor back to the CPU between a batch's start and the end of its callbacks (training and
+    validation), but the progress bar's running loss at most once a second: on a GPU each such read makes the
+    CPU wait for the GPU. fastai's own recorder and progress bar do it every batch."""
+    dls = utils.make_dls(odd_vol, 0.25, bs=2)
+    learn = utils.build_learner(dls, pretrained=False, work_dir=tmp_path)
+    reads = []  # (batch number, from the progress bar)
+    for meth in ("cpu", "item", "numpy", "tolist", "__float__"):
+        orig = getattr(torch.Tensor, meth)
+
+        def spy(self, *a, _orig=orig, **k):
+            caller = sys._getframe(1)
+            # torch's Adam reads its step counter, which it keeps on the CPU on purpose: no GPU sync, not counted
+            if _InBatch.inside and not caller.f_globals.get("__name__", "").startswith("torch.optim"):
+                frames = [caller]
+                while len(frames) < 6 and frames[-1].f_back is not None:
+                    frames.append(frames[-1].f_back)
+                reads.append((_InBatch.n, any(f.f_code.co_qualname == "_Progress.after_batch" for f in frames)))
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, meth, spy)
+    t0 = time.monotonic()
+    learn.fit(2, 1e-3, cbs=[_InBatch(), _BatchEnd()])  # with the progress bar
+    assert reads and all(bar for _, bar in reads)
+    assert len({n for n, _ in reads}) <= 1 + time.monotonic() - t0
+    reads.clear()
+    with learn.no_bar():  # (fastai's no_bar puts fastai's own bar back on exit)
+        learn.fit(1, 1e-3, cbs=[_InBatch(), _BatchEnd()])
+    assert len(learn.recorder.losses) == len(dls.train) and reads == []
+    assert 0 <= learn.recorder.values[-1][2] <= 1  # the epoch's mean IoU was still computed
 
 
 class _DivergeAfter(Callback):
