@@ -1302,7 +1302,7 @@ def load_model(work_dir, name="full_unfrozen", device=None):
     info.setdefault("triplanar", False)
     device = device or get_device(verbose=False)
     model = create_unet_model(_arch(info["arch"]), len(info["codes"]), tuple(info["size"]), pretrained=False,
-                              n_in=_n_in(info.get("context_slices", 1)))
+                              n_in=_n_in(info["context_slices"]))
     _fastai_load_model(d / f"{name}.pth", model, None, with_opt=False, device=device, strict=True)
     return model.to(device).eval(), info
 
@@ -1424,10 +1424,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     bufs = {}
 
     def launch(z0):
-        if context_slices == 1:
-            x = torch.from_numpy(np.ascontiguousarray(vol.images[z0:z0 + bs]))[:, None]
-        else:
-            x = torch.from_numpy(_slices_with_context(vol.images, np.arange(z0, min(Z, z0 + bs)), context_slices))
+        x = torch.from_numpy(_slices_with_context(vol.images, np.arange(z0, min(Z, z0 + bs)), context_slices))
         p = _forward_probs(model, x.to(device, non_blocking=True), tfms, dtype, tta)
         out = [p.argmax(1).to(torch.uint8)]
         if save_probs:
@@ -2099,16 +2096,10 @@ def _truth_features(vol, pred, connectivity, min_vox, path):
     """Descriptors of every true specimen (component of the ground-truth fossil mask, `min_vox` voxels or more) in
     `path`: its box, `SPECIMEN_FEATURES`, the predicted class fractions `frac_*` under it and its true voxel counts."""
     import pandas as pd
-    import cc3d
     codes, K = list(vol.codes), len(vol.codes)
-    cc, n = cc3d.connected_components(np.asarray(vol.labels) > 0, connectivity=connectivity, binary_image=True,
-                                      return_N=True)
-    stats = cc3d.statistics(cc) if n else {"voxel_counts": [0], "bounding_boxes": [None]}
+    cc, _, _, parts = _find_specimens(np.asarray(vol.labels) > 0, connectivity, min_vox, False, None, None)
     rows = []
-    for i in range(1, n + 1):
-        nv, bb = int(stats["voxel_counts"][i]), stats["bounding_boxes"][i]
-        if nv < min_vox:
-            continue
+    for i, bb, nv in parts:
         local = cc[bb] == i
         frac = np.bincount(pred[bb][local], minlength=K)[:K] / nv
         truth = np.bincount(np.asarray(vol.labels[bb])[local], minlength=K)[:K]
@@ -2190,6 +2181,7 @@ def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, use_review=True,
     X = feats.set_index("id")[SPECIMEN_FEATURES].join(cat.set_index("id")[cols[len(SPECIMEN_FEATURES):]]).fillna(0.0)
     X_fit, y_fit = X.loc[y.index].to_numpy(), y.to_numpy().astype(str)
     n_from = {k: list(source.values()).count(k) for k in ("truth", "review")}
+    n_from["true specimens"] = 0
     tf_path = exp_dir / "truth_features.csv"
     if use_truth and tf_path.exists():  # the true specimens of the training block: more (and cleaner) examples
         tf = pd.read_csv(tf_path)
@@ -2199,7 +2191,6 @@ def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, use_review=True,
             X_fit = np.concatenate([X_fit, tf[cols].fillna(0.0).to_numpy()])
             y_fit = np.concatenate([y_fit, np.asarray(codes[1:])[t.argmax(1)]])
         n_from["true specimens"] = len(tf)
-    n_from.setdefault("true specimens", 0)
     sources = (f"{n_from['truth']} predicted specimens labelled from the ground truth, {n_from['true specimens']} true "
                f"specimens, {n_from['review']} from the review")
     if len(y_fit) < min_examples or len(set(y_fit)) < 2:
