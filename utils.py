@@ -730,20 +730,42 @@ class _VolumeDL(DataLoader):
             yield TensorImage(imgs[zz]), TensorMask(labels[z])
 
 
-def _to_tensor(arr, device, chunk=64):
-    """Copy a (possibly memory-mapped) uint8 array to a tensor on `device`, chunk by chunk (no full host copy)."""
-    out = torch.empty(arr.shape, dtype=torch.uint8, device=device)
+def _to_tensor(arr, where, size=None, mask=False, compute=None, chunk=64):
+    """Copy a (possibly memory-mapped) uint8 (Z, H, W) array to a tensor on `where`, chunk by chunk (no full host copy).
+
+    With `size` (height, width), every slice is resized on the way, on `compute` (the
+    training device), exactly as `_ResizeBatch` would resize it in a batch (`mask`: nearest).
+    A training stage below full resolution thus resizes each slice once, not once per batch
+    it appears in, and keeps only the small volume.
+    """
+    size = tuple(arr.shape[1:]) if size is None else tuple(size)
+    out = torch.empty((len(arr), *size), dtype=torch.uint8, device=where)
     for z in range(0, len(arr), chunk):
-        out[z:z + chunk].copy_(torch.from_numpy(np.ascontiguousarray(arr[z:z + chunk])))
+        x = torch.from_numpy(np.ascontiguousarray(arr[z:z + chunk]))
+        if size != tuple(arr.shape[1:]):
+            x = x.to(compute or where)
+            x = _resize_masks(x, size) if mask else _resize_images(x[:, None], size)[:, 0]
+        out[z:z + chunk].copy_(x)
     return out
 
 
-def _volume_device(vol, device):
-    """The GPU when the uint8 volume takes at most a third of its free memory, else the CPU (batches are copied)."""
+def _volume_device(nbytes, device):
+    """The GPU when `nbytes` (the uint8 training volume) take at most a third of its free memory, else the CPU
+    (batches are then copied)."""
     if device.type != "cuda":
         return torch.device("cpu")
-    need = vol.images.nbytes * (2 if vol.labels is not None else 1)
-    return device if need < torch.cuda.mem_get_info(device)[0] / 3 else torch.device("cpu")
+    return device if nbytes < torch.cuda.mem_get_info(device)[0] / 3 else torch.device("cpu")
+
+
+def _resize_images(x, size):
+    """uint8 (B, C, H, W) -> (B, C, *size): bilinear with antialiasing, rounded back to uint8."""
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False,
+                         antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resize_masks(x, size):
+    """uint8 label slices (B, H, W) -> (B, *size), nearest (labels are never blended)."""
+    return F.interpolate(x[:, None].float(), size=size, mode="nearest-exact")[:, 0].to(torch.uint8)
 
 
 class _ResizeBatch(Transform):
@@ -770,14 +792,13 @@ class _ResizeBatch(Transform):
     def encodes(self, x: TensorImage):
         size = self._out(x.shape[-2:])
         if size is not None and tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False,
-                              antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+            x = _resize_images(x, size)
         return TensorImage(self._pad(x))
 
     def encodes(self, x: TensorMask):  # noqa: F811  (fastai type dispatch)
         size = self._out(x.shape[-2:])
         if size is not None and tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x[:, None].float(), size=size, mode="nearest-exact")[:, 0].to(torch.uint8)
+            x = _resize_masks(x, size)
         return TensorMask(self._pad(x[:, None])[:, 0])
 
 
@@ -879,10 +900,10 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
              context_slices=1, triplanar=False):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution; the last `valid_pct` of z validates.
 
-    Batches are gathered from the uint8 volume held as one tensor (on the GPU when it
-    fits), then resized, augmented and normalised batch-wise on `device`: no image is
-    decoded per epoch. `context_slices` (odd k) feeds each slice with its k-1 neighbours
-    as input channels (clamped at the ends of its block). `triplanar` also trains on XZ and
+    The uint8 volume is resized to the stage size once and held as one tensor (on the GPU
+    when it fits); batches are gathered from it, then augmented and normalised batch-wise
+    on `device`: no image is decoded or resized per batch. `context_slices` (odd k) feeds
+    each slice with its k-1 neighbours as input channels (clamped at the ends of its block). `triplanar` also trains on XZ and
     YZ slices cut from the training block (never from the validation block): every epoch
     sees each axial training slice and as many random XZ and as many random YZ slices,
     resized by the same factor; validation stays on the axial validation block.
@@ -894,8 +915,12 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
     train_idx, valid_idx = split_slices(len(vol.images), valid_pct)
     size = stage_size(vol.shape, size_frac, quick)
     bs = max(1, min(bs, len(train_idx)))
-    where = _volume_device(vol, device)
-    images, labels = _to_tensor(vol.images, where), _to_tensor(vol.labels, where)
+    # The volume is held once at the stage size (tri-planar: at full size, since its XZ/YZ slices are resized
+    # along z too); batches are then gathered from it with no per-batch resize.
+    held = vol.shape[1:] if triplanar else size
+    where = _volume_device(2 * len(vol.images) * held[0] * held[1], device)
+    images = _to_tensor(vol.images, where, held, compute=device)
+    labels = _to_tensor(vol.labels, where, held, mask=True, compute=device)
     n_train = len(train_idx)
     planes = [(images, labels, 0, n_train)]
     train_size = size

@@ -10,6 +10,9 @@ For each stage size (1/4, 1/2, full) it reports:
 - `raw_model_slices_per_s`: training steps of the same U-Net on synthetic tensors already on the
   device (same batch size, precision and memory format), measured in the same run;
 - `ratio` = data path / raw model;
+- `batches_alone_slices_per_s`: the same training batches without a model (what the data path can feed);
+- `setup_s`: seconds to build that stage's DataLoaders, once per stage (the volume is copied to the
+  device and resized to the stage size there, not in every batch);
 - `peak_rss_gb` (host) and `peak_gpu_gb` (torch allocator) during that stage.
 For whole-volume inference: `predict_and_write_s` (`utils.predict_volume`: every slice at full
 resolution, label PNGs, label TIFF and probabilities written) against `raw_forward_s` (forward
@@ -136,11 +139,30 @@ def _raw_train(size, bs, n_classes, device, warmup, iters, context=1, arch="resn
     return bs * iters / (time.perf_counter() - t0)
 
 
+def _batches_alone(dl, warmup, iters, device):
+    """Slices/s of the training DataLoader by itself (gather, augment, normalise; no model): what it can feed."""
+    n = 0
+    while n < warmup + iters:
+        for _ in dl:
+            n += 1
+            if n == warmup:
+                _sync(device)
+                t0 = time.perf_counter()
+            if n == warmup + iters:
+                break
+    _sync(device)
+    return dl.bs * iters / (time.perf_counter() - t0)
+
+
 def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1):
     """Data-path and raw-model training throughput at `frac` of full resolution."""
     _reset_gpu(device)
     with _PeakRSS() as rss:
+        t0 = time.perf_counter()
         dls = utils.make_dls(vol, frac, bs, valid_pct=0.2, device=device, context_slices=context)
+        _sync(device)
+        setup = time.perf_counter() - t0
+        batches = _batches_alone(dls.train, warmup, iters, device)
         learn = utils.build_learner(dls, pretrained=False, work_dir=work, metrics=False)
         learn.unfreeze()
         timer = _TimeBatches(warmup, iters)
@@ -152,7 +174,8 @@ def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1):
         del learn, dls
         _reset_gpu(device)
         raw = _raw_train(size, bs, len(vol.codes), device, warmup, iters, context)
-    return {"size": list(size), "bs": bs, "data_path_slices_per_s": _sig(data),
+    return {"size": list(size), "bs": bs, "setup_s": _sig(setup), "batches_alone_slices_per_s": _sig(batches),
+            "data_path_slices_per_s": _sig(data),
             "raw_model_slices_per_s": _sig(raw), "ratio": round(data / raw, 3),
             "peak_rss_gb": round(rss.peak / 2**30, 2), "peak_gpu_gb": _round(_gpu_peak(device))}
 

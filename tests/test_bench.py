@@ -15,7 +15,7 @@ def test_benchmark_tiny_produces_all_figures(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["stages"]) == {"0.25", "0.5", "1.0"}
     for s in res["stages"].values():
-        for k in ("data_path_slices_per_s", "raw_model_slices_per_s", "ratio", "peak_rss_gb"):
+        for k in ("setup_s", "batches_alone_slices_per_s", "data_path_slices_per_s", "raw_model_slices_per_s", "ratio", "peak_rss_gb"):
             assert s[k] > 0, k
         # both rates are rounded to 3 significant digits, the ratio is computed before rounding
         assert s["ratio"] == pytest.approx(s["data_path_slices_per_s"] / s["raw_model_slices_per_s"], rel=0.02)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import AvgSmoothLoss
-from fastai.torch_core import find_bs
+from fastai.torch_core import TensorImage, find_bs
 
 import utils
 
@@ -40,6 +40,29 @@ def test_batches_resized_and_aligned(odd_vol):
     assert set(torch.unique(y).tolist()) <= {0, 1, 2}
     xt, yt = dls.train.one_batch()  # augmented training batch keeps image and mask shapes aligned
     assert xt.shape[-2:] == yt.shape[-2:] == (70, 66)
+
+
+def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
+    """The stage-size volume held by the DataLoaders gives the same batches, bit for bit, as gathering
+    full-size slices (with their context neighbours) and resizing each batch, as the data path used to."""
+    cpu = torch.device("cpu")
+    dls = utils.make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=cpu, context_slices=3)
+    size = dls.size
+    held = dls.train.planes[0][0]
+    assert held.shape == (len(odd_vol.images), *size) and held.dtype == torch.uint8  # no full-size copy kept
+    full_x, full_y = torch.from_numpy(odd_vol.images), torch.from_numpy(odd_vol.labels)
+    norm = utils._normalize(3, False)
+    for dl, (lo, hi) in ((dls.train, (0, 3)), (dls.valid, (3, 6))):
+        seen = []
+        for x, y in dl:
+            # which slices: the masks tell them apart (each slice's resized mask is unique in this volume)
+            for xi, yi in zip(x, y):
+                z = next(z for z in range(lo, hi) if torch.equal(utils._resize_masks(full_y[z:z + 1], size)[0], yi.to(torch.uint8)))
+                zz = torch.tensor([z - 1, z, z + 1]).clamp(lo, hi - 1)
+                want = utils._resize_images(full_x[zz][None], size).float().div(255)
+                assert torch.equal(xi, norm(TensorImage(want))[0]), f"slice {z}"
+                seen.append(z)
+        assert sorted(seen) == list(range(lo, hi))
 
 
 def test_checkpoint_from_quarter_loads_strictly_at_half(odd_vol, tmp_path):
