@@ -1078,16 +1078,37 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
 # Metrics: true per-class IoU and Dice, and the published metric under its real name
 # ----------------------------------------------------------------------------
 
-def confusion_matrix(pred, target, n_classes):
-    """Confusion matrix (rows = true class, columns = predicted) of integer arrays/tensors `pred` and `target`."""
-    return _confusion(pred, target, n_classes).cpu().numpy()
+def confusion_matrix(pred, target, n_classes, chunk=1 << 24):
+    """Confusion matrix (rows = true class, columns = predicted) of integer arrays/tensors `pred` and `target`.
+
+    Counted `chunk` voxels at a time, so a whole validation block (196 M voxels for a
+    full-size volume) is never widened to int64 at once.
+    """
+    p, t = torch.as_tensor(pred).reshape(-1), torch.as_tensor(target).reshape(-1)
+    cm = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    for i in range(0, p.numel(), chunk):
+        cm += _confusion(p[i:i + chunk], t[i:i + chunk], n_classes).cpu()
+    return cm.numpy()
 
 
-def _confusion(pred, target, n_classes):
-    """`confusion_matrix` as an int64 tensor on `pred`'s device (no copy to the CPU)."""
+def _confusion(pred, target, n_classes, scatter=None):
+    """`confusion_matrix` as an int64 tensor on `pred`'s device.
+
+    On CUDA (or with `scatter=True`) it is counted with a scatter-add, not `torch.bincount`,
+    which reads its input's min and max back to the host: a wait for the GPU at every
+    validation batch. The adds go to 256 interleaved copies of the n x n counters, summed at
+    the end, so that fewer of the GPU's atomic adds hit the same counter.
+    """
     p = torch.as_tensor(pred).reshape(-1).long()
-    t = torch.as_tensor(target).reshape(-1).long().to(p.device)
-    return torch.bincount(t * n_classes + p, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    t = torch.as_tensor(target).reshape(-1).to(p.device).long()
+    idx = t * n_classes + p
+    if not (p.device.type == "cuda" if scatter is None else scatter):
+        return torch.bincount(idx, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    lanes = 256
+    idx += (torch.arange(idx.numel(), device=idx.device) % lanes) * n_classes ** 2
+    counts = torch.zeros(lanes * n_classes ** 2, dtype=torch.long, device=idx.device)
+    counts.index_add_(0, idx, torch.ones_like(idx))
+    return counts.view(lanes, n_classes, n_classes).sum(0)
 
 
 def segmentation_scores(cm, codes, background=0):

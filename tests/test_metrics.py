@@ -7,6 +7,20 @@ import torch
 import utils
 
 
+def test_sync_free_confusion_counts_like_bincount(monkeypatch):
+    """The scatter-add count used on the GPU (no read-back of the input's min and max, which `torch.bincount` does
+    there) gives bincount's counts, for any number of classes and voxels; the chunked public version too."""
+    g = torch.Generator().manual_seed(0)
+    for n, numel in ((3, 1000), (5, 257), (2, 1), (4, 0)):
+        pred, target = torch.randint(0, n, (numel,), generator=g), torch.randint(0, n, (numel,), generator=g)
+        want = torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "bincount", None)  # the scatter path must not use it
+            got = utils._confusion(pred, target, n, scatter=True)
+        assert got.dtype == torch.long and torch.equal(got, want), (n, numel)
+        assert np.array_equal(utils.confusion_matrix(pred.numpy(), target.numpy(), n, chunk=100), want.numpy())
+
+
 def test_confusion_and_scores_by_hand():
     target = np.array([[0, 0, 1, 1],
                        [0, 2, 2, 1]])
