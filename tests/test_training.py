@@ -56,8 +56,9 @@ def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
         seen = []
         for x, y in dl:
             # which slices: the masks tell them apart (each slice's resized mask is unique in this volume)
+            masks = {z: utils._resize_masks(full_y[z:z + 1], size)[0] for z in range(lo, hi)}
             for xi, yi in zip(x, y):
-                z = next(z for z in range(lo, hi) if torch.equal(utils._resize_masks(full_y[z:z + 1], size)[0], yi.to(torch.uint8)))
+                z = next(z for z, m in masks.items() if torch.equal(m, yi.to(torch.uint8)))
                 zz = torch.tensor([z - 1, z, z + 1]).clamp(lo, hi - 1)
                 want = utils._resize_images(full_x[zz][None], size).float().div(255)
                 assert torch.equal(xi, norm(TensorImage(want))[0]), f"slice {z}"
