@@ -37,6 +37,7 @@ from fastai.vision.all import (CrossEntropyLossFlat, CSVLogger, Callback, DataLo
                                Normalize, Pipeline, TensorImage, TensorMask, Transform,
                                create_unet_model, imagenet_stats, unet_learner)
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import valley
 from fastai.learner import AvgLoss, AvgSmoothLoss
 from fastai.learner import load_model as _fastai_load_model
 from fastai.torch_core import find_bs
@@ -738,11 +739,12 @@ def _to_tensor(arr, where, size=None, mask=False, compute=None, chunk=64):
     A training stage below full resolution thus resizes each slice once, not once per batch
     it appears in, and keeps only the small volume.
     """
-    size = tuple(arr.shape[1:]) if size is None else tuple(size)
+    full = tuple(arr.shape[1:])
+    size = full if size is None else tuple(size)
     out = torch.empty((len(arr), *size), dtype=torch.uint8, device=where)
     for z in range(0, len(arr), chunk):
         x = torch.from_numpy(np.ascontiguousarray(arr[z:z + chunk]))
-        if size != tuple(arr.shape[1:]):
+        if size != full:
             x = x.to(compute or where)
             x = _resize_masks(x, size) if mask else _resize_images(x[:, None], size)[:, 0]
         out[z:z + chunk].copy_(x)
@@ -903,10 +905,11 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
     The uint8 volume is resized to the stage size once and held as one tensor (on the GPU
     when it fits); batches are gathered from it, then augmented and normalised batch-wise
     on `device`: no image is decoded or resized per batch. `context_slices` (odd k) feeds
-    each slice with its k-1 neighbours as input channels (clamped at the ends of its block). `triplanar` also trains on XZ and
-    YZ slices cut from the training block (never from the validation block): every epoch
-    sees each axial training slice and as many random XZ and as many random YZ slices,
-    resized by the same factor; validation stays on the axial validation block.
+    each slice with its k-1 neighbours as input channels (clamped at the ends of its block).
+    `triplanar` also trains on XZ and YZ slices cut from the training block (never from the
+    validation block): every epoch sees each axial training slice and as many random XZ and
+    as many random YZ slices, resized by the same factor; validation stays on the axial
+    validation block.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
@@ -1263,7 +1266,6 @@ def _lr_valley(lrs, losses, num_it):
     loss diverged early (`stop_div`; likely with a short `num_it`) and then fails with an
     IndexError; here all the recorded steps before the first NaN are used instead.
     """
-    from fastai.callback.schedule import valley
     lrs, losses = torch.as_tensor(list(map(float, lrs))), torch.as_tensor(list(map(float, losses)))
     nan = torch.nonzero(torch.isnan(losses)).flatten()
     if len(nan):

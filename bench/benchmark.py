@@ -22,6 +22,7 @@ The volume is synthetic random data held in memory: speed does not depend on the
 """
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -141,15 +142,13 @@ def _raw_train(size, bs, n_classes, device, warmup, iters, context=1, arch="resn
 
 def _batches_alone(dl, warmup, iters, device):
     """Slices/s of the training DataLoader by itself (gather, augment, normalise; no model): what it can feed."""
-    n = 0
-    while n < warmup + iters:
-        for _ in dl:
-            n += 1
-            if n == warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            if n == warmup + iters:
-                break
+    batches = itertools.chain.from_iterable(itertools.repeat(dl))  # epoch after epoch
+    for _ in itertools.islice(batches, warmup):
+        pass
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in itertools.islice(batches, iters):
+        pass
     _sync(device)
     return dl.bs * iters / (time.perf_counter() - t0)
 

@@ -54,9 +54,9 @@ def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
     norm = utils._normalize(3, False)
     for dl, (lo, hi) in ((dls.train, (0, 3)), (dls.valid, (3, 6))):
         seen = []
+        # which slices: the masks tell them apart (each slice's resized mask is unique in this volume)
+        masks = {z: utils._resize_masks(full_y[z:z + 1], size)[0] for z in range(lo, hi)}
         for x, y in dl:
-            # which slices: the masks tell them apart (each slice's resized mask is unique in this volume)
-            masks = {z: utils._resize_masks(full_y[z:z + 1], size)[0] for z in range(lo, hi)}
             for xi, yi in zip(x, y):
                 z = next(z for z, m in masks.items() if torch.equal(m, yi.to(torch.uint8)))
                 zz = torch.tensor([z - 1, z, z + 1]).clamp(lo, hi - 1)
