@@ -4,7 +4,7 @@
     python bench/benchmark.py --tiny         # CPU smoke test: tiny sizes, only checks that every figure is produced
 
 For each stage size (1/4, 1/2, full) it reports:
-- `data_path_slices_per_s`: training slices/s through `utils.make_dls` + fastai's Learner (unfrozen,
+- `data_path_slices_per_s`: training slices/s through `make_dls` + fastai's Learner (unfrozen,
   mixed precision on CUDA, `--context-slices` slices per input: 3, the notebooks' default), the way
   notebooks 02-04 train;
 - `raw_model_slices_per_s`: training steps of the same U-Net on synthetic tensors already on the
@@ -14,7 +14,7 @@ For each stage size (1/4, 1/2, full) it reports:
 - `setup_s`: seconds to build that stage's DataLoaders, once per stage (the volume is copied to the
   device and resized to the stage size there, not in every batch);
 - `peak_rss_gb` (host) and `peak_gpu_gb` (torch allocator) during that stage.
-For whole-volume inference: `predict_and_write_s` (`utils.predict_volume`: every slice at full
+For whole-volume inference: `predict_and_write_s` (`predict_volume`: every slice at full
 resolution, label PNGs, label TIFF and probabilities written) against `raw_forward_s` (forward
 passes alone on device tensors of the same padded size), and their ratio; without flip TTA, which
 runs the forward pass four times by design.
@@ -40,7 +40,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from fastai.callback.core import Callback, CancelFitException, CancelValidException  # noqa: E402
 
-import utils  # noqa: E402
+from fastai.vision.all import create_unet_model  # noqa: E402
+
+from microfossil.learner import amp_dtype, build_learner, encoder  # noqa: E402
+from microfossil.loaders import get_device, make_dls, n_input_channels  # noqa: E402
+from microfossil.prediction import predict_volume  # noqa: E402
+from microfossil.volume import Volume  # noqa: E402
 
 
 class _PeakRSS:
@@ -111,15 +116,15 @@ def _synthetic_volume(z, h, w, n_classes, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (z, h, w), dtype=np.uint8)
     labels = (images // (256 // n_classes + 1)).astype(np.uint8)
-    return utils.Volume(images=images, labels=labels, codes=[f"class{i}" for i in range(n_classes)],
+    return Volume(images=images, labels=labels, codes=[f"class{i}" for i in range(n_classes)],
                         stems=[f"s{i:04d}" for i in range(z)], source=Path("synthetic"))
 
 
 def _raw_train(size, bs, n_classes, device, warmup, iters, context=1, arch="resnet34"):
     """Slices/s of plain training steps of the same U-Net on tensors already on the device."""
-    n_in = utils._n_in(context)
-    model = utils.create_unet_model(utils._arch(arch), n_classes, size, pretrained=False, n_in=n_in).to(device)
-    dtype = utils._amp_dtype(device)
+    n_in = n_input_channels(context)
+    model = create_unet_model(encoder(arch), n_classes, size, pretrained=False, n_in=n_in).to(device)
+    dtype = amp_dtype(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -158,11 +163,11 @@ def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1):
     _reset_gpu(device)
     with _PeakRSS() as rss:
         t0 = time.perf_counter()
-        dls = utils.make_dls(vol, frac, bs, valid_pct=0.2, device=device, context_slices=context)
+        dls = make_dls(vol, frac, bs, valid_pct=0.2, device=device, context_slices=context)
         _sync(device)
         setup = time.perf_counter() - t0
         batches = _batches_alone(dls.train, warmup, iters, device)
-        learn = utils.build_learner(dls, pretrained=False, work_dir=work, metrics=False)
+        learn = build_learner(dls, pretrained=False, work_dir=work, metrics=False)
         learn.unfreeze()
         timer = _TimeBatches(warmup, iters)
         n_batches = len(dls.train)
@@ -180,22 +185,22 @@ def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1):
 
 
 def bench_inference(vol, bs, device, work, context=1):
-    """`utils.predict_volume` (predict and write) against raw forward passes over the same slices."""
-    n_in = utils._n_in(context)
-    model = utils.create_unet_model(utils._arch("resnet34"), len(vol.codes), vol.shape[1:], pretrained=False, n_in=n_in)
+    """`predict_volume` (predict and write) against raw forward passes over the same slices."""
+    n_in = n_input_channels(context)
+    model = create_unet_model(encoder("resnet34"), len(vol.codes), vol.shape[1:], pretrained=False, n_in=n_in)
     model = model.to(device).eval()
     _reset_gpu(device)
     with _PeakRSS() as rss:
-        head = utils.Volume(images=vol.images[:bs], labels=None, codes=vol.codes, stems=vol.stems[:bs], source=vol.source)
-        utils.predict_volume(model, head, work / "pred_warmup", bs, device, context_slices=context)  # warm-up (kernels)
+        head = Volume(images=vol.images[:bs], labels=None, codes=vol.codes, stems=vol.stems[:bs], source=vol.source)
+        predict_volume(model, head, work / "pred_warmup", bs, device, context_slices=context)  # warm-up (kernels)
         _sync(device)
         t0 = time.perf_counter()
-        utils.predict_volume(model, vol, work / "pred", bs, device, context_slices=context)
+        predict_volume(model, vol, work / "pred", bs, device, context_slices=context)
         _sync(device)
         predict = time.perf_counter() - t0
     peak_gpu = _gpu_peak(device)
     z, h, w = vol.shape
-    dtype = utils._amp_dtype(device)
+    dtype = amp_dtype(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
     x = torch.randn(bs, n_in, h + (-h % 32), w + (-w % 32), device=device).contiguous(memory_format=fmt)
@@ -235,11 +240,11 @@ def main(argv=None):
     if args.tiny:
         args.shape, args.bs, args.iters, args.warmup, args.infer_bs = args.shape or [6, 64, 72], [2, 2, 2], 2, 1, 2
     shape = args.shape or [983, 1004, 956]
-    device = utils.get_device(verbose=False)
+    device = get_device(verbose=False)
     torch.manual_seed(0)
     vol = _synthetic_volume(*shape, args.classes)
     res = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "precision": str(utils._amp_dtype(device) or "float32"),
+           "torch": torch.__version__, "precision": str(amp_dtype(device) or "float32"),
            "volume": shape, "context_slices": args.context_slices, "cpu_count": os.cpu_count(), "stages": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for frac, bs in zip(args.stages, args.bs):

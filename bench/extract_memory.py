@@ -8,7 +8,7 @@ volume (here the embedded sample's ground truth at that size, rendered without i
 `--specks` random cubic specks of 1 to 125 voxels, like those of a slice-by-slice prediction), a CT volume
 as a memory-mapped `.npy` (as the volume cache is) and `predictions/probs.npy`.
 Step 2 runs in a fresh process, so that its peak RSS is the extraction's own: it holds the labels in
-RAM (as 05 does), runs `utils.extract_fossils` and `utils.evaluate_specimens`, and reports their
+RAM (as 05 does), runs `extract_fossils` and `evaluate_specimens`, and reports their
 seconds, the counts, and the process's peak RSS sampled from /proc every 50 ms: `peak_rss_gb` (all
 resident pages, including the memory-mapped CT and probabilities, which the kernel can drop) and
 `peak_anon_gb` (the process's own arrays, the part that can run a machine out of memory).
@@ -26,20 +26,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
+from microfossil.evaluation import evaluate_specimens  # noqa: E402
+from microfossil.extraction import extract_fossils  # noqa: E402
+from microfossil.sample import SAMPLE_CODES, SAMPLE_SIZES, _make_objects, _render_object  # noqa: E402
+from microfossil.volume import Volume  # noqa: E402
 
 
 def write_inputs(d, shape, n_specks, seed=0):
     """The inputs of the extraction cell, in folder `d`: labels.npy (with specks), truth.npy, ct.npy, predictions/probs.npy."""
     Z, H, W = shape
-    objs = utils._make_objects(shape, seed)
+    objs = _make_objects(shape, seed)
     (d / "predictions").mkdir(parents=True)
     truth = np.lib.format.open_memmap(d / "truth.npy", "w+", np.uint8, shape)
     for s0 in range(0, Z, 32):
         s1 = min(Z, s0 + 32)
         img, lab = np.zeros((s1 - s0, H, W), np.float32), np.zeros((s1 - s0, H, W), np.uint8)
         for o in objs:
-            utils._render_object(o, img, lab, s0)
+            _render_object(o, img, lab, s0)
         truth[s0:s1] = lab
     pred = np.lib.format.open_memmap(d / "labels.npy", "w+", np.uint8, shape)
     pred[:] = truth
@@ -86,15 +89,15 @@ class _Peak:
 def run(d):
     """Step 2, in its own process: the extraction as 05 runs it; returns the figures."""
     pred = np.load(d / "labels.npy")  # in RAM, as predict_volume returns it
-    vol = utils.Volume(images=np.load(d / "ct.npy", mmap_mode="r"), labels=np.load(d / "truth.npy", mmap_mode="r"),
-                       codes=list(utils.SAMPLE_CODES), stems=[], source=d)
+    vol = Volume(images=np.load(d / "ct.npy", mmap_mode="r"), labels=np.load(d / "truth.npy", mmap_mode="r"),
+                       codes=list(SAMPLE_CODES), stems=[], source=d)
     before = _status()
     with _Peak() as peak:
         t = time.time()
-        cat = utils.extract_fossils(vol, d, pred)
+        cat = extract_fossils(vol, d, pred)
         t_extract = time.time() - t
         t = time.time()
-        sp = utils.evaluate_specimens(vol, d, 0.2)
+        sp = evaluate_specimens(vol, d, 0.2)
     info = json.loads((d / "exports" / "extraction.json").read_text())
     return {"extract_s": round(t_extract, 1), "evaluate_s": round(time.time() - t, 1),
             "peak_rss_gb": round(peak.rss, 2), "peak_anon_gb": round(peak.anon, 2),
@@ -114,7 +117,7 @@ def main(argv=None):
     if args.step2:
         print(json.dumps(run(Path(args.step2))))
         return 0
-    shape = (40, 128, 128) if args.tiny else utils.SAMPLE_SIZES["full"]
+    shape = (40, 128, 128) if args.tiny else SAMPLE_SIZES["full"]
     n_specks = args.specks if args.specks is not None else (200 if args.tiny else 20000)
     d = Path(tempfile.mkdtemp(prefix="extract_bench_"))
     try:

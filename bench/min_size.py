@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
+from microfossil.evaluation import match_specimens  # noqa: E402
+from microfossil.volume import load_volume, split_slices  # noqa: E402
 
 BINS = [1, 10, 50, 100, 150, 250, 500, 1000, 5000, 10 ** 12]
 THRESHOLDS = [1, 10, 25, 50, 100, 150, 250, 500, 1000]
@@ -33,7 +34,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import cc3d
     import tifffile
-    vol = utils.load_volume(args.data_dir)
+    vol = load_volume(args.data_dir)
     pred = tifffile.imread(Path(args.work_dir) / "predictions" / "labels.tif").reshape(vol.shape)
     truth = np.asarray(vol.labels)
     cc, n = cc3d.connected_components(pred, connectivity=args.connectivity, binary_image=True, return_N=True)
@@ -48,11 +49,11 @@ def main(argv=None):
                      "true": int((sel & true_comp).sum()), "false": int((sel & ~true_comp).sum())})
     gt_cc, m = cc3d.connected_components(truth, connectivity=args.connectivity, binary_image=True, return_N=True)
     gt_sizes = np.bincount(gt_cc.ravel())[1:]
-    _, valid_idx = utils.split_slices(len(vol.images), args.valid_pct)
+    _, valid_idx = split_slices(len(vol.images), args.valid_pct)
     z0, z1 = int(valid_idx[0]), int(valid_idx[-1]) + 1
     by_min = []
     for t in THRESHOLDS:
-        r = utils._match_specimens(truth[z0:z1], pred[z0:z1], vol.codes, args.connectivity, t)
+        r = match_specimens(truth[z0:z1], pred[z0:z1], vol.codes, args.connectivity, t)
         by_min.append({k: r[k] for k in ("min_voxels", "n_true", "n_predicted", "n_matched", "precision", "recall", "f1")})
     out = {"volume": list(vol.shape), "predicted_components": {"n": int(n), "by_size": bins},
            "true_specimens": {"n": int(m), "smallest": int(gt_sizes.min()) if m else None,

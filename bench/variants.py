@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import utils  # noqa: E402
+from microfossil.evaluation import evaluation_markdown  # noqa: E402
+from microfossil.io import write_json  # noqa: E402
 
 # name: (notebook parameters, the variant whose trained model it reuses or None)
 VARIANTS = {
@@ -95,9 +96,9 @@ def main(argv=None):
     rows, codes = collect(args.work_root, args.variants)
     if not rows:
         raise SystemExit(f"no finished variant run with an evaluation under {args.work_root}")
-    md = utils.evaluation_markdown(rows, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
+    md = evaluation_markdown(rows, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
     root = Path(args.work_root)
-    utils._write_json(root / "evaluation.json", {"codes": codes, "rows": rows, "settings": dict(args.p)})
+    write_json(root / "evaluation.json", {"codes": codes, "rows": rows, "settings": dict(args.p)})
     (root / "evaluation.md").write_text(md)
     print(md)
 

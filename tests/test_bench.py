@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from conftest import ROOT
+from microfossil.evaluation import evaluation_row, write_evaluation
+from microfossil.volume import load_volume
 
 
 def test_benchmark_tiny_produces_all_figures(tmp_path):
@@ -43,8 +45,7 @@ def test_min_size_report(tiny, tmp_path, capsys):
     import tifffile
     sys.path.insert(0, str(ROOT / "bench"))
     import min_size
-    import utils
-    vol = utils.load_volume(tiny)
+    vol = load_volume(tiny)
     pred = np.asarray(vol.labels).copy()
     pred[0, 0, 0] = pred[5, 90, 3] = 1  # two one-voxel specks on background
     (tmp_path / "predictions").mkdir()
@@ -61,7 +62,6 @@ def test_variants_table_collects_finished_runs(tmp_path, capsys):
     """bench/variants.py --collect: one table from the evaluation.json of each variant's run, with its seconds."""
     sys.path.insert(0, str(ROOT / "bench"))
     import variants
-    import utils
     codes = ["background", "foram"]
     scores = {"iou": {"background": 0.99, "foram": 0.5}, "dice": {"background": 0.99, "foram": 0.66},
               "mean_iou_fossils": 0.5, "pixel_acc_nonbg": 0.7}
@@ -71,9 +71,9 @@ def test_variants_table_collects_finished_runs(tmp_path, capsys):
         (work / "models").mkdir(parents=True)
         (work / "models" / "full_unfrozen.json").write_text(json.dumps({"seconds": 100.0}))
         (work / "metrics.json").write_text(json.dumps({"predict_seconds": 7.0 if name == "k1" else 28.0}))
-        rows = [utils.evaluation_row(name, "segmentation", scores, sp),
-                utils.evaluation_row(name, "+ specimen classifier", scores, {**sp, "class_f1": 0.9})]
-        utils.write_evaluation(work, rows, codes)
+        rows = [evaluation_row(name, "segmentation", scores, sp),
+                evaluation_row(name, "+ specimen classifier", scores, {**sp, "class_f1": 0.9})]
+        write_evaluation(work, rows, codes)
     variants.main(["--work-root", str(tmp_path), "--collect"])
     md = capsys.readouterr().out
     lines = [ln for ln in md.splitlines() if ln.startswith("| k1")]

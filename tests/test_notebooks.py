@@ -1,6 +1,7 @@
 """The notebooks: committed clean, one shared parameter vocabulary, and all of them executed headless in order."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import papermill as pm
@@ -9,8 +10,12 @@ import tifffile
 from PIL import Image
 
 import run_pipeline
-import utils
 from conftest import ROOT, snapshot
+from microfossil.classifier import NOT_A_FOSSIL
+from microfossil.review import ReviewSession
+from microfossil.sample import make_sample
+from microfossil.training import phase_done, read_record
+from microfossil.volume import load_volume
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 COMMON = {"data_dir", "work_dir", "quick", "valid_pct", "data_url", "sample_size", "seed"}
@@ -40,8 +45,55 @@ def test_notebook_is_stripped_and_parametrised(nb):
     assert not unused, f"{nb.name}: parameters {unused} are never used"
 
 
+def _printed(executed):
+    """Everything an executed notebook printed."""
+    return "".join("".join(o.get("text", "")) for c in json.loads(Path(executed).read_text())["cells"]
+                   for o in c.get("outputs", []))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS[1:4], ids=lambda p: p.stem)
+def test_training_notebooks_show_fastais_own_calls(nb):
+    """The recipe stands in the cells; checkpointing and resuming are a callback passed in `cbs`."""
+    code = "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+    for call in ("dls.show_batch(", "learn.freeze()", "learn.lr_find(", "learn.fit_one_cycle(", "learn.unfreeze()",
+                 "slice(lr_unfrozen_lo, lr_unfrozen_hi)", "pct_start=", "cbs=utils.PhaseCheckpoint(",
+                 "learn.show_results(", "utils.plot_history(", "utils.attempts("):
+        assert call in code, f"{nb.name} lacks {call}"
+    assert code.count("learn.fit_one_cycle(") == 2 and code.count("learn.lr_find(") == 2
+
+
+def test_rerun_with_another_learning_rate_retrains_then_skips(tiny, tmp_path):
+    """02 in quick mode; again with lr_frozen 0.001: phase 1 is trained again (its first attempt kept) and so is
+    phase 2, which starts from it; then again unchanged: both are skipped."""
+    work = tmp_path / "run"
+    nb = NOTEBOOKS[1]
+
+    def run(k, **params):
+        out = tmp_path / f"02_run{k}.ipynb"
+        pm.execute_notebook(str(nb), str(out), cwd=str(nb.parent), kernel_name="python3", progress_bar=False,
+                            parameters=dict(data_dir=str(tiny), work_dir=str(work), quick=True, pretrained=False,
+                                            run_lr_find=False, **params))
+        return _printed(out)
+    run(1)
+    assert read_record(work, "256_frozen")["lr"] == 0.0002 and read_record(work, "256_frozen")["attempt"] == 1
+    text = run(2, lr_frozen=0.001)
+    assert "256_frozen: plan changed: lr 0.0002 -> 0.001" in text
+    assert "256_unfrozen: plan changed: start 256_frozen.attempt1 -> 256_frozen.attempt2" in text
+    rec = json.loads((work / "models" / "256_frozen.json").read_text())
+    assert rec["plan"]["lr"] == 0.001 and rec["attempt"] == 2
+    for phase in ("256_frozen", "256_unfrozen"):
+        assert (work / "models" / "attempts" / f"{phase}.attempt1.pth").exists()
+        assert phase_done(work, f"{phase}.attempt1") and read_record(work, phase)["attempt"] == 2
+    assert read_record(work, "256_frozen.attempt1")["lr"] == 0.0002
+    text = run(3, lr_frozen=0.001)
+    assert "256_frozen: already trained with this plan (attempt 2)" in text
+    assert "256_unfrozen: already trained with this plan (attempt 2)" in text
+    assert sorted(p.name for p in (work / "models" / "attempts").iterdir()) == [
+        "256_frozen.attempt1.json", "256_frozen.attempt1.pth", "256_unfrozen.attempt1.json", "256_unfrozen.attempt1.pth"]
+
+
 def _check_run(ds, work, n_classes, variant="k=1"):
-    vol = utils.load_volume(ds)
+    vol = load_volume(ds)
     pred_dir = work / "predictions"
     for stem in vol.stems:  # a prediction PNG for every slice, same size, values = class index
         png = np.asarray(Image.open(pred_dir / f"{stem}.png"))
@@ -55,15 +107,15 @@ def _check_run(ds, work, n_classes, variant="k=1"):
     for nb in NOTEBOOKS:
         assert (work / "notebooks" / nb.name).exists()
     for fig in ("slice", "orthoviews", "histogram", "lr_find_256_frozen", "lr_find_full_unfrozen",
-                "history_full", "predictions_valid"):
+                "results_256", "history_full", "predictions_valid"):
         assert (work / "figures" / f"{fig}.png").exists(), fig
     for name in ("256", "512", "full"):
         for phase in ("frozen", "unfrozen"):
-            assert utils.phase_done(work, f"{name}_{phase}")
+            assert phase_done(work, f"{name}_{phase}")
     # extraction ran inside the pipeline: a catalogue (possibly empty with a quick model), the cleaned labels,
     # object-level scores; the review notebook ran headless and skipped its panel
-    cat = utils.ReviewSession(work).cat
-    assert list(cat.columns[:2]) == ["id", "class"] and set(cat["class"]) <= {*vol.codes[1:], utils.NOT_A_FOSSIL}
+    cat = ReviewSession(work).cat
+    assert list(cat.columns[:2]) == ["id", "class"] and set(cat["class"]) <= {*vol.codes[1:], NOT_A_FOSSIL}
     assert tifffile.imread(pred_dir / "labels_clean.tif").shape == vol.shape
     assert {"n_true", "n_predicted", "precision", "recall", "f1"} <= set(m["specimens"])
     info = json.loads((work / "exports" / "extraction.json").read_text())
@@ -72,8 +124,7 @@ def _check_run(ds, work, n_classes, variant="k=1"):
     ev = json.loads((work / "evaluation.json").read_text())
     assert ev["rows"][0]["variant"] == variant and ev["rows"][0]["step"] == "segmentation"
     assert ev["rows"][0]["iou"] == m["iou"] and "| variant | step |" in (work / "evaluation.md").read_text()
-    out = json.loads((work / "notebooks" / "06_review.ipynb").read_text())
-    text = "".join("".join(o.get("text", "")) for c in out["cells"] for o in c.get("outputs", []))
+    text = _printed(work / "notebooks" / "06_review.ipynb")
     assert "review panel skipped" in text and "No decision in review.csv yet" in text
 
 
@@ -88,8 +139,7 @@ def test_pipeline_quick_on_png_sample(tiny, tmp_path):
     # re-running a finished stage skips it (the "survives a disconnect" path)
     assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--quick", "--only", "03",
                               "-p", "pretrained", "False"]) == 0
-    out = json.loads((work / "notebooks" / "03_train_512.ipynb").read_text())
-    text = "".join("".join(o.get("text", "")) for c in out["cells"] for o in c.get("outputs", []))
+    text = _printed(work / "notebooks" / "03_train_512.ipynb")
     assert "512_frozen: already trained" in text and "512_unfrozen: already trained" in text
 
 
@@ -97,16 +147,15 @@ def test_pipeline_quick_on_unseen_layout(tmp_path):
     """Odd slice size, 16-bit multi-page TIFF, other class names and an extra (unused) class; and the 3D-context
     variants all at once: 5 context slices (the first convolution adapted), tri-planar training and prediction,
     flip TTA."""
-    ds = utils.make_sample(tmp_path / "odd", n_slices=10, height=75, width=83, seed=9, bit_depth=16, fmt="tif-stack")
+    ds = make_sample(tmp_path / "odd", n_slices=10, height=75, width=83, seed=9, bit_depth=16, fmt="tif-stack")
     (ds / "codes.txt").write_text("matrix\nbenthic foram\nostracod valve\npyrite\n")
     work = tmp_path / "run"
     assert run_pipeline.main(["--data-dir", str(ds), "--work-dir", str(work), "--quick",
                               "-p", "pretrained", "False", "-p", "bs", "3", "-p", "context_slices", "5",
                               "-p", "triplanar", "True", "-p", "tta", "True"]) == 0
     _check_run(ds, work, 4, variant="k=5, tri-planar, flip TTA")
-    info = json.loads((work / "models" / "full_unfrozen.json").read_text())
-    assert info["context_slices"] == 5 and info["triplanar"] is True
-    assert json.loads((work / "models" / "full_unfrozen.json").read_text())["codes"][3] == "pyrite"
+    info = read_record(work, "full_unfrozen")
+    assert info["context_slices"] == 5 and info["triplanar"] is True and info["codes"][3] == "pyrite"
 
 
 def test_runner_rejects_unknown_parameter(tiny, tmp_path):

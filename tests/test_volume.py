@@ -1,14 +1,16 @@
-"""Loading, validation of bad input, the split, and the synthetic sample."""
+"""Loading a dataset: every layout and bit depth, every bad input stopped with its file named, the split, the cache,
+the voxel size."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
-import utils
 from conftest import snapshot
+from microfossil import volume
+from microfossil.sample import make_sample
+from microfossil.volume import DatasetError, load_volume, read_voxel_size, split_slices
 
 
 def _copy(src, tmp_path):
@@ -19,7 +21,7 @@ def _copy(src, tmp_path):
 
 def test_load_png_sample(tiny):
     before = snapshot(tiny)
-    vol = utils.load_volume(tiny)
+    vol = load_volume(tiny)
     assert vol.images.shape == vol.labels.shape == (12, 96, 96)
     assert vol.images.dtype == np.uint8 and vol.window == (0.0, 255.0)
     assert vol.codes == ["background", "foraminifera", "ostracod"]
@@ -36,23 +38,23 @@ def test_natural_slice_order(tmp_path):
     for z in (10, 2, 1):  # lexicographic order would put 10 before 2
         Image.fromarray(np.full((8, 8), z, np.uint8)).save(ds / "train" / f"s{z}.png")
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(ds / "train_masks_labels" / f"s{z}_GT.png")
-    vol = utils.load_volume(ds)
+    vol = load_volume(ds)
     assert vol.stems == ["s1", "s2", "s10"]
     assert vol.images[:, 0, 0].tolist() == [1, 2, 10]
 
 
 def test_multipage_tiff_equals_png_slices(tiny, tmp_path):
-    stack = utils.make_sample(tmp_path / "stack", n_slices=12, height=96, width=96, seed=3, fmt="tif-stack")
-    a, b = utils.load_volume(tiny), utils.load_volume(stack)
+    stack = make_sample(tmp_path / "stack", n_slices=12, height=96, width=96, seed=3, fmt="tif-stack")
+    a, b = load_volume(tiny), load_volume(stack)
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert b.stems[0] == "volume_0000" and len(b.stems) == 12
 
 
 def test_16bit_is_windowed_to_uint8(tmp_path):
-    ds = utils.make_sample(tmp_path / "s16", n_slices=6, height=64, width=72, seed=1, bit_depth=16)
+    ds = make_sample(tmp_path / "s16", n_slices=6, height=64, width=72, seed=1, bit_depth=16)
     assert np.asarray(Image.open(ds / "train" / "slice_0000.png")).dtype == np.uint16
-    vol = utils.load_volume(ds)
+    vol = load_volume(ds)
     assert vol.images.dtype == np.uint8 and vol.raw_dtype == "uint16"
     lo, hi = vol.window
     assert 0 <= lo < hi <= 65535 and hi - lo > 255  # a real 16-bit window, not 8-bit identity
@@ -68,13 +70,13 @@ def test_16bit_tiff_slices(tmp_path):
     for z in range(3):
         tifffile.imwrite(ds / "train" / f"x{z}.tif", rng.integers(1000, 50000, (17, 23), dtype=np.uint16))
         tifffile.imwrite(ds / "train_masks_labels" / f"x{z}_GT.tif", rng.integers(0, 4, (17, 23), dtype=np.uint8))
-    vol = utils.load_volume(ds)
+    vol = load_volume(ds)
     assert vol.shape == (3, 17, 23) and vol.codes == ["a", "b", "c", "d"] and vol.labels.max() == 3
 
 
 def _expect(ds, *fragments):
-    with pytest.raises(utils.DatasetError) as e:
-        utils.load_volume(ds)
+    with pytest.raises(DatasetError) as e:
+        load_volume(ds)
     for f in fragments:
         assert str(f) in str(e.value), f"{f!r} not in error message: {e.value}"
     return str(e.value)
@@ -132,86 +134,24 @@ def test_missing_codes(tiny, tmp_path):
 def test_unlabelled_volume_for_prediction(tiny, tmp_path):
     ds = _copy(tiny, tmp_path)
     shutil.rmtree(ds / "train_masks_labels")
-    vol = utils.load_volume(ds, require_labels=False)
+    vol = load_volume(ds, require_labels=False)
     assert vol.labels is None and vol.codes == ["background", "foraminifera", "ostracod"]
     _expect(ds, "train_masks_labels", "does not exist")
 
 
 def test_split_is_last_contiguous_block():
-    tr, va = utils.split_slices(50, 0.2)
+    tr, va = split_slices(50, 0.2)
     assert tr.tolist() == list(range(40)) and va.tolist() == list(range(40, 50))
-    tr, va = utils.split_slices(3, 0.2)
+    tr, va = split_slices(3, 0.2)
     assert len(va) == 1 and va[0] == 2
-    with pytest.raises(utils.DatasetError):
-        utils.split_slices(1, 0.2)
-
-
-def test_work_dir_inside_dataset_is_refused(tiny):
-    with pytest.raises(utils.DatasetError, match="never written"):
-        utils.resolve_paths(tiny, tiny / "runs")
-
-
-def test_sample_is_deterministic(tmp_path):
-    a = utils.make_sample(tmp_path / "a", n_slices=6, height=64, width=64, seed=5)
-    b = utils.make_sample(tmp_path / "b", n_slices=6, height=64, width=64, seed=5)
-    c = utils.make_sample(tmp_path / "c", n_slices=6, height=64, width=64, seed=6)
-    va, vb, vc = (utils.load_volume(p) for p in (a, b, c))
-    np.testing.assert_array_equal(va.images, vb.images)
-    np.testing.assert_array_equal(va.labels, vb.labels)
-    assert not np.array_equal(va.images, vc.images)
-
-
-def test_sample_content(tiny):
-    vol = utils.load_volume(tiny)
-    tr, va = utils.split_slices(len(vol.images), 0.2)
-    for block in (tr, va):  # every fossil class appears in both the training and the validation block
-        assert set(np.unique(vol.labels[block])) == {0, 1, 2}
-    assert vol.images[:, :3, :3].mean() < 40  # air around the cylindrical core is dark
-    img, lab = vol.images.astype(float), vol.labels
-    matrix = img[(lab == 0) & (img > 60)].mean()
-    assert img[lab > 0].max() > matrix + 40  # bright calcite walls in the fossils
-
-
-def test_sample_slabs_are_seamless(tmp_path):
-    """Slab by slab in 2 processes gives the same volume as one big slab in one (no seams at slab borders)."""
-    a = utils.make_sample(tmp_path / "a", n_slices=10, height=64, width=64, seed=2, slab=3, workers=2)
-    b = utils.make_sample(tmp_path / "b", n_slices=10, height=64, width=64, seed=2, slab=10, workers=1)
-    va, vb = utils.load_volume(a), utils.load_volume(b)
-    np.testing.assert_array_equal(va.images, vb.images)
-    np.testing.assert_array_equal(va.labels, vb.labels)
-
-
-def test_ensure_sample_reuses(tmp_path):
-    p = utils.ensure_sample(tmp_path / "s", 4, 48, 48, seed=1)
-    before = snapshot(p)
-    utils.ensure_sample(tmp_path / "s", 4, 48, 48, seed=1)
-    assert snapshot(p) == before
-
-
-def test_fetch_dataset_unzips_once_and_finds_the_root(tiny, tmp_path):
-    """data_url: the zip is fetched once (file:// stands in for HTTP: no network in tests) and reused."""
-    archive = shutil.make_archive(str(tmp_path / "lapix"), "zip", root_dir=tiny.parent, base_dir=tiny.name)
-    dest = tmp_path / "downloads"
-    root = utils.fetch_dataset(f"file://{archive}", dest)
-    assert root == dest / "unzipped" / tiny.name
-    assert utils.load_volume(root).shape == (12, 96, 96)
-    Path(archive).unlink()  # a second call must not fetch again
-    assert utils.fetch_dataset(f"file://{archive}", dest) == root
-
-
-def test_fetch_dataset_errors_name_the_fix(tmp_path):
-    bad = tmp_path / "notzip.zip"
-    bad.write_text("not a zip")
-    with pytest.raises(utils.DatasetError, match="not a zip file"):
-        utils.fetch_dataset(str(bad), tmp_path / "d1")
-    with pytest.raises(utils.DatasetError, match="Could not download"):
-        utils.fetch_dataset(f"file://{tmp_path}/missing.zip", tmp_path / "d2")
+    with pytest.raises(DatasetError):
+        split_slices(1, 0.2)
 
 
 def test_cache_is_memory_mapped_and_reused(tiny, tmp_path, monkeypatch):
     before = snapshot(tiny)
-    plain = utils.load_volume(tiny)
-    first = utils.load_volume(tiny, cache_dir=tmp_path / "cache")
+    plain = load_volume(tiny)
+    first = load_volume(tiny, cache_dir=tmp_path / "cache")
     assert isinstance(first.images, np.memmap) and isinstance(first.labels, np.memmap)
     np.testing.assert_array_equal(first.images, plain.images)
     np.testing.assert_array_equal(first.labels, plain.labels)
@@ -219,17 +159,30 @@ def test_cache_is_memory_mapped_and_reused(tiny, tmp_path, monkeypatch):
 
     def no_decoding(*a, **k):
         raise AssertionError("images decoded again although the cache is valid")
-    monkeypatch.setattr(utils, "_iter_pages", no_decoding)
-    again = utils.load_volume(tiny, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(volume, "_iter_pages", no_decoding)
+    again = load_volume(tiny, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again.images, plain.images)
     assert snapshot(tiny) == before
 
 
 def test_cache_is_rebuilt_when_a_file_changes(tiny, tmp_path):
     ds = _copy(tiny, tmp_path)
-    a = utils.load_volume(ds, cache_dir=tmp_path / "cache")
+    a = load_volume(ds, cache_dir=tmp_path / "cache")
     img = np.asarray(Image.open(ds / "train" / "slice_0000.png")).copy()
     img[:10, :10] = 255
     Image.fromarray(img).save(ds / "train" / "slice_0000.png")
-    b = utils.load_volume(ds, cache_dir=tmp_path / "cache")
+    b = load_volume(ds, cache_dir=tmp_path / "cache")
     assert (b.images[0, :10, :10] == 255).all() and not (a.images[0, :10, :10] == 255).all()
+
+
+def test_read_voxel_size(tmp_path):
+    assert read_voxel_size(tmp_path)[0] == (1.0, 1.0, 1.0)
+    assert read_voxel_size(tmp_path, 2.5)[0] == (2.5, 2.5, 2.5)
+    (tmp_path / "voxel_size.txt").write_text("# z y x\n5, 2.5 2.5\n")
+    assert read_voxel_size(tmp_path) == ((5.0, 2.5, 2.5), str(tmp_path / "voxel_size.txt"))
+    assert read_voxel_size(tmp_path, [1, 2, 3])[0] == (1.0, 2.0, 3.0)  # the parameter wins over the file
+    (tmp_path / "voxel_size.txt").write_text("2.5 um\n")
+    with pytest.raises(DatasetError, match="voxel_size.txt"):
+        read_voxel_size(tmp_path)
+    with pytest.raises(DatasetError, match="voxel_size_um"):
+        read_voxel_size(tmp_path, -1)

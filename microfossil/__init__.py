@@ -1,0 +1,30 @@
+"""microfossil: find, extract and measure microfossils in micro-CT scans of rock cores.
+
+The notebooks reach this package through `utils.py` (the names they use); each module
+holds one concern, and imports run one way, from top to bottom of this list:
+
+- `io`: atomic writes (every file is renamed into place only when complete), JSON, label TIFFs
+- `volume`: reading and validating a dataset (`load_volume`, `Volume`, `split_slices`, voxel size)
+- `sample`: the embedded synthetic micro-CT sample
+- `paths`: the dataset and run folders (`resolve_paths`, `fetch_dataset`)
+- `metrics`: confusion matrix, per-class IoU and Dice, the published metric
+- `loaders`: fastai DataLoaders straight from the volume, batch transforms on the device   [torch]
+- `learner`: the U-Net learner and its per-epoch metrics                                   [torch]
+- `training`: `PhaseCheckpoint`, the callback that checkpoints, resumes and retrains a phase [torch]
+- `prediction`: every slice at full resolution, with context slices, TTA, tri-planar        [torch]
+- `specimens`: 3D components, measurements and descriptors of each specimen
+- `exports`: meshes, TIFF crops, previews, the gallery
+- `extraction`: `extract_fossils`, from predicted labels to the catalogue and the exports
+- `evaluation`: the scores of a run on its validation block, voxels and specimens
+- `classifier`: the specimen classifier
+- `review`: the review session and panel
+- `plots`: figures (beside the chain: any module may use it, it uses none)
+
+Only the modules marked [torch] import torch or fastai.
+"""
+import warnings
+
+__version__ = "0.3.0"
+
+# fastai's imports call torch.jit.script, which recent torch flags as deprecated: not ours to act on.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")

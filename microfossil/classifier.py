@@ -1,0 +1,129 @@
+"""The specimen classifier: a random forest on each specimen's 3D descriptors that re-classes the catalogue.
+
+In one slice a foraminifer and an ostracod can both look like a thin bright ring; their
+3D shapes differ. It learns from the training block's ground truth and from the review
+decisions (given as a table, `review`), and repaints `predictions/labels_clean.tif`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .io import write_csv, write_json
+from .specimens import SPECIMEN_FEATURES, paint_classes
+from .volume import split_slices
+
+NOT_A_FOSSIL = "not a fossil"
+
+
+def _training_labels(cat, feats, codes, n_train, review):
+    """Labels to learn from, a Series by specimen id, and where each comes from.
+
+    Ground truth (when `feats` has `truth_*` columns): specimens whose bounding box lies
+    wholly in the training block (z1 <= `n_train`), labelled with their majority true
+    fossil class, or `NOT_A_FOSSIL` when most of their voxels are background in the truth.
+    Review (overrides the truth): accepted specimens get their taxon (their class at review
+    time when no taxon was typed), rejected ones `NOT_A_FOSSIL`.
+    """
+    import pandas as pd
+    labels, source = {}, {}
+    tcols = [f"truth_{c}" for c in codes]
+    if all(c in feats.columns for c in tcols):
+        t = feats.set_index("id")[tcols].to_numpy()
+        inside = cat.set_index("id").loc[feats["id"], "z1"].to_numpy() <= n_train
+        for sid, counts, ok in zip(feats["id"], t, inside):
+            if ok:
+                labels[int(sid)] = NOT_A_FOSSIL if counts[0] * 2 >= counts.sum() else codes[1 + int(np.argmax(counts[1:]))]
+                source[int(sid)] = "truth"
+    for d in ([] if review is None else review.to_dict("records")):
+        sid = int(d["id"])
+        if d.get("decision") == "rejected":
+            labels[sid], source[sid] = NOT_A_FOSSIL, "review"
+        elif d.get("decision") == "accepted":
+            labels[sid], source[sid] = d.get("taxon") or d.get("predicted_class"), "review"
+    return pd.Series(labels, dtype=object), source
+
+
+def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, review=None, min_examples=4, seed=0):
+    """Train the specimen classifier and re-score every specimen; one call after each round of review.
+
+    A random forest on the 3D descriptors of `exports/features.csv` and the segmentation's
+    class fractions (`frac_*` in the catalogue), trained on the ground truth of the
+    training-block specimens (`use_truth`: the predicted ones, labelled as in
+    `_training_labels`, and the true ones of `exports/truth_features.csv`) and on `review`,
+    the review decisions (a table with `id`, `decision`, `taxon`, `predicted_class`, as
+    `read_review` returns it). Then, in `exports/fossils.csv`: `class` is the classifier's
+    class and `class_probability` its probability; the segmentation's class stays in
+    `seg_class`; specimens it calls `NOT_A_FOSSIL` are `flagged` (kept, not deleted).
+    `predictions/labels_clean.tif` is repainted (flagged specimens as background; a typed
+    taxon that is not one of the classes keeps its segmentation class there). Writes
+    `exports/classifier.json`. With no specimen, fewer than `min_examples` labelled
+    specimens or a single label, nothing changes and None is returned; else the new catalogue.
+    """
+    import pandas as pd
+    from sklearn.ensemble import RandomForestClassifier
+    exp_dir, pred_dir = Path(work_dir) / "exports", Path(work_dir) / "predictions"
+    for p in (exp_dir / "fossils.csv", exp_dir / "features.csv", exp_dir / "extraction.json", pred_dir / "specimens.tif"):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: run the extraction cell of 05_predict_export first (same work_dir).")
+    cat, feats = pd.read_csv(exp_dir / "fossils.csv"), pd.read_csv(exp_dir / "features.csv")
+    if len(feats) != len(cat) or not (feats["id"].to_numpy() == cat["id"].to_numpy()).all():
+        raise ValueError(f"{exp_dir / 'features.csv'} does not describe the specimens of {exp_dir / 'fossils.csv'}: "
+                         "re-run the extraction cell of 05_predict_export.")
+    if not len(cat):
+        print("Specimen classifier: no specimen in the catalogue, nothing to classify.")
+        return None
+    if "seg_class" not in cat.columns:
+        cat.insert(2, "seg_class", cat["class"])
+    extraction = json.loads((exp_dir / "extraction.json").read_text())
+    codes = extraction["codes"]
+    n_train = len(split_slices(extraction["shape"][0], valid_pct)[0])
+    y, source = _training_labels(cat, feats if use_truth else feats[["id"]], codes, n_train, review)
+    cols = SPECIMEN_FEATURES + [f"frac_{c}" for c in codes[1:]]
+    X = feats.set_index("id")[SPECIMEN_FEATURES].join(cat.set_index("id")[cols[len(SPECIMEN_FEATURES):]]).fillna(0.0)
+    X_fit, y_fit = X.loc[y.index].to_numpy(), y.to_numpy().astype(str)
+    n_from = {"truth": list(source.values()).count("truth"), "review": list(source.values()).count("review"),
+              "true specimens": 0}
+    tf_path = exp_dir / "truth_features.csv"
+    if use_truth and tf_path.exists():  # the true specimens of the training block: more (and cleaner) examples
+        tf = pd.read_csv(tf_path)
+        tf = tf[tf["z1"] <= n_train]
+        if len(tf):
+            t = tf[[f"truth_{c}" for c in codes[1:]]].to_numpy()
+            X_fit = np.concatenate([X_fit, tf[cols].fillna(0.0).to_numpy()])
+            y_fit = np.concatenate([y_fit, np.asarray(codes[1:])[t.argmax(1)]])
+        n_from["true specimens"] = len(tf)
+    sources = (f"{n_from['truth']} predicted specimens labelled from the ground truth, {n_from['true specimens']} true "
+               f"specimens, {n_from['review']} from the review")
+    if len(y_fit) < min_examples or len(set(y_fit)) < 2:
+        print(f"Specimen classifier not trained: {len(y_fit)} examples ({sources}) with {len(set(y_fit))} different "
+              f"label(s); it needs {min_examples} or more and two labels. Classes stay those of the segmentation.")
+        return None
+    clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1,
+                                 oob_score=len(y_fit) >= 20)
+    clf.fit(X_fit, y_fit)
+    proba = clf.predict_proba(X.to_numpy())
+    best = proba.argmax(1)
+    cat["class"] = clf.classes_[best]
+    cat["class_probability"] = proba[np.arange(len(best)), best]
+    cat["flagged"] = cat["class"] == NOT_A_FOSSIL
+    write_csv(exp_dir / "fossils.csv", cat)
+    index = {c: k for k, c in enumerate(codes)}
+    class_of_id = np.zeros(int(cat["id"].max()) + 1, np.uint8)
+    for sid, cls, seg in zip(cat["id"], cat["class"], cat["seg_class"]):
+        class_of_id[sid] = 0 if cls == NOT_A_FOSSIL else index.get(cls, index.get(seg, 0))
+    paint_classes(pred_dir, class_of_id)
+    info = {"n_examples": len(y_fit), "from_truth": n_from["truth"], "true_specimens": n_from["true specimens"],
+            "from_review": n_from["review"],
+            "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
+            "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
+            "features": list(X.columns), "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
+            "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
+            "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()}}
+    write_json(exp_dir / "classifier.json", info)
+    print(f"Specimen classifier trained on {len(y_fit)} examples ({sources}): "
+          f"{info['changed_class']} of {len(cat)} specimens changed class, "
+          f"{info['flagged']} flagged as {NOT_A_FOSSIL!r}. Now: {info['per_class']}.")
+    return cat

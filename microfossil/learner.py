@@ -1,0 +1,242 @@
+"""The fastai learner: a U-Net on a ResNet encoder, ImageNet weights when they can be had, mixed precision on
+CUDA, and the metrics shown every epoch (per-class IoU and Dice on the validation block, and the published metric).
+
+Two kinds of small callbacks keep the GPU busy: the training losses and the validation
+confusion matrix stay on the device until an epoch ends (fastai's own copy them to the CPU
+every batch, which makes the CPU wait for the GPU at every step).
+"""
+from __future__ import annotations
+
+import re
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import valley as _fastai_valley
+from fastai.learner import AvgLoss, AvgSmoothLoss, Callback, Metric
+from fastai.optimizer import OptimWrapper
+from fastai.torch_core import find_bs
+from fastai.vision.all import CrossEntropyLossFlat, unet_learner
+from fastai.vision.learner import model_meta
+
+from .loaders import n_input_channels
+from .metrics import scores_from_confusion
+
+
+def encoder(arch):
+    import torchvision.models as tvm
+    fn = getattr(tvm, arch, None) if isinstance(arch, str) else arch
+    if fn is None or not callable(fn):
+        raise ValueError(f"Unknown encoder {arch!r}; use a torchvision ResNet name such as 'resnet34'.")
+    return fn
+
+
+def _imagenet_weights_ok(arch):
+    """True when ImageNet weights for `arch` are cached or can be downloaded now (30 s limit)."""
+    import torchvision.models as tvm
+    w = model_meta.get(encoder(arch), {}).get("weights", "DEFAULT")
+    try:
+        enum = tvm.get_model_weights(encoder(arch))
+        url = (enum.DEFAULT if w == "DEFAULT" else enum[w] if isinstance(w, str) else w).url
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)
+        try:
+            torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
+        finally:
+            socket.setdefaulttimeout(old)
+        return True
+    except Exception as e:
+        warnings.warn(f"ImageNet weights for {arch} could not be loaded ({type(e).__name__}: {e}); "
+                      "training starts from RANDOM initialisation, which needs more epochs. "
+                      "Connect to the internet (or put the weights in the torch hub cache) for transfer learning.")
+        return False
+
+
+def amp_dtype(device):
+    """bf16 on Ampere and newer GPUs, fp16 on older ones (the Colab T4), None (full precision) off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def _mixed_precision(learn):
+    """Mixed precision and a channels_last model on CUDA; full precision elsewhere."""
+    dt = amp_dtype(learn.dls.device)
+    if dt is None:
+        return learn
+    learn.model.to(memory_format=torch.channels_last)
+    return learn.to_bf16() if dt == torch.bfloat16 else learn.to_fp16()
+
+
+def _adamw(params, **kwargs):
+    """PyTorch's multi-tensor AdamW behind fastai's optimizer API (same hyper-parameters as fastai's Adam:
+    decoupled weight decay, eps 1e-5). fastai's own Adam steps each parameter tensor in Python."""
+    return OptimWrapper(params, torch.optim.AdamW, eps=1e-5, foreach=True, **kwargs)
+
+
+class _DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, kept on the loss's device.
+
+    fastai's version copies every batch's loss to the CPU, which makes the CPU wait for
+    the GPU once per step: it cannot queue the next step while the current one runs,
+    and that idle GPU time costs most at 1/4 size, where a step is shortest.
+    """
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.detach().mean().float()
+        self.val = loss * (1 - self.beta) if self.count == 1 else torch.lerp(loss, self.val, self.beta)
+
+
+class _DeviceAvgLoss(AvgLoss):
+    """fastai's validation loss, summed on the loss's device (read once per epoch, not once per batch)."""
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        self.total = self.total + learn.loss.detach().mean().float() * bs
+        self.count += bs
+
+
+class _NoStepSync(Callback):
+    """No GPU-to-CPU copy on the training step: the recorder's losses stay on the device during an epoch.
+
+    The Recorder's loss list is copied to the CPU in one go at the end of each training
+    pass and of each fit (lr_find stops mid-epoch), so lr_find's suggestion, its plot
+    and `plot_loss` see plain CPU values, as with fastai's own recorder.
+    """
+    order = 51  # after the Recorder (50)
+
+    def before_fit(self):
+        rec = self.learn.recorder
+        # vars(): a Callback's setattr warns that `learn.loss` exists, which is another thing (the batch's loss)
+        vars(rec).update(smooth_loss=_DeviceSmoothLoss(beta=rec.smooth_loss.beta), loss=_DeviceAvgLoss())
+
+    def _to_host(self):
+        losses = self.learn.recorder.losses
+        dev = [i for i, v in enumerate(losses) if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+        if dev:
+            host = torch.stack([losses[i] for i in dev]).cpu()
+            for i, v in zip(dev, host):
+                losses[i] = v
+
+    def after_train(self): self._to_host()
+    def after_fit(self): self._to_host()
+
+
+class _Progress(ProgressCallback):
+    """fastai's progress bars, with the running loss read from the GPU at most once a second, not every batch.
+
+    (fastai's `learn.no_bar()` puts fastai's own bar back when it exits.)
+    """
+    name = "progress"  # what fastai's `no_bar` looks for
+    _shown = 0.0
+
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        now = time.monotonic()
+        if hasattr(self, "smooth_loss") and now - self._shown >= 1.0:
+            self._shown, self.pbar.comment = now, f"{float(self.smooth_loss):.4f}"
+
+
+def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True):
+    """fastai U-Net learner on `dls` with encoder `arch`; ImageNet weights when they can be had, else random init.
+
+    With `dls.context_slices` = k other than 1 or 3 the first convolution takes k channels
+    (fastai adapts the pretrained filters to them); k = 3 uses the ImageNet RGB filters as they are.
+    """
+    if pretrained:
+        pretrained = _imagenet_weights_ok(arch)
+    context = getattr(dls, "context_slices", 1)
+    learn = unet_learner(dls, encoder(arch), normalize=False, n_out=len(dls.codes), pretrained=pretrained,
+                         n_in=n_input_channels(context), loss_func=CrossEntropyLossFlat(axis=1), wd=wd,
+                         path=Path(work_dir), opt_func=_adamw, metrics=epoch_metrics(dls.codes) if metrics else None)
+    learn.remove_cb(ProgressCallback)
+    learn.add_cbs([_Progress(), _NoStepSync()])
+    learn.freeze()  # the published schedule starts frozen even without ImageNet weights
+    learn.arch_name, learn.used_pretrained = arch if isinstance(arch, str) else arch.__name__, pretrained
+    return _mixed_precision(learn)
+
+
+def _confusion_on_device(pred, target, n_classes, scatter=None):
+    """The confusion matrix of `pred` and `target` (rows = truth) as an int64 tensor on `pred`'s device.
+
+    On CUDA (or with `scatter=True`) it is counted with a scatter-add, not `torch.bincount`,
+    which reads its input's min and max back to the host: a wait for the GPU at every
+    validation batch. The adds go to 256 interleaved copies of the n x n counters, summed at
+    the end, so that fewer of the GPU's atomic adds hit the same counter.
+    """
+    p = torch.as_tensor(pred).reshape(-1).long()
+    t = torch.as_tensor(target).reshape(-1).to(p.device).long()
+    idx = t * n_classes + p
+    if not (p.device.type == "cuda" if scatter is None else scatter):
+        return torch.bincount(idx, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    lanes = 256
+    idx += (torch.arange(idx.numel(), device=idx.device) % lanes) * n_classes ** 2
+    counts = torch.zeros(lanes * n_classes ** 2, dtype=torch.long, device=idx.device)
+    counts.index_add_(0, idx, torch.ones_like(idx))
+    return counts.view(lanes, n_classes, n_classes).sum(0)
+
+
+
+class _SharedConfusion:
+    """One confusion matrix per validation pass, shared by all metric columns (one argmax per batch).
+
+    It is summed on the predictions' device and copied to the CPU once, when the epoch's
+    figures are read, not once per batch.
+    """
+    def __init__(self, n): self.n, self._sum, self._last, self._host = n, None, None, None
+
+    def reset(self): self._sum, self._last, self._host = None, None, None
+
+    def update(self, pred, y):
+        if pred is self._last: return
+        self._last, self._host = pred, None
+        cm = _confusion_on_device(pred.argmax(1), y, self.n)
+        self._sum = cm if self._sum is None else self._sum + cm
+
+    @property
+    def cm(self):
+        if self._host is None:
+            self._host = (np.zeros((self.n, self.n), np.int64) if self._sum is None else self._sum.cpu().numpy())
+        return self._host
+
+
+def epoch_metrics(codes, background=0):
+    """fastai metrics reporting per-class IoU and Dice, mean IoU and `acc_nonbg` (the published metric) each epoch."""
+    shared = _SharedConfusion(len(codes))
+
+    class _M(Metric):
+        def __init__(self, name, get): self._name, self.get = name, get
+        def reset(self): shared.reset()
+        def accumulate(self, learn): shared.update(learn.pred, learn.y)
+        @property
+        def value(self):
+            v = self.get(scores_from_confusion(shared.cm, codes, background))
+            return float("nan") if v is None else v
+        @property
+        def name(self): return self._name
+
+    safe = lambda c: re.sub(r"\W+", "_", c).strip("_")  # noqa: E731
+    ms = [_M("mean_iou", lambda s: s["mean_iou"])]
+    ms += [_M(f"iou_{safe(c)}", lambda s, c=c: s["iou"][c]) for c in codes]
+    ms += [_M(f"dice_{safe(c)}", lambda s, c=c: s["dice"][c]) for c in codes]
+    return ms + [_M("acc_nonbg", lambda s: s["pixel_acc_nonbg"])]
+
+
+def valley(lrs, losses, num_it):
+    """fastai's "valley" learning-rate suggestion, for `learn.lr_find(suggest_funcs=valley)`, that survives a loss
+    which diverged at once.
+
+    fastai suggests from the recorded steps minus the first tenth and the last five; when the
+    loss diverged within those (likely with a short `num_it`), nothing is left and its
+    `valley` fails with an IndexError. Here the suggestion is then NaN (no point on the plot)
+    and a line says so.
+    """
+    if len(losses) < 3:
+        print(f"lr_find: the loss diverged within {num_it // 10 + len(losses) + 5} steps, too early to suggest a "
+              "learning rate; keep the one of the parameters cell, or lower it if training diverges too.")
+        return float("nan"), (float("nan"), float("nan"))
+    return _fastai_valley(lrs, losses, num_it)

@@ -1,0 +1,335 @@
+"""fastai DataLoaders straight from the volume: slices gathered on the device, resized once per stage,
+augmented and normalised batch-wise.
+
+No image is decoded, resized or copied to the GPU per batch: the uint8 volume is resized to
+the stage's size once and held as one tensor (on the GPU when it fits); a batch is one
+indexing op into it, then fastai's batch transforms run on the device.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastai.data.core import TfmdDL, explode_types  # (explode_types: fastcore or fasttransform, by version)
+from fastai.vision.all import DataLoaders, Normalize, TensorImage, TensorMask, Transform, imagenet_stats
+from fastai.vision.augment import RandTransform
+
+from .volume import DatasetError, split_slices
+
+
+def get_device(verbose=True):
+    """Return the torch device to use: CUDA, then Apple MPS, else CPU (with a visible message)."""
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        if verbose: print(f"Using GPU: {torch.cuda.get_device_name(0)}")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        dev = torch.device("mps")
+        if verbose: print("Using Apple GPU (MPS)")
+    else:
+        dev = torch.device("cpu")
+        if verbose: print("No GPU found: running on the CPU (fine for the sample and quick mode, slow for full volumes).")
+    return dev
+
+
+def stage_size(shape, size_frac, quick=False):
+    """(height, width) for training at `size_frac` of slice `shape`.
+
+    Quick mode caps the longest side (64 px at 1/4 and 1/2, 128 px at full); the
+    shorter side never goes below 32 px (the encoder downsamples 32x) unless the slice is smaller.
+    """
+    h, w = shape[-2:]
+    s = size_frac
+    if quick:
+        s = min(s, max(64, int(128 * size_frac)) / max(h, w))
+    s = min(1.0, max(s, 32 / min(h, w)))
+    return int(round(h * s)), int(round(w * s))
+
+
+class _VolumeDL(TfmdDL):
+    """fastai DataLoader whose batches are gathered straight from the volume tensors (on the GPU when they fit).
+
+    `planes` is a list of `(images, labels, lo, hi)`: uint8 tensors of slices stacked on
+    dim 0 (the axial volume, or a permuted view of it for XZ / YZ slices), and the index
+    range `[lo, hi)` that context slices are clamped to (so a training slice never takes
+    context from the validation block). Items of plane 0 are the z indices `idx`; every
+    epoch also draws `extra` random slices from each other plane (tri-planar training).
+    A batch holds slices of one plane (`context` adjacent ones as channels) and is one
+    indexing op: no per-slice Python, decoding or host-to-device copy on the training path.
+    `split` is 0 for training (augmented) and 1 for validation. A `TfmdDL`, so that
+    fastai's `show_batch`, `show_results` and `get_preds` work on it.
+    """
+    def __init__(self, planes=None, idx=None, context=1, extra=0, split=0, dataset=None, **kwargs):
+        self.planes, self.context, self.extra, self.split = planes, context, extra, split
+        kwargs.setdefault("do_setup", False)  # the batch transforms need no statistics from the data
+        super().__init__(dataset=np.asarray(idx if idx is not None else dataset), **kwargs)
+
+    def new(self, dataset=None, cls=None, **kwargs):  # fastai's `new` (get_preds, show_batch) with the planes kept
+        return super().new(dataset, cls, **{"planes": self.planes, "context": self.context, "extra": self.extra,
+                                            "split": self.split, **kwargs})
+
+    def before_iter(self):
+        super().before_iter()  # TfmdDL's takes the batch transforms' split from a fastai Datasets, which is not here
+        self.after_batch.split_idx = self.split
+
+    def _one_pass(self):  # TfmdDL's builds one item from the dataset; here items are slice indices
+        self.after_batch.split_idx = self.split
+        its = self.after_batch(next(self.create_batches(range(min(self.bs, len(self.dataset))))))
+        self._n_inp, self._types = 1, explode_types(its)
+
+    def _plane_sizes(self):
+        return [len(self.dataset)] + [self.extra] * (len(self.planes) - 1)
+
+    def __len__(self):
+        nb = lambda n: n // self.bs if self.drop_last else -(-n // self.bs)  # noqa: E731
+        return sum(nb(n) for n in self._plane_sizes())
+
+    def create_batches(self, samps):
+        groups = [np.asarray(self.dataset[list(samps)])]
+        groups += [np.array([self.rng.randrange(len(p[0])) for _ in range(self.extra)], np.int64) for p in self.planes[1:]]
+        batches = []  # (plane, start, stop) into the concatenated indices
+        off = 0
+        for p, g in enumerate(groups):
+            stop = len(g) - len(g) % self.bs if self.drop_last else len(g)
+            batches += [(p, off + i, off + min(i + self.bs, stop)) for i in range(0, stop, self.bs)]
+            off += len(g)
+        if len(groups) > 1 and self.shuffle:
+            self.rng.shuffle(batches)
+        # All the epoch's indices go to the volume's device in ONE copy: a per-batch host-to-device copy would
+        # make the CPU wait for the GPU every step and stop it preparing the next batch.
+        images = self.planes[0][0]
+        idx = torch.as_tensor(np.concatenate(groups).astype(np.int64), device=images.device)
+        offs = torch.arange(self.context, device=images.device) - self.context // 2
+        for p, a, b in batches:
+            imgs, labels, lo, hi = self.planes[p]
+            z = idx[a:b]
+            zz = (z[:, None] + offs).clamp_(lo, hi - 1)
+            yield TensorImage(imgs[zz]), TensorMask(labels[z])
+
+
+def _to_tensor(arr, where, size=None, mask=False, compute=None, chunk=64):
+    """Copy a (possibly memory-mapped) uint8 (Z, H, W) array to a tensor on `where`, chunk by chunk (no full host copy).
+
+    With `size` (height, width), every slice is resized on the way, on `compute` (the
+    training device), exactly as `_ResizeBatch` would resize it in a batch (`mask`: nearest).
+    A training stage below full resolution thus resizes each slice once, not once per batch
+    it appears in, and keeps only the small volume.
+    """
+    full = tuple(arr.shape[1:])
+    size = full if size is None else tuple(size)
+    out = torch.empty((len(arr), *size), dtype=torch.uint8, device=where)
+    for z in range(0, len(arr), chunk):
+        x = torch.from_numpy(np.array(arr[z:z + chunk]))  # a copy: the cache is a read-only memory map
+        if size != full:
+            x = x.to(compute or where)
+            x = _resize_masks(x, size) if mask else _resize_images(x[:, None], size)[:, 0]
+        out[z:z + chunk].copy_(x)
+    return out
+
+
+def _volume_device(nbytes, device):
+    """The GPU when `nbytes` (the uint8 training volume) take at most a third of its free memory, else the CPU
+    (batches are then copied)."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    return device if nbytes < torch.cuda.mem_get_info(device)[0] / 3 else torch.device("cpu")
+
+
+def _resize_images(x, size):
+    """uint8 (B, C, H, W) -> (B, C, *size): bilinear with antialiasing, rounded back to uint8."""
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False,
+                         antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resize_masks(x, size):
+    """uint8 label slices (B, H, W) -> (B, *size), nearest (labels are never blended)."""
+    return F.interpolate(x[:, None].float(), size=size, mode="nearest-exact")[:, 0].to(torch.uint8)
+
+
+class _ResizeBatch(Transform):
+    """Resize a batch on its device: bilinear (antialiased) for images, nearest for masks.
+
+    `size` is the output (height, width), or a dict from input to output size (tri-planar
+    batches come in several shapes). A side under 32 px is then padded (edge pixels
+    repeated, masks alike) to 32, the encoder's downsampling factor.
+    """
+    order = 1
+
+    def __init__(self, size=None):
+        super().__init__()
+        self.size = size if size is None or isinstance(size, dict) else tuple(size)
+
+    def _out(self, shape):
+        return self.size.get(tuple(shape), tuple(shape)) if isinstance(self.size, dict) else self.size
+
+    @staticmethod
+    def _pad(x):
+        ph, pw = max(0, 32 - x.shape[-2]), max(0, 32 - x.shape[-1])
+        return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+    def encodes(self, x: TensorImage):
+        size = self._out(x.shape[-2:])
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = _resize_images(x, size)
+        return TensorImage(self._pad(x))
+
+    def encodes(self, x: TensorMask):  # noqa: F811  (fastai type dispatch)
+        size = self._out(x.shape[-2:])
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = _resize_masks(x, size)
+        return TensorMask(self._pad(x[:, None])[:, 0])
+
+
+class _ToFloat(Transform):
+    """uint8 slices (B,k,H,W) -> float in [0,1]; a lone slice (k=1) is repeated to the 3 channels of the ImageNet
+    encoder. Masks -> long. Decoding (`show_batch`, `show_results`) keeps the centre slice, as gray RGB, and gives
+    masks their class names `codes` (so every class keeps its colour)."""
+    order = 10
+
+    def __init__(self, codes=None):
+        super().__init__()
+        self.codes = codes
+
+    def encodes(self, x: TensorImage):
+        x = x.float().div_(255)
+        return TensorImage(x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x)
+
+    def encodes(self, x: TensorMask): return TensorMask(x.long())  # noqa: F811
+
+    def decodes(self, x: TensorImage):
+        mid = x.shape[1] // 2
+        return TensorImage(x[:, mid:mid + 1].expand(-1, 3, -1, -1).clamp(0, 1))
+
+    def decodes(self, x: TensorMask): return TensorMask(x, codes=self.codes)  # noqa: F811
+
+
+def n_input_channels(context):
+    """Input channels of the model for `context` slices: one gray slice is fed as 3 identical channels."""
+    if not isinstance(context, (int, np.integer)) or context < 1 or context % 2 == 0:
+        raise ValueError(f"context_slices must be an odd number >= 1 (the slice and as many neighbours on each side), "
+                         f"not {context!r}")
+    return 3 if context == 1 else int(context)
+
+
+def _normalize(context, cuda):
+    """ImageNet normalisation; with k != 3 context slices every channel gets the mean of the 3 channels' statistics."""
+    n = n_input_channels(context)
+    if n == 3:
+        return Normalize.from_stats(*imagenet_stats, cuda=cuda)
+    m, sd = (float(np.mean(v)) for v in imagenet_stats)
+    return Normalize.from_stats([m] * n, [sd] * n, cuda=cuda)
+
+
+class _Augment(RandTransform):
+    """Training augmentation for a whole batch in a few tensor ops on its device; masks follow their image.
+
+    Per slice: horizontal and vertical flips, rotation up to `max_rotate` degrees and zoom
+    up to `max_zoom` (one affine `grid_sample`, with probability `p_affine`), and
+    brightness/contrast up to `max_lighting` (probability `p_lighting`). It replaces
+    fastai's `aug_transforms`, which cost more GPU time than a 1/4-size training step.
+    """
+    split_idx, order = 0, 20
+
+    def __init__(self, max_rotate=10.0, max_zoom=1.1, max_lighting=0.2, p_affine=0.75, p_lighting=0.75):
+        super().__init__(p=1.0)
+        self.max_rotate, self.max_zoom, self.max_lighting = max_rotate, max_zoom, max_lighting
+        self.p_affine, self.p_lighting = p_affine, p_lighting
+
+    def before_call(self, b, split_idx):
+        super().before_call(b, split_idx)
+        x = b[0] if isinstance(b, tuple) else b
+        n, dev = x.shape[0], x.device
+        u = lambda: torch.rand(n, device=dev)  # noqa: E731
+        on = u() < self.p_affine
+        ang = torch.where(on, (2 * u() - 1) * math.radians(self.max_rotate), 0.0)
+        inv_zoom = torch.where(on, 1 / (1 + u() * (self.max_zoom - 1)), 1.0)
+        fx, fy = torch.where(u() < 0.5, -1.0, 1.0), torch.where(u() < 0.5, -1.0, 1.0)
+        c, s, z = torch.cos(ang) * inv_zoom, torch.sin(ang) * inv_zoom, torch.zeros(n, device=dev)
+        theta = torch.stack([torch.stack([c * fx, -s * fy, z], 1), torch.stack([s * fx, c * fy, z], 1)], 1)
+        self.grid = F.affine_grid(theta, (n, 1, *x.shape[-2:]), align_corners=False)
+        lit = u() < self.p_lighting
+        self.contrast = torch.where(lit, torch.exp((2 * u() - 1) * math.log1p(self.max_lighting)), 1.0).view(-1, 1, 1, 1)
+        self.brightness = torch.where(lit, (2 * u() - 1) * self.max_lighting / 2, 0.0).view(-1, 1, 1, 1)
+
+    def encodes(self, x: TensorImage):
+        x = F.grid_sample(x, self.grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+        return TensorImage(((x - 0.5) * self.contrast + 0.5 + self.brightness).clamp_(0, 1))
+
+    def encodes(self, x: TensorMask):  # noqa: F811
+        m = F.grid_sample(x[:, None].float(), self.grid, mode="nearest", padding_mode="reflection", align_corners=False)
+        return TensorMask(m[:, 0].long())
+
+
+class _ChannelsLast(Transform):
+    """Last batch transform on CUDA: channels_last images, the memory layout the mixed-precision convolutions prefer."""
+    order = 100
+
+    def encodes(self, x: TensorImage): return x.contiguous(memory_format=torch.channels_last)
+
+
+def batch_tfms(size=None, augment=False, device=None, context=1, codes=None):
+    """Batch transforms run on the device: resize to `size`, to float, augment, ImageNet-normalise."""
+    cuda = device is not None and device.type == "cuda"
+    tfms = [_ResizeBatch(size), _ToFloat(codes)]
+    if augment:
+        tfms.append(_Augment())
+    tfms.append(_normalize(context, cuda))
+    return tfms + [_ChannelsLast()] if cuda else tfms
+
+
+def _orthogonal_planes(images, labels, n_train):
+    """XZ and YZ slices cut from the training block only (z < `n_train`): `(images, labels, lo, hi)` per plane."""
+    out = []
+    for perm in ((1, 0, 2), (2, 0, 1)):  # XZ: (y, z, x); YZ: (x, z, y)
+        im, lb = images[:n_train].permute(*perm), labels[:n_train].permute(*perm)
+        out.append((im, lb, 0, len(im)))
+    return out
+
+
+def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0,
+             context_slices=1, triplanar=False):
+    """fastai DataLoaders over `vol` at `size_frac` of full resolution; the last `valid_pct` of z validates.
+
+    The uint8 volume is resized to the stage size once and held as one tensor (on the GPU
+    when it fits); batches are gathered from it, then augmented and normalised batch-wise
+    on `device`: no image is decoded or resized per batch. `context_slices` (odd k) feeds
+    each slice with its k-1 neighbours as input channels (clamped at the ends of its block).
+    `triplanar` also trains on XZ and YZ slices cut from the training block (never from the
+    validation block): every epoch sees each axial training slice and as many random XZ and
+    as many random YZ slices, resized by the same factor; validation stays on the axial
+    validation block.
+    """
+    if vol.labels is None:
+        raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
+    n_input_channels(context_slices)
+    device = device or get_device(verbose=False)
+    train_idx, valid_idx = split_slices(len(vol.images), valid_pct)
+    size = stage_size(vol.shape, size_frac, quick)
+    bs = max(1, min(bs, len(train_idx)))
+    # The volume is held once at the stage size (tri-planar: at full size, since its XZ/YZ slices are resized
+    # along z too); batches are then gathered from it with no per-batch resize.
+    held = vol.shape[1:] if triplanar else size
+    where = _volume_device(2 * len(vol.images) * held[0] * held[1], device)
+    images = _to_tensor(vol.images, where, held, compute=device)
+    labels = _to_tensor(vol.labels, where, held, mask=True, compute=device)
+    n_train = len(train_idx)
+    planes = [(images, labels, 0, n_train)]
+    train_size = size
+    if triplanar:
+        planes += _orthogonal_planes(images, labels, n_train)
+        (H, W), s = vol.shape[1:], size[0] / vol.shape[1]
+        train_size = {(H, W): size, (n_train, W): (max(1, round(n_train * s)), size[1]),
+                      (n_train, H): (max(1, round(n_train * s)), size[0])}
+    common = dict(bs=bs, num_workers=0, device=device, context=context_slices)
+    train = _VolumeDL(planes=planes, idx=train_idx, shuffle=True, drop_last=n_train >= 2 * bs,
+                      extra=n_train if triplanar else 0, split=0,
+                      after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes), **common)
+    valid = _VolumeDL(planes=[(images, labels, int(valid_idx[0]) if len(valid_idx) else 0, len(vol.images))],
+                      idx=valid_idx, shuffle=False, split=1,
+                      after_batch=batch_tfms(size, False, device, context_slices, vol.codes), **common)
+    dls = DataLoaders(train, valid, device=device)
+    dls.c, dls.codes, dls.size, dls.valid_idx = len(vol.codes), vol.codes, size, valid_idx
+    dls.context_slices, dls.triplanar = int(context_slices), bool(triplanar)
+    return dls

@@ -1,0 +1,90 @@
+"""Where the data and the run live: the dataset folder (the embedded sample, a download, or the user's own) and
+the run folder every notebook reads and writes (`work_dir`)."""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+from .sample import SAMPLE_SIZES, ensure_sample
+from .volume import DatasetError
+
+ROOT = Path(__file__).resolve().parents[1]  # the project folder: data/, runs/, notebooks/
+DRIVE_RUNS = Path("/content/drive/MyDrive/microfossil_runs")  # Colab: runs on Drive survive a disconnect
+
+
+def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, sample_size="default", seed=0):
+    """Return `(data_dir, work_dir)` as Paths, making the embedded sample or downloading `data_url` when needed.
+
+    `data_dir=None` means the embedded sample of size `sample_size` (a key of
+    `SAMPLE_SIZES`), generated once under `data/`. `work_dir=None` means
+    `runs/<dataset>[_quick]` locally, and the same under MyDrive/microfossil_runs in Colab.
+    """
+    if data_url:
+        data_dir = fetch_dataset(data_url)
+    elif data_dir is None:
+        if sample_size not in SAMPLE_SIZES:
+            raise ValueError(f"sample_size must be one of {list(SAMPLE_SIZES)}, got {sample_size!r}")
+        data_dir = ensure_sample(ROOT / "data" / f"sample_{sample_size}", *SAMPLE_SIZES[sample_size], seed=seed)
+    data_dir = Path(data_dir).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise DatasetError(f"data_dir {data_dir} does not exist. Set `data_dir` to a folder holding "
+                           "train/, train_masks_labels/ and codes.txt, or leave it None for the embedded sample.")
+    if work_dir is None:
+        base = DRIVE_RUNS if "google.colab" in sys.modules else ROOT / "runs"
+        work_dir = base / (data_dir.name + ("_quick" if quick else ""))
+    work_dir = Path(work_dir).expanduser().resolve()
+    if work_dir == data_dir or data_dir in work_dir.parents:
+        raise DatasetError(f"work_dir {work_dir} is inside the dataset folder {data_dir}; "
+                           "the dataset is never written to, so choose a work_dir outside it.")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir, work_dir
+
+
+def _download(data_url, archive):
+    """Copy or download the zip at `data_url` (a local path, a Google Drive id/link or a URL) to `archive`."""
+    if Path(data_url).expanduser().is_file():  # a zip already on disk
+        shutil.copyfile(Path(data_url).expanduser(), archive)
+    elif "drive.google.com" in data_url or not re.match(r"^[a-z]+://", data_url):
+        import gdown  # Google Drive id or share link
+        kw = {"url": data_url, "fuzzy": True} if "://" in data_url else {"id": data_url}
+        if gdown.download(output=str(archive), quiet=False, **kw) is None:
+            raise OSError("gdown returned nothing (is the file shared as 'anyone with the link'?)")
+    else:
+        import urllib.request
+        with urllib.request.urlopen(data_url, timeout=60) as r, open(archive, "wb") as f:
+            shutil.copyfileobj(r, f)
+
+
+def fetch_dataset(data_url, dest=None):
+    """Download and unzip the dataset at `data_url` (Google Drive id/URL, HTTP URL or local zip) once; return its folder.
+
+    The zip is kept under `data/downloads/<hash>/` and reused on later calls. The
+    returned folder is the one inside the archive that holds `train/`.
+    """
+    dest = Path(dest or ROOT / "data" / "downloads" / hashlib.sha1(data_url.encode()).hexdigest()[:10])
+    done = dest / ".complete"
+    if not done.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = dest / "dataset.zip"
+        print(f"Downloading {data_url} -> {archive}")
+        try:
+            _download(data_url, archive)
+        except Exception as e:
+            raise DatasetError(f"Could not download {data_url}: {e}. Check the link and the network, or "
+                               "download the zip by hand, unzip it and set `data_dir` to its folder.") from e
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(dest / "unzipped")
+        except zipfile.BadZipFile as e:
+            raise DatasetError(f"{archive} downloaded from {data_url} is not a zip file. "
+                               "Point `data_url` at a zipped dataset folder.") from e
+        archive.unlink()
+        done.write_text(data_url)
+    roots = sorted(p.parent for p in (dest / "unzipped").rglob("train") if p.is_dir())
+    if not roots:
+        raise DatasetError(f"The archive from {data_url} holds no train/ folder; see the data contract in README.md.")
+    return roots[0]

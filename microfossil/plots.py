@@ -1,0 +1,149 @@
+"""Figures: slices with their labels, orthogonal views, histograms, training curves and predictions.
+
+Every function returns its matplotlib figure and, given `path`, saves it there too (the
+headless runs keep them in `work_dir/figures/`). Needs matplotlib, never torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _cmap(n):
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+    cols = plt.get_cmap("tab10" if n <= 10 else "tab20")(np.arange(n) % (10 if n <= 10 else 20))
+    cols[0, 3] = 0  # background transparent
+    return mcolors.ListedColormap(cols)
+
+
+def _overlay(ax, img, lab, n, title=None):
+    ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+    if lab is not None:
+        ax.imshow(lab, cmap=_cmap(n), vmin=-0.5, vmax=n - 0.5, alpha=0.45, interpolation="nearest")
+    ax.set_axis_off()
+    if title: ax.set_title(title, fontsize=9)
+
+
+def _legend(fig, codes):
+    import matplotlib.patches as mpatches
+    cm = _cmap(len(codes))
+    fig.legend(handles=[mpatches.Patch(color=cm(i), label=c) for i, c in enumerate(codes) if i],
+               loc="lower center", ncol=min(6, len(codes)), fontsize=8, frameon=False)
+
+
+def save_figure(path, fig=None):
+    """Save `fig` (default: the current figure, e.g. the one `learn.lr_find()` just drew) as `path`; None: nothing."""
+    import matplotlib.pyplot as plt
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        (fig or plt.gcf()).savefig(path, dpi=90, bbox_inches="tight")
+
+
+def plot_slice(vol, z=None, path=None):
+    """Slice `z` (default: the one with most fossil pixels) beside its mask overlay."""
+    import matplotlib.pyplot as plt
+    if z is None:
+        z = int(np.argmax([(vol.labels[k] > 0).sum() for k in range(len(vol.images))])) if vol.labels is not None \
+            else len(vol.images) // 2
+    fig, axs = plt.subplots(1, 2, figsize=(10, 5))
+    _overlay(axs[0], vol.images[z], None, 1, f"slice {z}: {vol.stems[z]}")
+    _overlay(axs[1], vol.images[z], vol.labels[z] if vol.labels is not None else None, len(vol.codes), "labels")
+    if vol.labels is not None: _legend(fig, vol.codes)
+    save_figure(path, fig)
+    return fig
+
+
+def plot_orthoviews(vol, labels=None, path=None):
+    """Orthogonal views XY, XZ and YZ through the volume centre, image on top and labels overlaid below."""
+    import matplotlib.pyplot as plt
+    labels = vol.labels if labels is None else labels
+    Z, H, W = vol.shape
+    views = [("XY (z=%d)" % (Z // 2), lambda a: a[Z // 2]), ("XZ (y=%d)" % (H // 2), lambda a: a[:, H // 2]),
+             ("YZ (x=%d)" % (W // 2), lambda a: a[:, :, W // 2])]
+    rows = 1 if labels is None else 2
+    fig, axs = plt.subplots(rows, 3, figsize=(14, 4.5 * rows), squeeze=False)
+    for j, (t, f) in enumerate(views):
+        _overlay(axs[0, j], f(vol.images), None, 1, t)
+        if labels is not None:
+            _overlay(axs[1, j], f(vol.images), f(labels), len(vol.codes), t + " + labels")
+    if labels is not None: _legend(fig, vol.codes)
+    save_figure(path, fig)
+    return fig
+
+
+def plot_histogram(vol, path=None):
+    """Intensity histogram of the volume, per class when labels exist (log counts)."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    step = max(1, len(vol.images) // 32)
+    imgs = vol.images[::step]
+    if vol.labels is None:
+        ax.hist(imgs.ravel(), bins=128, range=(0, 255), log=True, color="gray")
+    else:
+        labs = vol.labels[::step]
+        cm = _cmap(len(vol.codes))
+        for i, c in enumerate(vol.codes):
+            v = imgs[labs == i]
+            if v.size:
+                ax.hist(v, bins=128, range=(0, 255), log=True, histtype="step", label=c,
+                        color=cm(i)[:3] if i else "gray")
+        ax.legend(fontsize=8)
+    lo, hi = vol.window
+    ax.set_xlabel(f"intensity (uint8; raw {vol.raw_dtype} window {lo:.4g}..{hi:.4g} mapped to 0..255)")
+    ax.set_ylabel("voxels")
+    save_figure(path, fig)
+    return fig
+
+
+def _history(path):
+    import pandas as pd
+    h = pd.read_csv(path)
+    return h[pd.to_numeric(h["epoch"], errors="coerce").notna()]
+
+
+def plot_history(work_dir, names, path=None):
+    """Loss and mean IoU per epoch of the phases in `names`, one after the other (`history/<name>.csv`); earlier
+    attempts of a phase (`history/attempts/`) are drawn thin beside its latest one."""
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4))
+    off = 0
+    for n in names:
+        hist = Path(work_dir) / "history"
+        earlier = sorted(hist.glob(f"attempts/{n}.attempt*.csv"), key=lambda p: int(p.stem.rsplit("attempt", 1)[1]))
+        for f in earlier:
+            h = _history(f)
+            x = off + np.arange(len(h))
+            label = f"{n} {f.stem.rsplit('.', 1)[1]}"
+            axs[0].plot(x, h["valid_loss"].astype(float), ":", lw=1, label=f"{label} valid")
+            axs[1].plot(x, h["mean_iou"].astype(float), ":", lw=1, label=label)
+        if not (hist / f"{n}.csv").exists():
+            continue
+        h = _history(hist / f"{n}.csv")
+        x = off + np.arange(len(h))
+        axs[0].plot(x, h["train_loss"].astype(float), "-", label=f"{n} train")
+        axs[0].plot(x, h["valid_loss"].astype(float), "--", label=f"{n} valid")
+        axs[1].plot(x, h["mean_iou"].astype(float), "-o", ms=3, label=n)
+        off += len(h)
+    axs[0].set(xlabel="epoch", ylabel="loss")
+    axs[1].set(xlabel="epoch", ylabel="mean IoU (validation block)")
+    for a in axs:
+        a.legend(fontsize=8)
+    save_figure(path, fig)
+    return fig
+
+
+def plot_predictions(vol, pred, idx, path=None):
+    """Image, ground truth and prediction side by side for slices `idx`."""
+    import matplotlib.pyplot as plt
+    idx = list(idx)
+    fig, axs = plt.subplots(len(idx), 3, figsize=(12, 4 * len(idx)), squeeze=False)
+    for r, z in enumerate(idx):
+        _overlay(axs[r, 0], vol.images[z], None, 1, f"slice {z}")
+        _overlay(axs[r, 1], vol.images[z], vol.labels[z] if vol.labels is not None else None, len(vol.codes),
+                 "ground truth")
+        _overlay(axs[r, 2], vol.images[z], pred[z], len(vol.codes), "prediction")
+    _legend(fig, vol.codes)
+    save_figure(path, fig)
+    return fig

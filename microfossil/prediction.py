@@ -1,0 +1,271 @@
+"""Prediction: every slice of a volume at full resolution, as label PNGs, one label TIFF and class probabilities.
+
+The model sees each slice with its context slices, padded to a multiple of 32; with flip
+TTA it also sees the slice's three flips; tri-planar models predict the XZ and YZ slices
+too. Files are written by background threads while the GPU works on the next batch.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastai.learner import load_model as _load_weights
+from fastai.vision.all import Pipeline, TensorImage, create_unet_model
+
+from .io import replacing, write_label_tiff
+from .learner import amp_dtype, encoder
+from .loaders import batch_tfms, get_device, n_input_channels
+from .training import checkpoint_files, phase_done, read_record
+
+
+def load_model(work_dir, name="full_unfrozen", device=None):
+    """Rebuild the U-Net of finished phase `name` in `work_dir/models` and load its weights; return `(model, info)`.
+
+    `name` is a phase ("full_unfrozen": its latest attempt) or an attempt ("full_unfrozen.attempt1").
+    `info` (the phase's plan and record) holds what prediction must repeat: `context_slices` and `triplanar`.
+    """
+    weights, _ = checkpoint_files(work_dir, name)
+    if not phase_done(work_dir, name):
+        raise FileNotFoundError(f"{weights} not found: run the training notebooks (02-04) first "
+                                "with the same work_dir, or set model_name to a checkpoint in models/.")
+    info = read_record(work_dir, name)
+    info.setdefault("context_slices", 1)  # checkpoints from before these options
+    info.setdefault("triplanar", False)
+    device = device or get_device(verbose=False)
+    model = create_unet_model(encoder(info["arch"]), len(info["codes"]), tuple(info["size"]), pretrained=False,
+                              n_in=n_input_channels(info["context_slices"]))
+    _load_weights(weights, model, None, with_opt=False, device=device, strict=True)
+    return model.to(device).eval(), info
+
+
+def _padded_forward(model, x, tfms, dtype):
+    """Class logits of uint8 slices `x` (B,k,H,W): reflect-pad H and W to multiples of 32, predict, crop back."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % 32, -w % 32
+    xp = tfms(TensorImage(x))
+    if ph or pw:
+        xp = TensorImage(F.pad(torch.Tensor(xp), (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate"))
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        return model(xp)[..., :h, :w]
+
+
+TTA_FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: the flips of the slice plane
+
+
+def _forward_probs(model, x, tfms, dtype, tta=False):
+    """Class probabilities (float, B x classes x H x W) of uint8 slices `x` (B,k,H,W).
+
+    With `tta`, the mean over the four flips of the slice plane, each prediction flipped
+    back before averaging (so the result does not depend on the slice's orientation).
+    """
+    out = None
+    for f in TTA_FLIPS if tta else ((),):
+        p = _padded_forward(model, x.flip(f) if f else x, tfms, dtype).float().softmax(1)
+        p = p.flip(f) if f else p
+        out = p if out is None else out.add_(p)
+    return out.div_(4) if tta else out
+
+
+def _prediction_setup(model, out_dir, device, context_slices):
+    """What every prediction path needs: `(model, device, out_dir, batch transforms, autocast dtype)`; the output
+    folder is created and, on CUDA, the model is made channels_last."""
+    device = device or next(model.parameters()).device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, device, out_dir, Pipeline(batch_tfms(None, False, device, context_slices), split_idx=1), amp_dtype(device)
+
+
+def _slices_with_context(arr, idx, context=1, axis=0):
+    """uint8 array (B, k, a, b): the slices `idx` of volume `arr` cut across `axis`, each with its k-1 neighbours
+    along `axis` as channels (clamped at the volume's ends). Axis 1 gives XZ slices (rows z), axis 2 YZ slices."""
+    idx = np.asarray(idx)
+    ctx = np.clip(idx[:, None] + np.arange(context) - context // 2, 0, arr.shape[axis] - 1)
+    x = np.take(arr, ctx.ravel(), axis=axis)
+    x = np.moveaxis(x, axis, 0)
+    return np.ascontiguousarray(x.reshape(len(idx), context, *x.shape[1:]))
+
+
+class _BackgroundTiff:
+    """`write_label_tiff` of `n_pages` pages on a thread: pages are `put` in z order while the GPU works on."""
+    def __init__(self, path, n_pages):
+        self.path, self.pages, self.error = path, queue.Queue(maxsize=8), None
+        self.thread = threading.Thread(target=self._run, args=(n_pages,), daemon=True)
+        self.thread.start()
+
+    def _run(self, n_pages):
+        def pages():
+            for _ in range(n_pages):
+                page = self.pages.get()
+                if page is None:  # `abort`: the prediction failed; write_label_tiff removes its partial file
+                    raise RuntimeError("prediction aborted")
+                yield page
+        try:
+            write_label_tiff(self.path, pages())
+        except Exception as e:
+            self.error = e
+
+    def put(self, page):
+        while True:
+            try:
+                return self.pages.put(page, timeout=1)
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise OSError(f"writing {self.path} failed: {self.error}") from None
+
+    def abort(self):
+        """Stop the writer after a failed prediction: its partial file is removed, the previous `labels.tif` kept."""
+        try:
+            self.put(None)
+        except OSError:  # the writer had already stopped
+            pass
+        self.thread.join()
+
+    def close(self):
+        self.thread.join()
+        if self.error is not None:
+            raise OSError(f"writing {self.path} failed: {self.error}")
+
+
+def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, context_slices=1, tta=False,
+                   triplanar=False):
+    """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice, `labels.tif`, `probs.npy`.
+
+    PNG values are class indices, same size as the input slice; `labels.tif` is the
+    label volume as one multi-page TIFF; `probs.npy` (when `save_probs`) holds the
+    class probabilities as uint8 (0-255), shape (Z, classes, H, W), memory-mapped and
+    written block by block, never whole in RAM. Mixed precision on CUDA. Returns the
+    label volume (uint8, Z x H x W).
+
+    `context_slices` must be the value the model was trained with (its `info`). `tta`
+    averages the four flips of each slice (4x the model time). `triplanar` also predicts
+    every XZ and YZ slice and averages the three probabilities per voxel (3x; see
+    `_predict_triplanar`).
+    """
+    if triplanar:
+        return _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slices, tta)
+    from PIL import Image
+    model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
+    Z, H, W = vol.shape
+    pred = np.empty((Z, H, W), np.uint8)
+    cuda = device.type == "cuda"
+    bufs, pending = {}, collections.deque()
+
+    def launch(z0):  # start a batch on the device; its results come back through pinned buffers and an event
+        x = torch.from_numpy(_slices_with_context(vol.images, np.arange(z0, min(Z, z0 + bs)), context_slices))
+        p = _forward_probs(model, x.to(device, non_blocking=True), tfms, dtype, tta)
+        out = [p.argmax(1).to(torch.uint8)] + ([(p * 255).round_().to(torch.uint8)] if save_probs else [])
+        slot, host = (z0 // bs) % 2, []
+        for j, t in enumerate(out):
+            if (slot, j) not in bufs or bufs[slot, j].shape[1:] != t.shape[1:]:
+                bufs[slot, j] = torch.empty((bs, *t.shape[1:]), dtype=torch.uint8, pin_memory=cuda)
+            host.append(bufs[slot, j][:len(t)].copy_(t, non_blocking=cuda))
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        return z0, host, event
+
+    def store(z0, p, pr):  # host-side work for one batch, on a worker thread while the GPU runs the next
+        if pr is not None:
+            probs[0][z0:z0 + len(p)] = pr
+        for k, sl in enumerate(p):
+            Image.fromarray(sl).save(out_dir / f"{vol.stems[z0 + k]}.png", compress_level=1)
+
+    def collect(item):
+        z0, host, event = item
+        if event is not None:
+            event.synchronize()
+        p = host[0].numpy().copy()
+        pr = host[1].numpy().copy() if save_probs else None
+        if pr is not None and not probs:
+            probs.append(np.lib.format.open_memmap(probs_tmp, "w+", np.uint8, (Z, pr.shape[1], H, W)))
+        pred[z0:z0 + len(p)] = p
+        for sl in p:
+            tiff.put(sl)
+        pending.append(pool.submit(store, z0, p, pr))
+        while len(pending) > 6:  # bounded backlog: at most a few batches held in RAM
+            pending.popleft().result()
+
+    probs = []  # the memory-mapped probabilities, opened at the first batch (when the class count is known)
+    tiff = _BackgroundTiff(out_dir / "labels.tif", Z)
+    with ExitStack() as files:
+        probs_tmp = files.enter_context(replacing(out_dir / "probs.npy")) if save_probs else None
+        try:
+            with ThreadPoolExecutor(3) as pool, torch.inference_mode():
+                # double buffering: batch i+1 is launched before batch i is collected, so the GPU never waits
+                prev = None
+                for z0 in range(0, Z, bs):
+                    cur = launch(z0)
+                    if prev is not None:
+                        collect(prev)
+                    prev = cur
+                collect(prev)
+                while pending:
+                    pending.popleft().result()  # re-raises a failed write
+        except BaseException:
+            tiff.abort()
+            raise
+        tiff.close()
+        if probs:
+            probs[0].flush()
+            probs.clear()
+    return pred
+
+
+def _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slices, tta):
+    """`predict_volume` with tri-planar averaging: every axial, XZ and YZ slice is predicted and the three class
+    probabilities of each voxel are averaged in a memory-mapped uint8 file (a running mean), one block of slices at a
+    time (256 MB of probabilities, about 1 GB of RAM at the peak; big blocks, because a block of YZ slices touches
+    every page of the file); then the labels are its arg-max, written as in `predict_volume`."""
+    from PIL import Image
+    model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
+    Z, H, W = vol.shape
+    pred = np.empty((Z, H, W), np.uint8)
+    with ExitStack() as files:
+        if save_probs:
+            part = files.enter_context(replacing(out_dir / "probs.npy"))
+        else:  # the running mean still needs a file; it is removed at the end
+            part = out_dir / "probs.scratch.npy"
+            files.callback(part.unlink, missing_ok=True)
+        probs = None
+        with torch.inference_mode():
+            for j, axis in enumerate((0, 1, 2)):  # pass j averages its prediction into the mean of the j before it
+                n, plane = vol.shape[axis], [d for a, d in enumerate(vol.shape) if a != axis]
+                blk = max(bs, 2 ** 28 // max(1, (4 if probs is None else probs.shape[1]) * int(np.prod(plane))))
+                for b0 in range(0, n, blk):
+                    chunk = []
+                    for i0 in range(b0, min(n, b0 + blk), bs):
+                        idx = np.arange(i0, min(n, i0 + bs, b0 + blk))
+                        x = torch.from_numpy(_slices_with_context(vol.images, idx, context_slices, axis)).to(device)
+                        p = _forward_probs(model, x, tfms, dtype, tta)
+                        chunk.append((p * 255).round_().to(torch.uint8).cpu().numpy())
+                    p = np.concatenate(chunk)  # (slices of the block, K, a, b), uint8
+                    if probs is None:
+                        probs = np.lib.format.open_memmap(part, "w+", np.uint8, (Z, p.shape[1], H, W))
+                    # to (Z, K, H, W) order: axis 1 blocks are (y, K, z, x), axis 2 blocks (x, K, z, y)
+                    p = p if axis == 0 else p.transpose(2, 1, 0, 3) if axis == 1 else p.transpose(2, 1, 3, 0)
+                    where = (np.s_[b0:b0 + blk], np.s_[:, :, b0:b0 + blk], np.s_[:, :, :, b0:b0 + blk])[axis]
+                    if j:  # running mean in integers (rounded): (old * j + new) / (j + 1)
+                        p = ((probs[where].astype(np.uint16) * j + p + (j + 1) // 2) // (j + 1)).astype(np.uint8)
+                    probs[where] = p
+
+        def label_pages(probs):  # the arg-max, block by block, with the PNGs written beside
+            with ThreadPoolExecutor(2) as pool:
+                for z0 in range(0, Z, bs):
+                    pred[z0:z0 + bs] = np.asarray(probs[z0:z0 + bs]).argmax(1)
+                    zs = range(z0, min(Z, z0 + bs))
+                    list(pool.map(lambda z: Image.fromarray(pred[z]).save(out_dir / f"{vol.stems[z]}.png",
+                                                                          compress_level=1), zs))
+                    yield from (pred[z] for z in zs)
+        write_label_tiff(out_dir / "labels.tif", label_pages(probs))
+        probs.flush()
+        del probs
+    return pred

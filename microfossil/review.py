@@ -1,0 +1,257 @@
+"""The review: a person goes through the specimens, accepts or rejects each and names its taxon.
+
+Every decision is saved at once to `exports/review.csv` (atomically), so a disconnect loses
+nothing. Needs pandas, and ipywidgets for the panel; never torch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .io import replacing
+
+REVIEW_COLUMNS = ["id", "decision", "taxon", "predicted_class", "confidence", "voxels",
+                  "centroid_z", "centroid_y", "centroid_x", "updated"]
+REVIEW_ORDERS = {"confidence": "least certain first", "confidence_desc": "most certain first",
+                 "size": "largest first", "size_asc": "smallest first", "id": "by id"}
+
+
+class ReviewSession:
+    """The review of the catalogue `work_dir/exports/fossils.csv`, saved in `exports/review.csv`.
+
+    Each decision (`accepted` / `rejected`, with a taxon) is written at once with an atomic
+    replace, so a disconnect loses nothing. Decisions are tied to a specimen by its id and
+    centroid: after a new extraction (other parameters, new ids) they follow their specimen
+    when its centroid moved less than `tol` voxels; the others are kept in the file
+    untouched (`stale`) and not shown.
+    """
+
+    def __init__(self, work_dir, tol=3.0):
+        import pandas as pd
+        self.exp_dir = Path(work_dir) / "exports"
+        self.path = self.exp_dir / "review.csv"
+        cat_path = self.exp_dir / "fossils.csv"
+        if not cat_path.exists():
+            raise FileNotFoundError(f"{cat_path} not found: run 05_predict_export (its extraction cell) first, "
+                                    "with the same work_dir.")
+        self.cat = pd.read_csv(cat_path).set_index("id", drop=False).rename_axis(None)
+        self.codes = [c[5:] for c in self.cat.columns if c.startswith("frac_")]
+        self.decisions, self.stale = {}, []
+        self._folders = {int(d.name[7:]): d for d in self.exp_dir.glob("fossil_*") if d.name[7:].isdigit()}
+        if self.path.exists():
+            cents = self.cat[["centroid_z", "centroid_y", "centroid_x"]].to_numpy(float)
+            for r in pd.read_csv(self.path, dtype=str, keep_default_na=False).to_dict("records"):
+                sid = self._match(r, cents, tol)
+                if sid is None or sid in self.decisions:
+                    self.stale.append(r)
+                else:
+                    self.decisions[sid] = {**r, "id": sid}
+
+    def _match(self, r, cents, tol):
+        try:
+            c = np.array([float(r["centroid_z"]), float(r["centroid_y"]), float(r["centroid_x"])])
+        except (KeyError, ValueError):
+            return None
+        if not len(cents):
+            return None
+        d = np.linalg.norm(cents - c, axis=1)
+        same = self.cat.index == int(float(r.get("id") or -1))
+        k = int(np.flatnonzero(same)[0]) if same.any() and d[same][0] <= tol else int(np.argmin(d))
+        return int(self.cat.index[k]) if d[k] <= tol else None
+
+    def taxa(self):
+        """Taxa to offer: the model's fossil classes, then every taxon typed so far."""
+        seen = [d["taxon"] for d in self.decisions.values() if d.get("taxon")] + [r.get("taxon", "") for r in self.stale]
+        return list(dict.fromkeys([*self.codes, *sorted(t for t in seen if t)]))
+
+    def get(self, sid):
+        """The decision row of specimen `sid`, or None when it is not reviewed yet."""
+        return self.decisions.get(int(sid))
+
+    def set(self, sid, decision=None, taxon=None):
+        """Record `decision` ("accepted", "rejected" or "" to undo) and/or `taxon` for specimen `sid`; saved at once."""
+        sid = int(sid)
+        if decision not in (None, "", "accepted", "rejected"):
+            raise ValueError(f"decision must be 'accepted', 'rejected' or '', not {decision!r}")
+        row = self.cat.loc[sid]
+        d = self.decisions.get(sid) or {"decision": "", "taxon": ""}
+        d.update({"id": sid, "predicted_class": row["class"], "confidence": row[self._confidence_column()],
+                  "voxels": row["voxels"],
+                  "centroid_z": row["centroid_z"], "centroid_y": row["centroid_y"], "centroid_x": row["centroid_x"],
+                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if decision is not None:
+            d["decision"] = decision
+        if taxon is not None:
+            d["taxon"] = str(taxon).strip()
+        self.decisions[sid] = d
+        self.save()
+        return d
+
+    def save(self):
+        """Write `review.csv` (decisions, then the stale rows) to a temporary file and rename it over the old one."""
+        import csv
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        with replacing(self.path) as tmp, open(tmp, "w", newline="") as fh:
+            wr = csv.DictWriter(fh, REVIEW_COLUMNS, extrasaction="ignore")
+            wr.writeheader()
+            for sid in sorted(self.decisions):
+                wr.writerow(self.decisions[sid])
+            wr.writerows(self.stale)
+
+    def order(self, cls="all", sort="confidence"):
+        """Specimen ids of class `cls` ("all" for every class) in the order `sort` (a key of `REVIEW_ORDERS`)."""
+        if sort not in REVIEW_ORDERS:
+            raise ValueError(f"sort must be one of {list(REVIEW_ORDERS)}, not {sort!r}")
+        c = self.cat if cls == "all" else self.cat[self.cat["class"] == cls]
+        conf = self._confidence_column()
+        key, asc = {"confidence": (conf, True), "confidence_desc": (conf, False),
+                    "size": ("voxels", False), "size_asc": ("voxels", True), "id": ("id", True)}[sort]
+        return [int(i) for i in c.sort_values([key, "id"], ascending=[asc, True], na_position="first")["id"]]
+
+    def _confidence_column(self):
+        """The specimen classifier's probability once it has run (`classify_specimens`), else the segmentation's."""
+        return "class_probability" if "class_probability" in self.cat.columns else "confidence"
+
+    def first_unreviewed(self, ids):
+        """Position in `ids` of the first specimen without a decision (0 when all are reviewed)."""
+        return next((k for k, sid in enumerate(ids) if not (self.get(sid) or {}).get("decision")), 0)
+
+    def summary(self):
+        dec = [d.get("decision") for d in self.decisions.values()]
+        return {"specimens": len(self.cat), "accepted": dec.count("accepted"), "rejected": dec.count("rejected"),
+                "to_review": len(self.cat) - dec.count("accepted") - dec.count("rejected"), "stale_rows": len(self.stale)}
+
+    def preview(self, sid):
+        """Path of specimen `sid`'s preview PNG, or None when its export was capped."""
+        d = self._folders.get(int(sid))
+        p = d / f"{d.name}_preview.png" if d is not None else None
+        return p if p is not None and p.exists() else None
+
+
+def read_review(work_dir):
+    """The review decisions so far, matched to the current catalogue: a table with `id`, `decision`, `taxon` and
+    `predicted_class` (empty before any review), for `classify_specimens`."""
+    import pandas as pd
+    exp = Path(work_dir) / "exports"
+    if not (exp / "review.csv").exists():
+        return pd.DataFrame(columns=["id", "decision", "taxon", "predicted_class"])
+    return pd.DataFrame(list(ReviewSession(work_dir).decisions.values()),
+                        columns=["id", "decision", "taxon", "predicted_class"])
+
+
+def has_widget_frontend():
+    """True in a live Jupyter or Colab kernel; False in plain Python and in headless runs (`run_pipeline.py`)."""
+    if os.environ.get("MICROFOSSIL_HEADLESS"):
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and hasattr(ip, "kernel")
+
+
+class ReviewPanel:
+    """ipywidgets panel over a `ReviewSession`: one specimen at a time; show it with `display(panel.box)`.
+
+    Preview and measurements; accept / reject (then on to the next); a taxon field
+    offering the classes seen so far; previous / next; filter by class; sort by
+    confidence or size. Opens on the first specimen not reviewed yet.
+    """
+
+    def __init__(self, work_dir):
+        import ipywidgets as w
+        if "google.colab" in sys.modules:  # Colab needs this for ipywidgets 8
+            try:
+                from google.colab import output
+                output.enable_custom_widget_manager()
+            except Exception:
+                pass
+        self.session = s = ReviewSession(work_dir)
+        self.filter = w.Dropdown(options=["all", *sorted(set(s.cat["class"]))], description="class")
+        self.sort = w.Dropdown(options=[(v, k) for k, v in REVIEW_ORDERS.items()], value="confidence", description="order")
+        self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.info = w.HTML()
+        self.taxon = w.Combobox(options=s.taxa(), placeholder="taxon", description="taxon", ensure_option=False,
+                                continuous_update=False)
+        self.prev_b, self.next_b = w.Button(description="◀ previous"), w.Button(description="next ▶")
+        self.accept_b = w.Button(description="accept", button_style="success")
+        self.reject_b = w.Button(description="reject", button_style="danger")
+        self.status = w.HTML()
+        self.ids, self.pos = [], 0
+        self.prev_b.on_click(lambda _: self.go(-1))
+        self.next_b.on_click(lambda _: self.go(+1))
+        self.accept_b.on_click(lambda _: self.decide("accepted"))
+        self.reject_b.on_click(lambda _: self.decide("rejected"))
+        self.filter.observe(lambda _: self.refresh(), "value")
+        self.sort.observe(lambda _: self.refresh(), "value")
+        self.taxon.observe(self._on_taxon, "value")
+        self.box = w.VBox([w.HBox([self.filter, self.sort]), self.image, self.info,
+                           w.HBox([self.prev_b, self.accept_b, self.reject_b, self.next_b]), self.taxon, self.status])
+        self.refresh()
+
+    @property
+    def current(self):
+        return self.ids[self.pos] if self.ids else None
+
+    def refresh(self):
+        """Re-apply the class filter and the order; go to the first specimen not reviewed yet."""
+        self.ids = self.session.order(self.filter.value, self.sort.value)
+        self.pos = self.session.first_unreviewed(self.ids)
+        self.show()
+
+    def go(self, step):
+        if self.ids:
+            self.pos = (self.pos + step) % len(self.ids)
+        self.show()
+
+    def decide(self, decision):
+        """Record `decision` for the current specimen, with the taxon typed (default: its predicted class); next."""
+        sid = self.current
+        if sid is None:
+            return
+        taxon = self.taxon.value or (self.session.cat.loc[sid, "class"] if decision == "accepted" else "")
+        self.session.set(sid, decision, taxon)
+        self.taxon.options = self.session.taxa()
+        self.go(+1)
+
+    def _on_taxon(self, change):
+        if self.current is not None and not self._showing:
+            self.session.set(self.current, taxon=change["new"])
+            self.taxon.options = self.session.taxa()
+            self._show_status()
+
+    _showing = False
+
+    def show(self):
+        s, sid = self.session, self.current
+        self._showing = True
+        try:
+            if sid is None:
+                self.image.value, self.info.value, self.taxon.value = b"", "<b>No specimen to review.</b>", ""
+            else:
+                row, d = s.cat.loc[sid], s.get(sid) or {}
+                p = s.preview(sid)
+                self.image.value = p.read_bytes() if p else b""
+                fields = [f for f in ["class", "class_probability", "seg_class", "confidence", "voxels", "volume_um3",
+                                      "surface_um2", "esd_um", "sphericity", "mean_intensity", "touches_border"]
+                          if f in row.index]
+                cells = "".join(f"<td><b>{f}</b><br>{row[f]:.4g}</td>" if isinstance(row[f], float)
+                                else f"<td><b>{f}</b><br>{row[f]}</td>" for f in fields)
+                note = "" if p else "<br><i>no preview: exports were capped (max_exports); re-run the extraction with a larger max_exports</i>"
+                self.info.value = (f"<b>specimen #{sid}</b> ({self.pos + 1} of {len(self.ids)}), box z {row['z0']}-{row['z1']}, "
+                                   f"y {row['y0']}-{row['y1']}, x {row['x0']}-{row['x1']}<table><tr>{cells}</tr></table>{note}")
+                self.taxon.value = d.get("taxon", "")
+        finally:
+            self._showing = False
+        self._show_status()
+
+    def _show_status(self):
+        sm, d = self.session.summary(), self.session.get(self.current) if self.current is not None else None
+        mine = f"this one: <b>{d['decision'] or 'not decided'}</b> {d.get('taxon', '')}" if d else "this one: not reviewed"
+        self.status.value = (f"{mine} · reviewed {sm['accepted'] + sm['rejected']} of {sm['specimens']} "
+                             f"({sm['accepted']} accepted, {sm['rejected']} rejected) · saved to {self.session.path}")

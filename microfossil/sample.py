@@ -1,0 +1,236 @@
+"""The embedded synthetic sample: a micro-CT volume of a carbonate core with foraminifera and ostracods.
+
+It stands in for the LAPiX volume, which cannot be downloaded everywhere, and it is what
+the first command and the tests run on. Everything is drawn from `seed`, so a sample is
+the same on every machine. It is written in the published dataset layout (see `volume`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .io import replacing
+
+# Sizes (slices, height, width). "default" runs the whole quick-mode demo on a 2-core CPU in
+# minutes; "full" is the size of the published LAPiX volume (983 slices of 1004 x 956).
+SAMPLE_SIZES = {"default": (48, 256, 256), "full": (983, 1004, 956)}
+
+SAMPLE_CODES = ["background", "foraminifera", "ostracod"]
+
+
+def _rotation(rng):
+    q = rng.normal(size=4)
+    a, b, c, d = q / np.linalg.norm(q)
+    return np.array([[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)],
+                     [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
+                     [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]])
+
+
+def _make_objects(shape, seed):
+    """Draw the sample's objects (fossils, pores, grains) deterministically from `seed`."""
+    Z, H, W = shape
+    rng = np.random.default_rng(seed)
+    scale = math.sqrt(min(H, W) / 256)
+    core_r = 0.46 * min(H, W)
+    core_vox = math.pi * core_r ** 2 * Z
+    objs = []
+    taken_c, taken_r = np.empty((0, 3)), np.empty(0)  # placed objects, for vectorised overlap checks
+
+    def place(radius, tries=200, zrange=None):
+        nonlocal taken_c, taken_r
+        for _ in range(tries):
+            rr = core_r - radius - 2
+            if rr <= 0:
+                return None
+            a, d = rng.uniform(0, 2 * math.pi), rr * math.sqrt(rng.uniform())
+            z = rng.uniform(*zrange) if zrange else rng.uniform(-radius * 0.3, Z - 1 + radius * 0.3)
+            c = np.array([z, H / 2 + d * math.sin(a), W / 2 + d * math.cos(a)])
+            if np.all(np.linalg.norm(taken_c - c, axis=1) > taken_r + radius + 2):
+                taken_c, taken_r = np.vstack([taken_c, c]), np.append(taken_r, radius)
+                return c
+        return None
+
+    n_foram = max(2, round(core_vox * 3.0e-6 / scale ** 3))
+    n_ostra = max(2, round(core_vox * 2.0e-6 / scale ** 3))
+    # the first specimen of each class lies in the last 20% of z (the default validation block), the second before it
+    zranges = [(0.84 * Z, 0.96 * Z), (0.1 * Z, 0.7 * Z)]
+    for kind, n in (("foram", n_foram), ("ostracod", n_ostra)):
+        for i in range(n):
+            zr = zranges[i] if i < len(zranges) else None
+            R = _rotation(rng)
+            if kind == "foram":
+                n_ch, r0, g = rng.integers(4, 9), rng.uniform(2.5, 4.0) * scale, rng.uniform(1.15, 1.3)
+                radii = r0 * g ** np.arange(n_ch)
+                ang = np.cumsum(np.full(n_ch, rng.uniform(0.75, 1.0)))
+                dist = 1.35 * radii
+                local = np.stack([rng.uniform(-0.3, 0.3) * radii, dist * np.cos(ang), dist * np.sin(ang)], 1)
+                local -= local.mean(0)
+                extent = float(np.max(np.linalg.norm(local, axis=1) + radii))
+                c = place(extent, zrange=zr)
+                if c is None: continue
+                objs.append(dict(kind="foram", label=1, center=c, extent=extent, R=R, chambers=local, radii=radii,
+                                 wall=max(1.2, 0.12 * radii.max()), filled=bool(rng.uniform() < 0.4)))
+            else:
+                L = rng.uniform(7, 13) * scale
+                axes = np.array([0.5, 0.65, 1.0]) * L * rng.uniform(0.9, 1.1, 3)
+                c = place(float(axes.max()), zrange=zr)
+                if c is None: continue
+                objs.append(dict(kind="ostracod", label=2, center=c, extent=float(axes.max()), R=R, axes=axes,
+                                 wall=max(1.2, 0.1 * axes.min()), filled=bool(rng.uniform() < 0.4)))
+    for _ in range(max(4, round(core_vox * 1.5e-5 / scale ** 3))):  # pores: dark ellipsoids
+        axes = rng.uniform(1.5, 6, 3) * scale
+        c = place(float(axes.max()), tries=20)
+        if c is not None:
+            objs.append(dict(kind="pore", label=0, center=c, extent=float(axes.max()), R=_rotation(rng), axes=axes))
+    for _ in range(max(4, round(core_vox * 1.0e-5 / scale ** 3))):  # dense mineral grains (pyrite)
+        axes = rng.uniform(1.0, 3.5, 3) * scale
+        c = place(float(axes.max()), tries=20)
+        if c is not None:
+            objs.append(dict(kind="grain", label=0, center=c, extent=float(axes.max()), R=_rotation(rng), axes=axes))
+    return objs
+
+
+def _render_object(o, img, lab, z0):
+    """Paint object `o` into the slab `img`/`lab` whose first slice is z index `z0`."""
+    Zs, H, W = img.shape
+    e = o["extent"] + 2
+    lo = np.floor(o["center"] - e).astype(int)
+    hi = np.ceil(o["center"] + e).astype(int) + 1
+    lo_c = np.maximum(lo, [z0, 0, 0])
+    hi_c = np.minimum(hi, [z0 + Zs, H, W])
+    if np.any(hi_c <= lo_c):
+        return
+    g = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo_c, hi_c)], indexing="ij"), -1)
+    p = (g - o["center"].astype(np.float32)) @ o["R"].astype(np.float32)  # local coordinates
+    sl = tuple(slice(a - (z0 if i == 0 else 0), b - (z0 if i == 0 else 0)) for i, (a, b) in enumerate(zip(lo_c, hi_c)))
+    sub_img, sub_lab = img[sl], lab[sl]
+    if o["kind"] in ("pore", "grain"):
+        inside = np.sum((p / o["axes"]) ** 2, -1) < 1
+        sub_img[inside] = 0.14 if o["kind"] == "pore" else 0.97
+        return
+    if o["kind"] == "foram":
+        d = np.stack([np.linalg.norm(p - c, axis=-1) - r for c, r in zip(o["chambers"], o["radii"])], 0)
+        inside = (d < 0).any(0)
+        wall = inside & (np.max(np.where(d < 0, d, -np.inf), 0) > -o["wall"])
+    else:
+        rho = np.linalg.norm(p / o["axes"], axis=-1)
+        inside = rho < 1
+        wall = inside & (rho > 1 - o["wall"] / o["axes"].min())
+        wall &= ~((np.abs(p[..., 1]) < 0.6) & (p[..., 0] < 0))  # gape between the two valves
+    sub_img[inside] = 0.52 if o["filled"] else 0.10
+    sub_img[wall] = 0.82
+    sub_lab[inside] = o["label"]
+
+
+def _texture(zs, H, W, seed):
+    """Smooth carbonate-matrix texture on slices `zs`: a sum of random 3D plane waves, seamless in z."""
+    rng = np.random.default_rng(seed + 7919)
+    k = rng.normal(size=(24, 3)) * np.array([0.05, 0.05, 0.05]) * rng.uniform(0.3, 3.0, (24, 1))
+    ph, amp = rng.uniform(0, 2 * np.pi, 24), 1 / np.sqrt(24)
+    y, x = np.arange(H, dtype=np.float32), np.arange(W, dtype=np.float32)
+    out = np.zeros((len(zs), H, W), np.float32)
+    for kk, p in zip(k, ph):
+        ey, ex = np.exp(1j * kk[1] * y).astype(np.complex64), np.exp(1j * kk[2] * x).astype(np.complex64)
+        plane = np.outer(ey, ex)
+        for i, z in enumerate(zs):
+            out[i] += amp * (plane * np.exp(1j * (kk[0] * z + p))).real
+    return out
+
+
+def _sample_slabs(shape, seed, bit_depth, s0, s1, objs):
+    """Yield (z, image slice, label slice) of the sample for z in [s0, s1): one slab, blurred with a margin."""
+    from scipy import ndimage
+    Z, H, W = shape
+    yy, xx = np.mgrid[:H, :W].astype(np.float32)
+    r = np.hypot(yy - (H - 1) / 2, xx - (W - 1) / 2)
+    core_r = 0.46 * min(H, W)
+    core = r < core_r
+    rng_r = np.random.default_rng(seed + 1)
+    rings = sum(a * np.exp(-0.5 * ((r - r0) / 0.8) ** 2)
+                for r0, a in zip(rng_r.uniform(0, core_r, 6), rng_r.uniform(-0.05, 0.05, 6))).astype(np.float32)
+    maxval, dtype = (255, np.uint8) if bit_depth == 8 else (65535, np.uint16)
+    m = 3  # margin for the 3D blur
+    a0, a1 = max(0, s0 - m), min(Z, s1 + m)
+    img = np.where(core, 0.45 + 0.07 * _texture(np.arange(a0, a1), H, W, seed), 0.04).astype(np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    for o in objs:
+        _render_object(o, img, lab, a0)
+    img[:, ~core] = 0.04
+    img = ndimage.gaussian_filter(img, 0.9)[s0 - a0: s1 - a0]
+    lab = lab[s0 - a0: s1 - a0]
+    for i, z in enumerate(range(s0, s1)):
+        noise = np.random.default_rng([seed, z]).normal(0, 0.035, (H, W)).astype(np.float32)
+        sl = np.clip((img[i] + rings + noise) * 0.9 + 0.05, 0, 1)
+        yield z, (sl * maxval + 0.5).astype(dtype), lab[i]
+
+
+def _write_png_slab(out_dir, shape, seed, bit_depth, s0, s1, objs):
+    from PIL import Image
+    for z, sl, lab in _sample_slabs(shape, seed, bit_depth, s0, s1, objs):
+        Image.fromarray(sl).save(out_dir / "train" / f"slice_{z:04d}.png")
+        Image.fromarray(lab).save(out_dir / "train_masks_labels" / f"slice_{z:04d}_GT.png")
+
+
+def make_sample(out_dir, n_slices=48, height=256, width=256, seed=0, bit_depth=8, fmt="png", slab=48, workers=None):
+    """Write a synthetic micro-CT sample in the dataset layout to `out_dir`; deterministic from `seed`.
+
+    A cylindrical carbonate core in air with pores, dense grains, foraminifera
+    (chambers along a spiral, thin bright calcite walls, hollow or sediment-filled)
+    and ostracods (two thin valves of an ellipsoid), then CT blur, noise and ring
+    artefacts. Labels: 0 background, 1 foraminifera, 2 ostracod. `fmt` is "png"
+    (one file per slice) or "tif-stack" (one multi-page TIFF). Works slab by slab,
+    so the full 983 x 1004 x 956 size fits in a few GB of RAM; PNG slabs are written
+    by up to `workers` processes (default: the CPU count, at most 8).
+    """
+    import tifffile
+    out_dir = Path(out_dir)
+    (out_dir / "train").mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_masks_labels").mkdir(parents=True, exist_ok=True)
+    (out_dir / "codes.txt").write_text("\n".join(SAMPLE_CODES) + "\n")
+    shape = (n_slices, height, width)
+    objs = _make_objects(shape, seed)
+    slabs = [(s0, min(n_slices, s0 + slab)) for s0 in range(0, n_slices, slab)]
+    if fmt == "tif-stack":
+        with tifffile.TiffWriter(out_dir / "train" / "volume.tif") as ti, \
+                tifffile.TiffWriter(out_dir / "train_masks_labels" / "volume_GT.tif") as tl:
+            for s0, s1 in slabs:
+                for _, sl, lab in _sample_slabs(shape, seed, bit_depth, s0, s1, objs):
+                    ti.write(sl, contiguous=True)
+                    tl.write(lab, contiguous=True)
+        return out_dir
+    workers = min(len(slabs), workers or min(8, os.cpu_count() or 1))
+    if workers > 1 and sys.platform.startswith("linux"):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for f in [pool.submit(_write_png_slab, out_dir, shape, seed, bit_depth, s0, s1, objs) for s0, s1 in slabs]:
+                f.result()
+    else:
+        for s0, s1 in slabs:
+            _write_png_slab(out_dir, shape, seed, bit_depth, s0, s1, objs)
+    return out_dir
+
+
+def ensure_sample(out_dir, n_slices=48, height=256, width=256, seed=0, **kw):
+    """Generate the embedded sample into `out_dir` unless an identical one is already there; return `out_dir`.
+
+    Written to a temporary folder and renamed, so an interrupted run never leaves half a sample.
+    """
+    out_dir = Path(out_dir)
+    spec = dict(n_slices=n_slices, height=height, width=width, seed=seed, **kw)
+    marker = out_dir / "sample.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return out_dir
+    t = time.time()
+    print(f"Generating the synthetic sample ({n_slices} slices of {height}x{width}) in {out_dir} ...")
+    with replacing(out_dir) as tmp:
+        make_sample(tmp, **spec)
+        (tmp / "sample.json").write_text(json.dumps(spec))
+    print(f"  done in {time.time() - t:.1f}s")
+    return out_dir

@@ -1,0 +1,151 @@
+"""Specimens: the 3D connected components of a label volume, and what is measured on each one.
+
+A specimen is a component of the fossil voxels (every class but 0 together), so a specimen
+predicted partly as one class and partly as another stays one. Everything here works
+inside a specimen's bounding box; the only full-volume array is the component labels.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from .io import read_label_pages, write_label_tiff
+
+SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "box_fill", "solidity", "enclosed",
+                     "n_peaks", "peaks_per_1000_voxels", "max_thickness", "mean_thickness", "intensity_p10",
+                     "intensity_p50", "intensity_p90", "intensity_std"]
+
+
+def label_components(mask, connectivity=26):
+    """3D components of boolean `mask`: `(labels, n, voxel counts, bounding boxes)`, index = component label."""
+    import cc3d
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity!r}")
+    cc, n = cc3d.connected_components(mask, connectivity=connectivity, binary_image=True, return_N=True)
+    if not n:
+        return cc, 0, np.zeros(1, np.int64), [None]
+    stats = cc3d.statistics(cc)
+    return cc, n, np.asarray(stats["voxel_counts"], np.int64), stats["bounding_boxes"]
+
+
+def find_specimens(mask, connectivity=26, min_voxels=1, split_touching=False, spacing=(1.0, 1.0, 1.0),
+                   split_min_distance_um=None):
+    """Components of `mask` with at least `min_voxels` voxels, optionally split by a watershed.
+
+    Returns `(cc, n, n_kept, parts)`: the component labels (split parts relabelled in place),
+    the number of components, how many were big enough, and one `(label in cc, bounding box,
+    voxel count)` per specimen. `split_touching` splits each component on the distance
+    transform, seeds at least `split_min_distance_um` apart (default: 10 voxels).
+    """
+    cc, n, counts, boxes = label_components(mask, connectivity)
+    kept = [i for i in range(1, n + 1) if counts[i] >= min_voxels]
+    if not (split_touching and kept):
+        return cc, n, len(kept), [(i, boxes[i], int(counts[i])) for i in kept]
+    if cc.dtype == np.uint16:
+        cc = cc.astype(np.uint32)  # room for the labels of new parts
+    md = split_min_distance_um if split_min_distance_um is not None else 10 * min(spacing)
+    parts, nxt = [], n + 1
+    for i in kept:
+        bb = boxes[i]
+        sub = _split_touching(cc[bb] == i, spacing, md) if counts[i] >= 2 * min_voxels else None
+        if sub is None or sub.max() < 2:
+            parts.append((i, bb, int(counts[i])))
+            continue
+        view = cc[bb]
+        for j in range(1, int(sub.max()) + 1):
+            m = sub == j
+            if not m.any():
+                continue
+            lbl = i if j == 1 else nxt
+            if j > 1:
+                view[m] = lbl
+                nxt += 1
+            nz = [np.flatnonzero(m.any(tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+            parts.append((lbl, tuple(slice(s.start + a[0], s.start + a[-1] + 1) for s, a in zip(bb, nz)), int(m.sum())))
+    return cc, n, len(kept), [p for p in parts if p[2] >= min_voxels]
+
+
+def _split_touching(mask, spacing, min_distance_um):
+    """Watershed on the distance transform of `mask`: int labels 1..n of the parts (n = 1 when nothing to split)."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+    dist = ndimage.distance_transform_edt(mask, sampling=spacing)
+    md = max(1, int(round(min_distance_um / min(spacing))))
+    peaks = peak_local_max(dist, min_distance=md, labels=mask.astype(np.uint8), exclude_border=False)
+    if len(peaks) < 2:
+        return mask.astype(np.int32)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=mask)
+
+
+def majority_class(cc, labels, n_components, n_classes):
+    """Majority fossil class (never 0) in `labels` of each component of `cc` (index = component label)."""
+    m = cc > 0
+    table = np.bincount(cc[m].astype(np.int64) * n_classes + labels[m],
+                        minlength=(n_components + 1) * n_classes).reshape(-1, n_classes)
+    table[:, 0] = 0
+    return table.argmax(1)
+
+
+def class_counts(labels, box, mask, n_classes):
+    """Voxel count of each class of `labels` under `mask`, the specimen in its bounding `box`."""
+    return np.bincount(np.asarray(labels[box])[mask], minlength=n_classes)[:n_classes]
+
+
+def centroid(mask):
+    """Centroid (z, y, x) of boolean `mask`, from its projections (no coordinate list of every voxel)."""
+    n = max(1, int(mask.sum()))
+    return np.array([(mask.sum(tuple(j for j in range(3) if j != i)) * np.arange(mask.shape[i])).sum() / n
+                     for i in range(3)])
+
+
+def descriptors(ct, mask):
+    """3D shape and intensity descriptors of one specimen, in voxel units (names: `SPECIMEN_FEATURES`).
+
+    `mask` is the specimen in its bounding box, `ct` the CT crop of the same box.
+    surface_share: share of its voxels on its surface; elongation / flatness: square roots of
+    the ratios of the principal second moments (2nd/1st, 3rd/2nd); box_fill: share of the
+    bounding box filled; solidity: volume over convex-hull volume; enclosed: share of the
+    filled-in shape that is an inner cavity; n_peaks: local maxima of the distance to the
+    surface, a proxy for chambers; thickness: the largest and mean distance to the surface
+    (relative to the size); intensity percentiles.
+    """
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull
+    from skimage.feature import peak_local_max
+    nv = int(mask.sum())
+    pts = np.argwhere(mask).astype(np.float64)
+    c = pts - pts.mean(0)
+    ev = np.sort(np.linalg.eigvalsh(c.T @ c / nv))[::-1] + 1 / 12  # + a voxel's own moment: no zero for flat shapes
+    surface = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+    corners = (surface[:, None, :] + np.array(list(itertools.product((-0.5, 0.5), repeat=3)))[None]).reshape(-1, 3)
+    try:
+        hull = ConvexHull(np.unique(corners, axis=0)).volume
+    except Exception:  # a flat or tiny specimen has no 3D hull
+        hull = nv
+    filled = int(ndimage.binary_fill_holes(mask).sum())
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    peaks = peak_local_max(dist, min_distance=2, threshold_abs=1.5, labels=mask.astype(np.uint8), exclude_border=False)
+    vals = ct[mask].astype(np.float64)
+    p10, p50, p90 = np.percentile(vals, [10, 50, 90])
+    size = nv ** (1 / 3)
+    return {"log_voxels": math.log10(nv), "surface_share": len(surface) / nv,
+            "elongation": math.sqrt(ev[1] / ev[0]), "flatness": math.sqrt(ev[2] / ev[1]),
+            "box_fill": nv / mask.size, "solidity": min(1.0, nv / max(hull, 1e-9)), "enclosed": 1 - nv / filled,
+            "n_peaks": len(peaks), "peaks_per_1000_voxels": 1000 * len(peaks) / nv,
+            "max_thickness": float(dist.max()) / size, "mean_thickness": float(dist[mask].mean()) / size,
+            "intensity_p10": p10, "intensity_p50": p50, "intensity_p90": p90, "intensity_std": float(vals.std())}
+
+
+def paint_classes(pred_dir, class_of_id):
+    """Write `pred_dir/labels_clean.tif`: each specimen of `specimens.tif` painted with `class_of_id[its id]`.
+
+    `class_of_id` is a lookup table (uint8 array, index = specimen id, 0 = background);
+    the volume is read and written one page at a time.
+    """
+    lut = np.asarray(class_of_id, np.uint8)
+    write_label_tiff(pred_dir / "labels_clean.tif", (lut[page] for page in read_label_pages(pred_dir / "specimens.tif")))

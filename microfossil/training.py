@@ -1,0 +1,310 @@
+"""A training phase that survives a disconnect and a user who tweaks: `PhaseCheckpoint`, a fastai callback.
+
+Passed to `learn.fit_one_cycle(..., cbs=PhaseCheckpoint("256_frozen", start=...))`, it
+- reads the phase's *plan* off the fit about to run (epochs, learning rates and the
+  one-cycle schedule fastai will apply, weight decay, batch size, size, context slices,
+  frozen or not, starting weights), so whatever the user changed in the cell is seen;
+- same plan as the finished phase: loads its weights and skips the fit; same plan as an
+  interrupted one: resumes after its last finished epoch (as fastai's `start_epoch` does);
+- another plan (or `force`): keeps the finished attempt in `models/attempts/`, reloads the
+  phase's starting weights (never the weights trained in memory) and trains again;
+- saves weights and optimizer after every epoch, the history CSV, and at the end
+  `models/<phase>.pth` with `models/<phase>.json` (plan, attempt number, final metrics).
+
+The next stage starts from `models/<phase>.pth`, the latest attempt; "256_unfrozen.attempt1"
+names an earlier one (`load_stage`, `load_model`).
+"""
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fastai.callback.schedule import ParamScheduler
+from fastai.learner import Callback, CancelFitException, SkipToEpoch, load_model, save_model
+
+from .io import read_json, replacing, write_json
+from .loaders import n_input_channels
+
+PLAN_KEYS = ("epochs", "lr", "pct_start", "div", "div_final", "moms", "wd", "bs", "size", "frozen", "context_slices",
+             "triplanar", "valid_slices", "arch", "codes", "start")
+
+
+def checkpoint_files(work_dir, name):
+    """`(weights, record)` paths of finished phase `name` in `work_dir/models`: "256_unfrozen" is its latest attempt,
+    "256_unfrozen.attempt1" attempt 1 (kept in `models/attempts/` once a later attempt exists)."""
+    models = Path(work_dir) / "models"
+    m = re.fullmatch(r"(.+)\.attempt(\d+)", name)
+    if m and (read_json(models / f"{m[1]}.json") or {}).get("attempt") != int(m[2]):
+        return models / "attempts" / f"{name}.pth", models / "attempts" / f"{name}.json"
+    base = m[1] if m else name
+    return models / f"{base}.pth", models / f"{base}.json"
+
+
+def phase_done(work_dir, name):
+    """True when phase `name` (e.g. "256_frozen", or "256_frozen.attempt1") is finished in `work_dir/models/`."""
+    return all(p.exists() for p in checkpoint_files(work_dir, name))
+
+
+def read_record(work_dir, name):
+    """The record of finished phase `name`, flat: its plan, with `name`, `attempt`, `final` metrics and `seconds`."""
+    rec = read_json(checkpoint_files(work_dir, name)[1])
+    return None if rec is None else {**rec.get("plan", {}), **{k: v for k, v in rec.items() if k != "plan"}}
+
+
+def _check_context(rec, name, context):
+    k_prev = rec.get("context_slices", 1)
+    if n_input_channels(context) != n_input_channels(k_prev):
+        raise ValueError(f"{name} was trained with context_slices={k_prev}, this learner has context_slices={context}: "
+                         "use the same value in every training notebook (or init_from=None to start afresh).")
+
+
+def load_stage(learn, name):
+    """Load finished checkpoint `name` (e.g. the previous stage's "256_unfrozen") strictly into `learn`."""
+    if name is None:
+        return learn
+    weights, _ = checkpoint_files(learn.path, name)
+    if not phase_done(learn.path, name):
+        raise FileNotFoundError(f"{weights} not found: run the notebook that trains '{name.split('_')[0]}' first with "
+                                "the same work_dir, or set init_from=None to start from ImageNet weights.")
+    _check_context(read_record(learn.path, name), name, getattr(learn.dls, "context_slices", 1))
+    load_model(weights, learn.model, learn.opt, with_opt=False, device=learn.dls.device, strict=True)
+    learn.at_init = False
+    print(f"Loaded weights of {name} ({weights})")
+    return learn
+
+
+def _sig(v, digits=6):
+    return float(f"{float(v):.{digits}g}")
+
+
+def _lr_plan(learn, n_groups):
+    """lr, pct_start, div, div_final and moms of the schedule this fit will apply (fastai's ParamScheduler)."""
+    sched = next((cb for cb in learn.cbs if isinstance(cb, ParamScheduler)), None)
+    if sched is None or "lr" not in sched.scheds:  # a plain `fit`: constant learning rates
+        lrs = [h["lr"] for h in learn.opt.hypers]
+        return {"lr": _group_lr(lrs), "pct_start": None, "div": None, "div_final": None, "moms": None}
+    pos = np.linspace(0, 1, 1001)
+    lrs = np.array([np.broadcast_to(np.asarray(sched.scheds["lr"](float(p)), float), (n_groups,)) for p in pos])
+    top = int(lrs[:, -1].argmax())  # the peak of the one cycle: at pct_start
+    mom = sched.scheds.get("mom")
+    return {"lr": _group_lr(lrs[top]), "pct_start": round(float(pos[top]), 3),
+            "div": _sig(lrs[top, -1] / lrs[0, -1], 4), "div_final": _sig(lrs[top, -1] / max(lrs[-1, -1], 1e-30), 4),
+            "moms": None if mom is None else [_sig(mom(float(p)), 4) for p in (0.0, pos[top], 1.0)]}
+
+
+def _group_lr(lrs):
+    """One learning rate when every parameter group has it, else `[lo, hi]` (discriminative rates, `slice(lo, hi)`)."""
+    lrs = [_sig(v) for v in np.ravel(lrs)]
+    return lrs[0] if len(set(lrs)) == 1 else [lrs[0], lrs[-1]]
+
+
+def _diff(old, new):
+    changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in PLAN_KEYS if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "same plan"
+
+
+class PhaseCheckpoint(Callback):
+    """Checkpoint, resume, skip or retrain one training phase; see the module's docstring. Pass it in `cbs`.
+
+    `start` names the checkpoint the phase starts from ("256_frozen", the previous stage's
+    "256_unfrozen", ...), or None for the learner's own initial weights (ImageNet or random),
+    kept as `models/<phase>.start.pth` so that a retrain starts from the same ones. `force`
+    retrains even with an unchanged plan.
+    """
+    order = 55  # after the Recorder (50) has logged an epoch; before the progress bar (60) opens for a fit it skips
+
+    def __init__(self, name, start=None, force=False):
+        self.phase, self.start, self.force = name, start, force
+
+    # --- files ---
+    @property
+    def models(self): return Path(self.learn.path) / "models"
+
+    def _path(self, suffix): return self.models / f"{self.phase}{suffix}"
+
+    @property
+    def history(self): return Path(self.learn.path) / "history" / f"{self.phase}.csv"
+
+    def _save(self, path, with_opt):
+        with replacing(path) as tmp:
+            save_model(tmp, self.learn.model, self.learn.opt, with_opt=with_opt)
+
+    def _load(self, path, with_opt):
+        load_model(path, self.learn.model, self.learn.opt, with_opt=with_opt, device=self.learn.dls.device, strict=True)
+
+    # --- the plan ---
+    def _start_name(self):
+        if self.start is None:
+            return "ImageNet weights" if getattr(self.learn, "used_pretrained", False) else "random init"
+        rec = read_record(self.learn.path, self.start)
+        if rec is None:
+            raise FileNotFoundError(f"{self.phase} starts from {self.start}, which is not trained in "
+                                    f"{self.models}: run its cell (or notebook) first with the same work_dir.")
+        if "attempt" not in rec or ".attempt" in self.start:
+            return self.start
+        return f"{self.start}.attempt{rec['attempt']}"
+
+    def _plan(self):
+        learn, dls = self.learn, self.learn.dls
+        opt = learn.opt
+        valid = getattr(dls, "valid_idx", [])
+        return {"epochs": int(learn.n_epoch), **_lr_plan(learn, len(opt.param_lists)),
+                "wd": _sig(opt.hypers[-1].get("wd", 0.0)), "bs": int(dls.train.bs), "size": list(dls.size),
+                "frozen": bool(opt.frozen_idx), "context_slices": int(getattr(dls, "context_slices", 1)),
+                "triplanar": bool(getattr(dls, "triplanar", False)),
+                "valid_slices": [int(valid[0]), int(valid[-1])] if len(valid) else [],
+                "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name()}
+
+    # --- attempts ---
+    def _attempt_numbers(self):
+        nums = [int(m[1]) for p in (self.models / "attempts").glob(f"{self.phase}.attempt*.json")
+                if (m := re.fullmatch(rf"{re.escape(self.phase)}\.attempt(\d+)\.json", p.name))]
+        current = (read_json(self._path(".json")) or {}).get("attempt")
+        return nums + ([current] if current else [])
+
+    def _archive(self, rec):
+        """Move the finished attempt (weights, record, history) to `models/attempts/`; return its new name."""
+        n = rec.get("attempt") or max([0, *self._attempt_numbers()]) + 1
+        dest = self.models / "attempts"
+        dest.mkdir(parents=True, exist_ok=True)
+        kept = f"{self.phase}.attempt{n}"
+        write_json(dest / f"{kept}.json", {**rec, "attempt": n})
+        shutil.move(self._path(".pth"), dest / f"{kept}.pth")
+        self._path(".json").unlink()
+        if self.history.exists():
+            (self.history.parent / "attempts").mkdir(exist_ok=True)
+            shutil.move(self.history, self.history.parent / "attempts" / f"{kept}.csv")
+        return kept
+
+    def _load_start(self):
+        """Put the phase's starting weights in the model: a finished checkpoint, or the learner's initial weights.
+
+        Initial weights (ImageNet encoder, random decoder) are kept as `<phase>.start.pth` the first
+        time, and every later attempt starts from them, in this session or another.
+        """
+        if self.start is not None:
+            self._load(checkpoint_files(self.learn.path, self.start)[0], with_opt=False)
+        else:
+            kind = {k: self.plan[k] for k in ("start", "arch", "codes", "context_slices")}
+            if self._path(".start.pth").exists() and read_json(self._path(".start.json")) == kind:
+                self._load(self._path(".start.pth"), with_opt=False)
+            else:
+                if not getattr(self.learn, "at_init", False):
+                    print(f"{self.phase}: no initial weights kept for this learner; it starts from the weights in "
+                          "memory (re-run the learner cell first to start from fresh ones)")
+                self._save(self._path(".start.pth"), with_opt=False)
+                write_json(self._path(".start.json"), kind)
+        self.learn.opt.clear_state()
+
+    # --- fastai events ---
+    def before_fit(self):
+        self.models.mkdir(parents=True, exist_ok=True)
+        self.plan, self.skipped, self.skip_to, self.rows = self._plan(), False, 0, []
+        self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))  # left by an interrupted fit
+        plan_of = lambda rec: {k: rec.get("plan", {}).get(k) for k in PLAN_KEYS} if rec else None  # noqa: E731
+        done = read_json(self._path(".json")) if self._path(".pth").exists() else None
+        progress = read_json(self._path(".progress.json")) if self._path(".progress.pth").exists() else None
+        if done and plan_of(done) == self.plan and not self.force:
+            self._load(self._path(".pth"), with_opt=False)
+            self.skipped, self.learn.at_init = True, False
+            print(f"{self.phase}: already trained with this plan (attempt {done.get('attempt', 1)}), loaded "
+                  f"models/{self.phase}.pth{_scores(done.get('final', {}))}; force=True trains it again")
+            raise CancelFitException()
+        if progress and plan_of(progress) == self.plan and not self.force:
+            self._load(self._path(".progress.pth"), with_opt=True)
+            self.attempt, self.skip_to = progress["attempt"], progress["epoch"] + 1
+            self.rows = [r for r in _read_rows(self.history) if int(r["epoch"]) < self.skip_to]
+            self.learn.add_cb(_Resume(self.skip_to))
+            print(f"{self.phase}: resuming after epoch {self.skip_to} of {self.plan['epochs']}")
+        else:
+            if progress:
+                print(f"{self.phase}: the interrupted run had another plan ({_diff(plan_of(progress), self.plan)}); "
+                      "it is discarded")
+            self._path(".progress.pth").unlink(missing_ok=True)
+            self._path(".progress.json").unlink(missing_ok=True)
+            self.attempt = max([0, *self._attempt_numbers()]) + 1
+            why = ""
+            if done:
+                change = "force=True" if plan_of(done) == self.plan else f"plan changed: {_diff(plan_of(done), self.plan)}"
+                kept = self._archive(done)
+                why = f"{change}; attempt {kept.rsplit('attempt', 1)[1]} kept as models/attempts/{kept}.pth; "
+            self.history.unlink(missing_ok=True)
+            self._load_start()
+            print(f"{self.phase}: {why}training attempt {self.attempt} from {self.plan['start']}")
+        self.t0 = time.time()
+
+    def after_epoch(self):
+        if self.epoch < self.skip_to:
+            return
+        self._save(self._path(".progress.pth"), with_opt=True)
+        write_json(self._path(".progress.json"), {"plan": self.plan, "attempt": self.attempt, "epoch": self.epoch})
+        rec = self.learn.recorder
+        self.rows.append({k: _plain(v) for k, v in zip(rec.metric_names, rec.log)})
+        self.history.parent.mkdir(exist_ok=True)
+        with replacing(self.history) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, list(rec.metric_names))
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def after_fit(self):
+        self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))
+        if self.skipped:
+            return
+        self.learn.at_init = False
+        self._save(self._path(".pth"), with_opt=False)
+        last = self.rows[-1] if self.rows else {}
+        final = {k: float(v) for k, v in last.items() if k not in ("epoch", "time") and v not in ("", None)}
+        rec = {"name": self.phase, "attempt": self.attempt, "plan": self.plan, "final": final,
+               "epochs_trained": len(self.rows), "seconds": round(time.time() - self.t0, 1),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(self._path(".json"), rec)
+        self._path(".progress.pth").unlink(missing_ok=True)
+        self._path(".progress.json").unlink(missing_ok=True)
+        print(f"{self.phase}: saved models/{self.phase}.pth (attempt {self.attempt}) after {rec['seconds']:.0f}s"
+              f"{_scores(final)}")
+
+
+class _Resume(SkipToEpoch):
+    """fastai's `start_epoch` for a resumed phase: the epochs already trained are skipped (after the progress bar has
+    counted them, hence a callback of its own, later than `PhaseCheckpoint`)."""
+
+
+def _plain(v):
+    v = getattr(v, "value", v)
+    return v.item() if hasattr(v, "item") else v
+
+
+def _scores(final):
+    keys = [k for k in ("mean_iou", "acc_nonbg") if final.get(k) is not None]
+    return "; validation " + ", ".join(f"{k} {final[k]:.3f}" for k in keys) if keys else ""
+
+
+def _read_rows(path):
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def attempts(work_dir, names):
+    """The attempts of each phase in `names`, earlier ones and the latest, side by side: plan and final scores."""
+    import pandas as pd
+    models = Path(work_dir) / "models"
+    rows = []
+    for name in names:
+        kept = sorted((models / "attempts").glob(f"{name}.attempt*.json"),
+                      key=lambda p: int(p.stem.rsplit("attempt", 1)[1]))
+        for f in [*kept, models / f"{name}.json"]:
+            rec = read_json(f)
+            if rec is None:
+                continue
+            plan = rec.get("plan", rec)
+            rows.append({"phase": name, "attempt": rec.get("attempt", 1), "latest": f.parent == models,
+                         **{k: plan.get(k) for k in ("epochs", "lr", "pct_start", "wd", "bs", "size", "start")},
+                         **rec.get("final", {}), "seconds": rec.get("seconds")})
+    return pd.DataFrame(rows)

@@ -1,0 +1,118 @@
+"""The specimen classifier: it tells shapes apart that the segmentation confused, learns from the review, and leaves
+a catalogue without specimens alone."""
+import json
+
+import numpy as np
+import pandas as pd
+import tifffile
+
+from conftest import volume_of
+from microfossil.classifier import NOT_A_FOSSIL, classify_specimens
+from microfossil.evaluation import evaluate_specimens
+from microfossil.extraction import extract_fossils
+from microfossil.review import ReviewSession, read_review
+from microfossil.volume import split_slices
+
+
+def _rotation(rng):
+    q = rng.normal(size=4)
+    a, b, c, d = q / np.linalg.norm(q)
+    return np.array([[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)], [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
+                     [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]])
+
+
+def shells_and_chains(tmp_path, seed=0):
+    """A volume of elongated single shells (class 1, solid ellipsoids) and chains of three spheres (class 2) of the
+    same length, brightness and random orientation, one per 18-voxel cell; the 'segmentation' calls all of them
+    class 1. Returns (vol, pred)."""
+    rng = np.random.default_rng(seed)
+    cell = 18
+    Z, H, W = 5 * cell, 4 * cell, 4 * cell
+    labels = np.zeros((Z, H, W), np.uint8)
+    g = np.indices((cell, cell, cell), dtype=np.float32).reshape(3, -1).T - (cell - 1) / 2
+    for cz in range(5):
+        for cy in range(4):
+            for cx in range(4):
+                R, length = _rotation(rng), rng.uniform(12, 15)
+                p = g @ R.astype(np.float32)
+                if rng.uniform() < 0.5:
+                    a = np.array([length / 2, length / 2 * 0.42, length / 2 * 0.38]) * rng.uniform(0.9, 1.1, 3)
+                    inside, k = ((p / a) ** 2).sum(1) <= 1, 1
+                else:
+                    r = length / 6 * rng.uniform(0.95, 1.1)
+                    cs = np.array([[-2 * r, 0, 0], [0, 0, 0], [2 * r, 0, 0]])
+                    inside, k = (((p[:, None, :] - cs[None]) ** 2).sum(2) <= (r * 1.08) ** 2).any(1), 2
+                sl = tuple(slice(c * cell, (c + 1) * cell) for c in (cz, cy, cx))
+                labels[sl][inside.reshape(cell, cell, cell)] = k
+    images = np.where(labels > 0, 200, 60).astype(np.uint8)
+    return volume_of(images, labels, tmp_path), (labels > 0).astype(np.uint8)
+
+
+def test_classifier_tells_shells_from_chains(tmp_path, capsys):
+    vol, pred = shells_and_chains(tmp_path)
+    work = tmp_path / "run"
+    cat0 = extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    assert len(cat0) == 80 and (cat0["class"] == "shell").all()  # the segmentation confused every chain
+    assert (work / "exports" / "truth_features.csv").exists()
+    before = evaluate_specimens(vol, work, valid_pct=0.2)
+    cat = classify_specimens(work, valid_pct=0.2)
+    out = capsys.readouterr().out
+    assert "Specimen classifier trained on" in out
+    feats = pd.read_csv(work / "exports" / "features.csv")
+    truth = np.where(feats["truth_chain"] > feats["truth_shell"], "chain", "shell")
+    n_train = len(split_slices(len(vol.images), 0.2)[0])
+    held_out = (cat["z0"] >= n_train).to_numpy()  # never seen by the classifier
+    assert held_out.sum() >= 10
+    acc = (cat["class"].to_numpy()[held_out] == truth[held_out]).mean()
+    assert acc >= 0.9, acc
+    assert (cat["seg_class"] == "shell").all() and cat["class_probability"].between(0, 1).all()
+    after = evaluate_specimens(vol, work, valid_pct=0.2)
+    assert after["class_f1"] > before["class_f1"] + 0.3
+    assert after["labels_clean"]["iou"]["chain"] > 0.8  # the clean label volume was repainted
+    js = json.loads((work / "exports" / "classifier.json").read_text())
+    assert js["from_truth"] > 0 and js["true_specimens"] > 0 and js["from_review"] == 0
+
+
+def test_review_labels_change_the_classifier(tmp_path, capsys):
+    """Reviewing (no ground truth used): chains rejected, shells accepted -> the other chains get flagged and leave the
+    clean label volume; then the review renames the shells' taxon and the classifier follows."""
+    vol, pred = shells_and_chains(tmp_path, seed=1)
+    work = tmp_path / "run"
+    extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    assert classify_specimens(work, use_truth=False, review=read_review(work)) is None  # no review yet: nothing to learn from
+    assert "not trained" in capsys.readouterr().out
+    feats = pd.read_csv(work / "exports" / "features.csv")
+    is_chain = (feats["truth_chain"] > feats["truth_shell"]).to_numpy()
+    s = ReviewSession(work)
+    reviewed = feats["id"].to_numpy()[:40]
+    for sid, chain in zip(reviewed, is_chain[:40]):
+        s.set(sid, "rejected" if chain else "accepted")
+    cat = classify_specimens(work, use_truth=False, review=read_review(work))
+    rest = ~np.isin(cat["id"], reviewed)
+    assert (cat["flagged"].to_numpy()[rest] == is_chain[rest]).mean() >= 0.9
+    assert set(cat.loc[cat["flagged"], "class"]) == {NOT_A_FOSSIL}
+    clean = tifffile.imread(work / "predictions" / "labels_clean.tif")
+    ids = tifffile.imread(work / "predictions" / "specimens.tif")
+    flagged_ids = cat.loc[cat["flagged"], "id"].to_numpy()
+    assert not clean[np.isin(ids, flagged_ids)].any() and clean[np.isin(ids, cat.loc[~cat["flagged"], "id"])].all()
+    # second round: the reviewer names the accepted shells; the classifier learns the taxon
+    for sid, chain in zip(reviewed, is_chain[:40]):
+        if not chain:
+            s.set(sid, taxon="Cythereis")
+    cat2 = classify_specimens(work, use_truth=False, review=read_review(work))
+    assert set(cat2.loc[~cat2["flagged"], "class"]) == {"Cythereis"}
+    clean2 = tifffile.imread(work / "predictions" / "labels_clean.tif")
+    np.testing.assert_array_equal(clean2, clean)  # a taxon that is not a class keeps its segmentation class
+    order = ReviewSession(work).order("all", "confidence")  # least certain first: by the classifier's probability
+    probs = cat2.set_index("id").loc[order, "class_probability"].to_numpy()
+    assert (np.diff(probs) >= 0).all()
+
+
+def test_classifier_with_no_specimen(tmp_path, capsys):
+    """An empty prediction (a quick model) on a labelled volume: true specimens to learn from, none to classify."""
+    vol, pred = shells_and_chains(tmp_path)
+    work = tmp_path / "run"
+    extract_fossils(vol, work, pred * 0, min_voxels=50, max_exports=0)
+    assert len(pd.read_csv(work / "exports" / "truth_features.csv")) == 80
+    assert classify_specimens(work) is None
+    assert "no specimen in the catalogue" in capsys.readouterr().out

@@ -1,0 +1,106 @@
+"""Extraction on volumes with known objects: counts, sizes, classes, the cleaned label volumes, exports, caps."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import tifffile
+import trimesh
+
+from conftest import CODES, ball, make_case, save_probs
+from microfossil.extraction import extract_fossils
+
+
+def test_extract_known_objects(tmp_path, capsys):
+    vol, pred, work, objs, mixed = make_case(tmp_path)
+    cat = extract_fossils(vol, work, pred, min_voxels=20)
+    assert "4 specimens" in capsys.readouterr().out
+    assert len(cat) == 4  # the specks are dropped, the two-class specimen stays one
+    assert (work / "exports" / "fossils.csv").exists()
+    for name, (c, r, k) in objs.items():
+        row = cat[(cat.centroid_z - c[0]).abs().lt(2) & (cat.centroid_y - c[1]).abs().lt(2) & (cat.centroid_x - c[2]).abs().lt(2)]
+        assert len(row) == 1, name
+        row = row.iloc[0]
+        assert row["class"] == CODES[k]
+        assert row["touches_border"] == (name == "edge")
+        if name != "edge":
+            assert row["volume_um3"] == pytest.approx(4 / 3 * math.pi * r ** 3, rel=0.04)
+            assert 0.9 < row["sphericity"] < 1.05
+            assert row["esd_um"] == pytest.approx(2 * r, rel=0.03)
+            assert row["confidence"] == pytest.approx(200 / 255, abs=0.01)
+            assert row["mean_intensity"] == pytest.approx(200)
+    m = cat[cat.voxels == int(mixed.sum())].iloc[0]
+    assert m["class"] == "ostracod" and 0.3 < m["frac_foraminifera"] < 0.7 and m["frac_foraminifera"] + m["frac_ostracod"] == pytest.approx(1)
+    # the cleaned volume holds the specimens painted with their class; specimens.tif their ids
+    clean = tifffile.imread(work / "predictions" / "labels_clean.tif")
+    ids = tifffile.imread(work / "predictions" / "specimens.tif")
+    assert clean.shape == ids.shape == vol.shape
+    assert (clean[mixed] == 2).all() and clean[20:22, 30:32, 35:37].max() == 0
+    for row in cat.itertuples():
+        assert (ids == row.id).sum() == row.voxels
+        assert (clean[ids == row.id] == CODES.index(row._2)).all()
+    # exports of every specimen: CT and mask crops with a margin, a watertight STL in µm, a preview
+    for row in cat.itertuples():
+        d = work / "exports" / f"fossil_{row.id:04d}"
+        ct, mask = tifffile.imread(d / f"{d.name}_ct.tif"), tifffile.imread(d / f"{d.name}_mask.tif")
+        assert ct.shape == mask.shape and (mask > 0).sum() == row.voxels
+        assert ct.shape[1] == min(row.y1 + 8, 64) - max(row.y0 - 8, 0)
+        mesh = trimesh.load(d / f"{d.name}.stl")
+        assert mesh.is_watertight and mesh.volume > 0  # closed, normals outward
+        assert mesh.volume == pytest.approx(row.voxels, rel=0.15)
+        assert mesh.area == pytest.approx(row.surface_um2, rel=1e-3)
+        assert (d / f"{d.name}_preview.png").stat().st_size > 1000
+    assert (work / "exports" / "gallery.png").exists()
+    info = json.loads((work / "exports" / "extraction.json").read_text())
+    assert info["n_specimens"] == 4 and info["n_dropped_small"] == 4
+
+
+def test_voxel_size_scales_measurements(tmp_path):
+    vol, pred, work, objs, _ = make_case(tmp_path, voxel_size=2.0)
+    cat = extract_fossils(vol, work, pred, min_voxels=20)
+    (c, r, _) = objs["b"]
+    row = cat.loc[cat.voxels.idxmax()]
+    assert row["volume_um3"] == pytest.approx(8 * row["voxels"])
+    assert row["esd_um"] == pytest.approx(2 * 2 * r, rel=0.03)
+    mesh = trimesh.load(next((work / "exports").glob(f"fossil_{row['id']:04d}/*.stl")))
+    assert mesh.bounds[1][2] == pytest.approx(2 * (c[0] + r), abs=2.5)  # STL z in µm, in volume coordinates
+    # a minimum size in µm³ applies through the voxel size: 4000 µm³ = 500 voxels drops the two small balls
+    cat2 = extract_fossils(vol, work, pred, min_voxels=1, min_volume_um3=4000)
+    assert sorted(cat2.voxels) == sorted(v for v in cat.voxels if v >= 500)
+
+
+def test_extract_empty_prediction(tmp_path, capsys):
+    vol, pred, work, _, _ = make_case(tmp_path)
+    save_probs(work, np.zeros_like(pred))
+    cat = extract_fossils(vol, work, np.zeros_like(pred))
+    assert len(cat) == 0 and "No specimen found" in capsys.readouterr().out
+    with open(work / "exports" / "fossils.csv") as fh:
+        assert next(csv.reader(fh))[:3] == ["id", "class", "voxels"]
+    assert tifffile.imread(work / "predictions" / "labels_clean.tif").max() == 0
+
+
+def test_many_small_objects_capped_exports(tmp_path, capsys):
+    vol, pred, work, _, _ = make_case(tmp_path)
+    pred = np.zeros_like(pred)
+    pred[::4, ::4, ::4] = 1  # 10 x 16 x 18 isolated voxels
+    save_probs(work, pred)
+    cat = extract_fossils(vol, work, pred, min_voxels=1, max_exports=5)
+    assert len(cat) == 10 * 16 * 18 and cat.exported.sum() == 5
+    assert len(list((work / "exports").glob("fossil_*"))) == 5
+    assert "capped" in capsys.readouterr().out
+    # a new extraction replaces the old folders
+    extract_fossils(vol, work, pred, min_voxels=1, max_exports=2)
+    assert len(list((work / "exports").glob("fossil_*"))) == 2
+
+
+def test_split_touching(tmp_path):
+    vol, pred, work, _, _ = make_case(tmp_path)
+    pred = np.zeros_like(pred)
+    pred[ball(pred.shape, (20, 32, 26), 8) | ball(pred.shape, (20, 32, 40), 8)] = 1
+    save_probs(work, pred)
+    assert len(extract_fossils(vol, work, pred, min_voxels=20)) == 1
+    cat = extract_fossils(vol, work, pred, min_voxels=20, split_touching=True, split_min_distance_um=6)
+    assert len(cat) == 2 and cat.voxels.sum() == (pred > 0).sum()
+    ids = tifffile.imread(work / "predictions" / "specimens.tif")
+    assert sorted(np.unique(ids)) == [0, 1, 2]

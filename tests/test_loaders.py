@@ -1,0 +1,116 @@
+"""DataLoaders gathered from the volume: sizes, alignment, the volume resized once, augmentation, tri-planar slices,
+and fastai's `show_batch` on them."""
+import numpy as np
+import pytest
+import torch
+from fastai.vision.all import Pipeline, TensorImage, TensorMask
+
+from conftest import volume_of
+from microfossil.loaders import _Augment, _normalize, _resize_images, _resize_masks, _ToFloat, make_dls, stage_size
+from microfossil.volume import split_slices
+
+
+def test_stage_sizes():
+    assert stage_size((983, 1004, 956), 0.25) == (251, 239)
+    assert stage_size((983, 1004, 956), 0.5) == (502, 478)
+    assert stage_size((983, 1004, 956), 1.0) == (1004, 956)
+    assert max(stage_size((983, 1004, 956), 0.25, quick=True)) == 64
+    assert max(stage_size((983, 1004, 956), 1.0, quick=True)) == 128
+    assert min(stage_size((10, 96, 96), 0.25)) == 32  # floor: the encoder downsamples 32x
+
+
+def test_batches_resized_and_aligned(odd_vol):
+    dls = make_dls(odd_vol, 0.5, bs=2, device=torch.device("cpu"))
+    x, y = dls.valid.one_batch()
+    assert x.shape == (1, 3, 70, 66) and x.dtype == torch.float32  # 6 slices: a 1-slice validation block
+    assert y.shape == (1, 70, 66) and y.dtype == torch.int64
+    assert abs(float(x.mean())) < 3  # ImageNet-normalised
+    assert set(torch.unique(y).tolist()) <= {0, 1, 2}
+    xt, yt = dls.train.one_batch()  # augmented training batch keeps image and mask shapes aligned
+    assert xt.shape[-2:] == yt.shape[-2:] == (70, 66)
+
+
+def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
+    """The stage-size volume held by the DataLoaders gives the same batches, bit for bit, as gathering
+    full-size slices (with their context neighbours) and resizing each batch, as the data path used to."""
+    cpu = torch.device("cpu")
+    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=cpu, context_slices=3)
+    size = dls.size
+    held = dls.train.planes[0][0]
+    assert held.shape == (len(odd_vol.images), *size) and held.dtype == torch.uint8  # no full-size copy kept
+    full_x, full_y = torch.from_numpy(odd_vol.images), torch.from_numpy(odd_vol.labels)
+    norm = _normalize(3, False)
+    for dl, (lo, hi) in ((dls.train, (0, 3)), (dls.valid, (3, 6))):
+        seen = []
+        # which slices: the masks tell them apart (each slice's resized mask is unique in this volume)
+        masks = {z: _resize_masks(full_y[z:z + 1], size)[0] for z in range(lo, hi)}
+        for x, y in dl:
+            for xi, yi in zip(x, y):
+                z = next(z for z, m in masks.items() if torch.equal(m, yi.to(torch.uint8)))
+                zz = torch.tensor([z - 1, z, z + 1]).clamp(lo, hi - 1)
+                want = _resize_images(full_x[zz][None], size).float().div(255)
+                assert torch.equal(xi, norm(TensorImage(want))[0]), f"slice {z}"
+                seen.append(z)
+        assert sorted(seen) == list(range(lo, hi))
+
+
+def test_augmentation_keeps_masks_aligned():
+    """Flips, rotation, zoom: a mask drawn from its image's bright pixels still matches after augmentation."""
+    torch.manual_seed(0)
+    img = torch.zeros(8, 1, 64, 80, dtype=torch.uint8)
+    for i in range(8):  # an off-centre bright rectangle per slice, so flips and rotations are visible
+        img[i, 0, 5 + i:25 + i, 10:30 + 2 * i] = 255
+    mask = (img[:, 0] > 128).to(torch.uint8)
+    tfms = Pipeline([_ToFloat(), _Augment(p_lighting=0.0)], split_idx=0)
+    x, y = tfms((TensorImage(img), TensorMask(mask)))
+    assert x.shape == (8, 3, 64, 80) and y.shape == (8, 64, 80)
+    moved = (y.to(torch.uint8) != mask).float().mean()
+    assert moved > 0.01  # the batch really was transformed
+    agree = ((x[:, 0] > 0.5) == (y == 1)).float().mean()
+    assert agree > 0.98, f"image and mask disagree on {1 - agree:.1%} of pixels"
+    valid = Pipeline([_ToFloat(), _Augment()], split_idx=1)  # no augmentation at validation
+    xv, yv = valid((TensorImage(img), TensorMask(mask)))
+    assert torch.equal(yv, mask.long())
+
+
+@pytest.mark.parametrize("context", [1, 3])
+def test_triplanar_training_never_sees_the_validation_block(tmp_path, context):
+    """Validation-block voxels are 255 / label 2, training voxels < 255 / label <= 1: no training batch (any plane,
+    any context channel) may contain either."""
+    rng = np.random.default_rng(0)
+    Z, H, W = 20, 40, 48
+    images = rng.integers(0, 200, (Z, H, W), dtype=np.uint8)
+    labels = (images > 150).astype(np.uint8)
+    n_train = len(split_slices(Z, 0.2)[0])
+    images[n_train:], labels[n_train:] = 255, 2
+    vol = volume_of(images, labels, tmp_path)
+    dls = make_dls(vol, 1.0, 4, 0.2, augment=False, device=torch.device("cpu"), context_slices=context,
+                         triplanar=True)
+    train = dls.train.new(after_batch=Pipeline([]))  # raw uint8 batches, before resizing and normalising
+    shapes = set()
+    n_batches = 0
+    for x, y in train:
+        n_batches += 1
+        shapes.add(tuple(x.shape[1:]))
+        assert x.shape[1] == context
+        assert int(x.max()) < 255 and int(y.max()) <= 1
+    assert n_batches == len(train)
+    assert {(context, H, W), (context, n_train, W), (context, n_train, H)} <= shapes  # axial, XZ and YZ slices
+    xv, yv = next(iter(dls.valid.new(after_batch=Pipeline([]))))
+    assert int(xv.min()) == 255 and int(yv.min()) == 2  # validation stays on its own block
+
+
+@pytest.mark.parametrize("context", [3, 5])
+def test_show_batch_shows_the_centre_slice_and_its_labels(odd_vol, context):
+    """fastai's `show_batch` works on these DataLoaders: the decoded input is the centre slice (gray, 3 channels, in
+    [0, 1]) whatever the number of context slices, and the masks carry the class names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=torch.device("cpu"), context_slices=context)
+    x, y, samples = dls.valid.show_batch(max_n=2, show=False)
+    assert x.shape == (2, 3, 70, 66) and torch.equal(x[:, 0], x[:, 1]) and 0 <= float(x.min()) <= float(x.max()) <= 1
+    z = dls.valid_idx[0]
+    centre = _resize_images(torch.from_numpy(np.asarray(odd_vol.images[z:z + 1]))[None], (70, 66))[0, 0]
+    assert (x[0, 0] * 255 - centre.float()).abs().max() < 1.5  # the slice itself, not a neighbour
+    assert samples[0][1].codes == odd_vol.codes
+    dls.valid.show_batch(max_n=2)  # draws without error

@@ -1,0 +1,33 @@
+"""Finding the data and the run folder: the dataset is never the run folder, a zipped dataset is fetched once."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+from microfossil.paths import fetch_dataset, resolve_paths
+from microfossil.volume import DatasetError, load_volume
+
+
+def test_work_dir_inside_dataset_is_refused(tiny):
+    with pytest.raises(DatasetError, match="never written"):
+        resolve_paths(tiny, tiny / "runs")
+
+
+def test_fetch_dataset_unzips_once_and_finds_the_root(tiny, tmp_path):
+    """data_url: the zip is fetched once (file:// stands in for HTTP: no network in tests) and reused."""
+    archive = shutil.make_archive(str(tmp_path / "lapix"), "zip", root_dir=tiny.parent, base_dir=tiny.name)
+    dest = tmp_path / "downloads"
+    root = fetch_dataset(f"file://{archive}", dest)
+    assert root == dest / "unzipped" / tiny.name
+    assert load_volume(root).shape == (12, 96, 96)
+    Path(archive).unlink()  # a second call must not fetch again
+    assert fetch_dataset(f"file://{archive}", dest) == root
+
+
+def test_fetch_dataset_errors_name_the_fix(tmp_path):
+    bad = tmp_path / "notzip.zip"
+    bad.write_text("not a zip")
+    with pytest.raises(DatasetError, match="not a zip file"):
+        fetch_dataset(str(bad), tmp_path / "d1")
+    with pytest.raises(DatasetError, match="Could not download"):
+        fetch_dataset(f"file://{tmp_path}/missing.zip", tmp_path / "d2")

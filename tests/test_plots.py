@@ -1,0 +1,42 @@
+"""Figures: each one drawn and saved, on volumes with and without labels, and training curves with earlier attempts."""
+import csv
+
+import matplotlib
+import numpy as np
+
+from conftest import make_case
+from microfossil import plots
+
+matplotlib.use("Agg")
+
+
+def test_volume_figures_are_saved(tmp_path):
+    vol = make_case(tmp_path)[0]
+    vol.labels = (vol.images > 100).astype(np.uint8)
+    figs = {"slice": plots.plot_slice(vol, path=tmp_path / "f" / "slice.png"),
+            "ortho": plots.plot_orthoviews(vol, path=tmp_path / "f" / "ortho.png"),
+            "hist": plots.plot_histogram(vol, path=tmp_path / "f" / "hist.png"),
+            "pred": plots.plot_predictions(vol, vol.labels, [0, 20], path=tmp_path / "f" / "pred.png")}
+    assert all(f.axes for f in figs.values())
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["hist.png", "ortho.png", "pred.png", "slice.png"]
+    vol.labels = None  # a new scan: no labels to overlay
+    assert len(plots.plot_orthoviews(vol).axes) == 3 and plots.plot_histogram(vol).axes
+
+
+def _write_history(path, n, iou):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "train_loss", "valid_loss", "mean_iou", "time"])
+        w.writerows([[e, 1.0 / (e + 1), 1.2 / (e + 1), iou, "00:01"] for e in range(n)])
+
+
+def test_history_draws_both_phases_and_earlier_attempts(tmp_path):
+    _write_history(tmp_path / "history" / "p_frozen.csv", 3, 0.5)
+    _write_history(tmp_path / "history" / "p_unfrozen.csv", 2, 0.6)
+    _write_history(tmp_path / "history" / "attempts" / "p_frozen.attempt1.csv", 4, 0.4)
+    fig = plots.plot_history(tmp_path, ["p_frozen", "p_unfrozen"], path=tmp_path / "h.png")
+    loss, iou = fig.axes
+    assert [ln.get_label() for ln in iou.lines] == ["p_frozen attempt1", "p_frozen", "p_unfrozen"]
+    assert list(iou.lines[2].get_xdata()) == [3, 4]  # phase 2 follows the latest attempt of phase 1
+    assert (tmp_path / "h.png").exists()

@@ -1,0 +1,157 @@
+"""Prediction: every slice written at full size, padding, context slices, tri-planar averaging and flip TTA."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from fastai.vision.all import Pipeline, TensorImage, create_unet_model
+from PIL import Image
+
+from conftest import volume_of
+from microfossil.evaluation import save_metrics
+from microfossil.learner import build_learner, encoder
+from microfossil.loaders import batch_tfms, make_dls, n_input_channels
+from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context, load_model,
+                                    predict_volume)
+from microfossil.training import PhaseCheckpoint
+
+
+
+def test_predict_volume_writes_every_slice(odd_vol, tmp_path):
+    learn = build_learner(make_dls(odd_vol, 1.0, bs=2), pretrained=False, work_dir=tmp_path)
+    learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("full_unfrozen"))
+    model, info = load_model(tmp_path, "full_unfrozen", torch.device("cpu"))
+    pred = predict_volume(model, odd_vol, tmp_path / "pred", bs=4)
+    assert pred.shape == odd_vol.shape and pred.dtype == np.uint8
+    for z, stem in enumerate(odd_vol.stems):
+        png = np.asarray(Image.open(tmp_path / "pred" / f"{stem}.png"))
+        assert png.shape == (141, 133)
+        np.testing.assert_array_equal(png, pred[z])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "pred" / "labels.tif"), pred)
+    probs = np.load(tmp_path / "pred" / "probs.npy", mmap_mode="r")
+    assert probs.shape == (6, 3, 141, 133) and probs.dtype == np.uint8
+    assert np.abs(probs.astype(int).sum(1) - 255).max() <= 3  # uint8 probabilities sum to ~1
+    assert (probs.argmax(1) != pred).mean() <= 0.01  # quantised probabilities agree with the labels
+    m = save_metrics(tmp_path, odd_vol, pred, 0.2)
+    assert m["n_validation_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]
+
+
+def test_padded_forward_matches_shapes_and_crops(odd_vol, tmp_path):
+    """Odd slices are reflect-padded to a multiple of 32 and the logits cropped back to the slice size."""
+    learn = build_learner(make_dls(odd_vol, 1.0, bs=2), pretrained=False, work_dir=tmp_path)
+    model = learn.model.eval()
+    tfms = Pipeline(batch_tfms(None, False), split_idx=1)
+    x = torch.from_numpy(np.ascontiguousarray(odd_vol.images[:2]))[:, None]
+    with torch.no_grad():
+        out = _padded_forward(model, x, tfms, None)
+        assert out.shape == (2, 3, 141, 133)
+        sq = torch.from_numpy(np.ascontiguousarray(odd_vol.images[:2, :128, :96]))[:, None]
+        ref = model(tfms(TensorImage(sq)))  # already a multiple of 32: no padding, same result
+        torch.testing.assert_close(_padded_forward(model, sq, tfms, None), ref)
+
+
+def test_slices_with_context_clamps_at_the_ends():
+    arr = np.arange(5 * 2 * 3, dtype=np.uint8).reshape(5, 2, 3)
+    x = _slices_with_context(arr, [0, 4], 3, axis=0)
+    assert x.shape == (2, 3, 2, 3)
+    np.testing.assert_array_equal(x[0], arr[[0, 0, 1]])
+    np.testing.assert_array_equal(x[1], arr[[3, 4, 4]])
+    y = _slices_with_context(arr, [1], 3, axis=2)  # YZ slice at x=1: rows z, columns y
+    np.testing.assert_array_equal(y[0, 1], arr[:, :, 1])
+    np.testing.assert_array_equal(y[0, 0], arr[:, :, 0])
+    with pytest.raises(ValueError, match="odd"):
+        n_input_channels(2)
+
+
+def _pointwise_model(K=3):
+    """A 1x1-convolution 'U-Net': its prediction of a voxel depends on that voxel alone, in every plane."""
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(3, K, 1).eval()
+
+
+def test_triplanar_prediction_averages_the_three_planes(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 20, 28), dtype=np.uint8)
+    vol = volume_of(images, None, tmp_path)
+    m = _pointwise_model()
+    dev = torch.device("cpu")
+    axial = predict_volume(m, vol, tmp_path / "ax", 4, dev, True)
+    tri = predict_volume(m, vol, tmp_path / "tri", 4, dev, True, triplanar=True)
+    p_ax, p_tri = np.load(tmp_path / "ax" / "probs.npy"), np.load(tmp_path / "tri" / "probs.npy")
+    assert p_tri.shape == p_ax.shape == (12, 3, 20, 28)
+    assert np.abs(p_tri.astype(int) - p_ax).max() <= 1  # same per-voxel prediction in every plane: same mean
+    np.testing.assert_array_equal(tri, p_tri.argmax(1))  # labels are the arg-max of the averaged probabilities
+    assert (tri == axial).mean() > 0.95  # (a few near-ties can flip with the rounding to uint8)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "tri" / "labels.tif"), tri)
+
+
+def test_triplanar_uses_each_plane(tmp_path):
+    """A model that sees its neighbours: the tri-planar mean differs from the axial prediction, and equals the mean of
+    the three planes computed by hand."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (8, 16, 12), dtype=np.uint8)
+    vol = volume_of(images, None, tmp_path)
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(3, 2, 3, padding=1, padding_mode="replicate").eval()
+    dev = torch.device("cpu")
+    predict_volume(m, vol, tmp_path / "tri", 64, dev, True, triplanar=True)
+    tfms = Pipeline(batch_tfms(None, False, dev), split_idx=1)
+    planes = []
+    with torch.no_grad():
+        for axis in (0, 1, 2):
+            x = torch.from_numpy(_slices_with_context(images, np.arange(images.shape[axis]), 1, axis))
+            p = _forward_probs(m, x, tfms, None).numpy()
+            planes.append(p if axis == 0 else p.transpose(2, 1, 0, 3) if axis == 1 else p.transpose(2, 1, 3, 0))
+    expected = np.mean(planes, 0) * 255
+    got = np.load(tmp_path / "tri" / "probs.npy").astype(float)
+    assert np.abs(got - expected).max() <= 1.5
+    assert np.abs(planes[0] * 255 - expected).max() > 5  # the planes really differ here
+
+
+def test_flip_tta_is_flip_equivariant(tmp_path):
+    """With TTA, predicting a flipped volume and flipping the result back gives the same probabilities."""
+    torch.manual_seed(0)
+    model = create_unet_model(encoder("resnet18"), 3, (32, 32), pretrained=False).eval()
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2, 32, 32), dtype=np.uint8)
+    dev = torch.device("cpu")
+    tfms = Pipeline(batch_tfms(None, False, dev), split_idx=1)
+    x = torch.from_numpy(images)[:, None]
+    with torch.no_grad():
+        for f in TTA_FLIPS[1:]:
+            p = _forward_probs(model, x, tfms, None, tta=True)
+            q = _forward_probs(model, x.flip(f), tfms, None, tta=True).flip(f)
+            assert (p - q).abs().max() < 1e-4
+        plain = (_forward_probs(model, x, tfms, None) - _forward_probs(model, x.flip(-1), tfms, None).flip(-1))
+        assert plain.abs().max() > 1e-3  # without TTA the model is not flip-equivariant: the check above means something
+    # end to end: predict_volume with tta on the volume and on its left-right mirror
+    predict_volume(model, volume_of(images, None, tmp_path), tmp_path / "a", 2, dev, True, tta=True)
+    predict_volume(model, volume_of(np.ascontiguousarray(images[:, :, ::-1]), None, tmp_path), tmp_path / "b", 2, dev,
+                         True, tta=True)
+    a, b = np.load(tmp_path / "a" / "probs.npy"), np.load(tmp_path / "b" / "probs.npy")
+    assert np.abs(a.astype(int) - b[..., ::-1]).max() <= 1
+
+
+def test_an_interrupted_prediction_keeps_the_previous_files(tmp_path):
+    """A failure (or a disconnect) in the middle of a prediction leaves the last complete outputs, and no partial file."""
+    rng = np.random.default_rng(5)
+    vol = volume_of(rng.integers(0, 256, (6, 32, 32), dtype=np.uint8), None, tmp_path)
+    out, cpu = tmp_path / "pred", torch.device("cpu")
+    predict_volume(_pointwise_model(), vol, out, 2, cpu, True)
+    before = {p.name: p.read_bytes() for p in (out / "labels.tif", out / "probs.npy")}
+
+    class FailsAtBatch2(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.calls = _pointwise_model(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("disconnect")
+            return self.conv(x) * 2
+    with pytest.raises(RuntimeError, match="disconnect"):
+        predict_volume(FailsAtBatch2(), vol, out, 2, cpu, True)
+    assert {p.name: p.read_bytes() for p in (out / "labels.tif", out / "probs.npy")} == before
+    assert not list(out.glob("*.partial"))
