@@ -16,7 +16,7 @@ _NAMES = {  # module of the microfossil package: the names the notebooks take fr
     "volume": ["load_volume", "describe_volume", "split_slices"],
     "loaders": ["get_device", "make_dls"],
     "learner": ["build_learner", "valley"],
-    "training": ["PhaseCheckpoint", "load_stage", "attempts"],
+    "training": ["PhaseCheckpoint", "load_stage", "phase_done", "attempts"],
     "prediction": ["load_model", "predict_volume"],
     "extraction": ["extract_fossils"],
     "evaluation": ["save_metrics", "evaluate_specimens", "describe_specimen_scores", "variant_name", "evaluation_row",

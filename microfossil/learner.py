@@ -147,6 +147,7 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     With `dls.context_slices` = k other than 1 or 3 the first convolution takes k channels
     (fastai adapts the pretrained filters to them); k = 3 uses the ImageNet RGB filters as they are.
     """
+    requested = pretrained
     if pretrained:
         pretrained = _imagenet_weights_ok(arch)
     context = getattr(dls, "context_slices", 1)
@@ -156,7 +157,9 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     learn.remove_cb(ProgressCallback)
     learn.add_cbs([_Progress(), _NoStepSync()])
     learn.freeze()  # the published schedule starts frozen even without ImageNet weights
-    learn.arch_name, learn.used_pretrained = arch if isinstance(arch, str) else arch.__name__, pretrained
+    learn.arch_name = arch if isinstance(arch, str) else arch.__name__
+    learn.pretrained, learn.used_pretrained = bool(requested), pretrained  # asked for; had (False when offline)
+    learn.at_init = True  # the weights as built: a phase starting here keeps them (PhaseCheckpoint)
     return _mixed_precision(learn)
 
 

@@ -74,10 +74,8 @@ class _VolumeDL(TfmdDL):
         super().before_iter()  # TfmdDL's takes the batch transforms' split from a fastai Datasets, which is not here
         self.after_batch.split_idx = self.split
 
-    def _one_pass(self):  # TfmdDL's builds one item from the dataset; here items are slice indices
-        self.after_batch.split_idx = self.split
-        its = self.after_batch(next(self.create_batches(range(min(self.bs, len(self.dataset))))))
-        self._n_inp, self._types = 1, explode_types(its)
+    def _one_pass(self):  # TfmdDL's builds an item from the dataset to learn the batch types; here they are known
+        self._n_inp, self._types = 1, explode_types((TensorImage(torch.zeros(1)), TensorMask(torch.zeros(1))))
 
     def _plane_sizes(self):
         return [len(self.dataset)] + [self.extra] * (len(self.planes) - 1)

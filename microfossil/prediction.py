@@ -94,8 +94,12 @@ def _slices_with_context(arr, idx, context=1, axis=0):
     return np.ascontiguousarray(x.reshape(len(idx), context, *x.shape[1:]))
 
 
+_COMMIT = "commit"  # after the last page: the writer may now replace the file
+
+
 class _BackgroundTiff:
-    """`write_label_tiff` of `n_pages` pages on a thread: pages are `put` in z order while the GPU works on."""
+    """`write_label_tiff` of `n_pages` pages on a thread: pages are `put` in z order while the GPU works on; the
+    file replaces the previous one at `close` (after every other output is written), never at `abort`."""
     def __init__(self, path, n_pages):
         self.path, self.pages, self.error = path, queue.Queue(maxsize=8), None
         self.thread = threading.Thread(target=self._run, args=(n_pages,), daemon=True)
@@ -103,11 +107,12 @@ class _BackgroundTiff:
 
     def _run(self, n_pages):
         def pages():
-            for _ in range(n_pages):
+            for _ in range(n_pages + 1):
                 page = self.pages.get()
                 if page is None:  # `abort`: the prediction failed; write_label_tiff removes its partial file
                     raise RuntimeError("prediction aborted")
-                yield page
+                if page is not _COMMIT:
+                    yield page
         try:
             write_label_tiff(self.path, pages())
         except Exception as e:
@@ -130,6 +135,7 @@ class _BackgroundTiff:
         self.thread.join()
 
     def close(self):
+        self.put(_COMMIT)
         self.thread.join()
         if self.error is not None:
             raise OSError(f"writing {self.path} failed: {self.error}")
@@ -195,9 +201,9 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             pending.popleft().result()
 
     probs = []  # the memory-mapped probabilities, opened at the first batch (when the class count is known)
-    tiff = _BackgroundTiff(out_dir / "labels.tif", Z)
     with ExitStack() as files:
         probs_tmp = files.enter_context(replacing(out_dir / "probs.npy")) if save_probs else None
+        tiff = _BackgroundTiff(out_dir / "labels.tif", Z)
         try:
             with ThreadPoolExecutor(3) as pool, torch.inference_mode():
                 # double buffering: batch i+1 is launched before batch i is collected, so the GPU never waits

@@ -39,7 +39,7 @@ def checkpoint_files(work_dir, name):
     "256_unfrozen.attempt1" attempt 1 (kept in `models/attempts/` once a later attempt exists)."""
     models = Path(work_dir) / "models"
     m = re.fullmatch(r"(.+)\.attempt(\d+)", name)
-    if m and (read_json(models / f"{m[1]}.json") or {}).get("attempt") != int(m[2]):
+    if m and (read_json(models / f"{m[1]}.json") or {}).get("attempt", 1) != int(m[2]):
         return models / "attempts" / f"{name}.pth", models / "attempts" / f"{name}.json"
     base = m[1] if m else name
     return models / f"{base}.pth", models / f"{base}.json"
@@ -103,6 +103,16 @@ def _group_lr(lrs):
     return lrs[0] if len(set(lrs)) == 1 else [lrs[0], lrs[-1]]
 
 
+def _plan_of(rec, plan):
+    """The plan recorded in `rec`, on the keys of `plan`. A record of the earlier code is flat and knows fewer keys:
+    those it lacks are taken as unchanged."""
+    if rec is None:
+        return None
+    if "plan" in rec:
+        return {k: rec["plan"].get(k) for k in PLAN_KEYS}
+    return {k: rec.get(k, plan[k]) for k in PLAN_KEYS}
+
+
 def _diff(old, new):
     changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in PLAN_KEYS if old.get(k) != new.get(k)]
     return ", ".join(changed) or "same plan"
@@ -139,8 +149,8 @@ class PhaseCheckpoint(Callback):
 
     # --- the plan ---
     def _start_name(self):
-        if self.start is None:
-            return "ImageNet weights" if getattr(self.learn, "used_pretrained", False) else "random init"
+        if self.start is None:  # what was asked for: whether the download worked this session does not change the plan
+            return "ImageNet weights" if getattr(self.learn, "pretrained", False) else "random init"
         rec = read_record(self.learn.path, self.start)
         if rec is None:
             raise FileNotFoundError(f"{self.phase} starts from {self.start}, which is not trained in "
@@ -164,12 +174,12 @@ class PhaseCheckpoint(Callback):
     def _attempt_numbers(self):
         nums = [int(m[1]) for p in (self.models / "attempts").glob(f"{self.phase}.attempt*.json")
                 if (m := re.fullmatch(rf"{re.escape(self.phase)}\.attempt(\d+)\.json", p.name))]
-        current = (read_json(self._path(".json")) or {}).get("attempt")
-        return nums + ([current] if current else [])
+        current = read_json(self._path(".json"))
+        return nums + ([current.get("attempt", 1)] if current else [])  # a record of the earlier code: attempt 1
 
     def _archive(self, rec):
         """Move the finished attempt (weights, record, history) to `models/attempts/`; return its new name."""
-        n = rec.get("attempt") or max([0, *self._attempt_numbers()]) + 1
+        n = rec.get("attempt", 1)
         dest = self.models / "attempts"
         dest.mkdir(parents=True, exist_ok=True)
         kept = f"{self.phase}.attempt{n}"
@@ -206,31 +216,30 @@ class PhaseCheckpoint(Callback):
         self.models.mkdir(parents=True, exist_ok=True)
         self.plan, self.skipped, self.skip_to, self.rows = self._plan(), False, 0, []
         self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))  # left by an interrupted fit
-        plan_of = lambda rec: {k: rec.get("plan", {}).get(k) for k in PLAN_KEYS} if rec else None  # noqa: E731
         done = read_json(self._path(".json")) if self._path(".pth").exists() else None
         progress = read_json(self._path(".progress.json")) if self._path(".progress.pth").exists() else None
-        if done and plan_of(done) == self.plan and not self.force:
+        old, interrupted = _plan_of(done, self.plan), _plan_of(progress, self.plan)
+        if done and old == self.plan and not self.force:
             self._load(self._path(".pth"), with_opt=False)
             self.skipped, self.learn.at_init = True, False
             print(f"{self.phase}: already trained with this plan (attempt {done.get('attempt', 1)}), loaded "
                   f"models/{self.phase}.pth{_scores(done.get('final', {}))}; force=True trains it again")
             raise CancelFitException()
-        if progress and plan_of(progress) == self.plan and not self.force:
+        if progress and interrupted == self.plan and not self.force:
             self._load(self._path(".progress.pth"), with_opt=True)
-            self.attempt, self.skip_to = progress["attempt"], progress["epoch"] + 1
+            self.attempt, self.skip_to = progress.get("attempt", 1), progress["epoch"] + 1
             self.rows = [r for r in _read_rows(self.history) if int(r["epoch"]) < self.skip_to]
-            self.learn.add_cb(_Resume(self.skip_to))
+            self.learn.add_cb(_Resume(self.skip_to, self))
             print(f"{self.phase}: resuming after epoch {self.skip_to} of {self.plan['epochs']}")
         else:
             if progress:
-                print(f"{self.phase}: the interrupted run had another plan ({_diff(plan_of(progress), self.plan)}); "
-                      "it is discarded")
+                print(f"{self.phase}: the interrupted run had another plan ({_diff(interrupted, self.plan)}); it is discarded")
             self._path(".progress.pth").unlink(missing_ok=True)
             self._path(".progress.json").unlink(missing_ok=True)
             self.attempt = max([0, *self._attempt_numbers()]) + 1
             why = ""
             if done:
-                change = "force=True" if plan_of(done) == self.plan else f"plan changed: {_diff(plan_of(done), self.plan)}"
+                change = "force=True" if old == self.plan else f"plan changed: {_diff(old, self.plan)}"
                 kept = self._archive(done)
                 why = f"{change}; attempt {kept.rsplit('attempt', 1)[1]} kept as models/attempts/{kept}.pth; "
             self.history.unlink(missing_ok=True)
@@ -241,15 +250,15 @@ class PhaseCheckpoint(Callback):
     def after_epoch(self):
         if self.epoch < self.skip_to:
             return
-        self._save(self._path(".progress.pth"), with_opt=True)
-        write_json(self._path(".progress.json"), {"plan": self.plan, "attempt": self.attempt, "epoch": self.epoch})
-        rec = self.learn.recorder
+        rec = self.learn.recorder  # the history first: a resume keeps the rows of the epochs it skips
         self.rows.append({k: _plain(v) for k, v in zip(rec.metric_names, rec.log)})
         self.history.parent.mkdir(exist_ok=True)
         with replacing(self.history) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, list(rec.metric_names))
             w.writeheader()
             w.writerows(self.rows)
+        self._save(self._path(".progress.pth"), with_opt=True)
+        write_json(self._path(".progress.json"), {"plan": self.plan, "attempt": self.attempt, "epoch": self.epoch})
 
     def after_fit(self):
         self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))
@@ -271,7 +280,15 @@ class PhaseCheckpoint(Callback):
 
 class _Resume(SkipToEpoch):
     """fastai's `start_epoch` for a resumed phase: the epochs already trained are skipped (after the progress bar has
-    counted them, hence a callback of its own, later than `PhaseCheckpoint`)."""
+    counted them, hence a callback of its own, later than `PhaseCheckpoint`). Inert once its phase's fit has ended,
+    even when an interrupt left it on the learner."""
+    def __init__(self, epoch, phase):
+        super().__init__(epoch)
+        self.phase = phase
+
+    def before_epoch(self):
+        if self.phase in self.learn.cbs:
+            super().before_epoch()
 
 
 def _plain(v):

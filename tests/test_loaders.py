@@ -114,3 +114,14 @@ def test_show_batch_shows_the_centre_slice_and_its_labels(odd_vol, context):
     assert (x[0, 0] * 255 - centre.float()).abs().max() < 1.5  # the slice itself, not a neighbour
     assert samples[0][1].codes == odd_vol.codes
     dls.valid.show_batch(max_n=2)  # draws without error
+
+
+def test_batch_types_are_known_without_drawing_a_batch(odd_vol, monkeypatch):
+    """fastai asks a DataLoader for its input count before training; that must not draw (and augment) a batch, which
+    on a GPU would also meet a volume held on the CPU."""
+    dls = make_dls(odd_vol, 0.25, bs=2, device=torch.device("cpu"))
+
+    def no_batches(*a, **k):
+        raise AssertionError("a batch was drawn")
+    monkeypatch.setattr(type(dls.train), "create_batches", no_batches)
+    assert dls.train.n_inp == 1 and dls.valid.new(shuffle=False).n_inp == 1

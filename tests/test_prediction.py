@@ -133,7 +133,7 @@ def test_flip_tta_is_flip_equivariant(tmp_path):
     assert np.abs(a.astype(int) - b[..., ::-1]).max() <= 1
 
 
-def test_an_interrupted_prediction_keeps_the_previous_files(tmp_path):
+def test_an_interrupted_prediction_keeps_the_previous_files(tmp_path, monkeypatch):
     """A failure (or a disconnect) in the middle of a prediction leaves the last complete outputs, and no partial file."""
     rng = np.random.default_rng(5)
     vol = volume_of(rng.integers(0, 256, (6, 32, 32), dtype=np.uint8), None, tmp_path)
@@ -153,5 +153,16 @@ def test_an_interrupted_prediction_keeps_the_previous_files(tmp_path):
             return self.conv(x) * 2
     with pytest.raises(RuntimeError, match="disconnect"):
         predict_volume(FailsAtBatch2(), vol, out, 2, cpu, True)
+    assert {p.name: p.read_bytes() for p in (out / "labels.tif", out / "probs.npy")} == before
+    assert not list(out.glob("*.partial"))
+
+    def fails_on_the_last_slice(self, path, *a, **k):  # every label page is written, then a PNG write fails
+        if str(path).endswith(f"{vol.stems[-1]}.png"):
+            raise OSError("Drive is full")
+        return save(self, path, *a, **k)
+    save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", fails_on_the_last_slice)
+    with pytest.raises(OSError, match="Drive is full"):
+        predict_volume(_pointwise_model(), vol, out, 2, cpu, True)
     assert {p.name: p.read_bytes() for p in (out / "labels.tif", out / "probs.npy")} == before
     assert not list(out.glob("*.partial"))

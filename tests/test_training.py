@@ -102,15 +102,44 @@ def test_changed_plan_retrains_from_the_phase_start_and_keeps_the_attempt(odd_vo
     assert table["lr"].tolist()[:2] == [0.001, 0.002] and table["lr"].tolist()[3] == [1e-05, 0.001]
 
 
-def test_a_retrain_in_a_new_session_starts_from_the_same_initial_weights(odd_vol, tmp_path):
+def test_a_retrain_in_a_new_session_starts_from_the_same_initial_weights(odd_vol, tmp_path, capsys):
     learn = _learner(odd_vol, tmp_path)
     init = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
     learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+    assert "no initial weights kept" not in capsys.readouterr().out  # a fresh learner's weights are its start
     learn2 = _learner(odd_vol, tmp_path)  # a new session: the decoder gets other random weights
     assert not _same_weights(learn2.model.state_dict(), init)
     watch = _Watch()
     learn2.fit_one_cycle(1, 2e-3, cbs=[PhaseCheckpoint("t_frozen"), watch])
     assert _same_weights(watch.start, init)
+
+
+def test_an_interrupt_during_a_resumed_fit_does_not_skip_epochs_of_later_fits(odd_vol, tmp_path):
+    learn = _learner(odd_vol, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit_one_cycle(3, 1e-3, cbs=[PhaseCheckpoint("t_frozen"), _Disconnect(at=0)])
+    with pytest.raises(KeyboardInterrupt):  # resumed (epoch 0 skipped), then interrupted again
+        learn.fit_one_cycle(3, 1e-3, cbs=[PhaseCheckpoint("t_frozen"), _Disconnect(at=1)])
+    watch = _Watch()
+    learn.fit_one_cycle(2, 1e-3, cbs=watch)  # any other fit: every epoch trains
+    assert watch.trained == [0, 1]
+
+
+def test_a_phase_trained_by_the_earlier_code_is_kept_as_attempt_1(odd_vol, tmp_path, capsys):
+    """Run folders of the earlier `train_phase` have a flat record with fewer keys and no attempt number."""
+    learn = _learner(odd_vol, tmp_path)
+    learn.fit_one_cycle(1, 1e-3, pct_start=0.25, cbs=PhaseCheckpoint("t_frozen"))
+    rec = read_record(tmp_path, "t_frozen")
+    flat = {k: rec[k] for k in ("epochs", "lr", "pct_start", "size", "wd", "context_slices", "triplanar", "arch",
+                                "codes")}
+    (tmp_path / "models" / "t_frozen.json").write_text(json.dumps({**flat, "name": "t_frozen", "final": rec["final"]}))
+    watch = _Watch()
+    learn.fit_one_cycle(1, 1e-3, pct_start=0.25, cbs=[PhaseCheckpoint("t_frozen"), watch])
+    assert watch.trained == [] and "already trained" in capsys.readouterr().out
+    learn.fit_one_cycle(1, 2e-3, pct_start=0.25, cbs=PhaseCheckpoint("t_frozen"))
+    assert "attempt 1 kept as models/attempts/t_frozen.attempt1.pth" in capsys.readouterr().out
+    assert read_record(tmp_path, "t_frozen")["attempt"] == 2 and read_record(tmp_path, "t_frozen.attempt1")["lr"] == 0.001
+    assert attempts(tmp_path, ["t_frozen"])["attempt"].tolist() == [1, 2]
 
 
 def test_force_retrains_an_unchanged_plan(odd_vol, tmp_path, capsys):
