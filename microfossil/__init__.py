@@ -18,7 +18,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `evaluation`: the scores of a run on its validation block, voxels and specimens
 - `classifier`: the specimen classifier
 - `review`: the review session and panel
-- `plots`: figures (beside the chain: any module may use it, it uses none)
+- `plots`: figures (beside the chain: any module may use it; it uses only `io`)
 
 Only the modules marked [torch] import torch or fastai.
 """

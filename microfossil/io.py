@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,14 @@ def replacing(path):
         _remove(old)
     else:
         os.replace(tmp, path)
+
+
+def attempt_files(folder, name, suffix):
+    """`(n, path)` of each kept attempt `<name>.attempt<n><suffix>` in `folder` (earlier training attempts of a
+    phase, see `training.PhaseCheckpoint`), in attempt order."""
+    pattern = re.compile(rf"{re.escape(name)}\.attempt(\d+){re.escape(suffix)}")
+    found = [(int(m[1]), p) for p in Path(folder).glob(f"{name}.attempt*{suffix}") if (m := pattern.fullmatch(p.name))]
+    return sorted(found)
 
 
 def write_json(path, obj):

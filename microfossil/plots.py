@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import attempt_files
+
 
 def _cmap(n):
     import matplotlib.colors as mcolors
@@ -111,11 +113,10 @@ def plot_history(work_dir, names, path=None):
     off = 0
     for n in names:
         hist = Path(work_dir) / "history"
-        earlier = sorted(hist.glob(f"attempts/{n}.attempt*.csv"), key=lambda p: int(p.stem.rsplit("attempt", 1)[1]))
-        for f in earlier:
+        for k, f in attempt_files(hist / "attempts", n, ".csv"):
             h = _history(f)
             x = off + np.arange(len(h))
-            label = f"{n} {f.stem.rsplit('.', 1)[1]}"
+            label = f"{n} attempt{k}"
             axs[0].plot(x, h["valid_loss"].astype(float), ":", lw=1, label=f"{label} valid")
             axs[1].plot(x, h["mean_iou"].astype(float), ":", lw=1, label=label)
         if not (hist / f"{n}.csv").exists():

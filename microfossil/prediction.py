@@ -181,18 +181,19 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
 
     def store(z0, p, pr):  # host-side work for one batch, on a worker thread while the GPU runs the next
         if pr is not None:
-            probs[0][z0:z0 + len(p)] = pr
+            probs[z0:z0 + len(p)] = pr
         for k, sl in enumerate(p):
             Image.fromarray(sl).save(out_dir / f"{vol.stems[z0 + k]}.png", compress_level=1)
 
     def collect(item):
+        nonlocal probs
         z0, host, event = item
         if event is not None:
             event.synchronize()
         p = host[0].numpy().copy()
         pr = host[1].numpy().copy() if save_probs else None
-        if pr is not None and not probs:
-            probs.append(np.lib.format.open_memmap(probs_tmp, "w+", np.uint8, (Z, pr.shape[1], H, W)))
+        if pr is not None and probs is None:
+            probs = np.lib.format.open_memmap(probs_tmp, "w+", np.uint8, (Z, pr.shape[1], H, W))
         pred[z0:z0 + len(p)] = p
         for sl in p:
             tiff.put(sl)
@@ -200,7 +201,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
         while len(pending) > 6:  # bounded backlog: at most a few batches held in RAM
             pending.popleft().result()
 
-    probs = []  # the memory-mapped probabilities, opened at the first batch (when the class count is known)
+    probs = None  # the memory-mapped probabilities, opened at the first batch (when the class count is known)
     with ExitStack() as files:
         probs_tmp = files.enter_context(replacing(out_dir / "probs.npy")) if save_probs else None
         tiff = _BackgroundTiff(out_dir / "labels.tif", Z)
@@ -220,9 +221,9 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             tiff.abort()
             raise
         tiff.close()
-        if probs:
-            probs[0].flush()
-            probs.clear()
+        if probs is not None:
+            probs.flush()
+            probs = None  # closed before `replacing` renames the file
     return pred
 
 

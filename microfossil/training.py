@@ -27,7 +27,7 @@ import numpy as np
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Callback, CancelFitException, SkipToEpoch, load_model, save_model
 
-from .io import read_json, replacing, write_json
+from .io import attempt_files, read_json, replacing, write_json
 from .loaders import n_input_channels
 
 PLAN_KEYS = ("epochs", "lr", "pct_start", "div", "div_final", "moms", "wd", "bs", "size", "frozen", "context_slices",
@@ -144,6 +144,13 @@ class PhaseCheckpoint(Callback):
         with replacing(path) as tmp:
             save_model(tmp, self.learn.model, self.learn.opt, with_opt=with_opt)
 
+    def _drop_progress(self):
+        for suffix in (".progress.pth", ".progress.json"):
+            self._path(suffix).unlink(missing_ok=True)
+
+    def _drop_resume(self):
+        self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))
+
     def _load(self, path, with_opt):
         load_model(path, self.learn.model, self.learn.opt, with_opt=with_opt, device=self.learn.dls.device, strict=True)
 
@@ -172,8 +179,7 @@ class PhaseCheckpoint(Callback):
 
     # --- attempts ---
     def _attempt_numbers(self):
-        nums = [int(m[1]) for p in (self.models / "attempts").glob(f"{self.phase}.attempt*.json")
-                if (m := re.fullmatch(rf"{re.escape(self.phase)}\.attempt(\d+)\.json", p.name))]
+        nums = [n for n, _ in attempt_files(self.models / "attempts", self.phase, ".json")]
         current = read_json(self._path(".json"))
         return nums + ([current.get("attempt", 1)] if current else [])  # a record of the earlier code: attempt 1
 
@@ -215,7 +221,7 @@ class PhaseCheckpoint(Callback):
     def before_fit(self):
         self.models.mkdir(parents=True, exist_ok=True)
         self.plan, self.skipped, self.skip_to, self.rows = self._plan(), False, 0, []
-        self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))  # left by an interrupted fit
+        self._drop_resume()  # one an interrupted fit left
         done = read_json(self._path(".json")) if self._path(".pth").exists() else None
         progress = read_json(self._path(".progress.json")) if self._path(".progress.pth").exists() else None
         old, interrupted = _plan_of(done, self.plan), _plan_of(progress, self.plan)
@@ -234,8 +240,7 @@ class PhaseCheckpoint(Callback):
         else:
             if progress:
                 print(f"{self.phase}: the interrupted run had another plan ({_diff(interrupted, self.plan)}); it is discarded")
-            self._path(".progress.pth").unlink(missing_ok=True)
-            self._path(".progress.json").unlink(missing_ok=True)
+            self._drop_progress()
             self.attempt = max([0, *self._attempt_numbers()]) + 1
             why = ""
             if done:
@@ -261,7 +266,7 @@ class PhaseCheckpoint(Callback):
         write_json(self._path(".progress.json"), {"plan": self.plan, "attempt": self.attempt, "epoch": self.epoch})
 
     def after_fit(self):
-        self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))
+        self._drop_resume()
         if self.skipped:
             return
         self.learn.at_init = False
@@ -272,8 +277,7 @@ class PhaseCheckpoint(Callback):
                "epochs_trained": len(self.rows), "seconds": round(time.time() - self.t0, 1),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(self._path(".json"), rec)
-        self._path(".progress.pth").unlink(missing_ok=True)
-        self._path(".progress.json").unlink(missing_ok=True)
+        self._drop_progress()
         print(f"{self.phase}: saved models/{self.phase}.pth (attempt {self.attempt}) after {rec['seconds']:.0f}s"
               f"{_scores(final)}")
 
@@ -314,8 +318,7 @@ def attempts(work_dir, names):
     models = Path(work_dir) / "models"
     rows = []
     for name in names:
-        kept = sorted((models / "attempts").glob(f"{name}.attempt*.json"),
-                      key=lambda p: int(p.stem.rsplit("attempt", 1)[1]))
+        kept = [p for _, p in attempt_files(models / "attempts", name, ".json")]
         for f in [*kept, models / f"{name}.json"]:
             rec = read_json(f)
             if rec is None:

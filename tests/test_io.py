@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from microfossil.io import read_json, read_label_pages, replacing, write_json, write_label_tiff
+from microfossil.io import attempt_files, read_json, read_label_pages, replacing, write_json, write_label_tiff
 
 
 def test_replacing_a_file_and_a_folder(tmp_path):
@@ -35,3 +35,11 @@ def test_label_tiff_pages_round_trip(tmp_path):
     write_label_tiff(tmp_path / "l.tif", iter(vol))
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "l.tif"), vol)  # uniform pages read back as one stack
     np.testing.assert_array_equal(np.stack(list(read_label_pages(tmp_path / "l.tif"))), vol)
+
+
+def test_attempt_files_in_attempt_order(tmp_path):
+    for n in (10, 2, 1):
+        (tmp_path / f"256_frozen.attempt{n}.json").write_text("{}")
+    (tmp_path / "256_frozen_x.attempt3.json").write_text("{}")  # another phase whose name starts the same
+    (tmp_path / "256_frozen.attempt4.csv").write_text("")
+    assert [n for n, _ in attempt_files(tmp_path, "256_frozen", ".json")] == [1, 2, 10]
