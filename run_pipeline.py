@@ -81,7 +81,7 @@ def main(argv=None):
     metrics = work_dir / "metrics.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())
-        print("Validation block IoU: " + ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} n/a"
+        print("Held-out block IoU (raw segmentation): " + ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} n/a"
                                                    for c, v in m["iou"].items()))
     return 0
 

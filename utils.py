@@ -13,17 +13,19 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `microfossil/` sits 
 
 _NAMES = {  # module of the microfossil package: the names the notebooks take from it
     "paths": ["resolve_paths"],
-    "volume": ["load_volume", "describe_volume", "split_slices"],
+    "volume": ["load_volume", "describe_volume"],
+    "split": ["split_volume", "describe_split", "check_split"],
     "loaders": ["get_device", "make_dls"],
     "learner": ["build_learner", "valley"],
-    "training": ["PhaseCheckpoint", "load_stage", "phase_done", "attempts"],
+    "training": ["set_seed", "PhaseCheckpoint", "load_stage", "phase_done", "attempts"],
     "prediction": ["load_model", "predict_volume"],
     "extraction": ["extract_fossils"],
-    "evaluation": ["save_metrics", "evaluate_specimens", "describe_specimen_scores", "variant_name", "evaluation_row",
+    "evaluation": ["save_metrics", "evaluate_heldout", "describe_specimen_scores", "variant_name", "evaluation_row",
                    "write_evaluation"],
     "classifier": ["classify_specimens"],
     "review": ["ReviewSession", "ReviewPanel", "has_widget_frontend", "read_review"],
-    "plots": ["save_figure", "plot_slice", "plot_orthoviews", "plot_histogram", "plot_history", "plot_predictions"],
+    "plots": ["save_figure", "plot_slice", "plot_orthoviews", "plot_histogram", "plot_split", "plot_history",
+              "plot_predictions"],
 }
 _MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -8,7 +8,8 @@ volume (here the embedded sample's ground truth at that size, rendered without i
 `--specks` random cubic specks of 1 to 125 voxels, like those of a slice-by-slice prediction), a CT volume
 as a memory-mapped `.npy` (as the volume cache is) and `predictions/probs.npy`.
 Step 2 runs in a fresh process, so that its peak RSS is the extraction's own: it holds the labels in
-RAM (as 05 does), runs `extract_fossils` and `evaluate_specimens`, and reports their
+RAM (as 05 does), runs `extract_fossils` and `evaluate_heldout` (the split, then the held-out block's own
+extraction and its scores), and reports their
 seconds, the counts, and the process's peak RSS sampled from /proc every 50 ms: `peak_rss_gb` (all
 resident pages, including the memory-mapped CT and probabilities, which the kernel can drop) and
 `peak_anon_gb` (the process's own arrays, the part that can run a machine out of memory).
@@ -26,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from microfossil.evaluation import evaluate_specimens  # noqa: E402
+from microfossil.evaluation import evaluate_heldout  # noqa: E402
 from microfossil.extraction import extract_fossils  # noqa: E402
+from microfossil.io import file_stamp, write_json  # noqa: E402
 from microfossil.sample import SAMPLE_CODES, SAMPLE_SIZES, _make_objects, _render_object  # noqa: E402
+from microfossil.split import split_volume  # noqa: E402
 from microfossil.volume import Volume  # noqa: E402
 
 
@@ -58,6 +61,9 @@ def write_inputs(d, shape, n_specks, seed=0):
             probs[z, k] = np.where(pred[z] == k, 220, 17)
     for a in (truth, pred, ct, probs):
         a.flush()
+    del probs
+    write_json(d / "predictions" / "prediction.json",  # what predict_volume records: these probabilities go with these labels
+               {"checkpoint": None, "shape": list(shape), "probs_file": file_stamp(d / "predictions" / "probs.npy")})
 
 
 def _status():
@@ -97,14 +103,15 @@ def run(d):
         cat = extract_fossils(vol, d, pred)
         t_extract = time.time() - t
         t = time.time()
-        sp = evaluate_specimens(vol, d, 0.2)
+        split = split_volume(vol, 0.2)
+        sp = evaluate_heldout(vol, d, split, pred, classify=False)["extraction"]
     info = json.loads((d / "exports" / "extraction.json").read_text())
     return {"extract_s": round(t_extract, 1), "evaluate_s": round(time.time() - t, 1),
             "peak_rss_gb": round(peak.rss, 2), "peak_anon_gb": round(peak.anon, 2),
             "rss_before_extraction_gb": round(before[0], 2),
             "n_components": info["n_components"], "n_dropped_small": info["n_dropped_small"],
             "n_specimens": len(cat), "n_exported": info["n_exported"], "per_class": info["per_class"],
-            "object_f1_validation": sp["f1"], "object_precision": sp["precision"], "object_recall": sp["recall"]}
+            "object_f1_heldout": sp["f1"], "object_precision": sp["precision"], "object_recall": sp["recall"]}
 
 
 def main(argv=None):

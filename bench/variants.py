@@ -1,17 +1,20 @@
-"""Issue 5's evaluation: train and score each segmentation variant on one dataset, then one table.
+"""The accuracy table: train and score each segmentation variant on several seeds, then one table of mean and spread.
 
     python bench/variants.py --work-root runs/variants                 # published schedule (02-05) per variant
-    python bench/variants.py --work-root runs/variants --stages 04 \\
-        -p init_from None -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 24 \\
+    python bench/variants.py --work-root runs/variants --variants k1 k1_tta k3 k3_tta --stages 04 \\
+        -p init_from None -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 7 \\
         -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 8      # the README's CPU table (full resolution only)
     python bench/variants.py --work-root runs/variants --collect       # only gather the tables of finished runs
 
-Each variant is one run folder `<work-root>/<variant>` made by `run_pipeline.py` with the
-same dataset, seed and `-p` settings; variants that only change prediction (flip TTA)
-reuse the model of the variant they name instead of training again. Notebook 05 of each
-run writes its `evaluation.json` (segmentation, then + specimen classifier); this script
-gathers them, with the training and prediction seconds, into `<work-root>/evaluation.md`
-and `evaluation.json`, and prints the markdown.
+Each variant and seed is one run folder `<work-root>/<variant>/seed<k>` made by
+`run_pipeline.py` with `-p seed k` and the same `-p` settings. With the embedded sample
+(no `--data-dir`) each seed also draws its own sample, so the spread covers the data as well
+as the initial weights, order and augmentation. Variants that only change prediction (flip
+TTA) reuse the model of the variant they name, seed by seed. Notebook 05 of each run writes
+its `evaluation.json` (all on the held-out block: segmentation, extraction, + specimen
+classifier); this script gathers them into `<work-root>/evaluation.md` and
+`evaluation.json`, each score as the mean over the seeds with the min-max in brackets, and
+prints the markdown.
 """
 import argparse
 import json
@@ -22,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from microfossil.evaluation import evaluation_markdown  # noqa: E402
+from microfossil.evaluation import evaluation_markdown, summarize_seeds  # noqa: E402
 from microfossil.io import write_json  # noqa: E402
 
 # name: (notebook parameters, the variant whose trained model it reuses or None)
@@ -36,11 +39,11 @@ VARIANTS = {
 }
 
 
-def _run(args, name, params, model_from):
-    work = Path(args.work_root) / name
+def _run(args, name, params, model_from, seed):
+    work = Path(args.work_root) / name / f"seed{seed}"
     stages = ["05"] if model_from else [*args.stages, "05"]
     if model_from:
-        src = Path(args.work_root) / model_from / "models"
+        src = Path(args.work_root) / model_from / f"seed{seed}" / "models"
         if not src.exists():
             raise SystemExit(f"{name} reuses the model of {model_from}: run that variant first ({src} not found)")
         shutil.copytree(src, work / "models", dirs_exist_ok=True)
@@ -52,21 +55,21 @@ def _run(args, name, params, model_from):
     import papermill as pm
     known = {k for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if nb.name[:2] in stages
              for k in pm.inspect_notebook(str(nb))}
-    for k, v in [*args.p, *((k, repr(v)) for k, v in params.items())]:
+    for k, v in [*args.p, *((k, repr(v)) for k, v in {**params, "seed": seed}.items())]:
         if k in known:  # e.g. no training parameters for a variant that only predicts
             cmd += ["-p", k, str(v)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
 
-def collect(work_root, names):
-    """Rows of every finished variant run under `work_root`, with training and prediction seconds."""
+def collect(work_root, names, seeds):
+    """Rows of every finished variant run under `work_root`, one per seed, with training and prediction seconds."""
     rows, codes = [], None
-    for name in names:
-        work = Path(work_root) / name
+    for name, seed in ((n, s) for n in names for s in seeds):
+        work = Path(work_root) / name / f"seed{seed}"
         ev = work / "evaluation.json"
         if not ev.exists():
-            print(f"{name}: no {ev} (not run, or no ground truth): left out")
+            print(f"{name}, seed {seed}: no {ev} (not run, or no ground truth): left out")
             continue
         e = json.loads(ev.read_text())
         codes = codes or e["codes"]
@@ -75,7 +78,7 @@ def collect(work_root, names):
                       if not p.name.endswith(".progress.json")) if VARIANTS.get(name, ({}, None))[1] is None else None
         predict_s = json.loads((work / "metrics.json").read_text()).get("predict_seconds")
         for r in e["rows"]:
-            rows.append({**r, "run": name, "train_seconds": train_s, "predict_seconds": predict_s})
+            rows.append({**r, "run": name, "seed": seed, "train_seconds": train_s, "predict_seconds": predict_s})
     return rows, codes
 
 
@@ -84,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--work-root", required=True, help="one run folder per variant goes under it")
     ap.add_argument("--data-dir", help="labelled dataset (default: the embedded sample)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds to run each variant with")
     ap.add_argument("--stages", nargs="+", default=["02", "03", "04"], help="training notebooks to run (e.g. 04)")
     ap.add_argument("--quick", action="store_true", help="smoke mode of run_pipeline.py")
     ap.add_argument("--collect", action="store_true", help="do not run anything, only gather finished runs")
@@ -91,14 +95,17 @@ def main(argv=None):
                     help="notebook parameter for every variant, e.g. -p epochs_unfrozen 24")
     args = ap.parse_args(argv)
     if not args.collect:
-        for name in args.variants:
-            _run(args, name, *VARIANTS[name])
-    rows, codes = collect(args.work_root, args.variants)
+        for seed in args.seeds:
+            for name in args.variants:
+                _run(args, name, *VARIANTS[name], seed)
+    rows, codes = collect(args.work_root, args.variants, args.seeds)
     if not rows:
         raise SystemExit(f"no finished variant run with an evaluation under {args.work_root}")
-    md = evaluation_markdown(rows, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
+    summary = summarize_seeds(rows)
+    md = evaluation_markdown(summary, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
     root = Path(args.work_root)
-    write_json(root / "evaluation.json", {"codes": codes, "rows": rows, "settings": dict(args.p)})
+    write_json(root / "evaluation.json", {"codes": codes, "rows": rows, "summary": summary, "seeds": args.seeds,
+                                          "settings": dict(args.p)})
     (root / "evaluation.md").write_text(md)
     print(md)
 

@@ -4,7 +4,9 @@ The notebooks reach this package through `utils.py` (the names they use); each m
 holds one concern, and imports run one way, from top to bottom of this list:
 
 - `io`: atomic writes (every file is renamed into place only when complete), JSON, label TIFFs
-- `volume`: reading and validating a dataset (`load_volume`, `Volume`, `split_slices`, voxel size)
+- `volume`: reading and validating a dataset (`load_volume`, `Volume`, voxel size)
+- `specimens`: 3D components, measurements and descriptors of each specimen
+- `split`: the training block, the gap and the held-out block, which share no specimen (`split_volume`)
 - `sample`: the embedded synthetic micro-CT sample
 - `paths`: the dataset and run folders (`resolve_paths`, `fetch_dataset`)
 - `metrics`: confusion matrix, per-class IoU and Dice, the published metric
@@ -12,11 +14,10 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `learner`: the U-Net learner and its per-epoch metrics                                   [torch]
 - `training`: `PhaseCheckpoint`, the callback that checkpoints, resumes and retrains a phase [torch]
 - `prediction`: every slice at full resolution, with context slices, TTA, tri-planar        [torch]
-- `specimens`: 3D components, measurements and descriptors of each specimen
 - `exports`: meshes, TIFF crops, previews, the gallery
 - `extraction`: `extract_fossils`, from predicted labels to the catalogue and the exports
-- `evaluation`: the scores of a run on its validation block, voxels and specimens
 - `classifier`: the specimen classifier
+- `evaluation`: the scores of a run on its held-out block, from held-out data only, voxels and specimens
 - `review`: the review session and panel
 - `plots`: figures (beside the chain: any module may use it; it uses only `io`)
 

@@ -2,18 +2,18 @@
 
 In one slice a foraminifer and an ostracod can both look like a thin bright ring; their
 3D shapes differ. It learns from the training block's ground truth and from the review
-decisions (given as a table, `review`), and repaints `predictions/labels_clean.tif`.
+decisions (given as a table, `review`), and repaints `predictions/labels_clean.tif`. The
+held-out evaluation trains it without the decisions on held-out specimens and applies it to
+the held-out block's own extraction (`evaluation.evaluate_heldout`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .io import write_csv, write_json
+from .io import read_json, write_csv, write_json
 from .specimens import SPECIMEN_FEATURES, paint_classes
-from .volume import split_slices
 
 NOT_A_FOSSIL = "not a fossil"
 
@@ -46,25 +46,17 @@ def _training_labels(cat, feats, codes, n_train, review):
     return pd.Series(labels, dtype=object), source
 
 
-def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, review=None, min_examples=4, seed=0):
-    """Train the specimen classifier and re-score every specimen; one call after each round of review.
+def _recorded_n_train(work_dir):
+    """The training block's height from the split 05 recorded in `metrics.json`, or None."""
+    split = (read_json(Path(work_dir) / "metrics.json") or {}).get("split") or {}
+    train = split.get("train_slices")
+    return train[1] + 1 if train else None
 
-    A random forest on the 3D descriptors of `exports/features.csv` and the segmentation's
-    class fractions (`frac_*` in the catalogue), trained on the ground truth of the
-    training-block specimens (`use_truth`: the predicted ones, labelled as in
-    `_training_labels`, and the true ones of `exports/truth_features.csv`) and on `review`,
-    the review decisions (a table with `id`, `decision`, `taxon`, `predicted_class`, as
-    `read_review` returns it). Then, in `exports/fossils.csv`: `class` is the classifier's
-    class and `class_probability` its probability; the segmentation's class stays in
-    `seg_class`; specimens it calls `NOT_A_FOSSIL` are `flagged` (kept, not deleted).
-    `predictions/labels_clean.tif` is repainted (flagged specimens as background; a typed
-    taxon that is not one of the classes keeps its segmentation class there). Writes
-    `exports/classifier.json`. With no specimen, fewer than `min_examples` labelled
-    specimens or a single label, nothing changes and None is returned; else the new catalogue.
-    """
+
+def _read_run(folder):
+    """The catalogue and descriptors of the extraction in `folder`, checked to describe the same specimens."""
     import pandas as pd
-    from sklearn.ensemble import RandomForestClassifier
-    exp_dir, pred_dir = Path(work_dir) / "exports", Path(work_dir) / "predictions"
+    exp_dir, pred_dir = Path(folder) / "exports", Path(folder) / "predictions"
     for p in (exp_dir / "fossils.csv", exp_dir / "features.csv", exp_dir / "extraction.json", pred_dir / "specimens.tif"):
         if not p.exists():
             raise FileNotFoundError(f"{p} not found: run the extraction cell of 05_predict_export first (same work_dir).")
@@ -72,22 +64,57 @@ def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, review=None, min
     if len(feats) != len(cat) or not (feats["id"].to_numpy() == cat["id"].to_numpy()).all():
         raise ValueError(f"{exp_dir / 'features.csv'} does not describe the specimens of {exp_dir / 'fossils.csv'}: "
                          "re-run the extraction cell of 05_predict_export.")
-    if not len(cat):
+    return cat, feats, read_json(exp_dir / "extraction.json")
+
+
+def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_examples=4, seed=0, apply_to=None):
+    """Train the specimen classifier and re-score every specimen; one call after each round of review.
+
+    A random forest on the 3D descriptors of `exports/features.csv` and the segmentation's
+    class fractions (`frac_*` in the catalogue), trained on the ground truth of the
+    training-block specimens (`use_truth`: the predicted ones, labelled as in
+    `_training_labels`, and the true ones of `exports/truth_features.csv`) and on `review`,
+    the review decisions (a table with `id`, `decision`, `taxon`, `predicted_class`, as
+    `read_review` returns it). The training block is that of `split` (a `split.Split`;
+    None: the split 05 recorded in `metrics.json`). Then, in `exports/fossils.csv` of
+    `apply_to` (default `work_dir`; the held-out evaluation applies it to its own
+    extraction): `class` is the classifier's class and `class_probability` its
+    probability; the segmentation's class stays in `seg_class`; specimens it calls
+    `NOT_A_FOSSIL` are `flagged` (kept, not deleted). `predictions/labels_clean.tif` is
+    repainted (flagged specimens as background; a typed taxon that is not one of the
+    classes keeps its segmentation class there). Writes `exports/classifier.json`. With no
+    specimen, fewer than `min_examples` labelled specimens or a single label, nothing
+    changes and None is returned; else the new catalogue.
+    """
+    import pandas as pd
+    from sklearn.ensemble import RandomForestClassifier
+    cat, feats, extraction = _read_run(work_dir)
+    target = Path(apply_to) if apply_to is not None else Path(work_dir)
+    out_cat, out_feats, out_extraction = (cat, feats, extraction) if target == Path(work_dir) else _read_run(target)
+    exp_dir, pred_dir = target / "exports", target / "predictions"
+    if not len(out_cat):
         print("Specimen classifier: no specimen in the catalogue, nothing to classify.")
         return None
-    if "seg_class" not in cat.columns:
-        cat.insert(2, "seg_class", cat["class"])
-    extraction = json.loads((exp_dir / "extraction.json").read_text())
+    for c in (cat, out_cat):
+        if "seg_class" not in c.columns:
+            c.insert(2, "seg_class", c["class"])
     codes = extraction["codes"]
-    n_train = len(split_slices(extraction["shape"][0], valid_pct)[0])
-    y, source = _training_labels(cat, feats if use_truth else feats[["id"]], codes, n_train, review)
+    has_truth = use_truth and all(f"truth_{c}" in feats.columns for c in codes)
+    n_train = split.n_train if split is not None else _recorded_n_train(work_dir)
+    if has_truth and n_train is None:
+        raise FileNotFoundError(f"No split recorded in {Path(work_dir) / 'metrics.json'}: run the scoring cell of "
+                                "05_predict_export first, so that the classifier learns from the training block only.")
+    y, source = _training_labels(cat, feats if has_truth else feats[["id"]], codes, n_train, review)
     cols = SPECIMEN_FEATURES + [f"frac_{c}" for c in codes[1:]]
-    X = feats.set_index("id")[SPECIMEN_FEATURES].join(cat.set_index("id")[cols[len(SPECIMEN_FEATURES):]]).fillna(0.0)
+
+    def table(cat, feats):
+        return feats.set_index("id")[SPECIMEN_FEATURES].join(cat.set_index("id")[cols[len(SPECIMEN_FEATURES):]]).fillna(0.0)
+    X = table(cat, feats)
     X_fit, y_fit = X.loc[y.index].to_numpy(), y.to_numpy().astype(str)
     n_from = {"truth": list(source.values()).count("truth"), "review": list(source.values()).count("review"),
               "true specimens": 0}
-    tf_path = exp_dir / "truth_features.csv"
-    if use_truth and tf_path.exists():  # the true specimens of the training block: more (and cleaner) examples
+    tf_path = Path(work_dir) / "exports" / "truth_features.csv"
+    if has_truth and tf_path.exists():  # the true specimens of the training block: more (and cleaner) examples
         tf = pd.read_csv(tf_path)
         tf = tf[tf["z1"] <= n_train]
         if len(tf):
@@ -104,6 +131,8 @@ def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, review=None, min
     clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1,
                                  oob_score=len(y_fit) >= 20)
     clf.fit(X_fit, y_fit)
+    cat = out_cat
+    X = table(out_cat, out_feats)
     proba = clf.predict_proba(X.to_numpy())
     best = proba.argmax(1)
     cat["class"] = clf.classes_[best]
@@ -116,12 +145,13 @@ def classify_specimens(work_dir, valid_pct=0.2, use_truth=True, review=None, min
         class_of_id[sid] = 0 if cls == NOT_A_FOSSIL else index.get(cls, index.get(seg, 0))
     paint_classes(pred_dir, class_of_id)
     info = {"n_examples": len(y_fit), "from_truth": n_from["truth"], "true_specimens": n_from["true specimens"],
-            "from_review": n_from["review"],
+            "from_review": n_from["review"], "training_slices": [0, n_train - 1] if n_train else None,
             "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
             "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
             "features": list(X.columns), "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
             "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
-            "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()}}
+            "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()},
+            "checkpoint": out_extraction.get("checkpoint")}
     write_json(exp_dir / "classifier.json", info)
     print(f"Specimen classifier trained on {len(y_fit)} examples ({sources}): "
           f"{info['changed_class']} of {len(cat)} specimens changed class, "

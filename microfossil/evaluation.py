@@ -1,5 +1,14 @@
-"""Honest scores of a run on its validation block: voxels (IoU, Dice, the published metric) and specimens
-(detection precision, recall and F1), and the evaluation table that puts the steps of a run side by side."""
+"""Honest scores of a run on its held-out block: voxels (IoU, Dice, the published metric) and specimens
+(detection precision, recall and F1), and the evaluation table that puts the steps of a run side by side.
+
+Every held-out figure comes from held-out data only. The held-out block is the one the model
+never trained on, with a gap before it (`split`); voxels of a specimen that still reaches the
+training block are left out. The extraction and the specimen classifier are run again on the
+held-out block alone (`evaluate_heldout`, in `work_dir/heldout/`): a specimen's class there
+comes from its held-out voxels only, and the classifier learns from the training block and
+from review decisions on specimens outside the held-out block. The ground truth is never
+filtered: a missed small fossil counts against recall.
+"""
 from __future__ import annotations
 
 import json
@@ -7,19 +16,34 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import write_json, write_text
+from .classifier import classify_specimens
+from .extraction import extract_fossils
+from .io import PREDICTION_RECORD, read_json, write_json, write_text
 from .metrics import confusion_matrix, scores_from_confusion
 from .specimens import label_components, majority_class
-from .volume import split_slices
+from .split import left_out_mask
+
+HELDOUT = "heldout"  # the folder, in work_dir, of the held-out block's own extraction
 
 
-def save_metrics(work_dir, vol, pred, valid_pct=0.2, extra=None):
-    """Score `pred` against `vol.labels` on the validation block; write and return `work_dir/metrics.json`."""
-    _, valid_idx = split_slices(len(vol.images), valid_pct)
+def _provenance(split, info):
+    plan = split.plan()
+    return {"split": {**plan, "valid_pct": split.valid_pct, "gap_rule": split.gap_rule},
+            "left_out": split.left_out, "seed": (info or {}).get("seed"),
+            "checkpoint": (info or {}).get("checkpoint")}
+
+
+def save_metrics(work_dir, vol, pred, split, info=None, extra=None):
+    """Score the raw prediction `pred` against `vol.labels` on the held-out block of `split` (left-out voxels aside);
+    write and return `work_dir/metrics.json`, which also records the split, what it left out, and the model's seed
+    and checkpoint (`info` from `load_model`)."""
+    v0 = split.valid_start
     n = len(vol.codes)
-    cm = sum(confusion_matrix(pred[z], vol.labels[z], n) for z in valid_idx)
-    out = {"validation_slices": [int(valid_idx[0]), int(valid_idx[-1])] if len(valid_idx) else [],
-           "n_validation_slices": int(len(valid_idx)), **scores_from_confusion(cm, vol.codes),
+    ignore = left_out_mask(vol, split)
+    cm = confusion_matrix(np.asarray(pred[v0:]), np.asarray(vol.labels[v0:]), n, ignore=ignore)
+    out = {"scores": "held-out block, full resolution, raw segmentation (predictions/labels.tif)",
+           **_provenance(split, info), "heldout_slices": split.plan()["valid_slices"],
+           "n_heldout_slices": int(len(split.valid)), **scores_from_confusion(cm, vol.codes),
            "confusion_matrix": np.asarray(cm).tolist(), "codes": vol.codes, **(extra or {})}
     write_json(Path(work_dir) / "metrics.json", out)
     return out
@@ -35,13 +59,25 @@ def _specimens_of(labels, connectivity, min_voxels):
     return cc, counts, np.flatnonzero(~small)[1:] if n else np.zeros(0, np.int64)
 
 
-def match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold=0.5):
+def match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold=0.5, ignore=None):
     """Object-level scores of label volume `pred` against `truth`.
 
-    Specimens are components (`connectivity`) of at least `min_voxels` voxels; a predicted
-    and a true one match when their IoU is at least `iou_threshold`.
+    True specimens are every component of `truth` (`connectivity`), however small: a missed
+    small fossil counts against recall. Predicted ones are the components of at least
+    `min_voxels` voxels (the extraction's minimum). A predicted and a true one match when
+    their IoU is at least `iou_threshold`. Voxels where `ignore` is True (specimens left out
+    of the held-out scores) are no true specimen, and a predicted one lying mostly on them
+    is left out too.
     """
-    gt, gt_counts, gt_ids = _specimens_of(truth, connectivity, min_voxels)
+    truth, pred = np.asarray(truth), np.asarray(pred)
+    if ignore is not None and ignore.any():
+        truth = np.where(ignore, 0, truth)
+        pc, pn, pcounts, _ = label_components(pred > 0, connectivity)
+        on = np.bincount(pc[ignore], minlength=pn + 1)
+        drop = on * 2 >= pcounts
+        drop[0] = False
+        pred = np.where(drop[pc], 0, pred)
+    gt, gt_counts, gt_ids = _specimens_of(truth, connectivity, 1)
     pr, pr_counts, pr_ids = _specimens_of(pred, connectivity, min_voxels)
     K = len(codes)
     gt_cls = majority_class(gt, truth, len(gt_counts) - 1, K)
@@ -61,49 +97,88 @@ def match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold=
             "connectivity": connectivity, "n_true": len(gt_ids), "n_predicted": len(pr_ids), "n_matched": int(len(g)),
             "n_matched_same_class": int(same.sum()), "precision": precision, "recall": recall, "f1": f1,
             "class_f1": prf(int(same.sum()), len(pr_ids), len(gt_ids))[2],
-            "n_true_below_min_size": int((gt_counts[1:] < min_voxels).sum()),
+            "n_true_below_min_size": int((gt_counts[gt_ids] < min_voxels).sum()),
             "per_class": {c: {"true": int((gt_cls[gt_ids] == k).sum()), "predicted": int((pr_cls[pr_ids] == k).sum()),
                               "matched": int(((gt_cls[g] == k) & same).sum())}
                           for k, c in enumerate(codes) if k}}
 
 
-def evaluate_specimens(vol, work_dir, valid_pct=0.2, iou_threshold=0.5):
-    """Object-level detection on the validation block: predicted vs true specimens matched at IoU >= `iou_threshold`.
-
-    True specimens are the 3D components of the ground-truth fossil mask, predicted ones
-    those of `predictions/labels_clean.tif`, both inside the validation block (the last
-    `valid_pct` of slices) and both with the connectivity and minimum size of the
-    extraction. Adds `specimens` to `work_dir/metrics.json` and returns it: counts,
-    precision, recall, F1, and `class_f1` (a match counts only with the right class); and
-    `labels_clean`, the voxel scores (IoU, Dice, ...) of `labels_clean.tif` on the block
-    (specks dropped, classes from the extraction or the specimen classifier).
-    """
+def _score_labels(folder, truth, codes, connectivity, min_voxels, ignore, iou_threshold):
+    """Specimen and voxel scores of `folder/predictions/labels_clean.tif` (the held-out block) against `truth`."""
     import tifffile
+    pred = tifffile.imread(Path(folder) / "predictions" / "labels_clean.tif").reshape(truth.shape)
+    return {**match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold, ignore),
+            "labels_clean": scores_from_confusion(confusion_matrix(pred, truth, len(codes), ignore=ignore), codes)}
+
+
+def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None, seed=0, iou_threshold=0.5):
+    """Object-level scores on the held-out block, from held-out data only; adds them to `work_dir/metrics.json`.
+
+    Run after 05's extraction (and classifier) of the whole volume, with its parameters
+    (`exports/extraction.json`). The prediction's held-out block is extracted again on its
+    own into `work_dir/heldout/` (so no specimen's class there depends on a prediction in
+    the other slices); the result is scored (`extraction`); with `classify`, the specimen
+    classifier is trained on the training block and on `review` minus the decisions on
+    specimens that reach the held-out block, applied to the held-out specimens, and scored
+    again (`classifier`). Specimens are matched at IoU >= `iou_threshold`; each score gives
+    counts, precision, recall, F1, `class_f1` (a match counts only with the right class)
+    and `labels_clean`, the voxel scores of the cleaned labels. Returns
+    `{"extraction": ..., "classifier": ... or None}`.
+    """
     work_dir = Path(work_dir)
     if vol.labels is None:
         raise ValueError(f"{vol.source} has no train_masks_labels/: nothing to evaluate against.")
-    info = json.loads((work_dir / "exports" / "extraction.json").read_text())
-    _, valid_idx = split_slices(len(vol.images), valid_pct)
-    if len(valid_idx) == 0:
+    if not len(split.valid):
         return None
-    z0, z1 = int(valid_idx[0]), int(valid_idx[-1]) + 1
-    codes = list(vol.codes)
-    truth = np.asarray(vol.labels[z0:z1])
-    pred = tifffile.imread(work_dir / "predictions" / "labels_clean.tif", key=range(z0, z1)).reshape(truth.shape)
-    out = {"validation_slices": [z0, z1 - 1],
-           **match_specimens(truth, pred, codes, info["connectivity"], info["min_voxels"], iou_threshold),
-           "labels_clean": scores_from_confusion(confusion_matrix(pred, truth, len(codes)), codes)}
+    params = read_json(work_dir / "exports" / "extraction.json")
+    if params is None:
+        raise FileNotFoundError(f"{work_dir / 'exports' / 'extraction.json'} not found: run the extraction cell first.")
+    made_by = (read_json(work_dir / "predictions" / PREDICTION_RECORD) or {}).get("checkpoint")
+    if params.get("checkpoint") != made_by:
+        raise ValueError(f"The extraction in {work_dir / 'exports'} was made from another prediction (model "
+                         f"{(params.get('checkpoint') or {}).get('name')}) than predictions/labels.tif (model "
+                         f"{(made_by or {}).get('name')}): re-run the extraction cell.")
+    v0, codes = split.valid_start, list(vol.codes)
+    held = work_dir / HELDOUT
+    extract_fossils(vol, held, pred, params["voxel_size_um"], params["min_voxels_param"], params["min_volume_um3"],
+                    params["connectivity"], params["split_touching"], params.get("split_min_distance_um"),
+                    margin=params["margin"], max_exports=0, slices=slice(v0, None),
+                    predictions=work_dir / "predictions")
+    truth = np.asarray(vol.labels[v0:])
+    ignore = left_out_mask(vol, split)
+    score = lambda: _score_labels(held, truth, codes, params["connectivity"],  # noqa: E731
+                                  json.loads((held / "exports" / "extraction.json").read_text())["min_voxels"],
+                                  ignore, iou_threshold)
+    out = {"extraction": score(), "classifier": None}
+    if classify:
+        review = _outside_heldout(review, work_dir, v0)
+        if classify_specimens(work_dir, split, review=review, seed=seed, apply_to=held) is not None:
+            out["classifier"] = score()
     path = work_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
-    metrics["specimens"] = out
+    metrics = read_json(path, {})
+    metrics["specimens"] = {"scores": "held-out block, its own extraction", "heldout_slices": split.plan()["valid_slices"],
+                            **out["extraction"]}
+    metrics["specimens_after_classifier"] = out["classifier"] and {
+        "scores": "held-out block, its own extraction, classifier trained without held-out data",
+        "reviews_used": 0 if review is None else len(review), **out["classifier"]}
     write_json(path, metrics)
     return out
 
 
+def _outside_heldout(review, work_dir, valid_start):
+    """The review decisions on specimens of the catalogue that lie wholly before the held-out block."""
+    if review is None or not len(review):
+        return review
+    import pandas as pd
+    cat = pd.read_csv(Path(work_dir) / "exports" / "fossils.csv")
+    before = set(cat.loc[cat["z1"] <= valid_start, "id"])
+    return review[review["id"].isin(before)]
+
+
 def describe_specimen_scores(sp):
-    """One line for the object-level scores returned by `evaluate_specimens`."""
+    """One line for the object-level scores of `evaluate_heldout` (its "extraction" or "classifier" entry)."""
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    return (f"validation block: {sp['n_true']} true specimens, {sp['n_predicted']} predicted, {sp['n_matched']} matched "
+    return (f"held-out block: {sp['n_true']} true specimens, {sp['n_predicted']} predicted, {sp['n_matched']} matched "
             f"(IoU >= {sp['iou_threshold']}): precision {f(sp['precision'])}, recall {f(sp['recall'])}, "
             f"F1 {f(sp['f1'])}, F1 with the right class {f(sp['class_f1'])}")
 
@@ -122,19 +197,58 @@ def evaluation_row(variant, step, scores, specimens):
             "specimen_class_f1": sp.get("class_f1"), "n_true": sp.get("n_true"), "n_predicted": sp.get("n_predicted")}
 
 
+SCORE_KEYS = ("mean_iou_fossils", "pixel_acc_nonbg", "specimen_precision", "specimen_recall", "specimen_f1",
+              "specimen_class_f1")
+
+
+def summarize_seeds(rows):
+    """One row per (variant, step) from rows of several seeds: every score as `(mean, min, max, n)` over the seeds
+    that have it (`n_seeds` is how many rows there were)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["step"]), []).append(r)
+
+    def spread(values):
+        v = [x for x in values if x is not None]
+        return (float(np.mean(v)), float(min(v)), float(max(v)), len(v)) if v else None
+    out = []
+    for (variant, step), rs in groups.items():
+        row = {"variant": variant, "step": step, "n_seeds": len(rs)}
+        for key in ("iou", "dice"):
+            row[key] = {c: spread([r[key].get(c) for r in rs]) for c in rs[0][key]}
+        for key in SCORE_KEYS + ("n_true", "n_predicted", "train_seconds", "predict_seconds"):
+            row[key] = spread([r.get(key) for r in rs])
+        out.append(row)
+    return out
+
+
+def _cell(v, digits=2):
+    """A score as text: a number, or `mean (min-max)` for a spread over seeds; n/a when missing."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, (tuple, list)):
+        mean, lo, hi, _ = v
+        return f"{mean:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})" if hi > lo else f"{mean:.{digits}f}"
+    return f"{v:.{digits}f}"
+
+
 def evaluation_markdown(rows, codes, extra=None):
     """The evaluation table as markdown: per-class IoU and Dice, the published metric, specimen P / R / F1;
-    `extra` maps more column titles to row keys (numbers shown to the unit)."""
-    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    `extra` maps more column titles to row keys (numbers shown to the unit). A score over several seeds (rows from
+    `summarize_seeds`) shows as `mean (min–max)`."""
+    f = _cell
     fossil, extra = codes[1:], extra or {}
     head = (["variant", "step"] + [f"IoU {c}" for c in codes] + [f"Dice {c}" for c in fossil]
             + ["mean IoU fossils", "acc. non-bg (published 'IoU')", "specimen P", "R", "F1", "F1 right class", *extra])
+    seeds = any("n_seeds" in r for r in rows)
+    if seeds:
+        head.insert(2, "seeds")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ([r["variant"], r["step"]] + [f(r["iou"].get(c)) for c in codes] + [f(r["dice"].get(c)) for c in fossil]
-                 + [f(r[k]) for k in ("mean_iou_fossils", "pixel_acc_nonbg", "specimen_precision", "specimen_recall",
-                                      "specimen_f1", "specimen_class_f1")]
-                 + ["n/a" if r.get(k) is None else f"{r[k]:.0f}" for k in extra.values()])
+        cells = ([r["variant"], r["step"]] + ([str(r.get("n_seeds", 1))] if seeds else [])
+                 + [f(r["iou"].get(c)) for c in codes] + [f(r["dice"].get(c)) for c in fossil]
+                 + [f(r[k]) for k in SCORE_KEYS]
+                 + [_cell(r.get(k), 0) for k in extra.values()])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .exports import export_specimen, mesh, write_gallery
-from .io import write_csv, write_json, write_label_tiff
+from .io import PREDICTION_RECORD, file_stamp, read_json, write_csv, write_json, write_label_tiff
 from .specimens import SPECIMEN_FEATURES, centroid, class_counts, descriptors, find_specimens, paint_classes
-from .volume import read_voxel_size
+from .volume import Volume, read_voxel_size
 
 MIN_VOXELS = 250  # default smallest specimen, in voxels: see README "Extraction" for the measurement behind it
 CATALOGUE_COLUMNS = ["id", "class", "voxels", "volume_um3", "surface_um2", "esd_um", "sphericity",
@@ -26,18 +26,37 @@ CATALOGUE_COLUMNS = ["id", "class", "voxels", "volume_um3", "surface_um2", "esd_
                      "mean_intensity", "confidence", "touches_border"]
 
 
-def _open_probs(pred_dir, shape):
-    """`predictions/probs.npy` memory-mapped when it exists and matches `shape` (Z, classes, H, W), else None."""
+def read_prediction(pred_dir, shape):
+    """The record of the prediction in `pred_dir` (`prediction.json`: its checkpoint and options), checked against the
+    volume's `shape`; None for a prediction made before predictions were recorded."""
+    rec = read_json(Path(pred_dir) / PREDICTION_RECORD)
+    if rec is not None and tuple(rec["shape"]) != tuple(shape):
+        raise ValueError(f"{Path(pred_dir) / PREDICTION_RECORD} describes a prediction of shape {rec['shape']}, the "
+                         f"volume is {tuple(shape)}: it comes from another dataset. Re-run the prediction cell of 05.")
+    return rec
+
+
+def open_probs(pred_dir, shape, record):
+    """`predictions/probs.npy` memory-mapped (shape `shape`: Z, classes, H, W) when `record` (from `read_prediction`)
+    says it was written with `labels.tif`; None when there is none. A `probs.npy` that another prediction left, or
+    that no record vouches for, is never used: it stops with a message (or, unrecorded, is left aside and said so)."""
     path = Path(pred_dir) / "probs.npy"
     if not path.exists():
         print(f"No {path}: each specimen's class is its majority predicted class and confidence is empty "
               "(run 05 with save_probs=True for the mean class probability).")
         return None
+    if record is None:
+        print(f"{path} is not used: no {PREDICTION_RECORD} says which model wrote it (a prediction from before they "
+              "were recorded). Each specimen's class is its majority predicted class; re-run the prediction cell of "
+              "05 to use the probabilities.")
+        return None
+    if record.get("probs_file") is None or list(record["probs_file"]) != file_stamp(path):
+        raise ValueError(f"{path} was not written by the prediction that wrote {Path(pred_dir) / 'labels.tif'} "
+                         f"(model {(record.get('checkpoint') or {}).get('name')}): it is left from another run. "
+                         "Delete it, or re-run the prediction cell of 05 with save_probs=True.")
     probs = np.load(path, mmap_mode="r")
     if probs.shape != tuple(shape):
-        print(f"{path} has shape {probs.shape}, expected {tuple(shape)} (left from another run?): ignored; "
-              "re-run the prediction cell to rewrite it.")
-        return None
+        raise ValueError(f"{path} has shape {probs.shape}, expected {tuple(shape)}: re-run the prediction cell of 05.")
     return probs
 
 
@@ -79,7 +98,8 @@ def _truth_features(vol, pred, connectivity, min_vox, path):
 
 
 def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN_VOXELS, min_volume_um3=0.0,
-                    connectivity=26, split_touching=False, split_min_distance_um=None, margin=8, max_exports=500):
+                    connectivity=26, split_touching=False, split_min_distance_um=None, margin=8, max_exports=500,
+                    slices=None, predictions=None):
     """Find every specimen in the predicted labels, measure it and export it; return the catalogue (a DataFrame).
 
     A specimen is a 3D connected component of the fossil mask (every class but 0
@@ -101,6 +121,10 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
       (`margin` voxels around) and its mask as multi-page TIFFs (voxel size in the ImageJ
       metadata), an STL mesh in µm and a preview PNG; and `exports/gallery*.png`.
     `pred` is the label volume from `predict_volume` (default: read `predictions/labels.tif`).
+    `predictions` is the folder the prediction is read from (default: `work_dir/predictions`),
+    and `slices` (a `slice` of z) extracts from those slices alone, as if the volume were
+    only them: the held-out evaluation extracts its block so (`evaluation.evaluate_heldout`).
+    `extraction.json` records the checkpoint the prediction came from.
     """
     import pandas as pd
     import tifffile
@@ -108,21 +132,30 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     t0 = time.time()
     work_dir = Path(work_dir)
     pred_dir, exp_dir = work_dir / "predictions", work_dir / "exports"
+    src = Path(predictions) if predictions is not None else pred_dir
     if pred is None:
-        if not (pred_dir / "labels.tif").exists():
-            raise FileNotFoundError(f"{pred_dir / 'labels.tif'} not found: run the prediction cell of 05 first "
+        if not (src / "labels.tif").exists():
+            raise FileNotFoundError(f"{src / 'labels.tif'} not found: run the prediction cell of 05 first "
                                     "(same work_dir).")
-        pred = tifffile.imread(pred_dir / "labels.tif")
+        pred = tifffile.imread(src / "labels.tif")
     if pred.shape != vol.shape:
-        raise ValueError(f"predicted labels in {pred_dir} are {pred.shape} but the volume in {vol.source} is "
+        raise ValueError(f"predicted labels in {src} are {pred.shape} but the volume in {vol.source} is "
                          f"{vol.shape}: they come from another dataset; re-run the prediction cell of 05.")
     codes, K = list(vol.codes), len(vol.codes)
+    record = read_prediction(src, vol.shape)
+    probs = open_probs(src, (vol.shape[0], K, *vol.shape[1:]), record)
+    z_offset = 0
+    if slices is not None:
+        z_offset = slices.start or 0
+        vol = Volume(images=vol.images[slices], labels=None if vol.labels is None else vol.labels[slices],
+                     codes=codes, stems=vol.stems[slices], source=vol.source, window=vol.window)
+        pred = pred[slices]
+        probs = None if probs is None else probs[slices]
     spacing, vs_source = read_voxel_size(vol.source, voxel_size_um)
     voxel_um3 = float(np.prod(spacing))
     min_vox = max(1, int(min_voxels), math.ceil(float(min_volume_um3 or 0) / voxel_um3))
     exp_dir.mkdir(parents=True, exist_ok=True)
     pred_dir.mkdir(parents=True, exist_ok=True)
-    probs = _open_probs(pred_dir, (vol.shape[0], K, *vol.shape[1:]))
 
     cc, n, n_kept, parts = find_specimens(pred, connectivity, min_vox, split_touching, spacing, split_min_distance_um)
     parts.sort(key=lambda p: (p[1][0].start, p[1][1].start, p[1][2].start, p[0]))
@@ -188,10 +221,11 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
             "n_specimens": N, "n_exported": len(exported_ids), "min_voxels": min_vox,
             "min_voxels_param": int(min_voxels), "min_volume_um3": float(min_volume_um3 or 0),
             "voxel_size_um": spacing, "voxel_size_source": vs_source, "connectivity": connectivity,
-            "split_touching": bool(split_touching), "margin": margin, "max_exports": int(max_exports),
+            "split_touching": bool(split_touching), "split_min_distance_um": split_min_distance_um, "margin": margin, "max_exports": int(max_exports),
             "class_from": "mean probability" if probs is not None else "majority predicted class",
             "gallery_pages": [p.name for p in pages], "seconds": round(time.time() - t0, 1),
-            "codes": codes, "shape": list(vol.shape),
+            "codes": codes, "shape": list(vol.shape), "z_offset": z_offset,
+            "checkpoint": (record or {}).get("checkpoint"), "prediction": str(src),
             "per_class": {c: int((cat["class"] == c).sum()) for c in codes[1:]}}
     write_json(exp_dir / "extraction.json", info)
     if N == 0:

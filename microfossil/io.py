@@ -13,6 +13,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+PREDICTION_RECORD = "prediction.json"  # beside predictions/labels.tif: the checkpoint and options that made it
+
 # One page of a label TIFF: fast zlib, no metadata, so that uniform pages read back as one (Z, H, W) stack.
 LABEL_PAGE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata": None}
 
@@ -54,6 +56,13 @@ def attempt_files(folder, name, suffix):
     pattern = re.compile(rf"{re.escape(name)}\.attempt(\d+){re.escape(suffix)}")
     found = [(int(m[1]), p) for p in Path(folder).glob(f"{name}.attempt*{suffix}") if (m := pattern.fullmatch(p.name))]
     return sorted(found)
+
+
+def file_stamp(path):
+    """`[size, mtime_ns]` of `path`: which version of a large derived file (`probs.npy`) a record describes, where
+    hashing gigabytes would be slow."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def write_json(path, obj):

@@ -1,5 +1,5 @@
 """The fastai learner: a U-Net on a ResNet encoder, ImageNet weights when they can be had, mixed precision on
-CUDA, and the metrics shown every epoch (per-class IoU and Dice on the validation block, and the published metric).
+CUDA, and the metrics shown every epoch (per-class IoU and Dice on the held-out block, and the published metric).
 
 Two kinds of small callbacks keep the GPU busy: the training losses and the validation
 confusion matrix stay on the device until an epoch ends (fastai's own copy them to the CPU

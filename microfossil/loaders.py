@@ -8,6 +8,7 @@ indexing op into it, then fastai's batch transforms run on the device.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from fastai.data.core import TfmdDL, explode_types  # (explode_types: fastcore o
 from fastai.vision.all import DataLoaders, Normalize, TensorImage, TensorMask, Transform, imagenet_stats
 from fastai.vision.augment import RandTransform
 
-from .volume import DatasetError, split_slices
+from .split import split_volume
+from .volume import DatasetError
 
 
 def get_device(verbose=True):
@@ -54,7 +56,7 @@ class _VolumeDL(TfmdDL):
     `planes` is a list of `(images, labels, lo, hi)`: uint8 tensors of slices stacked on
     dim 0 (the axial volume, or a permuted view of it for XZ / YZ slices), and the index
     range `[lo, hi)` that context slices are clamped to (so a training slice never takes
-    context from the validation block). Items of plane 0 are the z indices `idx`; every
+    context from the held-out block). Items of plane 0 are the z indices `idx`; every
     epoch also draws `extra` random slices from each other plane (tri-planar training).
     A batch holds slices of one plane (`context` adjacent ones as channels) and is one
     indexing op: no per-slice Python, decoding or host-to-device copy on the training path.
@@ -287,23 +289,26 @@ def _orthogonal_planes(images, labels, n_train):
 
 
 def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0,
-             context_slices=1, triplanar=False):
-    """fastai DataLoaders over `vol` at `size_frac` of full resolution; the last `valid_pct` of z validates.
+             context_slices=1, triplanar=False, gap_slices=None):
+    """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block trains, the held-out
+    block (the last `valid_pct` of z) validates, and the `gap_slices` between them do neither (see `split`).
 
     The uint8 volume is resized to the stage size once and held as one tensor (on the GPU
     when it fits); batches are gathered from it, then augmented and normalised batch-wise
     on `device`: no image is decoded or resized per batch. `context_slices` (odd k) feeds
     each slice with its k-1 neighbours as input channels (clamped at the ends of its block).
     `triplanar` also trains on XZ and YZ slices cut from the training block (never from the
-    validation block): every epoch sees each axial training slice and as many random XZ and
-    as many random YZ slices, resized by the same factor; validation stays on the axial
-    validation block.
+    gap or the held-out block): every epoch sees each axial training slice and as many
+    random XZ and as many random YZ slices, resized by the same factor; validation stays on
+    the axial held-out block. `seed` seeds the order of the training slices (`PhaseCheckpoint`
+    seeds everything again when a phase starts training). `dls.split` is the `Split`.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
     n_input_channels(context_slices)
     device = device or get_device(verbose=False)
-    train_idx, valid_idx = split_slices(len(vol.images), valid_pct)
+    split = split_volume(vol, valid_pct, gap_slices)
+    train_idx, valid_idx = split.train, split.valid
     size = stage_size(vol.shape, size_frac, quick)
     bs = max(1, min(bs, len(train_idx)))
     # The volume is held once at the stage size (tri-planar: at full size, since its XZ/YZ slices are resized
@@ -324,10 +329,11 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
     train = _VolumeDL(planes=planes, idx=train_idx, shuffle=True, drop_last=n_train >= 2 * bs,
                       extra=n_train if triplanar else 0, split=0,
                       after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes), **common)
-    valid = _VolumeDL(planes=[(images, labels, int(valid_idx[0]) if len(valid_idx) else 0, len(vol.images))],
+    train.rng = random.Random(seed)
+    valid = _VolumeDL(planes=[(images, labels, split.valid_start, len(vol.images))],
                       idx=valid_idx, shuffle=False, split=1,
                       after_batch=batch_tfms(size, False, device, context_slices, vol.codes), **common)
     dls = DataLoaders(train, valid, device=device)
-    dls.c, dls.codes, dls.size, dls.valid_idx = len(vol.codes), vol.codes, size, valid_idx
-    dls.context_slices, dls.triplanar = int(context_slices), bool(triplanar)
+    dls.c, dls.codes, dls.size, dls.valid_idx, dls.split = len(vol.codes), vol.codes, size, valid_idx, split
+    dls.context_slices, dls.triplanar, dls.seed = int(context_slices), bool(triplanar), int(seed)
     return dls

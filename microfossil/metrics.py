@@ -8,16 +8,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def confusion_matrix(pred, target, n_classes, chunk=1 << 24):
+def confusion_matrix(pred, target, n_classes, chunk=1 << 24, ignore=None):
     """Confusion matrix (rows = true class, columns = predicted) of integer label arrays `pred` and `target`.
 
-    Counted `chunk` voxels at a time, so a whole validation block (196 M voxels for a
-    full-size volume) is never widened to int64 at once.
+    Counted `chunk` voxels at a time, so a whole held-out block (196 M voxels for a
+    full-size volume) is never widened to int64 at once. Voxels where boolean `ignore` is
+    True are left out.
     """
     p, t = np.asarray(pred).reshape(-1), np.asarray(target).reshape(-1)
+    keep = None if ignore is None else ~np.asarray(ignore, bool).reshape(-1)
     cm = np.zeros((n_classes, n_classes), np.int64)
     for i in range(0, p.size, chunk):
-        idx = t[i:i + chunk].astype(np.int64) * n_classes + p[i:i + chunk]
+        pc, tc = p[i:i + chunk], t[i:i + chunk]
+        if keep is not None:
+            pc, tc = pc[keep[i:i + chunk]], tc[keep[i:i + chunk]]
+        idx = tc.astype(np.int64) * n_classes + pc
         cm += np.bincount(idx, minlength=n_classes ** 2).reshape(n_classes, n_classes)
     return cm
 

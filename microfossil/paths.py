@@ -20,7 +20,8 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
     """Return `(data_dir, work_dir)` as Paths, making the embedded sample or downloading `data_url` when needed.
 
     `data_dir=None` means the embedded sample of size `sample_size` (a key of
-    `SAMPLE_SIZES`), generated once under `data/`. `work_dir=None` means
+    `SAMPLE_SIZES`) drawn from `seed`, generated once under `data/` (`sample_default`, then
+    `sample_default_seed1`, ...). `work_dir=None` means
     `runs/<dataset>[_quick]` locally, and the same under MyDrive/microfossil_runs in Colab.
     """
     if data_url:
@@ -28,7 +29,8 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
     elif data_dir is None:
         if sample_size not in SAMPLE_SIZES:
             raise ValueError(f"sample_size must be one of {list(SAMPLE_SIZES)}, got {sample_size!r}")
-        data_dir = ensure_sample(ROOT / "data" / f"sample_{sample_size}", *SAMPLE_SIZES[sample_size], seed=seed)
+        name = f"sample_{sample_size}" + (f"_seed{seed}" if seed else "")  # each seed its own sample and run folder
+        data_dir = ensure_sample(ROOT / "data" / name, *SAMPLE_SIZES[sample_size], seed=seed)
     data_dir = Path(data_dir).expanduser().resolve()
     if not data_dir.is_dir():
         raise DatasetError(f"data_dir {data_dir} does not exist. Set `data_dir` to a folder holding "

@@ -128,7 +128,7 @@ def plot_history(work_dir, names, path=None):
         axs[1].plot(x, h["mean_iou"].astype(float), "-o", ms=3, label=n)
         off += len(h)
     axs[0].set(xlabel="epoch", ylabel="loss")
-    axs[1].set(xlabel="epoch", ylabel="mean IoU (validation block)")
+    axs[1].set(xlabel="epoch", ylabel="mean IoU (held-out block, stage size)")
     for a in axs:
         a.legend(fontsize=8)
     save_figure(path, fig)
@@ -146,5 +146,31 @@ def plot_predictions(vol, pred, idx, path=None):
                  "ground truth")
         _overlay(axs[r, 2], vol.images[z], pred[z], len(vol.codes), "prediction")
     _legend(fig, vol.codes)
+    save_figure(path, fig)
+    return fig
+
+
+def plot_split(vol, split, path=None):
+    """Where the split falls along z: the labelled voxels of each fossil class per slice, with the training block, the
+    gap and the held-out block shaded (`split`, from `split.split_volume`)."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    blocks = [(0, split.n_train, "training", "tab:green"), (split.n_train, split.valid_start, "gap", "tab:gray"),
+              (split.valid_start, split.n_slices, "held-out", "tab:orange")]
+    for a, b, name, colour in blocks:
+        if b > a:
+            ax.axvspan(a - 0.5, b - 0.5, color=colour, alpha=0.15, label=f"{name}: slices {a}-{b - 1}")
+    if vol.labels is not None:
+        n = len(vol.codes)
+        counts = np.stack([np.bincount(np.asarray(lab).ravel(), minlength=n)[:n] for lab in vol.labels])
+        cm = _cmap(n)
+        for k in range(1, n):
+            ax.plot(np.arange(len(counts)), counts[:, k], color=cm(k), label=vol.codes[k])
+    ax.set_xlabel("slice (z)")
+    ax.set_ylabel("labelled voxels")
+    lo = split.left_out.get("specimens", 0)
+    ax.set_title(f"split: gap {split.valid_start - split.n_train} slices; "
+                 f"{lo} specimen(s) in both blocks, left out of the held-out scores", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     save_figure(path, fig)
     return fig

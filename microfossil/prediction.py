@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,23 +20,30 @@ import torch.nn.functional as F
 from fastai.learner import load_model as _load_weights
 from fastai.vision.all import Pipeline, TensorImage, create_unet_model
 
-from .io import replacing, write_label_tiff
+from .io import PREDICTION_RECORD, file_stamp, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
-from .training import checkpoint_files, phase_done, read_record
+from .training import checkpoint_files, phase_done, read_record, weights_sha256
 
 
 def load_model(work_dir, name="full_unfrozen", device=None):
     """Rebuild the U-Net of finished phase `name` in `work_dir/models` and load its weights; return `(model, info)`.
 
     `name` is a phase ("full_unfrozen": its latest attempt) or an attempt ("full_unfrozen.attempt1").
-    `info` (the phase's plan and record) holds what prediction must repeat: `context_slices` and `triplanar`.
+    `info` (the phase's plan and record) holds what prediction must repeat: `context_slices` and `triplanar`;
+    and `checkpoint`, the attempt and the SHA-256 of its weights, which every output made with it records.
     """
-    weights, _ = checkpoint_files(work_dir, name)
+    weights, record = checkpoint_files(work_dir, name)
     if not phase_done(work_dir, name):
         raise FileNotFoundError(f"{weights} not found: run the training notebooks (02-04) first "
                                 "with the same work_dir, or set model_name to a checkpoint in models/.")
     info = read_record(work_dir, name)
+    sha = weights_sha256(weights)
+    if info.get("sha256") not in (None, sha):
+        raise ValueError(f"{weights} is not the file {record} describes (its SHA-256 differs): it was replaced after "
+                         "training. Put the trained file back, or train the phase again.")
+    base = name.split(".attempt")[0]
+    info["checkpoint"] = {"name": f"{base}.attempt{info['attempt']}" if "attempt" in info else name, "sha256": sha}
     info.setdefault("context_slices", 1)  # checkpoints from before these options
     info.setdefault("triplanar", False)
     device = device or get_device(verbose=False)
@@ -142,7 +150,7 @@ class _BackgroundTiff:
 
 
 def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, context_slices=1, tta=False,
-                   triplanar=False):
+                   triplanar=False, checkpoint=None):
     """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice, `labels.tif`, `probs.npy`.
 
     PNG values are class indices, same size as the input slice; `labels.tif` is the
@@ -155,9 +163,30 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     averages the four flips of each slice (4x the model time). `triplanar` also predicts
     every XZ and YZ slice and averages the three probabilities per voxel (3x; see
     `_predict_triplanar`).
+
+    `prediction.json` beside them records `checkpoint` (`info["checkpoint"]` from
+    `load_model`: the attempt and the hash of its weights), the options, and which
+    `probs.npy` goes with these labels; it is removed when a prediction starts and written
+    when it has finished. Without `save_probs`, an older `probs.npy` is removed: it came
+    from another prediction.
     """
-    if triplanar:
-        return _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slices, tta)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PREDICTION_RECORD).unlink(missing_ok=True)
+    if not save_probs:
+        (out_dir / "probs.npy").unlink(missing_ok=True)
+    run = _predict_triplanar if triplanar else _predict_axial
+    pred = run(model, vol, out_dir, bs, device, save_probs, context_slices, tta)
+    probs = out_dir / "probs.npy"
+    write_json(out_dir / PREDICTION_RECORD, {
+        "checkpoint": checkpoint, "shape": list(vol.shape), "codes": vol.codes, "context_slices": int(context_slices),
+        "tta": bool(tta), "triplanar": bool(triplanar), "probs_file": file_stamp(probs) if save_probs else None,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return pred
+
+
+def _predict_axial(model, vol, out_dir, bs, device, save_probs, context_slices, tta):
+    """`predict_volume` slice by slice along z (the published method)."""
     from PIL import Image
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
     Z, H, W = vol.shape

@@ -18,10 +18,12 @@ import numpy as np
 from .io import replacing
 
 # Sizes (slices, height, width). "default" runs the whole quick-mode demo on a 2-core CPU in
-# minutes; "full" is the size of the published LAPiX volume (983 slices of 1004 x 956).
-SAMPLE_SIZES = {"default": (48, 256, 256), "full": (983, 1004, 956)}
+# minutes, and is tall enough that its default held-out block (the last 13 slices) holds whole
+# specimens of each class; "full" is the size of the published LAPiX volume (983 slices of 1004 x 956).
+SAMPLE_SIZES = {"default": (64, 192, 192), "full": (983, 1004, 956)}
 
 SAMPLE_CODES = ["background", "foraminifera", "ostracod"]
+SAMPLE_VERSION = 2  # raised when the generator draws other volumes: a sample made by an older one is made again
 
 
 def _rotation(rng):
@@ -32,8 +34,51 @@ def _rotation(rng):
                      [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]])
 
 
-def _make_objects(shape, seed):
-    """Draw the sample's objects (fossils, pores, grains) deterministically from `seed`."""
+def _draw_fossil(kind, rng, scale):
+    """One foraminifer (chambers along a spiral) or ostracod (an ellipsoid shell), centre not yet placed."""
+    R = _rotation(rng)
+    if kind == "foram":
+        n_ch, r0, g = rng.integers(4, 9), rng.uniform(2.5, 4.0) * scale, rng.uniform(1.15, 1.3)
+        radii = r0 * g ** np.arange(n_ch)
+        ang = np.cumsum(np.full(n_ch, rng.uniform(0.75, 1.0)))
+        dist = 1.35 * radii
+        local = np.stack([rng.uniform(-0.3, 0.3) * radii, dist * np.cos(ang), dist * np.sin(ang)], 1)
+        local -= local.mean(0)
+        return dict(kind="foram", label=1, R=R, chambers=local, radii=radii, filled=bool(rng.uniform() < 0.4))
+    L = rng.uniform(7, 13) * scale
+    axes = np.array([0.5, 0.65, 1.0]) * L * rng.uniform(0.9, 1.1, 3)
+    return dict(kind="ostracod", label=2, R=R, axes=axes, filled=bool(rng.uniform() < 0.4))
+
+
+def _scaled(o, f=1.0):
+    """Fossil `o` shrunk by `f`, with its wall thickness and bounding radius (`extent`) set for its size."""
+    o = dict(o)
+    if o["kind"] == "foram":
+        o["chambers"], o["radii"] = o["chambers"] * f, o["radii"] * f
+        o["wall"] = max(1.2, 0.12 * o["radii"].max())
+        o["extent"] = float(np.max(np.linalg.norm(o["chambers"], axis=1) + o["radii"]))
+    else:
+        o["axes"] = o["axes"] * f
+        o["wall"], o["extent"] = max(1.2, 0.1 * o["axes"].min()), float(o["axes"].max())
+    return o
+
+
+def _z_half(o):
+    """Half the height (z extent) of fossil `o` as rotated: its labelled voxels lie within centre z +- this."""
+    rz = o["R"][0]  # volume z of local point p is p @ R[0]
+    if o["kind"] == "foram":
+        return float(np.max(np.abs(o["chambers"] @ rz) + o["radii"]))
+    return float(np.linalg.norm(rz * o["axes"]))
+
+
+def _make_objects(shape, seed, valid_pct=0.2):
+    """Draw the sample's objects (fossils, pores, grains) deterministically from `seed`.
+
+    The fossils are kept apart in z as the default split (`valid_pct`, see `split`) needs it:
+    about 30 % of each class (at least one) lies wholly in the held-out block, the
+    rest wholly before it, so the held-out block holds whole specimens of every class and
+    none of them is also in training. (With a held-out block under 6 slices they go anywhere.)
+    """
     Z, H, W = shape
     rng = np.random.default_rng(seed)
     scale = math.sqrt(min(H, W) / 256)
@@ -56,33 +101,33 @@ def _make_objects(shape, seed):
                 return c
         return None
 
-    n_foram = max(2, round(core_vox * 3.0e-6 / scale ** 3))
-    n_ostra = max(2, round(core_vox * 2.0e-6 / scale ** 3))
-    # the first specimen of each class lies in the last 20% of z (the default validation block), the second before it
-    zranges = [(0.84 * Z, 0.96 * Z), (0.1 * Z, 0.7 * Z)]
+    n_valid = max(1, int(round(Z * valid_pct)))
+    v0 = Z - n_valid
+    apart = n_valid >= 6
+    n_foram = max(2, round(core_vox * 6.0e-6 / scale ** 3))
+    n_ostra = max(2, round(core_vox * 4.0e-6 / scale ** 3))
     for kind, n in (("foram", n_foram), ("ostracod", n_ostra)):
+        n_held = max(1, round(0.3 * n))
         for i in range(n):
-            zr = zranges[i] if i < len(zranges) else None
-            R = _rotation(rng)
-            if kind == "foram":
-                n_ch, r0, g = rng.integers(4, 9), rng.uniform(2.5, 4.0) * scale, rng.uniform(1.15, 1.3)
-                radii = r0 * g ** np.arange(n_ch)
-                ang = np.cumsum(np.full(n_ch, rng.uniform(0.75, 1.0)))
-                dist = 1.35 * radii
-                local = np.stack([rng.uniform(-0.3, 0.3) * radii, dist * np.cos(ang), dist * np.sin(ang)], 1)
-                local -= local.mean(0)
-                extent = float(np.max(np.linalg.norm(local, axis=1) + radii))
-                c = place(extent, zrange=zr)
-                if c is None: continue
-                objs.append(dict(kind="foram", label=1, center=c, extent=extent, R=R, chambers=local, radii=radii,
-                                 wall=max(1.2, 0.12 * radii.max()), filled=bool(rng.uniform() < 0.4)))
+            held = i < n_held
+            # the z range its centre may take: wholly in the held-out block, or wholly before it
+            lo, hi = (v0, Z - 1) if held else (None, v0 - 1)
+            o = _scaled(_draw_fossil(kind, rng, scale))
+            if apart:  # every fossil no taller than the held-out block allows: one size distribution in both blocks
+                room = (n_valid - 1) / 2
+                for _ in range(50):  # a smaller or flatter-lying specimen when it does not fit
+                    if _z_half(o) <= room:
+                        break
+                    o = _scaled(_draw_fossil(kind, rng, scale))
+                if _z_half(o) > room:
+                    o = _scaled(o, room / _z_half(o))
+                zh = _z_half(o)
+                zrange = (lo + zh, hi - zh) if held else (-0.3 * zh, hi - zh)
             else:
-                L = rng.uniform(7, 13) * scale
-                axes = np.array([0.5, 0.65, 1.0]) * L * rng.uniform(0.9, 1.1, 3)
-                c = place(float(axes.max()), zrange=zr)
-                if c is None: continue
-                objs.append(dict(kind="ostracod", label=2, center=c, extent=float(axes.max()), R=R, axes=axes,
-                                 wall=max(1.2, 0.1 * axes.min()), filled=bool(rng.uniform() < 0.4)))
+                zrange = None
+            c = place(o["extent"], zrange=zrange)
+            if c is not None:
+                objs.append({**o, "center": c})
     for _ in range(max(4, round(core_vox * 1.5e-5 / scale ** 3))):  # pores: dark ellipsoids
         axes = rng.uniform(1.5, 6, 3) * scale
         c = place(float(axes.max()), tries=20)
@@ -177,7 +222,7 @@ def _write_png_slab(out_dir, shape, seed, bit_depth, s0, s1, objs):
         Image.fromarray(lab).save(out_dir / "train_masks_labels" / f"slice_{z:04d}_GT.png")
 
 
-def make_sample(out_dir, n_slices=48, height=256, width=256, seed=0, bit_depth=8, fmt="png", slab=48, workers=None):
+def make_sample(out_dir, n_slices=64, height=192, width=192, seed=0, bit_depth=8, fmt="png", slab=48, workers=None):
     """Write a synthetic micro-CT sample in the dataset layout to `out_dir`; deterministic from `seed`.
 
     A cylindrical carbonate core in air with pores, dense grains, foraminifera
@@ -217,7 +262,7 @@ def make_sample(out_dir, n_slices=48, height=256, width=256, seed=0, bit_depth=8
     return out_dir
 
 
-def ensure_sample(out_dir, n_slices=48, height=256, width=256, seed=0, **kw):
+def ensure_sample(out_dir, n_slices=64, height=192, width=192, seed=0, **kw):
     """Generate the embedded sample into `out_dir` unless an identical one is already there; return `out_dir`.
 
     Written to a temporary folder and renamed, so an interrupted run never leaves half a sample.
@@ -225,12 +270,12 @@ def ensure_sample(out_dir, n_slices=48, height=256, width=256, seed=0, **kw):
     out_dir = Path(out_dir)
     spec = dict(n_slices=n_slices, height=height, width=width, seed=seed, **kw)
     marker = out_dir / "sample.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    if marker.exists() and json.loads(marker.read_text()) == {**spec, "version": SAMPLE_VERSION}:
         return out_dir
     t = time.time()
     print(f"Generating the synthetic sample ({n_slices} slices of {height}x{width}) in {out_dir} ...")
     with replacing(out_dir) as tmp:
         make_sample(tmp, **spec)
-        (tmp / "sample.json").write_text(json.dumps(spec))
+        (tmp / "sample.json").write_text(json.dumps({**spec, "version": SAMPLE_VERSION}))
     print(f"  done in {time.time() - t:.1f}s")
     return out_dir

@@ -17,6 +17,8 @@ names an earlier one (`load_stage`, `load_model`).
 from __future__ import annotations
 
 import csv
+import hashlib
+import random
 import re
 import shutil
 import time
@@ -26,12 +28,14 @@ import numpy as np
 
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Callback, CancelFitException, SkipToEpoch, load_model, save_model
+from fastai.torch_core import set_seed
 
 from .io import attempt_files, read_json, replacing, write_json
 from .loaders import n_input_channels
+from .split import check_split
 
 PLAN_KEYS = ("epochs", "lr", "pct_start", "div", "div_final", "moms", "wd", "bs", "size", "frozen", "context_slices",
-             "triplanar", "valid_slices", "arch", "codes", "start")
+             "triplanar", "train_slices", "gap_slices", "valid_slices", "seed", "arch", "codes", "start")
 
 
 def checkpoint_files(work_dir, name):
@@ -43,6 +47,15 @@ def checkpoint_files(work_dir, name):
         return models / "attempts" / f"{name}.pth", models / "attempts" / f"{name}.json"
     base = m[1] if m else name
     return models / f"{base}.pth", models / f"{base}.json"
+
+
+def weights_sha256(path):
+    """The SHA-256 of a weights file, in hex: what the outputs made with it record."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def phase_done(work_dir, name):
@@ -71,7 +84,10 @@ def load_stage(learn, name):
     if not phase_done(learn.path, name):
         raise FileNotFoundError(f"{weights} not found: run the notebook that trains '{name.split('_')[0]}' first with "
                                 "the same work_dir, or set init_from=None to start from ImageNet weights.")
-    _check_context(read_record(learn.path, name), name, getattr(learn.dls, "context_slices", 1))
+    rec = read_record(learn.path, name)
+    _check_context(rec, name, getattr(learn.dls, "context_slices", 1))
+    if getattr(learn.dls, "split", None) is not None:
+        check_split(learn.dls.split, rec, name)
     load_model(weights, learn.model, learn.opt, with_opt=False, device=learn.dls.device, strict=True)
     learn.at_init = False
     print(f"Loaded weights of {name} ({weights})")
@@ -170,11 +186,13 @@ class PhaseCheckpoint(Callback):
         learn, dls = self.learn, self.learn.dls
         opt = learn.opt
         valid = getattr(dls, "valid_idx", [])
+        split = dls.split.plan() if getattr(dls, "split", None) is not None else {
+            "valid_slices": [int(valid[0]), int(valid[-1])] if len(valid) else []}
         return {"epochs": int(learn.n_epoch), **_lr_plan(learn, len(opt.param_lists)),
                 "wd": _sig(opt.hypers[-1].get("wd", 0.0)), "bs": int(dls.train.bs), "size": list(dls.size),
                 "frozen": bool(opt.frozen_idx), "context_slices": int(getattr(dls, "context_slices", 1)),
-                "triplanar": bool(getattr(dls, "triplanar", False)),
-                "valid_slices": [int(valid[0]), int(valid[-1])] if len(valid) else [],
+                "triplanar": bool(getattr(dls, "triplanar", False)), "train_slices": None, "gap_slices": None,
+                **split, "seed": getattr(dls, "seed", None),
                 "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name()}
 
     # --- attempts ---
@@ -217,6 +235,15 @@ class PhaseCheckpoint(Callback):
                 write_json(self._path(".start.json"), kind)
         self.learn.opt.clear_state()
 
+    def _seed(self, offset=0):
+        """Seed Python, NumPy and torch (fastai's `set_seed`, deterministic where torch allows) and the order of the
+        training slices from the plan's seed: a phase's weights then depend on its plan and starting weights only,
+        not on what ran before it in the session (lr_find, another phase). A resume seeds `offset` on."""
+        seed = self.plan.get("seed")
+        if seed is not None:
+            set_seed(int(seed) + offset, reproducible=True)
+            self.learn.dls.train.rng = random.Random(int(seed) + offset)
+
     # --- fastai events ---
     def before_fit(self):
         self.models.mkdir(parents=True, exist_ok=True)
@@ -236,6 +263,7 @@ class PhaseCheckpoint(Callback):
             self.attempt, self.skip_to = progress.get("attempt", 1), progress["epoch"] + 1
             self.rows = [r for r in _read_rows(self.history) if int(r["epoch"]) < self.skip_to]
             self.learn.add_cb(_Resume(self.skip_to, self))
+            self._seed(self.skip_to)
             print(f"{self.phase}: resuming after epoch {self.skip_to} of {self.plan['epochs']}")
         else:
             if progress:
@@ -249,6 +277,7 @@ class PhaseCheckpoint(Callback):
                 why = f"{change}; attempt {kept.rsplit('attempt', 1)[1]} kept as models/attempts/{kept}.pth; "
             self.history.unlink(missing_ok=True)
             self._load_start()
+            self._seed()
             print(f"{self.phase}: {why}training attempt {self.attempt} from {self.plan['start']}")
         self.t0 = time.time()
 
@@ -274,6 +303,7 @@ class PhaseCheckpoint(Callback):
         last = self.rows[-1] if self.rows else {}
         final = {k: float(v) for k, v in last.items() if k not in ("epoch", "time") and v not in ("", None)}
         rec = {"name": self.phase, "attempt": self.attempt, "plan": self.plan, "final": final,
+               "sha256": weights_sha256(self._path(".pth")),
                "epochs_trained": len(self.rows), "seconds": round(time.time() - self.t0, 1),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(self._path(".json"), rec)
@@ -302,7 +332,7 @@ def _plain(v):
 
 def _scores(final):
     keys = [k for k in ("mean_iou", "acc_nonbg") if final.get(k) is not None]
-    return "; validation " + ", ".join(f"{k} {final[k]:.3f}" for k in keys) if keys else ""
+    return "; held-out block at this stage's size: " + ", ".join(f"{k} {final[k]:.3f}" for k in keys) if keys else ""
 
 
 def _read_rows(path):

@@ -283,23 +283,6 @@ def load_volume(data_dir, require_labels=True, cache_dir=None):
     return load_volume(data_dir, require_labels, cache_dir)
 
 
-def split_slices(n_slices, valid_pct=0.2):
-    """Split `n_slices` into (train, valid) index arrays: the LAST `valid_pct` of z is one validation block.
-
-    Neighbouring slices are nearly identical, so a random split would leak.
-    """
-    if not 0 <= valid_pct < 1:
-        raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
-    n_valid = int(round(n_slices * valid_pct))
-    if valid_pct > 0:
-        n_valid = max(1, n_valid)
-    if n_slices - n_valid < 1:
-        raise DatasetError(f"Only {n_slices} slice(s): need at least one training slice "
-                           f"besides the {n_valid} validation slice(s). Lower valid_pct or add slices.")
-    idx = np.arange(n_slices)
-    return idx[: n_slices - n_valid], idx[n_slices - n_valid:]
-
-
 def describe_volume(vol):
     """Summary of `vol`: slice count and size, intensity window and per-class pixel fractions."""
     z, h, w = vol.shape

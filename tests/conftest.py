@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from microfossil.io import file_stamp, write_json  # noqa: E402
 from microfossil.sample import make_sample  # noqa: E402
 from microfossil.volume import Volume, load_volume  # noqa: E402
 
@@ -80,3 +81,12 @@ def save_probs(work, pred, mixed=None):
     if mixed is not None:
         probs[:, 2][mixed], probs[:, 1][mixed] = 180, 60  # the mixed specimen: ostracod by mean probability
     np.save(work / "predictions" / "probs.npy", probs)
+    record_prediction(work, pred.shape)
+
+
+def record_prediction(work, shape, checkpoint=None):
+    """`predictions/prediction.json` as `predict_volume` writes it, vouching for the `probs.npy` there (if any)."""
+    probs = work / "predictions" / "probs.npy"
+    write_json(work / "predictions" / "prediction.json",
+               {"checkpoint": checkpoint or {"name": "test.attempt1", "sha256": "0" * 64}, "shape": list(shape),
+                "probs_file": file_stamp(probs) if probs.exists() else None})

@@ -36,7 +36,7 @@ def test_extraction_benchmark_tiny_produces_all_figures(tmp_path):
     for k in ("extract_s", "peak_rss_gb", "peak_anon_gb", "n_components", "n_specimens"):
         assert res[k] > 0, k
     assert res["n_components"] == res["n_specimens"] + res["n_dropped_small"]
-    assert 0 <= res["object_f1_validation"] <= 1
+    assert 0 <= res["object_f1_heldout"] <= 1
 
 
 def test_min_size_report(tiny, tmp_path, capsys):
@@ -59,25 +59,29 @@ def test_min_size_report(tiny, tmp_path, capsys):
 
 
 def test_variants_table_collects_finished_runs(tmp_path, capsys):
-    """bench/variants.py --collect: one table from the evaluation.json of each variant's run, with its seconds."""
+    """bench/variants.py --collect: one table from the evaluation.json of each variant's run and seed: each score the
+    mean over the seeds with the min-max, and the seconds."""
     sys.path.insert(0, str(ROOT / "bench"))
     import variants
     codes = ["background", "foram"]
-    scores = {"iou": {"background": 0.99, "foram": 0.5}, "dice": {"background": 0.99, "foram": 0.66},
-              "mean_iou_fossils": 0.5, "pixel_acc_nonbg": 0.7}
     sp = {"precision": 0.5, "recall": 1.0, "f1": 0.667, "class_f1": 0.333, "n_true": 2, "n_predicted": 4}
-    for name, train_s in (("k1", 100.0), ("k1_tta", None)):
-        work = tmp_path / name
+    for name, seed in (("k1", 0), ("k1", 1), ("k1", 2), ("k1_tta", 0), ("k1_tta", 1), ("k1_tta", 2)):
+        iou = 0.4 + 0.1 * seed  # 0.4, 0.5, 0.6 over the seeds: mean 0.5
+        scores = {"iou": {"background": 0.99, "foram": iou}, "dice": {"background": 0.99, "foram": 0.66},
+                  "mean_iou_fossils": iou, "pixel_acc_nonbg": 0.7}
+        work = tmp_path / name / f"seed{seed}"
         (work / "models").mkdir(parents=True)
         (work / "models" / "full_unfrozen.json").write_text(json.dumps({"seconds": 100.0}))
         (work / "metrics.json").write_text(json.dumps({"predict_seconds": 7.0 if name == "k1" else 28.0}))
         rows = [evaluation_row(name, "segmentation", scores, sp),
                 evaluation_row(name, "+ specimen classifier", scores, {**sp, "class_f1": 0.9})]
         write_evaluation(work, rows, codes)
-    variants.main(["--work-root", str(tmp_path), "--collect"])
+    variants.main(["--work-root", str(tmp_path), "--collect", "--variants", "k1", "k1_tta"])
     md = capsys.readouterr().out
     lines = [ln for ln in md.splitlines() if ln.startswith("| k1")]
-    assert len(lines) == 4 and "IoU foram" in md and "train s" in md
+    assert len(lines) == 4 and "IoU foram" in md and "train s" in md and "| seeds |" in md
+    assert lines[0].startswith("| k1 | segmentation | 3 | 0.99 | 0.50 (0.40–0.60) | 0.66 |")
     assert "| 0.33 |" in lines[0] and "| 0.90 |" in lines[1] and "| 100 | 7 |" in lines[0]
     assert "| n/a | 28 |" in lines[2]  # the TTA run trained nothing: it reuses k1's model
-    assert json.loads((tmp_path / "evaluation.json").read_text())["rows"][3]["run"] == "k1_tta"
+    out = json.loads((tmp_path / "evaluation.json").read_text())
+    assert len(out["rows"]) == 12 and out["summary"][0]["iou"]["foram"][:3] == pytest.approx([0.5, 0.4, 0.6])

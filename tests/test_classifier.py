@@ -8,10 +8,10 @@ import tifffile
 
 from conftest import volume_of
 from microfossil.classifier import NOT_A_FOSSIL, classify_specimens
-from microfossil.evaluation import evaluate_specimens
+from microfossil.evaluation import evaluate_heldout, save_metrics
 from microfossil.extraction import extract_fossils
 from microfossil.review import ReviewSession, read_review
-from microfossil.volume import split_slices
+from microfossil.split import split_volume
 
 
 def _rotation(rng):
@@ -54,21 +54,23 @@ def test_classifier_tells_shells_from_chains(tmp_path, capsys):
     cat0 = extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
     assert len(cat0) == 80 and (cat0["class"] == "shell").all()  # the segmentation confused every chain
     assert (work / "exports" / "truth_features.csv").exists()
-    before = evaluate_specimens(vol, work, valid_pct=0.2)
-    cat = classify_specimens(work, valid_pct=0.2)
+    split = split_volume(vol, 0.2)
+    assert split.n_train == split.valid_start == 72  # the cells keep every specimen in one block: no gap
+    cat = classify_specimens(work, split)
     out = capsys.readouterr().out
     assert "Specimen classifier trained on" in out
     feats = pd.read_csv(work / "exports" / "features.csv")
     truth = np.where(feats["truth_chain"] > feats["truth_shell"], "chain", "shell")
-    n_train = len(split_slices(len(vol.images), 0.2)[0])
-    held_out = (cat["z0"] >= n_train).to_numpy()  # never seen by the classifier
+    held_out = (cat["z0"] >= split.valid_start).to_numpy()  # never seen by the classifier
     assert held_out.sum() >= 10
     acc = (cat["class"].to_numpy()[held_out] == truth[held_out]).mean()
     assert acc >= 0.9, acc
     assert (cat["seg_class"] == "shell").all() and cat["class_probability"].between(0, 1).all()
-    after = evaluate_specimens(vol, work, valid_pct=0.2)
+    save_metrics(work, vol, pred, split)
+    scores = evaluate_heldout(vol, work, split, pred)  # the held-out block on its own: the same gain
+    before, after = scores["extraction"], scores["classifier"]
     assert after["class_f1"] > before["class_f1"] + 0.3
-    assert after["labels_clean"]["iou"]["chain"] > 0.8  # the clean label volume was repainted
+    assert after["labels_clean"]["iou"]["chain"] > 0.8  # the held-out clean labels were repainted
     js = json.loads((work / "exports" / "classifier.json").read_text())
     assert js["from_truth"] > 0 and js["true_specimens"] > 0 and js["from_review"] == 0
 

@@ -1,45 +1,122 @@
-"""Scores of a run: object-level matching on the validation block, the metrics file and the evaluation table."""
+"""Scores of a run on its held-out block, from held-out data only: voxels, specimens, the metrics file, the table."""
 import json
 
 import numpy as np
 
-from conftest import ball, make_case, save_probs
-from microfossil.evaluation import evaluate_specimens, evaluation_markdown, evaluation_row, save_metrics, write_evaluation
+import pandas as pd
+import tifffile
+
+from conftest import CODES, ball, make_case, save_probs
+from microfossil.classifier import classify_specimens
+from microfossil.evaluation import (evaluate_heldout, evaluation_markdown, evaluation_row, match_specimens, save_metrics,
+                                    write_evaluation)
 from microfossil.extraction import extract_fossils
+from microfossil.review import ReviewSession, read_review
+from microfossil.split import left_out_mask, split_volume
 
 
-def test_evaluate_specimens(tmp_path):
-    vol, pred, work, objs, mixed = make_case(tmp_path)
-    shape = vol.shape
-    truth = np.zeros(shape, np.uint8)
-    truth[ball(shape, (32, 16, 16), 6)] = 1  # found (in the validation block z >= 32 with valid_pct 0.2)
-    truth[ball(shape, (34, 44, 50), 5)] = 2  # missed
-    pred = np.zeros(shape, np.uint8)
-    pred[ball(shape, (32, 16, 17), 6)] = 2  # matches the first, wrong class
-    pred[ball(shape, (34, 30, 60), 4)] = 1  # false positive
-    pred[ball(shape, (10, 30, 30), 6)] = 1  # outside the validation block: not counted
+def _labelled(tmp_path, shape, truth_balls, pred_balls, dark=()):
+    """A volume whose truth and prediction are the given balls `(center, r, class)`; voxels of `dark` balls are dimmer
+    (another kind of object to the classifier). Returns (vol, pred, work)."""
+    vol, _, work, _, _ = make_case(tmp_path)
+    truth, pred = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    for c, r, k in truth_balls:
+        truth[ball(shape, c, r)] = k
+    for c, r, k in pred_balls:
+        pred[ball(shape, c, r)] = k
+    vol.images = np.where(pred > 0, 200, 60).astype(np.uint8)
+    for c, r in dark:
+        vol.images[ball(shape, c, r)] = 120
+    vol.labels, vol.stems = truth, [f"s{z}" for z in range(shape[0])]
     save_probs(work, pred)
-    vol.labels = truth
-    extract_fossils(vol, work, pred, min_voxels=20)
-    (work / "metrics.json").write_text(json.dumps({"mean_iou": 0.5}))
-    out = evaluate_specimens(vol, work, valid_pct=0.2)
-    assert (out["n_true"], out["n_predicted"], out["n_matched"], out["n_matched_same_class"]) == (2, 2, 1, 0)
-    assert out["precision"] == 0.5 and out["recall"] == 0.5 and out["f1"] == 0.5 and out["class_f1"] == 0
-    assert out["per_class"]["ostracod"] == {"true": 1, "predicted": 1, "matched": 0}
+    return vol, pred, work
+
+
+def test_held_out_extraction_keeps_its_own_errors(tmp_path):
+    """An ostracod reaching from the gap into the held-out block, predicted right above the block and wrong in it:
+    the catalogue (every voxel votes) calls it an ostracod, the held-out scores keep the error."""
+    shape = (40, 32, 32)
+    upper = np.indices(shape)[0] < 30
+    vol, _, work = _labelled(tmp_path, shape, [((29, 16, 16), 5, 2), ((8, 16, 16), 4, 1)], [((8, 16, 16), 4, 1)])
+    pred = np.where(ball(shape, (29, 16, 16), 5), np.where(upper, 2, 1), 0).astype(np.uint8)
+    pred[ball(shape, (8, 16, 16), 4)] = 1
+    save_probs(work, pred)
+    split = split_volume(vol, 0.25)  # held out: 30-39; the ostracod starts at 24, so the gap is 24-29
+    assert (split.n_train, split.valid_start) == (24, 30)
+    cat = extract_fossils(vol, work, pred, min_voxels=20, max_exports=0)
+    assert sorted(cat["class"]) == ["foraminifera", "ostracod"]
+    clean = tifffile.imread(work / "predictions" / "labels_clean.tif")
+    assert (clean[30:][vol.labels[30:] == 2] == 2).all()  # the catalogue's repaint, from the whole specimen
+    m = save_metrics(work, vol, pred, split, {"seed": 3, "checkpoint": {"name": "full_unfrozen.attempt1"}})
+    assert m["iou"]["ostracod"] == 0.0
+    out = evaluate_heldout(vol, work, split, pred, classify=False)
+    assert out["extraction"]["labels_clean"]["iou"]["ostracod"] == 0.0  # the old extraction scored 1.00 here
+    assert out["extraction"]["n_matched_same_class"] == 0 and out["extraction"]["class_f1"] == 0
     metrics = json.loads((work / "metrics.json").read_text())
-    assert metrics["mean_iou"] == 0.5 and metrics["specimens"]["f1"] == 0.5
+    assert metrics["split"]["train_slices"] == [0, 23] and metrics["split"]["gap_slices"] == 6
+    assert metrics["seed"] == 3 and metrics["checkpoint"]["name"] == "full_unfrozen.attempt1"
+    assert metrics["left_out"]["specimens"] == 0 and metrics["specimens"]["f1"] == 1.0
 
 
-def test_save_metrics_scores_the_validation_block_only(tmp_path):
+def test_review_of_a_held_out_specimen_leaves_the_reported_scores_unchanged(tmp_path):
+    """Rejecting a false specimen of the held-out block in the review changes the catalogue, not the held-out F1."""
+    shape = (60, 40, 40)
+    train = [((6 + 10 * i, 10, 10), 3, 1) for i in range(3)] + [((8 + 10 * i, 28, 28), 6, 2) for i in range(3)]
+    held = [((53, 10, 10), 3, 1)]
+    false = ((54, 28, 28), 4)
+    vol, pred, work = _labelled(tmp_path, shape, train + held, train + held + [(false[0], false[1], 1)], dark=[false])
+    split = split_volume(vol, 0.2)
+    assert split.n_train == split.valid_start == 48
+    extract_fossils(vol, work, pred, min_voxels=20, max_exports=0)
+    save_metrics(work, vol, pred, split)
+    before = evaluate_heldout(vol, work, split, pred, review=read_review(work))
+    assert before["classifier"] is not None and before["classifier"]["n_predicted"] == 2
+    cat = pd.read_csv(work / "exports" / "fossils.csv")
+    fp = int(cat.loc[(cat["centroid_z"] - 54).abs().lt(1) & (cat["centroid_y"] - 28).abs().lt(1), "id"].iloc[0])
+    ReviewSession(work).set(fp, "rejected")
+    classify_specimens(work, split, review=read_review(work))  # the catalogue: every decision counts
+    assert pd.read_csv(work / "exports" / "fossils.csv").set_index("id").loc[fp, "flagged"]
+    after = evaluate_heldout(vol, work, split, pred, review=read_review(work))
+    for k in ("precision", "recall", "f1", "n_predicted"):
+        assert after["classifier"][k] == before["classifier"][k], k
+    assert json.loads((work / "metrics.json").read_text())["specimens_after_classifier"]["reviews_used"] == 0
+
+
+def test_a_missed_small_fossil_counts_against_recall():
+    shape = (20, 40, 40)
+    truth = np.zeros(shape, np.uint8)
+    truth[ball(shape, (10, 10, 10), 6)] = 1
+    truth[ball(shape, (10, 30, 30), 3)] = 2  # 123 voxels, under the extraction's minimum of 250
+    pred = np.where(ball(shape, (10, 10, 10), 6), 1, 0).astype(np.uint8)
+    out = match_specimens(truth, pred, CODES, 26, 250)
+    assert (out["n_true"], out["n_matched"], out["recall"], out["n_true_below_min_size"]) == (2, 1, 0.5, 1)
+
+
+def test_save_metrics_scores_the_held_out_block_only(tmp_path):
     labels = np.zeros((10, 4, 4), np.uint8)
     labels[8:, :2] = 1
     vol = make_case(tmp_path)[0]
     vol.images, vol.labels, vol.stems = np.zeros_like(labels), labels, [str(z) for z in range(10)]
     pred = labels.copy()
-    pred[:8] = 1  # wrong everywhere in the training block: must not count
-    m = save_metrics(tmp_path, vol, pred, 0.2, extra={"model": "x"})
-    assert m["validation_slices"] == [8, 9] and m["iou"]["foraminifera"] == 1.0 and m["model"] == "x"
+    pred[:8] = 1  # wrong everywhere outside the held-out block: must not count
+    split = split_volume(vol, 0.2, gap_slices=0)
+    m = save_metrics(tmp_path, vol, pred, split, extra={"model": "x"})
+    assert m["heldout_slices"] == [8, 9] and m["iou"]["foraminifera"] == 1.0 and m["model"] == "x"
     assert json.loads((tmp_path / "metrics.json").read_text())["confusion_matrix"] == [[16, 0, 0], [0, 16, 0], [0, 0, 0]]
+
+
+def test_left_out_voxels_are_not_scored(tmp_path):
+    """A specimen taller than any gap reaches both blocks: its held-out voxels count nowhere, and a prediction lying on
+    them is no false specimen."""
+    shape = (40, 32, 32)
+    vol, pred, work = _labelled(tmp_path, shape, [((24, 16, 16), 14, 2), ((36, 4, 28), 2, 1)],
+                                [((24, 16, 16), 14, 1)])  # the tall one predicted as the wrong class everywhere
+    split = split_volume(vol, 0.2)
+    assert split.left_out["specimens"] == 1
+    m = save_metrics(work, vol, pred, split)
+    assert m["iou"]["ostracod"] is None and m["left_out"]["voxels"] > 0  # no ostracod voxel is scored
+    out = match_specimens(vol.labels[32:], pred[32:], CODES, 26, 20, ignore=left_out_mask(vol, split))
+    assert (out["n_true"], out["n_predicted"]) == (1, 0)
 
 
 def test_evaluation_table(tmp_path):

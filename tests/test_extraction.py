@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import trimesh
 
-from conftest import CODES, ball, make_case, save_probs
+from conftest import CODES, ball, make_case, record_prediction, save_probs
 from microfossil.extraction import extract_fossils
 
 
@@ -104,3 +104,23 @@ def test_split_touching(tmp_path):
     assert len(cat) == 2 and cat.voxels.sum() == (pred > 0).sum()
     ids = tifffile.imread(work / "predictions" / "specimens.tif")
     assert sorted(np.unique(ids)) == [0, 1, 2]
+
+
+def test_probabilities_of_another_prediction_are_refused(tmp_path, capsys):
+    """probs.npy decides each specimen's class only when the record of the prediction vouches for it: one left by an
+    earlier prediction (here: the labels were predicted again without save_probs) stops the extraction, and one no
+    record describes is set aside, with a message each time."""
+    vol, pred, work, objs, mixed = make_case(tmp_path)
+    cat = extract_fossils(vol, work, pred, min_voxels=20, max_exports=0)
+    assert cat["confidence"].notna().all()  # from probs.npy
+    assert json.loads((work / "exports" / "extraction.json").read_text())["checkpoint"]["name"] == "test.attempt1"
+    record_prediction(work, pred.shape, {"name": "other.attempt2", "sha256": "1" * 64})  # a newer run: no probs saved
+    (work / "predictions" / "prediction.json").write_text(
+        (work / "predictions" / "prediction.json").read_text().replace('"probs_file": [', '"old": ['))
+    with pytest.raises(ValueError, match="left from another run"):
+        extract_fossils(vol, work, pred, min_voxels=20, max_exports=0)
+    (work / "predictions" / "prediction.json").unlink()  # a prediction from before predictions were recorded
+    cat = extract_fossils(vol, work, pred, min_voxels=20, max_exports=0)
+    assert "is not used: no prediction.json" in capsys.readouterr().out
+    assert cat["confidence"].isna().all()  # each specimen's majority class: no probability used
+    assert json.loads((work / "exports" / "extraction.json").read_text())["class_from"] == "majority predicted class"

@@ -7,7 +7,7 @@ from fastai.vision.all import Pipeline, TensorImage, TensorMask
 
 from conftest import volume_of
 from microfossil.loaders import _Augment, _normalize, _resize_images, _resize_masks, _ToFloat, make_dls, stage_size
-from microfossil.volume import split_slices
+from microfossil.split import split_slices
 
 
 def test_stage_sizes():
@@ -34,7 +34,7 @@ def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
     """The stage-size volume held by the DataLoaders gives the same batches, bit for bit, as gathering
     full-size slices (with their context neighbours) and resizing each batch, as the data path used to."""
     cpu = torch.device("cpu")
-    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=cpu, context_slices=3)
+    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=cpu, context_slices=3, gap_slices=0)
     size = dls.size
     held = dls.train.planes[0][0]
     assert held.shape == (len(odd_vol.images), *size) and held.dtype == torch.uint8  # no full-size copy kept
@@ -74,18 +74,19 @@ def test_augmentation_keeps_masks_aligned():
 
 
 @pytest.mark.parametrize("context", [1, 3])
-def test_triplanar_training_never_sees_the_validation_block(tmp_path, context):
-    """Validation-block voxels are 255 / label 2, training voxels < 255 / label <= 1: no training batch (any plane,
+def test_triplanar_training_never_sees_the_gap_or_the_held_out_block(tmp_path, context):
+    """Gap and held-out voxels are 255 / label 2, training voxels < 255 / label <= 1: no training batch (any plane,
     any context channel) may contain either."""
     rng = np.random.default_rng(0)
     Z, H, W = 20, 40, 48
     images = rng.integers(0, 200, (Z, H, W), dtype=np.uint8)
     labels = (images > 150).astype(np.uint8)
-    n_train = len(split_slices(Z, 0.2)[0])
+    n_train = len(split_slices(Z, 0.2, gap_slices=2)[0])
     images[n_train:], labels[n_train:] = 255, 2
     vol = volume_of(images, labels, tmp_path)
     dls = make_dls(vol, 1.0, 4, 0.2, augment=False, device=torch.device("cpu"), context_slices=context,
-                         triplanar=True)
+                   triplanar=True, gap_slices=2)
+    assert dls.split.n_train == n_train == 14
     train = dls.train.new(after_batch=Pipeline([]))  # raw uint8 batches, before resizing and normalising
     shapes = set()
     n_batches = 0
@@ -106,7 +107,8 @@ def test_show_batch_shows_the_centre_slice_and_its_labels(odd_vol, context):
     [0, 1]) whatever the number of context slices, and the masks carry the class names."""
     import matplotlib
     matplotlib.use("Agg")
-    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=torch.device("cpu"), context_slices=context)
+    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=torch.device("cpu"), context_slices=context,
+                   gap_slices=0)
     x, y, samples = dls.valid.show_batch(max_n=2, show=False)
     assert x.shape == (2, 3, 70, 66) and torch.equal(x[:, 0], x[:, 1]) and 0 <= float(x.min()) <= float(x.max()) <= 1
     z = dls.valid_idx[0]

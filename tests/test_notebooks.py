@@ -7,6 +7,7 @@ import numpy as np
 import papermill as pm
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 import run_pipeline
@@ -14,11 +15,12 @@ from conftest import ROOT, snapshot
 from microfossil.classifier import NOT_A_FOSSIL
 from microfossil.review import ReviewSession
 from microfossil.sample import make_sample
+from microfossil.split import split_volume
 from microfossil.training import phase_done, read_record
 from microfossil.volume import load_volume
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-COMMON = {"data_dir", "work_dir", "quick", "valid_pct", "data_url", "sample_size", "seed"}
+COMMON = {"data_dir", "work_dir", "quick", "valid_pct", "gap_slices", "data_url", "sample_size", "seed"}
 
 
 def test_numbered_notebooks():
@@ -64,15 +66,16 @@ def test_training_notebooks_show_fastais_own_calls(nb):
 
 def test_rerun_with_another_learning_rate_retrains_then_skips(tiny, tmp_path):
     """02 in quick mode; again with lr_frozen 0.001: phase 1 is trained again (its first attempt kept) and so is
-    phase 2, which starts from it; then again unchanged: both are skipped."""
+    phase 2, which starts from it; then again unchanged: both are skipped. And 02 in another folder with the first
+    run's parameters and seed (and lr_find this time) gives the first run's weights."""
     work = tmp_path / "run"
     nb = NOTEBOOKS[1]
 
-    def run(k, **params):
+    def run(k, work=work, **params):
         out = tmp_path / f"02_run{k}.ipynb"
         pm.execute_notebook(str(nb), str(out), cwd=str(nb.parent), kernel_name="python3", progress_bar=False,
-                            parameters=dict(data_dir=str(tiny), work_dir=str(work), quick=True, pretrained=False,
-                                            run_lr_find=False, **params))
+                            parameters={"data_dir": str(tiny), "work_dir": str(work), "quick": True, "pretrained": False,
+                                        "run_lr_find": False, **params})
         return _printed(out)
     run(1)
     assert read_record(work, "256_frozen")["lr"] == 0.0002 and read_record(work, "256_frozen")["attempt"] == 1
@@ -90,6 +93,12 @@ def test_rerun_with_another_learning_rate_retrains_then_skips(tiny, tmp_path):
     assert "256_unfrozen: already trained with this plan (attempt 2)" in text
     assert sorted(p.name for p in (work / "models" / "attempts").iterdir()) == [
         "256_frozen.attempt1.json", "256_frozen.attempt1.pth", "256_unfrozen.attempt1.json", "256_unfrozen.attempt1.pth"]
+    run(4, work=tmp_path / "again", run_lr_find=True)
+    for phase in ("256_frozen", "256_unfrozen"):
+        a = torch.load(work / "models" / "attempts" / f"{phase}.attempt1.pth", weights_only=False)
+        b = torch.load(tmp_path / "again" / "models" / f"{phase}.pth", weights_only=False)
+        a, b = a.get("model", a), b.get("model", b)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{phase}: not the same weights"
 
 
 def _check_run(ds, work, n_classes, variant="k=1"):
@@ -102,11 +111,14 @@ def _check_run(ds, work, n_classes, variant="k=1"):
     m = json.loads((work / "metrics.json").read_text())
     assert set(m["iou"]) == set(vol.codes) and 0 <= m["mean_iou"] <= 1
     assert m["pixel_acc_nonbg"] is None or 0 <= m["pixel_acc_nonbg"] <= 1
-    assert m["n_validation_slices"] == max(1, round(0.2 * len(vol.stems)))
+    split = split_volume(vol, 0.2)
+    assert m["n_heldout_slices"] == len(split.valid) and m["split"]["train_slices"] == split.plan()["train_slices"]
+    assert m["seed"] == 0 and m["checkpoint"]["name"] == "full_unfrozen.attempt1" and "left_out" in m
+    assert json.loads((pred_dir / "prediction.json").read_text())["checkpoint"] == m["checkpoint"]
     assert set(json.loads((work / "run_times.json").read_text())) == {n.stem for n in NOTEBOOKS}
     for nb in NOTEBOOKS:
         assert (work / "notebooks" / nb.name).exists()
-    for fig in ("slice", "orthoviews", "histogram", "lr_find_256_frozen", "lr_find_full_unfrozen",
+    for fig in ("slice", "orthoviews", "histogram", "split", "lr_find_256_frozen", "lr_find_full_unfrozen",
                 "results_256", "history_full", "predictions_valid"):
         assert (work / "figures" / f"{fig}.png").exists(), fig
     for name in ("256", "512", "full"):

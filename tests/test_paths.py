@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from microfossil import paths
 from microfossil.paths import fetch_dataset, resolve_paths
 from microfossil.volume import DatasetError, load_volume
 
@@ -31,3 +32,12 @@ def test_fetch_dataset_errors_name_the_fix(tmp_path):
         fetch_dataset(str(bad), tmp_path / "d1")
     with pytest.raises(DatasetError, match="Could not download"):
         fetch_dataset(f"file://{tmp_path}/missing.zip", tmp_path / "d2")
+
+
+def test_each_seed_has_its_own_sample_and_run_folder(tmp_path, monkeypatch):
+    """Another seed draws another sample: it must not replace the seed-0 sample under a run trained on it."""
+    monkeypatch.setattr(paths, "ROOT", tmp_path)
+    d0, w0 = paths.resolve_paths(None, None, seed=0)
+    d1, w1 = paths.resolve_paths(None, None, seed=1)
+    assert (d0.name, d1.name) == ("sample_default", "sample_default_seed1") and w0 != w1
+    assert (d0 / "sample.json").read_text() != (d1 / "sample.json").read_text()

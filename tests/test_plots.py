@@ -6,6 +6,7 @@ import numpy as np
 
 from conftest import make_case
 from microfossil import plots
+from microfossil.split import split_volume
 
 matplotlib.use("Agg")
 
@@ -16,9 +17,13 @@ def test_volume_figures_are_saved(tmp_path):
     figs = {"slice": plots.plot_slice(vol, path=tmp_path / "f" / "slice.png"),
             "ortho": plots.plot_orthoviews(vol, path=tmp_path / "f" / "ortho.png"),
             "hist": plots.plot_histogram(vol, path=tmp_path / "f" / "hist.png"),
-            "pred": plots.plot_predictions(vol, vol.labels, [0, 20], path=tmp_path / "f" / "pred.png")}
+            "pred": plots.plot_predictions(vol, vol.labels, [0, 20], path=tmp_path / "f" / "pred.png"),
+            "split": plots.plot_split(vol, split_volume(vol, 0.2), path=tmp_path / "f" / "split.png")}
     assert all(f.axes for f in figs.values())
-    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["hist.png", "ortho.png", "pred.png", "slice.png"]
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["hist.png", "ortho.png", "pred.png", "slice.png",
+                                                                   "split.png"]
+    labels = [t.get_text() for t in figs["split"].axes[0].get_legend().get_texts()]
+    assert labels[0].startswith("training: slices 0-") and any(t.startswith("held-out: slices") for t in labels)
     vol.labels = None  # a new scan: no labels to overlay
     assert len(plots.plot_orthoviews(vol).axes) == 3 and plots.plot_histogram(vol).axes
 

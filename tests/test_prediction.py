@@ -14,7 +14,9 @@ from microfossil.learner import build_learner, encoder
 from microfossil.loaders import batch_tfms, make_dls, n_input_channels
 from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context, load_model,
                                     predict_volume)
-from microfossil.training import PhaseCheckpoint
+from microfossil.io import file_stamp
+from microfossil.split import split_volume
+from microfossil.training import PhaseCheckpoint, weights_sha256
 
 
 
@@ -33,8 +35,29 @@ def test_predict_volume_writes_every_slice(odd_vol, tmp_path):
     assert probs.shape == (6, 3, 141, 133) and probs.dtype == np.uint8
     assert np.abs(probs.astype(int).sum(1) - 255).max() <= 3  # uint8 probabilities sum to ~1
     assert (probs.argmax(1) != pred).mean() <= 0.01  # quantised probabilities agree with the labels
-    m = save_metrics(tmp_path, odd_vol, pred, 0.2)
-    assert m["n_validation_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]
+    m = save_metrics(tmp_path, odd_vol, pred, split_volume(odd_vol, 0.2), info)
+    assert m["n_heldout_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]
+    assert m["checkpoint"] == info["checkpoint"] is not None
+
+
+def test_outputs_record_the_checkpoint_and_a_stale_probs_file_goes(odd_vol, tmp_path):
+    """prediction.json names the checkpoint (attempt and weights hash) and the probs.npy written with the labels; a
+    prediction without save_probs removes an older probs.npy; weights changed after training are refused."""
+    learn = build_learner(make_dls(odd_vol, 1.0, bs=2), pretrained=False, work_dir=tmp_path)
+    learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("full_unfrozen"))
+    model, info = load_model(tmp_path, "full_unfrozen", torch.device("cpu"))
+    assert info["checkpoint"] == {"name": "full_unfrozen.attempt1",
+                                  "sha256": weights_sha256(tmp_path / "models" / "full_unfrozen.pth")}
+    out = tmp_path / "pred"
+    predict_volume(model, odd_vol, out, bs=4, checkpoint=info["checkpoint"])
+    rec = json.loads((out / "prediction.json").read_text())
+    assert rec["checkpoint"] == info["checkpoint"] and rec["probs_file"] == file_stamp(out / "probs.npy")
+    predict_volume(model, odd_vol, out, bs=4, save_probs=False, checkpoint=info["checkpoint"])
+    assert not (out / "probs.npy").exists()
+    assert json.loads((out / "prediction.json").read_text())["probs_file"] is None
+    torch.save({"model": {}}, tmp_path / "models" / "full_unfrozen.pth")  # replaced after training
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        load_model(tmp_path, "full_unfrozen", torch.device("cpu"))
 
 
 def test_padded_forward_matches_shapes_and_crops(odd_vol, tmp_path):

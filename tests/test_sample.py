@@ -1,9 +1,13 @@
 """The embedded synthetic sample: deterministic, seamless across slabs and processes, and with what a real core has."""
 import numpy as np
+import pytest
 
 from conftest import snapshot
-from microfossil.sample import ensure_sample, make_sample
-from microfossil.volume import load_volume, split_slices
+from microfossil.extraction import MIN_VOXELS
+from microfossil.sample import SAMPLE_SIZES, ensure_sample, make_sample
+from microfossil.specimens import label_components, majority_class
+from microfossil.split import split_slices, split_volume
+from microfossil.volume import load_volume
 
 
 def test_sample_is_deterministic(tmp_path):
@@ -25,6 +29,22 @@ def test_sample_content(tiny):
     img, lab = vol.images.astype(float), vol.labels
     matrix = img[(lab == 0) & (img > 60)].mean()
     assert img[lab > 0].max() > matrix + 40  # bright calcite walls in the fossils
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_sample_holds_whole_specimens_of_every_class_in_the_held_out_block(tmp_path, seed):
+    """The default split of the default sample: no gap needed, nothing left out, and whole specimens of each class on
+    both sides (so its held-out scores are scores on specimens the model never saw)."""
+    vol = load_volume(make_sample(tmp_path / "s", *SAMPLE_SIZES["default"], seed=seed))
+    s = split_volume(vol, 0.2)
+    assert s.n_train == s.valid_start and s.left_out["specimens"] == 0
+    cc, n, counts, boxes = label_components(vol.labels > 0)
+    cls = majority_class(cc, vol.labels, n, 3)
+    held = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].start >= s.valid_start}
+    train = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].stop <= s.n_train}
+    assert held == train == {1, 2}
+    sizes = [counts[i] for i in range(1, n + 1) if boxes[i][0].start >= s.valid_start]
+    assert min(sizes) >= MIN_VOXELS, f"a held-out specimen smaller than the extraction keeps: {sizes}"
 
 
 def test_sample_slabs_are_seamless(tmp_path):

@@ -9,7 +9,8 @@ from fastai.callback.core import Callback
 
 from microfossil.learner import build_learner
 from microfossil.loaders import make_dls
-from microfossil.training import PhaseCheckpoint, attempts, load_stage, phase_done, read_record
+from microfossil.split import split_volume
+from microfossil.training import PhaseCheckpoint, attempts, load_stage, phase_done, read_record, set_seed, weights_sha256
 
 
 class _Disconnect(Callback):
@@ -107,7 +108,8 @@ def test_a_retrain_in_a_new_session_starts_from_the_same_initial_weights(odd_vol
     init = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
     learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
     assert "no initial weights kept" not in capsys.readouterr().out  # a fresh learner's weights are its start
-    learn2 = _learner(odd_vol, tmp_path)  # a new session: the decoder gets other random weights
+    torch.manual_seed(1234)  # a new session, unseeded (or with another seed): the decoder gets other random weights
+    learn2 = _learner(odd_vol, tmp_path)
     assert not _same_weights(learn2.model.state_dict(), init)
     watch = _Watch()
     learn2.fit_one_cycle(1, 2e-3, cbs=[PhaseCheckpoint("t_frozen"), watch])
@@ -187,3 +189,30 @@ def test_load_stage_names_the_missing_checkpoint_and_a_context_mismatch(odd_vol,
         load_stage(k5, "256_unfrozen")
     with pytest.raises(FileNotFoundError, match="not trained"):
         learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_unfrozen", start="t_frozen"))
+
+
+def test_two_runs_of_a_phase_with_the_same_seed_give_the_same_weights(odd_vol, tmp_path):
+    """In fresh folders, fresh learners, with lr_find run before one of them: the same seed gives the same weights
+    (Python, NumPy and torch are seeded, and the phase seeds again when it starts training); another seed does not."""
+    def run(work, seed, lr_find=False):
+        set_seed(seed, reproducible=True)
+        learn = build_learner(make_dls(odd_vol, 0.25, bs=2, device=torch.device("cpu"), seed=seed), pretrained=False,
+                              work_dir=work)
+        if lr_find:
+            learn.lr_find(num_it=5, show_plot=False)
+        learn.fit_one_cycle(2, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+        return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+    a, b, c = run(tmp_path / "a", 0), run(tmp_path / "b", 0, lr_find=True), run(tmp_path / "c", 1)
+    assert _same_weights(a, b) and not _same_weights(a, c)
+    plan = read_record(tmp_path / "a", "t_frozen")
+    assert plan["seed"] == 0 and {k: plan[k] for k in split_volume(odd_vol).plan()} == split_volume(odd_vol).plan()
+    assert plan["sha256"] == weights_sha256(tmp_path / "a" / "models" / "t_frozen.pth")
+
+
+def test_the_next_stage_stops_on_another_split(odd_vol, tmp_path):
+    learn = _learner(odd_vol, tmp_path)
+    learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("256_unfrozen"))
+    other = build_learner(make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, device=torch.device("cpu")), pretrained=False,
+                          work_dir=tmp_path)
+    with pytest.raises(ValueError, match="valid_pct and gap_slices of the training notebooks"):
+        load_stage(other, "256_unfrozen")

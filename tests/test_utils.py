@@ -13,10 +13,10 @@ from conftest import ROOT
 PACKAGE = ROOT / "microfossil"
 # The order imports run in: a module may import only modules before it (io and plots at the side: anyone may use
 # them; io uses no other module, plots only io).
-ORDER = ["io", "volume", "sample", "paths", "metrics", "loaders", "learner", "training", "prediction", "specimens",
-         "exports", "extraction", "evaluation", "classifier", "review"]
-WITHOUT_TORCH = ["io", "volume", "sample", "paths", "metrics", "specimens", "exports", "extraction", "evaluation",
-                 "classifier", "review", "plots"]
+ORDER = ["io", "volume", "specimens", "split", "sample", "paths", "metrics", "loaders", "learner", "training",
+         "prediction", "exports", "extraction", "classifier", "evaluation", "review"]
+WITHOUT_TORCH = ["io", "volume", "specimens", "split", "sample", "paths", "metrics", "exports", "extraction",
+                 "classifier", "evaluation", "review", "plots"]
 
 
 def _package_imports(module):

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import snapshot
 from microfossil import volume
 from microfossil.sample import make_sample
-from microfossil.volume import DatasetError, load_volume, read_voxel_size, split_slices
+from microfossil.volume import DatasetError, load_volume, read_voxel_size
 
 
 def _copy(src, tmp_path):
@@ -137,15 +137,6 @@ def test_unlabelled_volume_for_prediction(tiny, tmp_path):
     vol = load_volume(ds, require_labels=False)
     assert vol.labels is None and vol.codes == ["background", "foraminifera", "ostracod"]
     _expect(ds, "train_masks_labels", "does not exist")
-
-
-def test_split_is_last_contiguous_block():
-    tr, va = split_slices(50, 0.2)
-    assert tr.tolist() == list(range(40)) and va.tolist() == list(range(40, 50))
-    tr, va = split_slices(3, 0.2)
-    assert len(va) == 1 and va[0] == 2
-    with pytest.raises(DatasetError):
-        split_slices(1, 0.2)
 
 
 def test_cache_is_memory_mapped_and_reused(tiny, tmp_path, monkeypatch):
