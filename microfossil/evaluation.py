@@ -228,7 +228,8 @@ def _cell(v, digits=2):
         return "n/a"
     if isinstance(v, (tuple, list)):
         mean, lo, hi, _ = v
-        return f"{mean:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})" if hi > lo else f"{mean:.{digits}f}"
+        lo, hi = f"{lo:.{digits}f}", f"{hi:.{digits}f}"
+        return f"{mean:.{digits}f} ({lo}–{hi})" if hi != lo else f"{mean:.{digits}f}"
     return f"{v:.{digits}f}"
 
 
