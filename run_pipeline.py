@@ -1,7 +1,8 @@
 """Run the numbered notebooks in order, headless, with papermill: the "start it in the evening" mode.
 
     python run_pipeline.py                           # embedded sample, published schedule
-    python run_pipeline.py --quick                   # smoke mode: minutes on a laptop CPU
+    python run_pipeline.py --quick                   # the CPU demo: a small real model in about 5 minutes
+    python run_pipeline.py --smoke                   # CI's smoke test: seconds per notebook, learns nothing
     python run_pipeline.py --data-dir D --work-dir W -p bs 4 -p lr_frozen 1e-4
 
 Executed notebooks (with their outputs, plots and errors) are kept in
@@ -16,6 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# What the training notebooks' quick cell sets (and 05's tta): with --quick, a -p for one of them would be overridden.
+QUICK_SETS = {"size_frac", "crop_size", "context_slices", "bs", "loss", "run_lr_find", "epochs_frozen", "lr_frozen", "pct_frozen",
+              "epochs_unfrozen", "lr_unfrozen_lo", "lr_unfrozen_hi", "pct_unfrozen", "tta"}
 
 
 def _value(text):
@@ -31,7 +35,11 @@ def main(argv=None):
     ap.add_argument("--data-dir", help="dataset folder (default: the embedded synthetic sample)")
     ap.add_argument("--work-dir", help="run folder (default: runs/<dataset>[_quick])")
     ap.add_argument("--data-url", help="Google Drive id/URL or HTTP URL of a zipped dataset")
-    ap.add_argument("--quick", action="store_true", help="smoke mode: small images, one epoch per phase")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="the CPU demo: a short schedule (set in each training notebook) that trains a small real model")
+    mode.add_argument("--smoke", action="store_true",
+                      help="smoke test (CI): tiny images, one epoch per phase; checks that everything runs")
     ap.add_argument("--force", action="store_true", help="retrain stages that are already finished")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="any other notebook parameter, e.g. -p bs 4 (given to every notebook that has it)")
@@ -42,11 +50,16 @@ def main(argv=None):
     os.environ["MICROFOSSIL_HEADLESS"] = "1"  # the kernels inherit it: 06_review skips its widget panel
     sys.path.insert(0, str(ROOT))
     import utils
+    from microfossil.evaluation import describe_run
 
     params = {k: _value(v) for k, v in args.p}
+    overridden = sorted(set(params) & QUICK_SETS) if args.quick else []
+    if overridden:
+        ap.error(f"--quick sets {', '.join(overridden)} itself (see the training notebooks' quick cell); "
+                 "drop --quick to choose them with -p")
     data_dir, work_dir = utils.resolve_paths(args.data_dir, args.work_dir, args.quick, args.data_url,
-                                             params.get("sample_size", "default"), params.get("seed", 0))
-    params.update(data_dir=str(data_dir), work_dir=str(work_dir), quick=args.quick)
+                                             params.get("sample_size", "default"), params.get("seed", 0), args.smoke)
+    params.update(data_dir=str(data_dir), work_dir=str(work_dir), quick=args.quick, smoke=args.smoke)
     if args.force:
         params["force"] = True
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -59,7 +72,7 @@ def main(argv=None):
     print(f"data_dir: {data_dir}\nwork_dir: {work_dir}")
     for nb in notebooks:
         known = pm.inspect_notebook(str(nb))
-        unknown = set(params) - set(known) - {"data_dir", "work_dir", "quick", "force"}
+        unknown = set(params) - set(known) - {"data_dir", "work_dir", "quick", "smoke", "force"}
         if unknown and nb == notebooks[0]:
             missing_everywhere = [k for k in unknown if not any(k in pm.inspect_notebook(str(n)) for n in notebooks)]
             if missing_everywhere:
@@ -68,7 +81,8 @@ def main(argv=None):
         print(f"--- {nb.name} ...", flush=True)
         try:
             pm.execute_notebook(str(nb), str(out_dir / nb.name), cwd=str(nb.parent), kernel_name="python3",
-                                parameters={k: v for k, v in params.items() if k in known}, progress_bar=False)
+                                parameters={k: v for k, v in params.items() if k in known}, progress_bar=False,
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no transport warnings
         except pm.PapermillExecutionError as e:
             print(f"\n{nb.name} failed: {e.ename}: {e.evalue}\nThe executed notebook with the full traceback is "
                   f"{out_dir / nb.name}", file=sys.stderr)
@@ -76,13 +90,10 @@ def main(argv=None):
         times[nb.stem] = round(time.time() - t, 1)
         times_file.write_text(json.dumps(times, indent=2))
         print(f"    done in {times[nb.stem]:.0f}s", flush=True)
-    print(f"\nAll done. Predictions: {work_dir / 'predictions'}; metrics: {work_dir / 'metrics.json'}; "
-          f"executed notebooks: {out_dir}")
-    metrics = work_dir / "metrics.json"
-    if metrics.exists():
-        m = json.loads(metrics.read_text())
-        print("Held-out block IoU (raw segmentation): " + ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} n/a"
-                                                   for c, v in m["iou"].items()))
+    print(f"\nAll done in {sum(times.get(nb.stem, 0) for nb in notebooks):.0f}s.")
+    if any(nb.name.startswith("05") for nb in notebooks):
+        print(describe_run(work_dir, "notebooks/06_review.ipynb"))
+    print(f"Executed notebooks (outputs, figures): {out_dir}")
     return 0
 
 

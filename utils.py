@@ -24,6 +24,7 @@ _NAMES = {  # module of the microfossil package: the names the notebooks take fr
                    "write_evaluation"],
     "classifier": ["classify_specimens"],
     "review": ["ReviewSession", "ReviewPanel", "has_widget_frontend", "read_review"],
+    "viewers": ["browse_slices", "view_specimen", "view_specimens"],
     "plots": ["save_figure", "plot_slice", "plot_orthoviews", "plot_histogram", "plot_split", "plot_history",
               "plot_predictions"],
 }

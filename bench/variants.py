@@ -1,9 +1,9 @@
 """The accuracy table: train and score each segmentation variant on several seeds, then one table of mean and spread.
 
     python bench/variants.py --work-root runs/variants                 # published schedule (02-05) per variant
-    python bench/variants.py --work-root runs/variants --variants k1 k1_tta k3 k3_tta --stages 04 \\
-        -p init_from None -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 7 \\
-        -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 8      # the README's CPU table (full resolution only)
+    python bench/variants.py --work-root runs/variants --variants k1 k3 --stages 04 \\
+        -p init_from None -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 9 \\
+        -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 4      # docs/evaluation.md's CPU table (full resolution)
     python bench/variants.py --work-root runs/variants --collect       # only gather the tables of finished runs
 
 Each variant and seed is one run folder `<work-root>/<variant>/seed<k>` made by
@@ -50,8 +50,8 @@ def _run(args, name, params, model_from, seed):
     cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "--work-dir", str(work), "--only", *stages]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    if args.quick:
-        cmd.append("--quick")
+    if args.smoke:
+        cmd.append("--smoke")
     import papermill as pm
     known = {k for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if nb.name[:2] in stages
              for k in pm.inspect_notebook(str(nb))}
@@ -89,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds to run each variant with")
     ap.add_argument("--stages", nargs="+", default=["02", "03", "04"], help="training notebooks to run (e.g. 04)")
-    ap.add_argument("--quick", action="store_true", help="smoke mode of run_pipeline.py")
+    ap.add_argument("--smoke", action="store_true", help="run_pipeline.py's smoke setting (checks the script runs)")
     ap.add_argument("--collect", action="store_true", help="do not run anything, only gather finished runs")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="notebook parameter for every variant, e.g. -p epochs_unfrozen 24")

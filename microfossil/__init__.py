@@ -19,6 +19,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `classifier`: the specimen classifier
 - `evaluation`: the scores of a run on its held-out block, from held-out data only, voxels and specimens
 - `review`: the review session and panel
+- `viewers`: the slice browser and the 3D views of the specimens (ipywidgets, plotly)
 - `plots`: figures (beside the chain: any module may use it; it uses only `io`)
 
 Only the modules marked [torch] import torch or fastai.

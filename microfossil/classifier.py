@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .io import read_json, write_csv, write_json
-from .specimens import SPECIMEN_FEATURES, paint_classes
-
-NOT_A_FOSSIL = "not a fossil"
+from .exports import draw_gallery
+from .specimens import NOT_A_FOSSIL, SPECIMEN_FEATURES, paint_classes
 
 
 def _training_labels(cat, feats, codes, n_train, review):
@@ -82,7 +81,8 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     probability; the segmentation's class stays in `seg_class`; specimens it calls
     `NOT_A_FOSSIL` are `flagged` (kept, not deleted). `predictions/labels_clean.tif` is
     repainted (flagged specimens as background; a typed taxon that is not one of the
-    classes keeps its segmentation class there). Writes `exports/classifier.json`. With no
+    classes keeps its segmentation class there), and the previews and gallery tiles whose
+    class changed are drawn again (`exports.draw_gallery`). Writes `exports/classifier.json`. With no
     specimen, fewer than `min_examples` labelled specimens or a single label, nothing
     changes and None is returned; else the new catalogue.
     """
@@ -153,6 +153,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()},
             "checkpoint": out_extraction.get("checkpoint")}
     write_json(exp_dir / "classifier.json", info)
+    draw_gallery(target)  # the previews and tiles whose class changed
     print(f"Specimen classifier trained on {len(y_fit)} examples ({sources}): "
           f"{info['changed_class']} of {len(cat)} specimens changed class, "
           f"{info['flagged']} flagged as {NOT_A_FOSSIL!r}. Now: {info['per_class']}.")

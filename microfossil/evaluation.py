@@ -261,3 +261,52 @@ def write_evaluation(work_dir, rows, codes):
     write_json(work_dir / "evaluation.json", {"codes": list(codes), "rows": rows})
     write_text(work_dir / "evaluation.md", md)
     return md
+
+
+def describe_run(work_dir, review_notebook="notebooks/06_review.ipynb"):
+    """A few lines a person reads at the end of a run: the specimens found by class, the held-out scores of the
+    final labels (after extraction and the specimen classifier) beside the raw segmentation's, and where to look."""
+    import pandas as pd
+    work_dir = Path(work_dir)
+    lines, exp = [], work_dir / "exports"
+    cat_file = exp / "fossils.csv"
+    if cat_file.exists():
+        cat = pd.read_csv(cat_file)
+        flagged = cat["flagged"].astype(bool) if "flagged" in cat else pd.Series(False, index=cat.index)
+        counts = cat.loc[~flagged, "class"].value_counts()
+        per_class = ", ".join(f"{n} {c}" for c, n in counts.items()) or "none"
+        lines.append(f"Specimens found: {int((~flagged).sum())} ({per_class})"
+                     + (f"; {int(flagged.sum())} more flagged 'not a fossil'" if flagged.any() else ""))
+    else:
+        lines.append("Specimens found: no catalogue (05_predict_export did not run)")
+    ev = read_json(work_dir / "evaluation.json")
+    if ev and ev.get("rows"):
+        codes, rows = ev["codes"], ev["rows"]
+        final, raw = rows[-1], rows[0]
+        m = read_json(work_dir / "metrics.json") or {}
+        iou = lambda r: ", ".join(f"{c} {r['iou'][c]:.2f}" if r["iou"].get(c) is not None else f"{c} n/a"  # noqa: E731
+                                  for c in codes[1:])
+        hs = m.get("heldout_slices") or ["?", "?"]
+        lines.append(f"Held-out block (slices {hs[0]}-{hs[1]}), final labels ({final['step']}): "
+                     f"IoU {iou(final)}")
+        n_true, recall = final.get("n_true"), final.get("specimen_recall")
+        num = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        if n_true == 0:
+            lines.append("  no true specimen in the held-out block: no specimen scores")
+        elif n_true is not None or final.get("specimen_f1") is not None:
+            found = "?" if recall is None or n_true is None else round(recall * n_true)
+            lines.append(f"  specimens found {found} of {n_true if n_true is not None else '?'}: "
+                         f"F1 {num(final.get('specimen_f1'))}, with the right class {num(final.get('specimen_class_f1'))}")
+        if raw is not final:
+            lines.append(f"  raw segmentation: IoU {iou(raw)}")
+    elif (work_dir / "metrics.json").exists():
+        lines.append("Held-out block: see metrics.json (no evaluation table)")
+    else:
+        lines.append("Held-out block: no ground truth, nothing scored")
+    gallery = exp / "gallery.png"
+    if gallery.exists():
+        lines.append(f"Gallery:    {gallery}")
+    if cat_file.exists():
+        lines.append(f"Catalogue:  {cat_file} (one folder per specimen beside it: CT and mask TIFFs, STL mesh, preview)")
+    lines.append(f"Review:     open {review_notebook} (same work_dir) to accept, reject or re-class specimens")
+    return "\n".join(lines)

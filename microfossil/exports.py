@@ -1,13 +1,23 @@
 """What a specimen leaves on disk: a watertight mesh (STL, in µm), CT and mask crops (TIFF stacks carrying the voxel
-size for ImageJ/Fiji), a preview image, and the gallery of every specimen."""
+size for ImageJ/Fiji), a preview image, and the gallery of every specimen.
+
+The previews and the gallery show each specimen's current class (the catalogue's, then the
+review's decision), so they are drawn from the catalogue and the crops on disk (`draw_gallery`)
+after the extraction, after the specimen classifier and after each review decision.
+"""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
-from .io import replacing
-from .specimens import centroid
+from .io import read_json, replacing, write_json
+from .plots import get_class_colours
+from .specimens import NOT_A_FOSSIL, centroid
+
+GALLERY_RECORD = "gallery.json"  # beside the gallery: what each preview and tile shows, so a redraw skips the same
+GREY = [150, 150, 150]  # not a fossil: flagged by the specimen classifier or rejected in the review
 
 
 def mesh(mask, spacing, max_voxels=2 ** 24):
@@ -72,72 +82,274 @@ def _fit(img, size):
                      Image.NEAREST if s >= 1 else Image.BILINEAR)
 
 
-def _outlined(ct, mask):
-    """RGB of CT slice `ct` with the outline of `mask` drawn in red."""
+def export_specimen(d, images, cc, lbl, bb, margin, spacing, verts, faces):
+    """Write folder `d`: CT and mask crops as TIFF stacks (`bb` plus `margin`) and the STL mesh (the preview is drawn
+    by `draw_gallery`)."""
+    d.mkdir()
+    crop = tuple(slice(max(0, s.start - margin), min(size, s.stop + margin)) for s, size in zip(bb, cc.shape))
+    write_stack(d / f"{d.name}_ct.tif", np.asarray(images[crop]), spacing)
+    write_stack(d / f"{d.name}_mask.tif", (cc[crop] == lbl).astype(np.uint8) * 255, spacing)
+    write_stl(d / f"{d.name}.stl", verts, faces)
+
+
+def read_decisions(exp_dir, cat, tol=3.0):
+    """The review decisions of `exp_dir/review.csv` given to the specimens of catalogue `cat`: `(decisions by id,
+    rows that match no specimen)`.
+
+    A row goes to the specimen whose centroid lies within `tol` voxels of its own: its own id
+    when that one does, else the nearest, so that decisions follow their specimen when a new
+    extraction renumbers them. A specimen takes the first row only.
+    """
+    import pandas as pd
+    path = Path(exp_dir) / "review.csv"
+    if not path.exists():
+        return {}, []
+    ids = cat["id"].to_numpy(int)
+    cents = cat[["centroid_z", "centroid_y", "centroid_x"]].to_numpy(float)
+    decisions, unmatched = {}, []
+    for r in pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records"):
+        try:
+            d = np.linalg.norm(cents - np.array([float(r[f"centroid_{a}"]) for a in "zyx"]), axis=1)
+            same = ids == int(float(r.get("id") or -1))
+        except (KeyError, ValueError):
+            d = same = np.zeros(0)
+        k = (int(np.flatnonzero(same)[0]) if same.any() and d[same][0] <= tol else int(np.argmin(d))) if len(d) else None
+        if k is None or d[k] > tol or int(ids[k]) in decisions:
+            unmatched.append(r)
+        else:
+            decisions[int(ids[k])] = {**r, "id": int(ids[k])}
+    return decisions, unmatched
+
+
+def specimen_look(row, decision, codes, colours):
+    """What specimen `row` of the catalogue shows, given its review `decision` (a row of `review.csv` or None):
+    `{"name", "status", "colour", "marker"}`; the colour is that of the class `labels_clean.tif` paints it with."""
+    index = {c: k for k, c in enumerate(codes) if k}
+    cls, seg = str(row["class"]), str(row.get("seg_class", row["class"]))
+    verdict = (decision or {}).get("decision")
+    if verdict == "rejected":
+        return {"name": NOT_A_FOSSIL, "status": f"rejected in review; was {cls}", "colour": GREY, "marker": "x"}
+    if verdict == "accepted":
+        name = (decision.get("taxon") or decision.get("predicted_class") or cls).strip()
+        k = index.get(name, index.get(cls, index.get(seg)))
+        return {"name": name, "status": "accepted in review", "colour": colours[k] if k else GREY, "marker": "check"}
+    if cls == NOT_A_FOSSIL or str(row.get("flagged")).lower() == "true":
+        return {"name": NOT_A_FOSSIL, "status": f"flagged by the classifier; segmentation: {seg}", "colour": GREY,
+                "marker": "x"}
+    k = index.get(cls, index.get(seg))
+    return {"name": cls, "status": "" if cls == seg else f"segmentation: {seg}", "colour": colours[k] if k else GREY,
+            "marker": None}
+
+
+def _outline(mask, width=1):
+    """The `width` pixels around boolean `mask` (outside it, so that the specimen's own voxels stay in sight)."""
     from scipy import ndimage
+    return ndimage.binary_dilation(mask, iterations=width) & ~mask
+
+
+def _outlined(ct, mask, colour):
+    """RGB of CT slice `ct` with the outline of `mask` drawn in `colour`."""
     rgb = np.repeat(ct[..., None], 3, -1)
-    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
-    rgb[edge] = (255, 40, 40)
+    rgb[_outline(mask)] = colour
     return rgb
+
+
+def _tile(ct, mask, colour, size):
+    """Gallery tile: CT slice `ct` contrast-stretched and scaled to fit `size`, the outline of `mask` in `colour`."""
+    from PIL import Image
+    lo, hi = np.percentile(ct, [1, 99.5])
+    img = np.clip((ct.astype(np.float32) - lo) * (255 / max(hi - lo, 1.0)), 0, 255).astype(np.uint8)
+    s = size / max(ct.shape)
+    wh = (max(1, round(ct.shape[1] * s)), max(1, round(ct.shape[0] * s)))
+    img = np.asarray(Image.fromarray(img).resize(wh, Image.BICUBIC if s > 1 else Image.BOX))
+    if s > 1:  # the outline drawn at the tile's resolution: smooth, and as thick at every size
+        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(wh, Image.BILINEAR)) > 127
+        edge = _outline(m, max(1, round(size / 80)))
+    else:  # shrunk: the outline of the voxels, kept however thin
+        edge = np.asarray(Image.fromarray(_outline(mask).astype(np.uint8) * 255).resize(wh, Image.BOX)) > 0
+    rgb = np.repeat(img[..., None], 3, -1)
+    rgb[edge] = colour
+    return Image.fromarray(rgb)
+
+
+def _mark(draw, x, y, marker, colour, size=12):
+    """Draw `marker` ("x": not a fossil, "check": accepted in review) in a `size` square at `x`, `y`."""
+    if marker is None:
+        return
+    pts = ([(x, y), (x + size, y + size)], [(x, y + size), (x + size, y)]) if marker == "x" else \
+        ([(x, y + size // 2), (x + size // 3, y + size), (x + size, y)],)
+    for width, fill in ((5, (0, 0, 0)), (3, tuple(colour))):  # a dark rim: visible on bright and dark CT alike
+        for p in pts:
+            draw.line(p, fill=fill, width=width)
 
 
 def _font(size):
     from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
-    except (TypeError, OSError):
-        return ImageFont.load_default()
+    try:  # matplotlib's own DejaVu Sans, else Pillow's font
+        from matplotlib import font_manager
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except Exception:
+        try:
+            return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+        except (TypeError, OSError):
+            return ImageFont.load_default()
 
 
-def _preview(ct, mask, title, panel=180):
-    """Preview image: three orthogonal mid-slices (mask outlined) and the specimen's maximum-intensity projection."""
+def _clip(draw, text, font, width):
+    """`text`, shortened with an ellipsis to fit in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _preview(ct, mask, row, look, panel=180):
+    """Preview image: the class and measurements of catalogue `row`, as `look` says, over three orthogonal mid-slices
+    (the mask outlined in the class colour) and the specimen's maximum-intensity projection."""
     from PIL import Image, ImageDraw
-    zc, yc, xc = (int(round(c)) for c in centroid(mask)) if mask.any() else (s // 2 for s in mask.shape)
-    views = [("z (YX)", _outlined(ct[zc], mask[zc])), ("y (ZX)", _outlined(ct[:, yc], mask[:, yc])),
-             ("x (ZY)", _outlined(ct[:, :, xc], mask[:, :, xc])),
+    zc, yc, xc = _centre(mask)
+    col = look["colour"]
+    views = [("z (YX), at the centroid", _outlined(ct[zc], mask[zc], col)),
+             ("y (ZX)", _outlined(ct[:, yc], mask[:, yc], col)), ("x (ZY)", _outlined(ct[:, :, xc], mask[:, :, xc], col)),
              ("MIP of specimen", np.where(mask, ct, 0).max(0))]
-    out = Image.new("RGB", (4 * (panel + 6) + 6, panel + 44), (255, 255, 255))
-    draw, font = ImageDraw.Draw(out), _font(13)
-    draw.text((6, 3), title, fill=(0, 0, 0), font=font)
+    out = Image.new("RGB", (4 * (panel + 6) + 6, panel + 62), (255, 255, 255))
+    draw, font, big = ImageDraw.Draw(out), _font(13), _font(15)
+    draw.rectangle((6, 5, 18, 17), fill=tuple(col))
+    title = f"#{row['id']}  {look['name']}" + (f"  ·  {look['status']}" if look["status"] else "")
+    draw.text((24, 2), _clip(draw, title, big, out.size[0] - 50), fill=(0, 0, 0), font=big)
+    _mark(draw, out.size[0] - 20, 5, look["marker"], col)
+    draw.text((6, 22), f"volume {row['volume_um3']:.4g} µm³   ESD {row['esd_um']:.3g} µm   "
+                       f"sphericity {row['sphericity']:.2f}   {row['voxels']} voxels", fill=(60, 60, 60), font=font)
     for k, (name, img) in enumerate(views):
         im = _fit(img, panel)
         x0 = 6 + k * (panel + 6)
-        out.paste(im, (x0 + (panel - im.size[0]) // 2, 22 + (panel - im.size[1]) // 2))
-        draw.text((x0, panel + 26), name, fill=(80, 80, 80), font=font)
-    return out, views[-1][1]
+        out.paste(im, (x0 + (panel - im.size[0]) // 2, 40 + (panel - im.size[1]) // 2))
+        draw.text((x0, panel + 44), name, fill=(80, 80, 80), font=font)
+    return out
 
 
-def write_gallery(exp_dir, tiles, per_page=100, tile=128):
-    """`gallery.png` (then `gallery_02.png`, ...): specimen thumbnails `(id, class, image)` in the given order."""
+def _save_png(img, path):
+    with replacing(path) as tmp:
+        img.save(tmp, format="PNG", compress_level=3)  # on CT noise as small as the default level, 3 times faster
+
+
+def _folders(exp_dir):
+    """Each exported specimen's folder (`fossil_<id>`), by id."""
+    return {int(d.name[7:]): d for d in Path(exp_dir).glob("fossil_*") if d.name[7:].isdigit() and d.is_dir()}
+
+
+def _centre(mask):
+    """The voxel (z, y, x) at the centroid of boolean `mask` (its middle when it is empty)."""
+    return tuple(int(round(c)) for c in centroid(mask)) if mask.any() else tuple(s // 2 for s in mask.shape)
+
+
+def _crops(d, whole_ct=True):
+    """The mask crop of specimen folder `d` and its CT crop (`whole_ct`), or the two slices at the centroid."""
+    import tifffile
+    paths = [d / f"{d.name}_mask.tif", d / f"{d.name}_ct.tif"]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: the specimen folders are incomplete; re-run the extraction cell "
+                                    "of 05_predict_export (same work_dir).")
+    mask = tifffile.imread(paths[0]) > 0
+    mask = mask[None] if mask.ndim == 2 else mask  # a one-slice crop
+    if whole_ct:
+        return mask, tifffile.imread(paths[1]).reshape(mask.shape)
+    z = _centre(mask)[0]
+    return mask[z], tifffile.imread(paths[1], key=z)
+
+
+def _draw_header(draw, text, codes, colours, font, width):
+    """A page's first line: `text`, then the colour of each class."""
+    draw.text((6, 4), text, fill="black", font=font)
+    x = 18 + draw.textlength(text, font=font)
+    for name, col in [*zip(codes[1:], colours[1:]), (f"{NOT_A_FOSSIL} (x)", GREY)]:
+        if x + 14 + draw.textlength(name, font=font) > width:
+            break
+        draw.rectangle((x, 6, x + 9, 15), fill=tuple(col))
+        draw.text((x + 13, 4), name, fill="black", font=font)
+        x += 27 + draw.textlength(name, font=font)
+
+
+def _draw_tile(page, x0, y0, sid, look, slices, tile, font):
+    """Draw specimen `sid`'s tile (from its central `slices`, mask and CT) and caption on `page` at `x0`, `y0`."""
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(page)
+    draw.rectangle((x0, y0, x0 + tile + 5, y0 + tile + 31), fill="white")
+    im = _tile(slices[1], slices[0], look["colour"], tile)
+    page.paste(im, (x0 + (tile - im.size[0]) // 2, y0 + (tile - im.size[1]) // 2))
+    _mark(draw, x0 + tile - 16, y0 + 4, look["marker"], look["colour"])
+    draw.rectangle((x0, y0 + tile + 4, x0 + 8, y0 + tile + 12), fill=tuple(look["colour"]))
+    draw.text((x0 + 12, y0 + tile + 2), _clip(draw, f"#{sid} {look['name']}", font, tile - 12), fill="black", font=font)
+    draw.text((x0, y0 + tile + 16), _clip(draw, look["status"], font, tile), fill=(90, 90, 90), font=font)
+
+
+def draw_gallery(work_dir, per_page=100, tile=160):
+    """Draw the gallery `exports/gallery*.png` and each exported specimen's preview as the catalogue and the review
+    stand now; return the tile table (`id`, `name`, `status`, `colour`, `marker`, `page`; `left`, `top` and `size`
+    of its square on the page; `redrawn`).
+
+    Each tile is the specimen's CT slice at its centroid with its outline in its class colour
+    (the colours of the figures; grey with an x when it is not a fossil: flagged by the
+    specimen classifier or rejected in the review; a tick when accepted in the review),
+    captioned with its id and class; largest specimen first, `per_page` tiles a page. Reads the
+    crops in the specimen folders, never the volume. `exports/gallery.json` records what each
+    preview and tile shows, so that only those that changed are drawn again.
+    """
+    import pandas as pd
     from PIL import Image, ImageDraw
-    for old in exp_dir.glob("gallery*.png"):
-        old.unlink()
-    cols, pages = min(10, max(1, len(tiles))), []
-    for p0 in range(0, len(tiles), per_page):
-        page = tiles[p0:p0 + per_page]
-        rows = math.ceil(len(page) / cols)
-        out = Image.new("RGB", (cols * (tile + 4) + 4, rows * (tile + 18) + 4), (255, 255, 255))
-        draw, font = ImageDraw.Draw(out), _font(11)
-        for k, (sid, cls, img) in enumerate(page):
-            x0, y0 = 4 + (k % cols) * (tile + 4), 4 + (k // cols) * (tile + 18)
-            im = _fit(img, tile)
-            out.paste(im, (x0 + (tile - im.size[0]) // 2, y0 + (tile - im.size[1]) // 2))
-            draw.text((x0, y0 + tile + 2), f"#{sid}  {cls}"[:24], fill=(0, 0, 0), font=font)
-        path = exp_dir / ("gallery.png" if not pages else f"gallery_{len(pages) + 1:02d}.png")
-        out.save(path)
-        pages.append(path)
-    return pages
-
-
-def export_specimen(d, images, cc, lbl, bb, margin, spacing, verts, faces, title):
-    """Write folder `d`: CT crop and mask TIFFs (`bb` plus `margin`), the STL mesh, the preview; return the MIP."""
-    d.mkdir()
-    crop = tuple(slice(max(0, s.start - margin), min(size, s.stop + margin)) for s, size in zip(bb, cc.shape))
-    ct = np.asarray(images[crop])
-    mask = cc[crop] == lbl
-    write_stack(d / f"{d.name}_ct.tif", ct, spacing)
-    write_stack(d / f"{d.name}_mask.tif", mask.astype(np.uint8) * 255, spacing)
-    write_stl(d / f"{d.name}.stl", verts, faces)
-    img, mip = _preview(ct, mask, title)
-    img.save(d / f"{d.name}_preview.png")
-    return mip
+    exp_dir = Path(work_dir) / "exports"
+    if not (exp_dir / "fossils.csv").exists():
+        raise FileNotFoundError(f"{exp_dir / 'fossils.csv'} not found: run the extraction cell of 05_predict_export "
+                                "first (same work_dir).")
+    cat = pd.read_csv(exp_dir / "fossils.csv")
+    codes = ["background", *[c[5:] for c in cat.columns if c.startswith("frac_")]]
+    colours = [[int(round(255 * v)) for v in c[:3]] for c in get_class_colours(len(codes))]
+    decisions, folders = read_decisions(exp_dir, cat)[0], _folders(exp_dir)
+    shown = cat[cat["id"].isin(list(folders))].sort_values(["voxels", "id"], ascending=[False, True])
+    rows = {int(r["id"]): r for _, r in shown.iterrows()}
+    looks = {sid: specimen_look(r, decisions.get(sid), codes, colours) for sid, r in rows.items()}
+    ids, cols = list(looks), min(10, max(1, len(looks)))
+    pages = ["gallery.png" if k == 0 else f"gallery_{k + 1:02d}.png" for k in range(math.ceil(len(ids) / per_page))]
+    old = read_json(exp_dir / GALLERY_RECORD) or {}
+    same_layout = (old.get("ids") == ids and old.get("layout") == [per_page, tile, cols]
+                   and all((exp_dir / p).exists() for p in pages))
+    drawn = {int(k): v for k, v in old.get("looks", {}).items()} if same_layout else {}
+    changed = {sid for sid in ids if drawn.get(sid) != looks[sid]}
+    central = {}  # the slices at the centroid of the crops read for a preview, for their tile
+    for sid in ids:
+        p = folders[sid] / f"{folders[sid].name}_preview.png"
+        if sid in changed or not p.exists():
+            mask, ct = _crops(folders[sid])
+            _save_png(_preview(ct, mask, rows[sid], looks[sid]), p)
+            z = _centre(mask)[0]
+            central[sid] = mask[z], ct[z]
+    if not same_layout:
+        for p in exp_dir.glob("gallery*.png"):
+            p.unlink()
+    font, table = _font(11), []
+    for k, name in enumerate(pages):
+        on_page = ids[k * per_page:(k + 1) * per_page]
+        slots = [(sid, 6 + (j % cols) * (tile + 6), 22 + (j // cols) * (tile + 32)) for j, sid in enumerate(on_page)]
+        table += [{"id": sid, **looks[sid], "page": name, "left": x0, "top": y0, "size": tile,
+                   "redrawn": sid in changed} for sid, x0, y0 in slots]
+        if not changed.intersection(on_page):
+            continue
+        if same_layout:
+            page = Image.open(exp_dir / name).convert("RGB")
+        else:
+            page = Image.new("RGB", (cols * (tile + 6) + 6, 26 + math.ceil(len(on_page) / cols) * (tile + 32)), "white")
+            _draw_header(ImageDraw.Draw(page), f"{len(ids)} specimens, largest first, page {k + 1} of {len(pages)}:",
+                         codes, colours, font, page.size[0])
+        for sid, x0, y0 in slots:
+            if sid in changed:
+                _draw_tile(page, x0, y0, sid, looks[sid], central.pop(sid, None) or _crops(folders[sid], False), tile, font)
+        _save_png(page, exp_dir / name)
+    if ids or old:
+        write_json(exp_dir / GALLERY_RECORD, {"layout": [per_page, tile, cols], "ids": ids, "pages": pages,
+                                              "looks": {str(k): v for k, v in looks.items()}})
+    table = pd.DataFrame(table, columns=["id", "name", "status", "colour", "marker", "page", "left", "top", "size",
+                                         "redrawn"])
+    table["colour"] = ["#%02x%02x%02x" % tuple(c) for c in table["colour"]]
+    return table

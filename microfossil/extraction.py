@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import export_specimen, mesh, write_gallery
+from .exports import GALLERY_RECORD, draw_gallery, export_specimen, mesh
 from .io import PREDICTION_RECORD, file_stamp, read_json, write_csv, write_json, write_label_tiff
 from .specimens import SPECIMEN_FEATURES, centroid, class_counts, descriptors, find_specimens, paint_classes
 from .volume import Volume, read_voxel_size
@@ -119,7 +119,8 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
       the same for every true specimen (more examples for the classifier);
     - for the `max_exports` largest specimens, `exports/fossil_<id>/` with the CT crop
       (`margin` voxels around) and its mask as multi-page TIFFs (voxel size in the ImageJ
-      metadata), an STL mesh in µm and a preview PNG; and `exports/gallery*.png`.
+      metadata), an STL mesh in µm and a preview PNG; and `exports/gallery*.png` (`exports.draw_gallery`, which
+      the specimen classifier and the review call again when a class or a decision changes).
     `pred` is the label volume from `predict_volume` (default: read `predictions/labels.tif`).
     `predictions` is the folder the prediction is read from (default: `work_dir/predictions`),
     and `slices` (a `slice` of z) extracts from those slices alone, as if the volume were
@@ -162,6 +163,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     N = len(parts)
     width = max(4, len(str(N)))
     exported_ids = {k + 1 for k in sorted(range(N), key=lambda k: -parts[k][2])[:max(0, int(max_exports))]}
+    (exp_dir / GALLERY_RECORD).unlink(missing_ok=True)  # it described the previous extraction's previews and tiles
     for old in exp_dir.glob("fossil_*"):  # a previous extraction's folders (review.csv is kept)
         if old.is_dir() and re.fullmatch(r"fossil_\d+", old.name):
             shutil.rmtree(old)
@@ -169,7 +171,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     Z, H, W = vol.shape
     id_of_label = np.zeros(int(cc.max()) + 1 if cc.size else 1, np.uint32)
     class_of_id = np.zeros(N + 1, np.uint8)
-    rows, tiles, feats = [], [], []
+    rows, feats = [], []
     for sid, (lbl, bb, nv) in enumerate(parts, 1):
         local = cc[bb] == lbl
         f = _features(vol, pred, bb, local, codes)
@@ -199,11 +201,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
             **{k: v for k, v in f.items() if k.startswith("frac_")}, "exported": sid in exported_ids,
         })
         if sid in exported_ids:
-            title = (f"#{sid}  {codes[cls]}  volume {volume:.4g} um^3  ESD {rows[-1]['esd_um']:.3g} um  "
-                     f"sphericity {rows[-1]['sphericity']:.2f}  confidence {conf:.2f}")
-            mip = export_specimen(exp_dir / f"fossil_{sid:0{width}d}", vol.images, cc, lbl, bb, margin, spacing,
-                                  verts, faces, title)
-            tiles.append((nv, sid, codes[cls], mip))
+            export_specimen(exp_dir / f"fossil_{sid:0{width}d}", vol.images, cc, lbl, bb, margin, spacing, verts, faces)
     cat = pd.DataFrame(rows, columns=CATALOGUE_COLUMNS + [f"frac_{c}" for c in codes[1:]] + ["exported"])
     write_csv(exp_dir / "fossils.csv", cat)
     truth_cols = [f"truth_{c}" for c in codes] if vol.labels is not None else []
@@ -215,15 +213,14 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     paint_classes(pred_dir, class_of_id)
     if vol.labels is not None:
         _truth_features(vol, pred, connectivity, min_vox, exp_dir / "truth_features.csv")
-    tiles.sort(key=lambda t: (-t[0], t[1]))
-    pages = write_gallery(exp_dir, [t[1:] for t in tiles])
+    pages = list(dict.fromkeys(draw_gallery(work_dir)["page"]))  # after the catalogue: they show its classes
     info = {"n_components": int(n), "n_dropped_small": int(n - n_kept), "n_split_parts": N - n_kept if split_touching else 0,
             "n_specimens": N, "n_exported": len(exported_ids), "min_voxels": min_vox,
             "min_voxels_param": int(min_voxels), "min_volume_um3": float(min_volume_um3 or 0),
             "voxel_size_um": spacing, "voxel_size_source": vs_source, "connectivity": connectivity,
             "split_touching": bool(split_touching), "split_min_distance_um": split_min_distance_um, "margin": margin, "max_exports": int(max_exports),
             "class_from": "mean probability" if probs is not None else "majority predicted class",
-            "gallery_pages": [p.name for p in pages], "seconds": round(time.time() - t0, 1),
+            "gallery_pages": pages, "seconds": round(time.time() - t0, 1),
             "codes": codes, "shape": list(vol.shape), "z_offset": z_offset,
             "checkpoint": (record or {}).get("checkpoint"), "prediction": str(src),
             "per_class": {c: int((cat["class"] == c).sum()) for c in codes[1:]}}

@@ -141,23 +141,56 @@ class _Progress(ProgressCallback):
             self._shown, self.pbar.comment = now, f"{float(self.smooth_loss):.4f}"
 
 
-def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True):
+class CrossEntropyDiceLoss:
+    """Per-pixel cross-entropy plus the batch soft Dice loss of the fossil classes (nnU-Net's "batch Dice").
+
+    The Dice of each class other than `background` is taken over the whole batch (not per
+    image, where a class absent from an image has no Dice), and the loss adds 1 - their mean
+    to the cross-entropy. A fossil class that covers a fraction of a percent of the pixels
+    then weighs as much as the background does in the cross-entropy.
+    """
+    def __init__(self, axis=1, background=0, smooth=1.0):
+        self.axis, self.background, self.smooth = axis, background, smooth
+        self.ce = CrossEntropyLossFlat(axis=axis)
+
+    def __call__(self, pred, targ):
+        ce = self.ce(pred, targ)
+        p = torch.softmax(pred.float(), self.axis)
+        onehot = torch.nn.functional.one_hot(targ.long(), p.shape[self.axis]).movedim(-1, self.axis).to(p.dtype)
+        dims = [d for d in range(p.ndim) if d != self.axis]
+        inter, total = (p * onehot).sum(dims), p.sum(dims) + onehot.sum(dims)
+        dice = (2 * inter + self.smooth) / (total + self.smooth)
+        keep = torch.arange(len(dice), device=dice.device) != self.background
+        return ce + (1 - dice[keep]).mean()
+
+    def activation(self, x): return torch.softmax(x, self.axis)
+
+    def decodes(self, x): return x.argmax(self.axis)
+
+
+LOSSES = {"cross_entropy": lambda: CrossEntropyLossFlat(axis=1), "ce_dice": CrossEntropyDiceLoss}
+
+
+def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True, loss="cross_entropy"):
     """fastai U-Net learner on `dls` with encoder `arch`; ImageNet weights when they can be had, else random init.
 
     With `dls.context_slices` = k other than 1 or 3 the first convolution takes k channels
     (fastai adapts the pretrained filters to them); k = 3 uses the ImageNet RGB filters as they are.
+    `loss`: "cross_entropy" (the published recipe) or "ce_dice" (`CrossEntropyDiceLoss`).
     """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, not {loss!r}")
     requested = pretrained
     if pretrained:
         pretrained = _imagenet_weights_ok(arch)
     context = getattr(dls, "context_slices", 1)
     learn = unet_learner(dls, encoder(arch), normalize=False, n_out=len(dls.codes), pretrained=pretrained,
-                         n_in=n_input_channels(context), loss_func=CrossEntropyLossFlat(axis=1), wd=wd,
+                         n_in=n_input_channels(context), loss_func=LOSSES[loss](), wd=wd,
                          path=Path(work_dir), opt_func=_adamw, metrics=epoch_metrics(dls.codes) if metrics else None)
     learn.remove_cb(ProgressCallback)
     learn.add_cbs([_Progress(), _NoStepSync()])
     learn.freeze()  # the published schedule starts frozen even without ImageNet weights
-    learn.arch_name = arch if isinstance(arch, str) else arch.__name__
+    learn.arch_name, learn.loss_name = (arch if isinstance(arch, str) else arch.__name__), loss
     learn.pretrained, learn.used_pretrained = bool(requested), pretrained  # asked for; had (False when offline)
     learn.at_init = True  # the weights as built: a phase starting here keeps them (PhaseCheckpoint)
     return _mixed_precision(learn)

@@ -21,6 +21,8 @@ from fastai.vision.augment import RandTransform
 from .split import split_volume
 from .volume import DatasetError
 
+FOSSIL_CROP_SHARE = 0.5  # training crops centred near a fossil (the others anywhere): fossils are rare voxels
+
 
 def get_device(verbose=True):
     """Return the torch device to use: CUDA, then Apple MPS, else CPU (with a visible message)."""
@@ -36,15 +38,15 @@ def get_device(verbose=True):
     return dev
 
 
-def stage_size(shape, size_frac, quick=False):
+def stage_size(shape, size_frac, smoke=False):
     """(height, width) for training at `size_frac` of slice `shape`.
 
-    Quick mode caps the longest side (64 px at 1/4 and 1/2, 128 px at full); the
+    The smoke setting caps the longest side (64 px at 1/4 and 1/2, 128 px at full); the
     shorter side never goes below 32 px (the encoder downsamples 32x) unless the slice is smaller.
     """
     h, w = shape[-2:]
     s = size_frac
-    if quick:
+    if smoke:
         s = min(s, max(64, int(128 * size_frac)) / max(h, w))
     s = min(1.0, max(s, 32 / min(h, w)))
     return int(round(h * s)), int(round(w * s))
@@ -62,15 +64,23 @@ class _VolumeDL(TfmdDL):
     indexing op: no per-slice Python, decoding or host-to-device copy on the training path.
     `split` is 0 for training (augmented) and 1 for validation. A `TfmdDL`, so that
     fastai's `show_batch`, `show_results` and `get_preds` work on it.
+
+    `crop` (training, axial plane): each item is a `crop` x `crop` window of its slice
+    instead of the whole slice, centred near a labelled fossil pixel (`fg_points[z]`, (n, 2)
+    arrays of y, x) for a `FOSSIL_CROP_SHARE` of the items and anywhere for the others; still
+    one gather into the volume per batch.
     """
-    def __init__(self, planes=None, idx=None, context=1, extra=0, split=0, dataset=None, **kwargs):
+    def __init__(self, planes=None, idx=None, context=1, extra=0, split=0, dataset=None, crop=None, fg_points=None,
+                 **kwargs):
         self.planes, self.context, self.extra, self.split = planes, context, extra, split
+        self.crop, self.fg_points = crop, fg_points
         kwargs.setdefault("do_setup", False)  # the batch transforms need no statistics from the data
         super().__init__(dataset=np.asarray(idx if idx is not None else dataset), **kwargs)
 
     def new(self, dataset=None, cls=None, **kwargs):  # fastai's `new` (get_preds, show_batch) with the planes kept
         return super().new(dataset, cls, **{"planes": self.planes, "context": self.context, "extra": self.extra,
-                                            "split": self.split, **kwargs})
+                                            "split": self.split, "crop": self.crop, "fg_points": self.fg_points,
+                                            **kwargs})
 
     def before_iter(self):
         super().before_iter()  # TfmdDL's takes the batch transforms' split from a fastai Datasets, which is not here
@@ -100,13 +110,46 @@ class _VolumeDL(TfmdDL):
         # All the epoch's indices go to the volume's device in ONE copy: a per-batch host-to-device copy would
         # make the CPU wait for the GPU every step and stop it preparing the next batch.
         images = self.planes[0][0]
-        idx = torch.as_tensor(np.concatenate(groups).astype(np.int64), device=images.device)
+        host_idx = np.concatenate(groups).astype(np.int64)
+        idx = torch.as_tensor(host_idx, device=images.device)
         offs = torch.arange(self.context, device=images.device) - self.context // 2
         for p, a, b in batches:
             imgs, labels, lo, hi = self.planes[p]
             z = idx[a:b]
             zz = (z[:, None] + offs).clamp_(lo, hi - 1)
-            yield TensorImage(imgs[zz]), TensorMask(labels[z])
+            if self.crop and p == 0:
+                rows, cols = self._crop_windows(host_idx[a:b], imgs.shape[-2:], imgs.device)
+                yield (TensorImage(imgs[zz[:, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]),
+                       TensorMask(labels[z[:, None, None], rows[:, :, None], cols[:, None, :]]))
+            else:
+                yield TensorImage(imgs[zz]), TensorMask(labels[z])
+
+    def _crop_windows(self, zs, shape, device):
+        """Row and column indices (B, crop) of one crop window per slice `zs`, drawn on the host with `self.rng`."""
+        (H, W), c, r = shape, self.crop, self.rng
+        y0, x0 = np.empty(len(zs), np.int64), np.empty(len(zs), np.int64)
+        for i, z in enumerate(zs):
+            pts = self.fg_points.get(int(z)) if self.fg_points else None
+            if pts is not None and len(pts) and r.random() < FOSSIL_CROP_SHARE:
+                cy, cx = pts[r.randrange(len(pts))]  # a fossil pixel, somewhere in the window's middle half
+                cy, cx = cy + r.randint(-c // 4, c // 4), cx + r.randint(-c // 4, c // 4)
+            else:
+                cy, cx = r.randrange(H), r.randrange(W)
+            y0[i], x0[i] = min(max(cy - c // 2, 0), H - c), min(max(cx - c // 2, 0), W - c)
+        ar = np.arange(c)
+        return (torch.as_tensor(y0[:, None] + ar, device=device), torch.as_tensor(x0[:, None] + ar, device=device))
+
+
+def _fossil_points(labels, idx, per_slice=512, seed=0):
+    """{z: (n, 2) int array of (y, x)} of up to `per_slice` labelled fossil pixels of each slice `idx` of `labels`."""
+    rng, out = np.random.default_rng(seed), {}
+    for z in idx:
+        pts = torch.nonzero(labels[int(z)] > 0).cpu().numpy()
+        if len(pts) > per_slice:
+            pts = pts[rng.choice(len(pts), per_slice, replace=False)]
+        if len(pts):
+            out[int(z)] = pts
+    return out
 
 
 def _to_tensor(arr, where, size=None, mask=False, compute=None, chunk=64):
@@ -288,8 +331,8 @@ def _orthogonal_planes(images, labels, n_train):
     return out
 
 
-def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True, device=None, seed=0,
-             context_slices=1, triplanar=False, gap_slices=None):
+def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True, device=None, seed=0,
+             context_slices=1, triplanar=False, gap_slices=None, crop_size=None):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block trains, the held-out
     block (the last `valid_pct` of z) validates, and the `gap_slices` between them do neither (see `split`).
 
@@ -302,6 +345,12 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
     random XZ and as many random YZ slices, resized by the same factor; validation stays on
     the axial held-out block. `seed` seeds the order of the training slices (`PhaseCheckpoint`
     seeds everything again when a phase starts training). `dls.split` is the `Split`.
+
+    `crop_size` (px, at the stage size): train on `crop_size` x `crop_size` windows of the
+    training slices instead of whole slices, half of them centred near a labelled fossil
+    (fossils are a fraction of a percent of the voxels); an epoch draws as many windows as
+    cover the training slices' area once. Validation stays on whole slices. None, or a crop
+    as large as the slice: whole slices (the published recipe).
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
@@ -309,7 +358,13 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
     device = device or get_device(verbose=False)
     split = split_volume(vol, valid_pct, gap_slices)
     train_idx, valid_idx = split.train, split.valid
-    size = stage_size(vol.shape, size_frac, quick)
+    size = stage_size(vol.shape, size_frac, smoke)
+    crop = int(crop_size) if crop_size and int(crop_size) < min(size) else None
+    if crop is not None and crop < 32:
+        raise ValueError(f"crop_size={crop_size} is below 32 px, the encoder's downsampling factor: use 32 or more.")
+    if crop is not None and triplanar:
+        raise ValueError("crop_size and triplanar=True together are not supported: set crop_size=None for tri-planar "
+                         "training (its XZ and YZ slices are already small).")
     bs = max(1, min(bs, len(train_idx)))
     # The volume is held once at the stage size (tri-planar: at full size, since its XZ/YZ slices are resized
     # along z too); batches are then gathered from it with no per-batch resize.
@@ -326,8 +381,13 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
         train_size = {(H, W): size, (n_train, W): (max(1, round(n_train * s)), size[1]),
                       (n_train, H): (max(1, round(n_train * s)), size[0])}
     common = dict(bs=bs, num_workers=0, device=device, context=context_slices)
-    train = _VolumeDL(planes=planes, idx=train_idx, shuffle=True, drop_last=n_train >= 2 * bs,
-                      extra=n_train if triplanar else 0, split=0,
+    items, fg_points = train_idx, None
+    if crop is not None:
+        train_size = (crop, crop)
+        items = np.repeat(train_idx, max(1, round(size[0] * size[1] / crop ** 2)))  # an epoch covers the area once
+        fg_points = _fossil_points(labels, train_idx, seed=seed)
+    train = _VolumeDL(planes=planes, idx=items, shuffle=True, drop_last=len(items) >= 2 * bs,
+                      extra=n_train if triplanar else 0, split=0, crop=crop, fg_points=fg_points,
                       after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes), **common)
     train.rng = random.Random(seed)
     valid = _VolumeDL(planes=[(images, labels, split.valid_start, len(vol.images))],
@@ -335,5 +395,5 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, quick=False, augment=True,
                       after_batch=batch_tfms(size, False, device, context_slices, vol.codes), **common)
     dls = DataLoaders(train, valid, device=device)
     dls.c, dls.codes, dls.size, dls.valid_idx, dls.split = len(vol.codes), vol.codes, size, valid_idx, split
-    dls.context_slices, dls.triplanar, dls.seed = int(context_slices), bool(triplanar), int(seed)
+    dls.context_slices, dls.triplanar, dls.seed, dls.crop_size = int(context_slices), bool(triplanar), int(seed), crop
     return dls

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]  # the project folder: data/, runs/, 
 DRIVE_RUNS = Path("/content/drive/MyDrive/microfossil_runs")  # Colab: runs on Drive survive a disconnect
 
 
-def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, sample_size="default", seed=0):
+def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, sample_size="default", seed=0, smoke=False):
     """Return `(data_dir, work_dir)` as Paths, making the embedded sample or downloading `data_url` when needed.
 
     `data_dir=None` means the embedded sample of size `sample_size` (a key of
     `SAMPLE_SIZES`) drawn from `seed`, generated once under `data/` (`sample_default`, then
     `sample_default_seed1`, ...). `work_dir=None` means
-    `runs/<dataset>[_quick]` locally, and the same under MyDrive/microfossil_runs in Colab.
+    `runs/<dataset>[_quick|_smoke]` locally, and the same under MyDrive/microfossil_runs in Colab.
     """
     if data_url:
         data_dir = fetch_dataset(data_url)
@@ -37,7 +37,7 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
                            "train/, train_masks_labels/ and codes.txt, or leave it None for the embedded sample.")
     if work_dir is None:
         base = DRIVE_RUNS if "google.colab" in sys.modules else ROOT / "runs"
-        work_dir = base / (data_dir.name + ("_quick" if quick else ""))
+        work_dir = base / (data_dir.name + ("_smoke" if smoke else "_quick" if quick else ""))
     work_dir = Path(work_dir).expanduser().resolve()
     if work_dir == data_dir or data_dir in work_dir.parents:
         raise DatasetError(f"work_dir {work_dir} is inside the dataset folder {data_dir}; "

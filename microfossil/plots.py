@@ -12,12 +12,31 @@ import numpy as np
 from .io import attempt_files
 
 
+def get_class_colours(n):
+    """RGBA colours `(n, 4)` of `n` classes, as every figure and the gallery draw them; class 0, the background,
+    transparent."""
+    import matplotlib
+    cols = matplotlib.colormaps["tab10" if n <= 10 else "tab20"](np.arange(n) % (10 if n <= 10 else 20))
+    cols[0, 3] = 0
+    return cols
+
+
 def _cmap(n):
     import matplotlib.colors as mcolors
+    return mcolors.ListedColormap(get_class_colours(n))
+
+
+def _image_panels(rows, aspects, width, title_in=0.3, gap_in=0.15):
+    """Figure of `rows` rows of image panels, column widths in proportion to `aspects` (width / height of each
+    column's images), sized so that every image fills its panel: no band around the images."""
     import matplotlib.pyplot as plt
-    cols = plt.get_cmap("tab10" if n <= 10 else "tab20")(np.arange(n) % (10 if n <= 10 else 20))
-    cols[0, 3] = 0  # background transparent
-    return mcolors.ListedColormap(cols)
+    h = (width - gap_in * (len(aspects) - 1)) / sum(aspects)  # every panel of a row is h inches high
+    height = rows * (h + title_in)
+    fig, axs = plt.subplots(rows, len(aspects), figsize=(width, height), squeeze=False,
+                            gridspec_kw={"width_ratios": aspects})
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - title_in / height, hspace=title_in / h,
+                        wspace=gap_in * len(aspects) / (width - gap_in * (len(aspects) - 1)))
+    return fig, axs
 
 
 def _overlay(ax, img, lab, n, title=None):
@@ -28,11 +47,21 @@ def _overlay(ax, img, lab, n, title=None):
     if title: ax.set_title(title, fontsize=9)
 
 
+def _legend_under(fig, handles, axes=None, **kwargs):
+    """A legend of `handles` centred right under `axes` (default: every panel of `fig`), below their tick and axis
+    labels: no empty band between the panels and the legend once saved with a tight bounding box."""
+    boxes = [fig.transFigure.inverted().transform_bbox(ax.get_tightbbox()) for ax in (axes or fig.axes)]
+    x = (min(b.x0 for b in boxes) + max(b.x1 for b in boxes)) / 2
+    return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(x, min(b.y0 for b in boxes)),
+                      frameon=False, fontsize=8, **kwargs)
+
+
 def _legend(fig, codes):
+    """Legend of the fossil classes (the background left out), right under the panels."""
     import matplotlib.patches as mpatches
-    cm = _cmap(len(codes))
-    fig.legend(handles=[mpatches.Patch(color=cm(i), label=c) for i, c in enumerate(codes) if i],
-               loc="lower center", ncol=min(6, len(codes)), fontsize=8, frameon=False)
+    cols = get_class_colours(len(codes))
+    _legend_under(fig, [mpatches.Patch(color=cols[i], label=c) for i, c in enumerate(codes) if i],
+                  ncol=min(6, len(codes)))
 
 
 def save_figure(path, fig=None):
@@ -45,11 +74,12 @@ def save_figure(path, fig=None):
 
 def plot_slice(vol, z=None, path=None):
     """Slice `z` (default: the one with most fossil pixels) beside its mask overlay."""
-    import matplotlib.pyplot as plt
     if z is None:
         z = int(np.argmax([(vol.labels[k] > 0).sum() for k in range(len(vol.images))])) if vol.labels is not None \
             else len(vol.images) // 2
-    fig, axs = plt.subplots(1, 2, figsize=(10, 5))
+    aspect = vol.shape[2] / vol.shape[1]
+    fig, axs = _image_panels(1, [aspect, aspect], 10)
+    axs = axs[0]
     _overlay(axs[0], vol.images[z], None, 1, f"slice {z}: {vol.stems[z]}")
     _overlay(axs[1], vol.images[z], vol.labels[z] if vol.labels is not None else None, len(vol.codes), "labels")
     if vol.labels is not None: _legend(fig, vol.codes)
@@ -59,13 +89,12 @@ def plot_slice(vol, z=None, path=None):
 
 def plot_orthoviews(vol, labels=None, path=None):
     """Orthogonal views XY, XZ and YZ through the volume centre, image on top and labels overlaid below."""
-    import matplotlib.pyplot as plt
     labels = vol.labels if labels is None else labels
     Z, H, W = vol.shape
     views = [("XY (z=%d)" % (Z // 2), lambda a: a[Z // 2]), ("XZ (y=%d)" % (H // 2), lambda a: a[:, H // 2]),
              ("YZ (x=%d)" % (W // 2), lambda a: a[:, :, W // 2])]
     rows = 1 if labels is None else 2
-    fig, axs = plt.subplots(rows, 3, figsize=(14, 4.5 * rows), squeeze=False)
+    fig, axs = _image_panels(rows, [W / H, W / Z, H / Z], 14)
     for j, (t, f) in enumerate(views):
         _overlay(axs[0, j], f(vol.images), None, 1, t)
         if labels is not None:
@@ -130,16 +159,16 @@ def plot_history(work_dir, names, path=None):
     axs[0].set(xlabel="epoch", ylabel="loss")
     axs[1].set(xlabel="epoch", ylabel="mean IoU (held-out block, stage size)")
     for a in axs:
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            _legend_under(fig, a.get_legend_handles_labels()[0], axes=[a], ncol=2)
     save_figure(path, fig)
     return fig
 
 
 def plot_predictions(vol, pred, idx, path=None):
     """Image, ground truth and prediction side by side for slices `idx`."""
-    import matplotlib.pyplot as plt
     idx = list(idx)
-    fig, axs = plt.subplots(len(idx), 3, figsize=(12, 4 * len(idx)), squeeze=False)
+    fig, axs = _image_panels(len(idx), [vol.shape[2] / vol.shape[1]] * 3, 12)
     for r, z in enumerate(idx):
         _overlay(axs[r, 0], vol.images[z], None, 1, f"slice {z}")
         _overlay(axs[r, 1], vol.images[z], vol.labels[z] if vol.labels is not None else None, len(vol.codes),
@@ -171,6 +200,7 @@ def plot_split(vol, split, path=None):
     lo = split.left_out.get("specimens", 0)
     ax.set_title(f"split: gap {split.valid_start - split.n_train} slices; "
                  f"{lo} specimen(s) in both blocks, left out of the held-out scores", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    handles = ax.get_legend_handles_labels()[0]
+    _legend_under(fig, handles, ncol=min(5, len(handles)))
     save_figure(path, fig)
     return fig

@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from .exports import draw_gallery, read_decisions
 from .io import replacing
 
 REVIEW_COLUMNS = ["id", "decision", "taxon", "predicted_class", "confidence", "voxels",
@@ -40,28 +39,8 @@ class ReviewSession:
                                     "with the same work_dir.")
         self.cat = pd.read_csv(cat_path).set_index("id", drop=False).rename_axis(None)
         self.codes = [c[5:] for c in self.cat.columns if c.startswith("frac_")]
-        self.decisions, self.stale = {}, []
         self._folders = {int(d.name[7:]): d for d in self.exp_dir.glob("fossil_*") if d.name[7:].isdigit()}
-        if self.path.exists():
-            cents = self.cat[["centroid_z", "centroid_y", "centroid_x"]].to_numpy(float)
-            for r in pd.read_csv(self.path, dtype=str, keep_default_na=False).to_dict("records"):
-                sid = self._match(r, cents, tol)
-                if sid is None or sid in self.decisions:
-                    self.stale.append(r)
-                else:
-                    self.decisions[sid] = {**r, "id": sid}
-
-    def _match(self, r, cents, tol):
-        try:
-            c = np.array([float(r["centroid_z"]), float(r["centroid_y"]), float(r["centroid_x"])])
-        except (KeyError, ValueError):
-            return None
-        if not len(cents):
-            return None
-        d = np.linalg.norm(cents - c, axis=1)
-        same = self.cat.index == int(float(r.get("id") or -1))
-        k = int(np.flatnonzero(same)[0]) if same.any() and d[same][0] <= tol else int(np.argmin(d))
-        return int(self.cat.index[k]) if d[k] <= tol else None
+        self.decisions, self.stale = read_decisions(self.exp_dir, self.cat, tol)
 
     def taxa(self):
         """Taxa to offer: the model's fossil classes, then every taxon typed so far."""
@@ -73,7 +52,8 @@ class ReviewSession:
         return self.decisions.get(int(sid))
 
     def set(self, sid, decision=None, taxon=None):
-        """Record `decision` ("accepted", "rejected" or "" to undo) and/or `taxon` for specimen `sid`; saved at once."""
+        """Record `decision` ("accepted", "rejected" or "" to undo) and/or `taxon` for specimen `sid`; saved at once,
+        and its preview and gallery tile drawn again when what they show changed."""
         sid = int(sid)
         if decision not in (None, "", "accepted", "rejected"):
             raise ValueError(f"decision must be 'accepted', 'rejected' or '', not {decision!r}")
@@ -89,6 +69,7 @@ class ReviewSession:
             d["taxon"] = str(taxon).strip()
         self.decisions[sid] = d
         self.save()
+        draw_gallery(self.exp_dir.parent)
         return d
 
     def save(self):

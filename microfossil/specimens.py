@@ -13,6 +13,7 @@ import numpy as np
 
 from .io import read_label_pages, write_label_tiff
 
+NOT_A_FOSSIL = "not a fossil"  # the class of a specimen that the specimen classifier calls no fossil (it is `flagged`)
 SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "box_fill", "solidity", "enclosed",
                      "n_peaks", "peaks_per_1000_voxels", "max_thickness", "mean_thickness", "intensity_p10",
                      "intensity_p50", "intensity_p90", "intensity_std"]

@@ -35,7 +35,9 @@ from .loaders import n_input_channels
 from .split import check_split
 
 PLAN_KEYS = ("epochs", "lr", "pct_start", "div", "div_final", "moms", "wd", "bs", "size", "frozen", "context_slices",
-             "triplanar", "train_slices", "gap_slices", "valid_slices", "seed", "arch", "codes", "start")
+             "triplanar", "train_slices", "gap_slices", "valid_slices", "seed", "arch", "codes", "start", "loss",
+             "crop_size")
+_PLAN_DEFAULTS = {"loss": "cross_entropy", "crop_size": None}  # what a record made before these keys existed used
 
 
 def checkpoint_files(work_dir, name):
@@ -125,7 +127,7 @@ def _plan_of(rec, plan):
     if rec is None:
         return None
     if "plan" in rec:
-        return {k: rec["plan"].get(k) for k in PLAN_KEYS}
+        return {k: rec["plan"].get(k, _PLAN_DEFAULTS.get(k)) for k in PLAN_KEYS}
     return {k: rec.get(k, plan[k]) for k in PLAN_KEYS}
 
 
@@ -193,7 +195,8 @@ class PhaseCheckpoint(Callback):
                 "frozen": bool(opt.frozen_idx), "context_slices": int(getattr(dls, "context_slices", 1)),
                 "triplanar": bool(getattr(dls, "triplanar", False)), "train_slices": None, "gap_slices": None,
                 **split, "seed": getattr(dls, "seed", None),
-                "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name()}
+                "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name(),
+                "loss": getattr(learn, "loss_name", "cross_entropy"), "crop_size": getattr(dls, "crop_size", None)}
 
     # --- attempts ---
     def _attempt_numbers(self):

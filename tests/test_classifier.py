@@ -5,13 +5,18 @@ import json
 import numpy as np
 import pandas as pd
 import tifffile
+from PIL import Image
 
 from conftest import volume_of
 from microfossil.classifier import NOT_A_FOSSIL, classify_specimens
 from microfossil.evaluation import evaluate_heldout, save_metrics
+from microfossil.exports import draw_gallery
 from microfossil.extraction import extract_fossils
 from microfossil.review import ReviewSession, read_review
 from microfossil.split import split_volume
+
+
+COLOURS = {"shell": (255, 127, 14), "chain": (44, 160, 44)}  # the figures' colours of classes 1 and 2
 
 
 def _rotation(rng):
@@ -51,8 +56,9 @@ def shells_and_chains(tmp_path, seed=0):
 def test_classifier_tells_shells_from_chains(tmp_path, capsys):
     vol, pred = shells_and_chains(tmp_path)
     work = tmp_path / "run"
-    cat0 = extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    cat0 = extract_fossils(vol, work, pred, min_voxels=50, max_exports=12)
     assert len(cat0) == 80 and (cat0["class"] == "shell").all()  # the segmentation confused every chain
+    assert set(draw_gallery(work)["name"]) == {"shell"}
     assert (work / "exports" / "truth_features.csv").exists()
     split = split_volume(vol, 0.2)
     assert split.n_train == split.valid_start == 72  # the cells keep every specimen in one block: no gap
@@ -66,9 +72,19 @@ def test_classifier_tells_shells_from_chains(tmp_path, capsys):
     acc = (cat["class"].to_numpy()[held_out] == truth[held_out]).mean()
     assert acc >= 0.9, acc
     assert (cat["seg_class"] == "shell").all() and cat["class_probability"].between(0, 1).all()
+    tiles = draw_gallery(work).set_index("id")  # classify_specimens drew them again: nothing left to draw
+    assert not tiles["redrawn"].any() and len(tiles) == 12
+    now = cat.set_index("id").loc[tiles.index, "class"]
+    assert (tiles["name"] == now).all() and {"shell", "chain"} <= set(now)
+    page = np.asarray(Image.open(work / "exports" / "gallery.png").convert("RGB"))
+    for sid, t in tiles.iterrows():  # each tile's outline in its new class colour, none in the other
+        px = page[t["top"]:t["top"] + t["size"], t["left"]:t["left"] + t["size"]].reshape(-1, 3)
+        mine, other = (COLOURS["shell"], COLOURS["chain"])[::1 if t["name"] == "shell" else -1]
+        assert (px == mine).all(1).sum() > 50 and not (px == other).all(1).any(), sid
     save_metrics(work, vol, pred, split)
     scores = evaluate_heldout(vol, work, split, pred)  # the held-out block on its own: the same gain
     before, after = scores["extraction"], scores["classifier"]
+    assert not list((work / "heldout" / "exports").glob("gallery*"))  # max_exports=0 there: nothing drawn
     assert after["class_f1"] > before["class_f1"] + 0.3
     assert after["labels_clean"]["iou"]["chain"] > 0.8  # the held-out clean labels were repainted
     js = json.loads((work / "exports" / "classifier.json").read_text())
@@ -80,7 +96,7 @@ def test_review_labels_change_the_classifier(tmp_path, capsys):
     clean label volume; then the review renames the shells' taxon and the classifier follows."""
     vol, pred = shells_and_chains(tmp_path, seed=1)
     work = tmp_path / "run"
-    extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    extract_fossils(vol, work, pred, min_voxels=50, max_exports=6)
     assert classify_specimens(work, use_truth=False, review=read_review(work)) is None  # no review yet: nothing to learn from
     assert "not trained" in capsys.readouterr().out
     feats = pd.read_csv(work / "exports" / "features.csv")
@@ -97,6 +113,13 @@ def test_review_labels_change_the_classifier(tmp_path, capsys):
     ids = tifffile.imread(work / "predictions" / "specimens.tif")
     flagged_ids = cat.loc[cat["flagged"], "id"].to_numpy()
     assert not clean[np.isin(ids, flagged_ids)].any() and clean[np.isin(ids, cat.loc[~cat["flagged"], "id"])].all()
+    tiles = draw_gallery(work).set_index("id")  # the gallery shows each decision, then the classifier's flag
+    assert not tiles["redrawn"].any()
+    for sid, t in tiles.iterrows():
+        d = s.get(sid)
+        want = (d["taxon"] or "shell") if d and d["decision"] == "accepted" else NOT_A_FOSSIL if d or sid in flagged_ids \
+            else cat.set_index("id").loc[sid, "class"]
+        assert t["name"] == want and (t["marker"] == "x") == (want == NOT_A_FOSSIL), (sid, t["name"], want)
     # second round: the reviewer names the accepted shells; the classifier learns the taxon
     for sid, chain in zip(reviewed, is_chain[:40]):
         if not chain:

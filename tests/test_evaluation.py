@@ -8,7 +8,7 @@ import tifffile
 
 from conftest import CODES, ball, make_case, save_probs
 from microfossil.classifier import classify_specimens
-from microfossil.evaluation import (evaluate_heldout, evaluation_markdown, evaluation_row, match_specimens, save_metrics,
+from microfossil.evaluation import (describe_run, evaluate_heldout, evaluation_markdown, evaluation_row, match_specimens, save_metrics,
                                     write_evaluation)
 from microfossil.extraction import extract_fossils
 from microfossil.review import ReviewSession, read_review
@@ -131,3 +131,32 @@ def test_evaluation_table(tmp_path):
     assert lines[2] == "| k=3 | segmentation | 0.99 | 0.50 | 0.67 | 0.50 | 0.70 | n/a | n/a | n/a | n/a |"
     assert lines[3].endswith("| 1.00 | 0.50 | 0.67 | 0.50 |")
     assert json.loads((tmp_path / "evaluation.json").read_text())["rows"][1]["specimen_recall"] == 0.5
+
+
+def test_describe_run_says_what_was_found_how_well_and_where(tmp_path):
+    """The end-of-run summary: specimens by class (flagged ones apart), the held-out IoU of the final labels beside the
+    raw segmentation's, specimens found and F1, and where the gallery, catalogue and review notebook are."""
+    text = describe_run(tmp_path)
+    assert "no catalogue" in text and "no ground truth" in text
+    exp = tmp_path / "exports"
+    exp.mkdir()
+    pd.DataFrame({"id": [1, 2, 3, 4], "class": ["foram", "foram", "ostracod", "not a fossil"],
+                  "flagged": [False, False, False, True]}).to_csv(exp / "fossils.csv", index=False)
+    (exp / "gallery.png").write_bytes(b"")
+    codes = ["bg", "foram", "ostracod"]
+    scores = lambda f, o: {"iou": {"bg": 0.99, "foram": f, "ostracod": o}, "dice": {}, "mean_iou_fossils": 0,  # noqa: E731
+                           "pixel_acc_nonbg": 0}
+    write_evaluation(tmp_path, [evaluation_row("k=3", "segmentation", scores(0.4, None), None),
+                                evaluation_row("k=3", "+ specimen classifier", scores(0.71, 0.35),
+                                               {"recall": 0.75, "f1": 0.8, "class_f1": 0.6, "n_true": 4})], codes)
+    (tmp_path / "metrics.json").write_text(json.dumps({"heldout_slices": [51, 63]}))
+    lines = describe_run(tmp_path, "notebooks/06_review.ipynb").splitlines()
+    assert lines[0] == "Specimens found: 3 (2 foram, 1 ostracod); 1 more flagged 'not a fossil'"
+    assert lines[1] == "Held-out block (slices 51-63), final labels (+ specimen classifier): IoU foram 0.71, ostracod 0.35"
+    assert lines[2] == "  specimens found 3 of 4: F1 0.80, with the right class 0.60"
+    assert lines[3] == "  raw segmentation: IoU foram 0.40, ostracod n/a"
+    assert lines[4] == f"Gallery:    {exp / 'gallery.png'}" and str(exp / "fossils.csv") in lines[5]
+    assert "notebooks/06_review.ipynb" in lines[6]
+    write_evaluation(tmp_path, [evaluation_row("k=3", "extraction", scores(0.0, 0.0),  # no true specimen held out
+                                               {"recall": None, "f1": None, "class_f1": None, "n_true": 0})], codes)
+    assert "  no true specimen in the held-out block: no specimen scores" in describe_run(tmp_path).splitlines()

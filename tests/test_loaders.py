@@ -6,7 +6,8 @@ import torch
 from fastai.vision.all import Pipeline, TensorImage, TensorMask
 
 from conftest import volume_of
-from microfossil.loaders import _Augment, _normalize, _resize_images, _resize_masks, _ToFloat, make_dls, stage_size
+from microfossil import loaders
+from microfossil.loaders import FOSSIL_CROP_SHARE, _Augment, _normalize, _resize_images, _resize_masks, _ToFloat, make_dls, stage_size
 from microfossil.split import split_slices
 
 
@@ -14,8 +15,8 @@ def test_stage_sizes():
     assert stage_size((983, 1004, 956), 0.25) == (251, 239)
     assert stage_size((983, 1004, 956), 0.5) == (502, 478)
     assert stage_size((983, 1004, 956), 1.0) == (1004, 956)
-    assert max(stage_size((983, 1004, 956), 0.25, quick=True)) == 64
-    assert max(stage_size((983, 1004, 956), 1.0, quick=True)) == 128
+    assert max(stage_size((983, 1004, 956), 0.25, smoke=True)) == 64
+    assert max(stage_size((983, 1004, 956), 1.0, smoke=True)) == 128
     assert min(stage_size((10, 96, 96), 0.25)) == 32  # floor: the encoder downsamples 32x
 
 
@@ -127,3 +128,71 @@ def test_batch_types_are_known_without_drawing_a_batch(odd_vol, monkeypatch):
         raise AssertionError("a batch was drawn")
     monkeypatch.setattr(type(dls.train), "create_batches", no_batches)
     assert dls.train.n_inp == 1 and dls.valid.new(shuffle=False).n_inp == 1
+
+
+def _crop_volume(tmp_path):
+    """50 slices of 128 x 128 whose pixels tell where they are (y in even columns, 128 + x // 2 in odd ones), with one
+    6 x 6 fossil (label 1, value 255) a slice at a known place."""
+    Z, H, W = 50, 128, 128
+    yy, xx = np.indices((H, W))
+    images = np.repeat(np.where(xx % 2 == 0, yy, 128 + xx // 2).astype(np.uint8)[None], Z, 0)
+    labels = np.zeros((Z, H, W), np.uint8)
+    for z in range(Z):
+        y, x = (10 + 3 * (z % 5), 100 - 2 * (z % 7))
+        labels[z, y:y + 6, x:x + 6], images[z, y:y + 6, x:x + 6] = 1, 255
+    return volume_of(images, labels, tmp_path)
+
+
+def _fossil_share(vol, monkeypatch, share):
+    """The share of training windows holding a fossil pixel, with `share` of them centred near one."""
+    monkeypatch.setattr(loaders, "FOSSIL_CROP_SHARE", share)
+    dls = make_dls(vol, 1.0, bs=8, augment=False, device=torch.device("cpu"), gap_slices=0, crop_size=48, seed=2)
+    ys = torch.cat([y.as_subclass(torch.Tensor) for _, y in dls.train.new(after_batch=Pipeline([]))])
+    return float((ys == 1).flatten(1).any(1).float().mean())
+
+
+def test_crops_are_windows_of_the_training_slices_half_of_them_on_a_fossil(tmp_path, monkeypatch):
+    """crop_size: training batches are crop x crop windows cut from the training slices (image and mask from the same
+    place), an epoch covers the slices' area once, FOSSIL_CROP_SHARE of the windows are centred near a fossil (and
+    hold it) while the others hold one by chance, and validation stays on whole held-out slices."""
+    vol = _crop_volume(tmp_path)
+    dls = make_dls(vol, 1.0, bs=8, valid_pct=0.2, augment=False, device=torch.device("cpu"), gap_slices=0,
+                   crop_size=48, seed=1)
+    assert dls.crop_size == 48 and dls.size == (128, 128)
+    n_train = dls.split.n_train
+    assert len(dls.train.dataset) == n_train * round(128 * 128 / 48 ** 2)  # 7 windows a slice
+    raw = dls.train.new(after_batch=Pipeline([]))
+    full, labels = torch.from_numpy(vol.images), torch.from_numpy(vol.labels).long()
+    on_fossil = total = 0
+    for x, y in raw:
+        x, y = x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)
+        assert x.shape[1:] == (1, 48, 48) and y.shape[1:] == (48, 48)
+        assert torch.equal(x[:, 0] == 255, y == 1)  # image and mask cut from the same window
+        for xi, yi in zip(x[:, 0], y):  # each window, image and mask, is one of a training slice
+            v0, v1 = int(xi[0, 0]), int(xi[0, 1])  # its first two pixels say where it lies
+            if max(v0, v1) == 255:
+                continue  # a window starting on a fossil: rare, skipped
+            y0, x0 = (v0, 2 * (v1 - 128)) if v0 < 128 else (v1, 2 * (v0 - 128) + 1)
+            win = (slice(y0, y0 + 48), slice(x0, x0 + 48))
+            assert any(torch.equal(full[z][win], xi) and torch.equal(labels[z][win], yi) for z in range(n_train))
+        on_fossil += int((y == 1).flatten(1).any(1).sum())
+        total += len(y)
+    random_share = _fossil_share(vol, monkeypatch, 0.0)  # windows anywhere: here about 0.4 hold a fossil
+    assert _fossil_share(vol, monkeypatch, 1.0) == 1.0 and random_share < 0.6
+    want = FOSSIL_CROP_SHARE + (1 - FOSSIL_CROP_SHARE) * random_share
+    assert abs(on_fossil / total - want) < 0.1, (on_fossil / total, want)
+    xv, yv = dls.valid.one_batch()
+    assert xv.shape[-2:] == yv.shape[-2:] == (128, 128)
+    xt, yt = dls.train.one_batch()  # the batch transforms keep the crop size
+    assert xt.shape[-2:] == yt.shape[-2:] == (48, 48)
+
+
+def test_crop_as_large_as_the_slice_trains_on_whole_slices_and_bad_crops_are_refused(tmp_path):
+    vol = _crop_volume(tmp_path)
+    cpu = torch.device("cpu")
+    dls = make_dls(vol, 0.5, bs=4, device=cpu, gap_slices=0, crop_size=64)  # 64 px: the whole stage-size slice
+    assert dls.crop_size is None and dls.train.one_batch()[0].shape[-2:] == (64, 64)
+    with pytest.raises(ValueError, match="below 32"):
+        make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, crop_size=16)
+    with pytest.raises(ValueError, match="triplanar"):
+        make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, crop_size=48, triplanar=True)

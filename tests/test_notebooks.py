@@ -20,7 +20,7 @@ from microfossil.training import phase_done, read_record
 from microfossil.volume import load_volume
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-COMMON = {"data_dir", "work_dir", "quick", "valid_pct", "gap_slices", "data_url", "sample_size", "seed"}
+COMMON = {"data_dir", "work_dir", "quick", "smoke", "valid_pct", "gap_slices", "data_url", "sample_size", "seed"}
 
 
 def test_numbered_notebooks():
@@ -65,7 +65,7 @@ def test_training_notebooks_show_fastais_own_calls(nb):
 
 
 def test_rerun_with_another_learning_rate_retrains_then_skips(tiny, tmp_path):
-    """02 in quick mode; again with lr_frozen 0.001: phase 1 is trained again (its first attempt kept) and so is
+    """02 in the smoke setting; again with lr_frozen 0.001: phase 1 is trained again (its first attempt kept) and so is
     phase 2, which starts from it; then again unchanged: both are skipped. And 02 in another folder with the first
     run's parameters and seed (and lr_find this time) gives the first run's weights."""
     work = tmp_path / "run"
@@ -74,7 +74,7 @@ def test_rerun_with_another_learning_rate_retrains_then_skips(tiny, tmp_path):
     def run(k, work=work, **params):
         out = tmp_path / f"02_run{k}.ipynb"
         pm.execute_notebook(str(nb), str(out), cwd=str(nb.parent), kernel_name="python3", progress_bar=False,
-                            parameters={"data_dir": str(tiny), "work_dir": str(work), "quick": True, "pretrained": False,
+                            parameters={"data_dir": str(tiny), "work_dir": str(work), "smoke": True, "pretrained": False,
                                         "run_lr_find": False, **params})
         return _printed(out)
     run(1)
@@ -119,8 +119,9 @@ def _check_run(ds, work, n_classes, variant="k=1"):
     for nb in NOTEBOOKS:
         assert (work / "notebooks" / nb.name).exists()
     for fig in ("slice", "orthoviews", "histogram", "split", "lr_find_256_frozen", "lr_find_full_unfrozen",
-                "results_256", "history_full", "predictions_valid"):
+                "results_256", "history_full", "predictions_valid", "slices_truth", "slices_pred"):
         assert (work / "figures" / f"{fig}.png").exists(), fig
+    assert (work / "figures" / "specimens_3d.html").exists()  # headless, the 3D views are HTML pages
     for name in ("256", "512", "full"):
         for phase in ("frozen", "unfrozen"):
             assert phase_done(work, f"{name}_{phase}")
@@ -140,34 +141,49 @@ def _check_run(ds, work, n_classes, variant="k=1"):
     assert "review panel skipped" in text and "No decision in review.csv yet" in text
 
 
-def test_pipeline_quick_on_png_sample(tiny, tmp_path):
+def test_pipeline_smoke_on_png_sample(tiny, tmp_path, capfd):
     before = snapshot(tiny)
     work = tmp_path / "run"
-    assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--quick",
+    assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--smoke",
                               "-p", "pretrained", "False"]) == 0
     _check_run(tiny, work, 3, variant="k=3, flip TTA")  # the defaults
+    out, err = capfd.readouterr()  # the summary a person reads at the end, and no kernel chatter (the kernels' too)
+    assert "All done in" in out and "Specimens found:" in out and "Held-out block" in out
+    assert f"Gallery:    {work / 'exports' / 'gallery.png'}" in out or not (work / "exports" / "gallery.png").exists()
+    assert f"Catalogue:  {work / 'exports' / 'fossils.csv'}" in out and "06_review.ipynb" in out
+    assert "TCP" not in out + err and "WARNING" not in out + err
     assert snapshot(tiny) == before, "the pipeline wrote into the dataset folder"
 
     # re-running a finished stage skips it (the "survives a disconnect" path)
-    assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--quick", "--only", "03",
+    assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--smoke", "--only", "03",
                               "-p", "pretrained", "False"]) == 0
     text = _printed(work / "notebooks" / "03_train_512.ipynb")
     assert "512_frozen: already trained" in text and "512_unfrozen: already trained" in text
 
 
-def test_pipeline_quick_on_unseen_layout(tmp_path):
+def test_pipeline_smoke_on_unseen_layout(tmp_path):
     """Odd slice size, 16-bit multi-page TIFF, other class names and an extra (unused) class; and the 3D-context
     variants all at once: 5 context slices (the first convolution adapted), tri-planar training and prediction,
     flip TTA."""
     ds = make_sample(tmp_path / "odd", n_slices=10, height=75, width=83, seed=9, bit_depth=16, fmt="tif-stack")
     (ds / "codes.txt").write_text("matrix\nbenthic foram\nostracod valve\npyrite\n")
     work = tmp_path / "run"
-    assert run_pipeline.main(["--data-dir", str(ds), "--work-dir", str(work), "--quick",
+    assert run_pipeline.main(["--data-dir", str(ds), "--work-dir", str(work), "--smoke",
                               "-p", "pretrained", "False", "-p", "bs", "3", "-p", "context_slices", "5",
                               "-p", "triplanar", "True", "-p", "tta", "True"]) == 0
     _check_run(ds, work, 4, variant="k=5, tri-planar, flip TTA")
     info = read_record(work, "full_unfrozen")
     assert info["context_slices"] == 5 and info["triplanar"] is True and info["codes"][3] == "pyrite"
+
+
+def test_quick_refuses_a_parameter_it_sets_itself(tiny, tmp_path, capsys):
+    """--quick sets the schedule in the notebooks' quick cell: a -p bs given with it would be silently overridden."""
+    with pytest.raises(SystemExit):
+        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--quick", "-p", "bs", "4"])
+    assert "--quick sets bs itself" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one mode at a time
+        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--quick", "--smoke"])
+    assert not (tmp_path / "w").exists()
 
 
 def test_runner_rejects_unknown_parameter(tiny, tmp_path):

@@ -41,3 +41,10 @@ def test_each_seed_has_its_own_sample_and_run_folder(tmp_path, monkeypatch):
     d1, w1 = paths.resolve_paths(None, None, seed=1)
     assert (d0.name, d1.name) == ("sample_default", "sample_default_seed1") and w0 != w1
     assert (d0 / "sample.json").read_text() != (d1 / "sample.json").read_text()
+
+
+def test_quick_and_smoke_runs_have_their_own_folders(tmp_path, monkeypatch):
+    """The CPU demo and CI's smoke test never write into the run of the published schedule, nor into each other's."""
+    monkeypatch.setattr(paths, "ROOT", tmp_path)
+    names = {paths.resolve_paths(None, None, quick=q, smoke=s)[1].name for q, s in ((0, 0), (1, 0), (0, 1))}
+    assert names == {"sample_default", "sample_default_quick", "sample_default_smoke"}

@@ -1,8 +1,10 @@
-"""Figures: each one drawn and saved, on volumes with and without labels, and training curves with earlier attempts."""
+"""Figures: each one drawn and saved, on volumes with and without labels, with the legend right under the panels;
+training curves with earlier attempts."""
 import csv
 
 import matplotlib
 import numpy as np
+from PIL import Image
 
 from conftest import make_case
 from microfossil import plots
@@ -22,10 +24,36 @@ def test_volume_figures_are_saved(tmp_path):
     assert all(f.axes for f in figs.values())
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["hist.png", "ortho.png", "pred.png", "slice.png",
                                                                    "split.png"]
-    labels = [t.get_text() for t in figs["split"].axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in figs["split"].legends[0].get_texts()]
     assert labels[0].startswith("training: slices 0-") and any(t.startswith("held-out: slices") for t in labels)
     vol.labels = None  # a new scan: no labels to overlay
     assert len(plots.plot_orthoviews(vol).axes) == 3 and plots.plot_histogram(vol).axes
+
+
+def _widest_white_band(path):
+    """Height in pixels of the tallest run of blank rows in a saved figure."""
+    blank = (np.asarray(Image.open(path).convert("L")) > 245).all(1)
+    runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], blank.astype(int), [0]]))))[::2]
+    return int(runs.max()) if len(runs) else 0
+
+
+def test_legend_sits_right_under_the_panels(tmp_path):
+    """No empty band in a saved figure (the old layout left 40-100 px between the panels and the legend at 90 dpi),
+    and the legend just below the lowest panel, in the class colours."""
+    vol = make_case(tmp_path)[0]
+    vol.labels = (vol.images > 100).astype(np.uint8) * 2
+    figs = {"slice": plots.plot_slice(vol, path=tmp_path / "slice.png"),
+            "ortho": plots.plot_orthoviews(vol, path=tmp_path / "ortho.png"),
+            "pred": plots.plot_predictions(vol, vol.labels, [5, 12, 20], path=tmp_path / "pred.png"),
+            "split": plots.plot_split(vol, split_volume(vol, 0.2), path=tmp_path / "split.png")}
+    for name, fig in figs.items():
+        assert _widest_white_band(tmp_path / f"{name}.png") < 25, name
+        legend = fig.legends[0].get_window_extent()
+        lowest = min(ax.get_tightbbox().y0 for ax in fig.axes)
+        assert 0 <= lowest - legend.y1 < 0.15 * fig.dpi, name  # under the panels, less than 0.15 inch below
+    handles = figs["slice"].legends[0].legend_handles
+    assert [h.get_label() for h in handles] == ["foraminifera", "ostracod"]
+    assert tuple(handles[1].get_facecolor()) == tuple(plots.get_class_colours(3)[2])
 
 
 def _write_history(path, n, iou):

@@ -1,12 +1,17 @@
-"""The review: decisions saved at once, surviving a restart and a new extraction; the panel's buttons."""
+"""The review: decisions saved at once, surviving a restart and a new extraction, and shown at once in the previews
+and the gallery; the panel's buttons."""
 import csv
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import make_case
+from conftest import CODES, make_case
+from microfossil.exports import GREY, draw_gallery
 from microfossil.extraction import extract_fossils
+from microfossil.plots import get_class_colours
 from microfossil.review import ReviewPanel, ReviewSession, has_widget_frontend, read_review
+from microfossil.specimens import NOT_A_FOSSIL
 
 
 def test_review_survives_restart_and_reextraction(tmp_path):
@@ -81,3 +86,34 @@ def test_read_review_gives_the_decisions_as_a_table(tmp_path):
     t = read_review(work).set_index("id")
     assert t.loc[first, "decision"] == "accepted" and t.loc[first, "taxon"] == "Ammonia"
     assert t.loc[second, "decision"] == "rejected" and t.loc[second, "predicted_class"] in ("foraminifera", "ostracod")
+
+
+def _stamps(work):
+    """(inode, mtime) of every PNG of a run's exports: a file written again (atomically) gets a new inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (work / "exports").rglob("*.png")}
+
+
+def test_a_decision_redraws_its_preview_and_its_tile(tmp_path):
+    vol, pred, work, _, _ = make_case(tmp_path)
+    cat = extract_fossils(vol, work, pred, min_voxels=20).set_index("id")
+    rgb = {c: tuple(int(round(255 * v)) for v in col[:3]) for c, col in zip(CODES, get_class_colours(len(CODES)))}
+    s = ReviewSession(work)
+    first, second = s.order(sort="id")[:2]
+    before = _stamps(work)
+    s.set(first, "rejected")
+    after = _stamps(work)
+    assert sorted(p for p in after if after[p] != before[p]) == ["fossil_0001_preview.png", "gallery.png"]
+    tiles = draw_gallery(work).set_index("id")
+    assert not tiles["redrawn"].any()  # the decision was drawn when it was saved
+    t = tiles.loc[first]
+    assert (t["name"], t["marker"], t["colour"]) == (NOT_A_FOSSIL, "x", "#%02x%02x%02x" % tuple(GREY))
+    page = np.asarray(Image.open(work / "exports" / "gallery.png").convert("RGB"))
+    px = page[t["top"]:t["top"] + t["size"], t["left"]:t["left"] + t["size"]].reshape(-1, 3)
+    assert not (px == rgb[cat.loc[first, "class"]]).all(1).any()  # its class colour is gone from its tile
+    preview = np.asarray(Image.open(work / "exports" / "fossil_0001" / "fossil_0001_preview.png").convert("RGB"))
+    assert tuple(preview[10, 10]) == tuple(GREY)  # the title's swatch
+    s.set(second, "accepted", "Ammonia")
+    t = draw_gallery(work).set_index("id").loc[second]
+    assert (t["name"], t["marker"], t["colour"]) == ("Ammonia", "check", "#%02x%02x%02x" % rgb[cat.loc[second, "class"]])
+    s.set(first, "")  # undone: its class again
+    assert draw_gallery(work).set_index("id").loc[first, "name"] == cat.loc[first, "class"]
