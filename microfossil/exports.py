@@ -234,7 +234,7 @@ def _save_png(img, path):
         img.save(tmp, format="PNG", compress_level=3)  # on CT noise as small as the default level, 3 times faster
 
 
-def _folders(exp_dir):
+def specimen_folders(exp_dir):
     """Each exported specimen's folder (`fossil_<id>`), by id."""
     return {int(d.name[7:]): d for d in Path(exp_dir).glob("fossil_*") if d.name[7:].isdigit() and d.is_dir()}
 
@@ -306,7 +306,7 @@ def draw_gallery(work_dir, per_page=100, tile=160):
     cat = pd.read_csv(exp_dir / "fossils.csv")
     codes = ["background", *[c[5:] for c in cat.columns if c.startswith("frac_")]]
     colours = [[int(round(255 * v)) for v in c[:3]] for c in get_class_colours(len(codes))]
-    decisions, folders = read_decisions(exp_dir, cat)[0], _folders(exp_dir)
+    decisions, folders = read_decisions(exp_dir, cat)[0], specimen_folders(exp_dir)
     shown = cat[cat["id"].isin(list(folders))].sort_values(["voxels", "id"], ascending=[False, True])
     rows = {int(r["id"]): r for _, r in shown.iterrows()}
     looks = {sid: specimen_look(r, decisions.get(sid), codes, colours) for sid, r in rows.items()}

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .exports import draw_gallery, read_decisions
+from .exports import draw_gallery, read_decisions, specimen_folders
 from .io import replacing
 
 REVIEW_COLUMNS = ["id", "decision", "taxon", "predicted_class", "confidence", "voxels",
@@ -39,7 +39,7 @@ class ReviewSession:
                                     "with the same work_dir.")
         self.cat = pd.read_csv(cat_path).set_index("id", drop=False).rename_axis(None)
         self.codes = [c[5:] for c in self.cat.columns if c.startswith("frac_")]
-        self._folders = {int(d.name[7:]): d for d in self.exp_dir.glob("fossil_*") if d.name[7:].isdigit()}
+        self._folders = specimen_folders(self.exp_dir)
         self.decisions, self.stale = read_decisions(self.exp_dir, self.cat, tol)
 
     def taxa(self):
@@ -136,6 +136,16 @@ def has_widget_frontend():
     return ip is not None and hasattr(ip, "kernel")
 
 
+def enable_colab_widgets():
+    """In Colab, turn on the custom widget manager that ipywidgets 8 needs there (elsewhere, nothing)."""
+    if "google.colab" in sys.modules:
+        try:
+            from google.colab import output
+            output.enable_custom_widget_manager()
+        except Exception:
+            pass
+
+
 class ReviewPanel:
     """ipywidgets panel over a `ReviewSession`: one specimen at a time; show it with `display(panel.box)`.
 
@@ -146,12 +156,7 @@ class ReviewPanel:
 
     def __init__(self, work_dir):
         import ipywidgets as w
-        if "google.colab" in sys.modules:  # Colab needs this for ipywidgets 8
-            try:
-                from google.colab import output
-                output.enable_custom_widget_manager()
-            except Exception:
-                pass
+        enable_colab_widgets()
         self.session = s = ReviewSession(work_dir)
         self.filter = w.Dropdown(options=["all", *sorted(set(s.cat["class"]))], description="class")
         self.sort = w.Dropdown(options=[(v, k) for k, v in REVIEW_ORDERS.items()], value="confidence", description="order")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import mesh, read_decisions, specimen_look
+from .exports import mesh, read_decisions, specimen_folders, specimen_look
 from .io import read_json, replacing
 from .plots import get_class_colours, save_figure
-from .review import has_widget_frontend
+from .review import enable_colab_widgets, has_widget_frontend
 from .specimens import NOT_A_FOSSIL
 
 VIEW_SIZE = 512  # longest side of a view on screen, in pixels
@@ -86,15 +86,6 @@ def _swatch(colour, name):
             f'margin:0 4px 0 12px"></span>{html.escape(name)}')
 
 
-def _enable_colab_widgets():
-    if "google.colab" in sys.modules:  # Colab needs this for ipywidgets 8 (as `review.ReviewPanel` does)
-        try:
-            from google.colab import output
-            output.enable_custom_widget_manager()
-        except Exception:
-            pass
-
-
 class SliceBrowser:
     """Slice browser over `vol`: the axial slice (XY) at z and the XZ and YZ views through y and x, with the ground
     truth or `labels` (a prediction) overlaid; display it (it shows `box`) or `display(browser.box)`.
@@ -106,7 +97,7 @@ class SliceBrowser:
 
     def __init__(self, vol, labels=None, title=None, size=VIEW_SIZE):
         import ipywidgets as w
-        _enable_colab_widgets()
+        enable_colab_widgets()
         self.vol, self.size, self.sources, self.lut = vol, size, _sources(vol, labels), _lut(vol.codes)
         Z, H, W = vol.shape
         slider = {"continuous_update": False, "layout": w.Layout(width="340px")}
@@ -266,8 +257,7 @@ def _row(cat, sid):
 
 def _folder(work_dir, sid):
     """`exports/fossil_<id>/` of specimen `sid`, or None when its export was capped (`max_exports`)."""
-    return next((d for d in (Path(work_dir) / "exports").glob("fossil_*") if d.name[7:].isdigit()
-                 and int(d.name[7:]) == int(sid)), None)
+    return specimen_folders(Path(work_dir) / "exports").get(int(sid))
 
 
 def _specimen_mesh(work_dir, row, spacing):
@@ -358,7 +348,7 @@ def view_specimen(work_dir, sid=None, path=None):
     if path is not None:
         _write_html(fig, path)
     import ipywidgets as w
-    _enable_colab_widgets()
+    enable_colab_widgets()
     d = _folder(work_dir, row["id"])
     preview = d / f"{d.name}_preview.png" if d is not None else None
     has_preview = preview is not None and preview.exists()

@@ -176,6 +176,23 @@ def test_pipeline_smoke_on_unseen_layout(tmp_path):
     assert info["context_slices"] == 5 and info["triplanar"] is True and info["codes"][3] == "pyrite"
 
 
+def test_quick_sets_are_what_the_quick_cells_set():
+    """run_pipeline's QUICK_SETS (what --quick refuses from -p) is the list of names the notebooks' `if quick:`
+    blocks assign: a name added to a quick cell and not to QUICK_SETS would be silently overridden."""
+    import ast
+    assigned = set()
+    for nb in NOTEBOOKS:
+        for c in json.loads(nb.read_text())["cells"]:
+            if c["cell_type"] != "code":
+                continue
+            src = "\n".join(ln for ln in "".join(c["source"]).splitlines() if not ln.lstrip().startswith(("!", "%")))
+            for node in ast.walk(ast.parse(src)):
+                if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "quick":
+                    assigned |= {n.id for stmt in node.body for n in ast.walk(stmt)
+                                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    assert assigned == run_pipeline.QUICK_SETS
+
+
 def test_quick_refuses_a_parameter_it_sets_itself(tiny, tmp_path, capsys):
     """--quick sets the schedule in the notebooks' quick cell: a -p bs given with it would be silently overridden."""
     with pytest.raises(SystemExit):
