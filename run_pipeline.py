@@ -30,6 +30,19 @@ def _value(text):
         return text
 
 
+def _select(notebooks, only, ap):
+    """The notebooks named in `--only`: each by number (`4`, `04`) or name (`04_train_full`, with or without .ipynb)."""
+    chosen = []
+    for want in only:
+        w = want.strip().removesuffix(".ipynb")
+        hits = [nb for nb in notebooks if w == nb.stem or (w.isdigit() and int(w) == int(nb.name[:2]))]
+        if not hits:
+            ap.error(f"--only {want}: no such notebook; choose among "
+                     f"{', '.join(nb.name[:2] for nb in notebooks)} ({', '.join(nb.stem for nb in notebooks)})")
+        chosen += hits
+    return [nb for nb in notebooks if nb in chosen]  # in their numbered order
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", help="dataset folder (default: the embedded synthetic sample)")
@@ -51,20 +64,25 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT))
     import utils
     from microfossil.evaluation import describe_run
+    from microfossil.params import ParameterError, check_params
 
     params = {k: _value(v) for k, v in args.p}
+    try:
+        check_params(params)  # a bad -p stops now, not after the notebooks before the one that reads it
+    except ParameterError as e:
+        ap.error(str(e))
     overridden = sorted(set(params) & QUICK_SETS) if args.quick else []
     if overridden:
         ap.error(f"--quick sets {', '.join(overridden)} itself (see the training notebooks' quick cell); "
                  "drop --quick to choose them with -p")
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = _select(notebooks, args.only, ap)
     data_dir, work_dir = utils.resolve_paths(args.data_dir, args.work_dir, args.quick, args.data_url,
                                              params.get("sample_size", "default"), params.get("seed", 0), args.smoke)
     params.update(data_dir=str(data_dir), work_dir=str(work_dir), quick=args.quick, smoke=args.smoke)
     if args.force:
         params["force"] = True
-    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if args.only:
-        notebooks = [nb for nb in notebooks if nb.name[:2] in args.only]
     out_dir = work_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     times_file = work_dir / "run_times.json"

@@ -12,6 +12,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `microfossil/` sits 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _NAMES = {  # module of the microfossil package: the names the notebooks take from it
+    "params": ["check_params"],
     "paths": ["resolve_paths"],
     "volume": ["load_volume", "describe_volume"],
     "split": ["split_volume", "describe_split", "check_split"],

@@ -3,6 +3,7 @@
 The notebooks reach this package through `utils.py` (the names they use); each module
 holds one concern, and imports run one way, from top to bottom of this list:
 
+- `params`: the notebooks' parameters, each checked where it enters (`check_params`)
 - `io`: atomic writes (every file is renamed into place only when complete), JSON, label TIFFs
 - `volume`: reading and validating a dataset (`load_volume`, `Volume`, voxel size)
 - `specimens`: 3D components, measurements and descriptors of each specimen
@@ -14,6 +15,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `learner`: the U-Net learner and its per-epoch metrics                                   [torch]
 - `training`: `PhaseCheckpoint`, the callback that checkpoints, resumes and retrains a phase [torch]
 - `prediction`: every slice at full resolution, with context slices, TTA, tri-planar        [torch]
+- `decisions`: the review's decisions in `exports/review.csv`, read however a spreadsheet saved it
 - `exports`: meshes, TIFF crops, previews, the gallery
 - `extraction`: `extract_fossils`, from predicted labels to the catalogue and the exports
 - `classifier`: the specimen classifier

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_json, write_csv, write_json
+from .io import finish_commit, read_json, staged, write_csv, write_json
 from .exports import draw_gallery
 from .specimens import NOT_A_FOSSIL, SPECIMEN_FEATURES, paint_classes
 
@@ -55,6 +55,7 @@ def _recorded_n_train(work_dir):
 def _read_run(folder):
     """The catalogue and descriptors of the extraction in `folder`, checked to describe the same specimens."""
     import pandas as pd
+    finish_commit(folder)  # an extraction a kill cut in the middle of its commit
     exp_dir, pred_dir = Path(folder) / "exports", Path(folder) / "predictions"
     for p in (exp_dir / "fossils.csv", exp_dir / "features.csv", exp_dir / "extraction.json", pred_dir / "specimens.tif"):
         if not p.exists():
@@ -91,7 +92,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     cat, feats, extraction = _read_run(work_dir)
     target = Path(apply_to) if apply_to is not None else Path(work_dir)
     out_cat, out_feats, out_extraction = (cat, feats, extraction) if target == Path(work_dir) else _read_run(target)
-    exp_dir, pred_dir = target / "exports", target / "predictions"
+    pred_dir = target / "predictions"
     if not len(out_cat):
         print("Specimen classifier: no specimen in the catalogue, nothing to classify.")
         return None
@@ -138,12 +139,10 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     cat["class"] = clf.classes_[best]
     cat["class_probability"] = proba[np.arange(len(best)), best]
     cat["flagged"] = cat["class"] == NOT_A_FOSSIL
-    write_csv(exp_dir / "fossils.csv", cat)
     index = {c: k for k, c in enumerate(codes)}
     class_of_id = np.zeros(int(cat["id"].max()) + 1, np.uint8)
     for sid, cls, seg in zip(cat["id"], cat["class"], cat["seg_class"]):
         class_of_id[sid] = 0 if cls == NOT_A_FOSSIL else index.get(cls, index.get(seg, 0))
-    paint_classes(pred_dir, class_of_id)
     info = {"n_examples": len(y_fit), "from_truth": n_from["truth"], "true_specimens": n_from["true specimens"],
             "from_review": n_from["review"], "training_slices": [0, n_train - 1] if n_train else None,
             "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
@@ -152,7 +151,12 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
             "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()},
             "checkpoint": out_extraction.get("checkpoint")}
-    write_json(exp_dir / "classifier.json", info)
+    with staged(target) as stage:  # the catalogue, the cleaned labels and the record together, or none of them
+        (stage / "exports").mkdir()
+        (stage / "predictions").mkdir()
+        write_csv(stage / "exports" / "fossils.csv", cat)
+        paint_classes(pred_dir, class_of_id, stage / "predictions")
+        write_json(stage / "exports" / "classifier.json", info)
     draw_gallery(target)  # the previews and tiles whose class changed
     print(f"Specimen classifier trained on {len(y_fit)} examples ({sources}): "
           f"{info['changed_class']} of {len(cat)} specimens changed class, "

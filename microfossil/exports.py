@@ -2,8 +2,9 @@
 size for ImageJ/Fiji), a preview image, and the gallery of every specimen.
 
 The previews and the gallery show each specimen's current class (the catalogue's, then the
-review's decision), so they are drawn from the catalogue and the crops on disk (`draw_gallery`)
-after the extraction, after the specimen classifier and after each review decision.
+review's decision, read by `decisions.read_decisions`), so they are drawn from the catalogue and
+the crops on disk (`draw_gallery`) after the extraction, after the specimen classifier and after
+each review decision.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_json, replacing, write_json
+from .decisions import read_decisions
+from .io import finish_commit, read_json, replacing, write_json
 from .plots import get_class_colours
 from .specimens import NOT_A_FOSSIL, centroid
 
@@ -90,35 +92,6 @@ def export_specimen(d, images, cc, lbl, bb, margin, spacing, verts, faces):
     write_stack(d / f"{d.name}_ct.tif", np.asarray(images[crop]), spacing)
     write_stack(d / f"{d.name}_mask.tif", (cc[crop] == lbl).astype(np.uint8) * 255, spacing)
     write_stl(d / f"{d.name}.stl", verts, faces)
-
-
-def read_decisions(exp_dir, cat, tol=3.0):
-    """The review decisions of `exp_dir/review.csv` given to the specimens of catalogue `cat`: `(decisions by id,
-    rows that match no specimen)`.
-
-    A row goes to the specimen whose centroid lies within `tol` voxels of its own: its own id
-    when that one does, else the nearest, so that decisions follow their specimen when a new
-    extraction renumbers them. A specimen takes the first row only.
-    """
-    import pandas as pd
-    path = Path(exp_dir) / "review.csv"
-    if not path.exists():
-        return {}, []
-    ids = cat["id"].to_numpy(int)
-    cents = cat[["centroid_z", "centroid_y", "centroid_x"]].to_numpy(float)
-    decisions, unmatched = {}, []
-    for r in pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records"):
-        try:
-            d = np.linalg.norm(cents - np.array([float(r[f"centroid_{a}"]) for a in "zyx"]), axis=1)
-            same = ids == int(float(r.get("id") or -1))
-        except (KeyError, ValueError):
-            d = same = np.zeros(0)
-        k = (int(np.flatnonzero(same)[0]) if same.any() and d[same][0] <= tol else int(np.argmin(d))) if len(d) else None
-        if k is None or d[k] > tol or int(ids[k]) in decisions:
-            unmatched.append(r)
-        else:
-            decisions[int(ids[k])] = {**r, "id": int(ids[k])}
-    return decisions, unmatched
 
 
 def specimen_look(row, decision, codes, colours):
@@ -285,7 +258,7 @@ def _draw_tile(page, x0, y0, sid, look, slices, tile, font):
     draw.text((x0, y0 + tile + 16), _clip(draw, look["status"], font, tile), fill=(90, 90, 90), font=font)
 
 
-def draw_gallery(work_dir, per_page=100, tile=160):
+def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None):
     """Draw the gallery `exports/gallery*.png` and each exported specimen's preview as the catalogue and the review
     stand now; return the tile table (`id`, `name`, `status`, `colour`, `marker`, `page`; `left`, `top` and `size`
     of its square on the page; `redrawn`).
@@ -296,17 +269,23 @@ def draw_gallery(work_dir, per_page=100, tile=160):
     captioned with its id and class; largest specimen first, `per_page` tiles a page. Reads the
     crops in the specimen folders, never the volume. `exports/gallery.json` records what each
     preview and tile shows, so that only those that changed are drawn again.
+    `exp_dir` is where the catalogue, the specimen folders and the gallery are (default
+    `work_dir/exports`; the extraction draws its new gallery in its stage, `io.staged`); the
+    review is always that of `work_dir/exports`.
     """
     import pandas as pd
     from PIL import Image, ImageDraw
-    exp_dir = Path(work_dir) / "exports"
+    review_dir = Path(work_dir) / "exports"
+    if exp_dir is None:
+        finish_commit(work_dir)  # an extraction a kill cut in the middle of its commit
+    exp_dir = Path(exp_dir) if exp_dir is not None else review_dir
     if not (exp_dir / "fossils.csv").exists():
         raise FileNotFoundError(f"{exp_dir / 'fossils.csv'} not found: run the extraction cell of 05_predict_export "
                                 "first (same work_dir).")
     cat = pd.read_csv(exp_dir / "fossils.csv")
     codes = ["background", *[c[5:] for c in cat.columns if c.startswith("frac_")]]
     colours = [[int(round(255 * v)) for v in c[:3]] for c in get_class_colours(len(codes))]
-    decisions, folders = read_decisions(exp_dir, cat)[0], specimen_folders(exp_dir)
+    decisions, folders = read_decisions(review_dir, cat, quiet=True)[0], specimen_folders(exp_dir)
     shown = cat[cat["id"].isin(list(folders))].sort_values(["voxels", "id"], ascending=[False, True])
     rows = {int(r["id"]): r for _, r in shown.iterrows()}
     looks = {sid: specimen_look(r, decisions.get(sid), codes, colours) for sid, r in rows.items()}

@@ -8,18 +8,20 @@ descriptors for the specimen classifier, and `predictions/labels_clean.tif` /
 from __future__ import annotations
 
 import math
-import re
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .exports import GALLERY_RECORD, draw_gallery, export_specimen, mesh
-from .io import PREDICTION_RECORD, file_stamp, read_json, write_csv, write_json, write_label_tiff
+from .io import PREDICTION_RECORD, file_stamp, read_json, staged, write_csv, write_json, write_label_tiff
 from .specimens import SPECIMEN_FEATURES, centroid, class_counts, descriptors, find_specimens, paint_classes
 from .volume import Volume, read_voxel_size
 
+# What an extraction replaces (relative to work_dir): the previous one's files that this one may not write again.
+# The review (exports/review.csv) is not in it: decisions follow their specimen to the new catalogue.
+PREVIOUS_EXTRACTION = ("exports/fossil_*", "exports/gallery*.png", f"exports/{GALLERY_RECORD}", "exports/classifier.json",
+                       "exports/truth_features.csv")
 MIN_VOXELS = 150  # default smallest specimen, in voxels, chosen on training blocks: see README "Extraction"
 CATALOGUE_COLUMNS = ["id", "class", "voxels", "volume_um3", "surface_um2", "esd_um", "sphericity",
                      "z0", "y0", "x0", "z1", "y1", "x1", "centroid_z", "centroid_y", "centroid_x",
@@ -163,68 +165,68 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     N = len(parts)
     width = max(4, len(str(N)))
     exported_ids = {k + 1 for k in sorted(range(N), key=lambda k: -parts[k][2])[:max(0, int(max_exports))]}
-    (exp_dir / GALLERY_RECORD).unlink(missing_ok=True)  # it described the previous extraction's previews and tiles
-    for old in exp_dir.glob("fossil_*"):  # a previous extraction's folders (review.csv is kept)
-        if old.is_dir() and re.fullmatch(r"fossil_\d+", old.name):
-            shutil.rmtree(old)
-
-    Z, H, W = vol.shape
-    id_of_label = np.zeros(int(cc.max()) + 1 if cc.size else 1, np.uint32)
-    class_of_id = np.zeros(N + 1, np.uint8)
-    rows, feats = [], []
-    for sid, (lbl, bb, nv) in enumerate(parts, 1):
-        local = cc[bb] == lbl
-        f = _features(vol, pred, bb, local, codes)
-        feats.append({"id": sid, **f})
-        if probs is not None:
-            mean_p = _masked_class_sums(probs, bb, local) / nv / 255
-            cls = 1 + int(np.argmax(mean_p[1:]))
-            conf = float(mean_p[cls])
-        else:
-            cls, conf = 1 + int(np.argmax([f[f"frac_{c}"] for c in codes[1:]])), float("nan")
-        off = np.array([s.start for s in bb])
-        verts, faces = mesh(local, spacing)
-        verts += off * np.asarray(spacing, np.float32)  # volume coordinates: all the STLs load in place together
-        area = float(mesh_surface_area(verts.astype(np.float64), faces))
-        volume = nv * voxel_um3
-        cz, cy, cx = centroid(local) + off
-        id_of_label[lbl], class_of_id[sid] = sid, cls
-        rows.append({
-            "id": sid, "class": codes[cls], "voxels": nv, "volume_um3": volume, "surface_um2": area,
-            "esd_um": (6 * volume / math.pi) ** (1 / 3),
-            "sphericity": math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area if area > 0 else float("nan"),
-            "z0": bb[0].start, "y0": bb[1].start, "x0": bb[2].start, "z1": bb[0].stop, "y1": bb[1].stop, "x1": bb[2].stop,
-            "centroid_z": cz, "centroid_y": cy, "centroid_x": cx,
-            "mean_intensity": float(vol.images[bb][local].mean()), "confidence": conf,
-            "touches_border": bool(bb[0].start == 0 or bb[1].start == 0 or bb[2].start == 0
-                                   or bb[0].stop == Z or bb[1].stop == H or bb[2].stop == W),
-            **{k: v for k, v in f.items() if k.startswith("frac_")}, "exported": sid in exported_ids,
-        })
-        if sid in exported_ids:
-            export_specimen(exp_dir / f"fossil_{sid:0{width}d}", vol.images, cc, lbl, bb, margin, spacing, verts, faces)
-    cat = pd.DataFrame(rows, columns=CATALOGUE_COLUMNS + [f"frac_{c}" for c in codes[1:]] + ["exported"])
-    write_csv(exp_dir / "fossils.csv", cat)
-    truth_cols = [f"truth_{c}" for c in codes] if vol.labels is not None else []
-    write_csv(exp_dir / "features.csv", pd.DataFrame(feats, columns=["id", *SPECIMEN_FEATURES, *truth_cols]))
-    (exp_dir / "classifier.json").unlink(missing_ok=True)  # it described the previous extraction's specimens
-    id_dtype = np.uint16 if N < 65535 else np.uint32
-    write_label_tiff(pred_dir / "specimens.tif", (id_of_label[page].astype(id_dtype) for page in cc))
-    del cc
-    paint_classes(pred_dir, class_of_id)
-    if vol.labels is not None:
-        _truth_features(vol, pred, connectivity, min_vox, exp_dir / "truth_features.csv")
-    pages = list(dict.fromkeys(draw_gallery(work_dir)["page"]))  # after the catalogue: they show its classes
-    info = {"n_components": int(n), "n_dropped_small": int(n - n_kept), "n_split_parts": N - n_kept if split_touching else 0,
-            "n_specimens": N, "n_exported": len(exported_ids), "min_voxels": min_vox,
-            "min_voxels_param": int(min_voxels), "min_volume_um3": float(min_volume_um3 or 0),
-            "voxel_size_um": spacing, "voxel_size_source": vs_source, "connectivity": connectivity,
-            "split_touching": bool(split_touching), "split_min_distance_um": split_min_distance_um, "margin": margin, "max_exports": int(max_exports),
-            "class_from": "mean probability" if probs is not None else "majority predicted class",
-            "gallery_pages": pages, "seconds": round(time.time() - t0, 1),
-            "codes": codes, "shape": list(vol.shape), "z_offset": z_offset,
-            "checkpoint": (record or {}).get("checkpoint"), "prediction": str(src),
-            "per_class": {c: int((cat["class"] == c).sum()) for c in codes[1:]}}
-    write_json(exp_dir / "extraction.json", info)
+    # Written to a stage and committed whole (`io.staged`): a kill leaves the previous extraction or this one, never
+    # a mix; the previous one's folders, gallery and classifier record go, review.csv stays.
+    with staged(work_dir, remove=PREVIOUS_EXTRACTION) as stage:
+        s_exp, s_pred = stage / "exports", stage / "predictions"
+        s_exp.mkdir()
+        s_pred.mkdir()
+        Z, H, W = vol.shape
+        id_of_label = np.zeros(int(cc.max()) + 1 if cc.size else 1, np.uint32)
+        class_of_id = np.zeros(N + 1, np.uint8)
+        rows, feats = [], []
+        for sid, (lbl, bb, nv) in enumerate(parts, 1):
+            local = cc[bb] == lbl
+            f = _features(vol, pred, bb, local, codes)
+            feats.append({"id": sid, **f})
+            if probs is not None:
+                mean_p = _masked_class_sums(probs, bb, local) / nv / 255
+                cls = 1 + int(np.argmax(mean_p[1:]))
+                conf = float(mean_p[cls])
+            else:
+                cls, conf = 1 + int(np.argmax([f[f"frac_{c}"] for c in codes[1:]])), float("nan")
+            off = np.array([s.start for s in bb])
+            verts, faces = mesh(local, spacing)
+            verts += off * np.asarray(spacing, np.float32)  # volume coordinates: all the STLs load in place together
+            area = float(mesh_surface_area(verts.astype(np.float64), faces))
+            volume = nv * voxel_um3
+            cz, cy, cx = centroid(local) + off
+            id_of_label[lbl], class_of_id[sid] = sid, cls
+            rows.append({
+                "id": sid, "class": codes[cls], "voxels": nv, "volume_um3": volume, "surface_um2": area,
+                "esd_um": (6 * volume / math.pi) ** (1 / 3),
+                "sphericity": math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area if area > 0 else float("nan"),
+                "z0": bb[0].start, "y0": bb[1].start, "x0": bb[2].start, "z1": bb[0].stop, "y1": bb[1].stop, "x1": bb[2].stop,
+                "centroid_z": cz, "centroid_y": cy, "centroid_x": cx,
+                "mean_intensity": float(vol.images[bb][local].mean()), "confidence": conf,
+                "touches_border": bool(bb[0].start == 0 or bb[1].start == 0 or bb[2].start == 0
+                                       or bb[0].stop == Z or bb[1].stop == H or bb[2].stop == W),
+                **{k: v for k, v in f.items() if k.startswith("frac_")}, "exported": sid in exported_ids,
+            })
+            if sid in exported_ids:
+                export_specimen(s_exp / f"fossil_{sid:0{width}d}", vol.images, cc, lbl, bb, margin, spacing, verts, faces)
+        cat = pd.DataFrame(rows, columns=CATALOGUE_COLUMNS + [f"frac_{c}" for c in codes[1:]] + ["exported"])
+        write_csv(s_exp / "fossils.csv", cat)
+        truth_cols = [f"truth_{c}" for c in codes] if vol.labels is not None else []
+        write_csv(s_exp / "features.csv", pd.DataFrame(feats, columns=["id", *SPECIMEN_FEATURES, *truth_cols]))
+        id_dtype = np.uint16 if N < 65535 else np.uint32
+        write_label_tiff(s_pred / "specimens.tif", (id_of_label[page].astype(id_dtype) for page in cc))
+        del cc
+        paint_classes(s_pred, class_of_id)
+        if vol.labels is not None:
+            _truth_features(vol, pred, connectivity, min_vox, s_exp / "truth_features.csv")
+        pages = list(dict.fromkeys(draw_gallery(work_dir, exp_dir=s_exp)["page"]))  # after the catalogue: they show its classes
+        info = {"n_components": int(n), "n_dropped_small": int(n - n_kept), "n_split_parts": N - n_kept if split_touching else 0,
+                "n_specimens": N, "n_exported": len(exported_ids), "min_voxels": min_vox,
+                "min_voxels_param": int(min_voxels), "min_volume_um3": float(min_volume_um3 or 0),
+                "voxel_size_um": spacing, "voxel_size_source": vs_source, "connectivity": connectivity,
+                "split_touching": bool(split_touching), "split_min_distance_um": split_min_distance_um, "margin": margin, "max_exports": int(max_exports),
+                "class_from": "mean probability" if probs is not None else "majority predicted class",
+                "gallery_pages": pages, "seconds": round(time.time() - t0, 1),
+                "codes": codes, "shape": list(vol.shape), "z_offset": z_offset,
+                "checkpoint": (record or {}).get("checkpoint"), "prediction": str(src),
+                "per_class": {c: int((cat["class"] == c).sum()) for c in codes[1:]}}
+        write_json(s_exp / "extraction.json", info)
     if N == 0:
         why = "nothing was predicted as a fossil" if n == 0 else f"all {n} components are below {min_vox} voxels"
         print(f"No specimen found: {why}. An empty catalogue was written to {exp_dir / 'fossils.csv'}.")

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PREDICTION_RECORD = "prediction.json"  # beside predictions/labels.tif: the checkpoint and options that made it
+# What an extraction writes into predictions/ (beside the prediction it read): kept when the prediction is redone.
+EXTRACTION_FILES = ("specimens.tif", "labels_clean.tif")
 
 # One page of a label TIFF: fast zlib, no metadata, so that uniform pages read back as one (Z, H, W) stack.
 LABEL_PAGE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata": None}
@@ -30,10 +32,15 @@ def _remove(path):
 def replacing(path):
     """Yield a temporary path beside `path` (for a file or a folder); when the block succeeds it replaces `path`.
 
-    If the block fails, the temporary is removed and `path` is left as it was.
+    If the block fails, the temporary is removed and `path` is left as it was. A folder is
+    swapped in two renames (the old one to `<name>.old`, then the new one in place); a kill
+    between them leaves the old folder whole under `.old`, and the next `replacing` of that
+    path puts it back first. So a reader finds the old complete result or the new one.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    tmp, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+    if old.exists() and not path.exists():  # a kill between the two renames of a folder swap: the old one is whole
+        os.replace(old, path)
     _remove(tmp)
     try:
         yield tmp
@@ -41,13 +48,65 @@ def replacing(path):
         _remove(tmp)
         raise
     if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a folder that holds files
-        old = path.with_name(path.name + ".old")
         _remove(old)
         os.replace(path, old)
         os.replace(tmp, path)
         _remove(old)
     else:
         os.replace(tmp, path)
+
+
+STAGE, JOURNAL = ".staging", ".commit.json"  # in a run folder: a result being written, and the moves that commit it
+
+
+@contextmanager
+def staged(folder, remove=()):
+    """Yield a staging folder in which one step writes its whole result, at the paths it takes in `folder`
+    (`stage / "exports" / "fossils.csv"` for `folder / "exports" / "fossils.csv"`); when the block succeeds, it is
+    committed: each entry of `stage/<sub>/` replaces its namesake in `folder/<sub>/`, and the entries of `folder`
+    matching the globs in `remove` (the previous result's, such as `"exports/fossil_*"`) that the new result does not
+    replace are deleted. Files of `folder` the step does not write (the review) are never touched.
+
+    A kill before the commit leaves the previous result as it was (and the stage is cleared
+    by the next call); the commit first writes its list of moves (`folder/.commit.json`,
+    atomically), so a kill during it is finished by the next `finish_commit(folder)`, which
+    this and every reader of a run folder call first. A reader finds all old or all new.
+    """
+    folder = Path(folder)
+    finish_commit(folder)
+    stage = folder / STAGE
+    _remove(stage)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        _remove(stage)
+        raise
+    moves = sorted(str(p.relative_to(stage)) for sub in stage.iterdir() for p in sub.iterdir())
+    gone = sorted({str(p.relative_to(folder)) for pattern in remove for p in folder.glob(pattern)} - set(moves))
+    write_json(folder / JOURNAL, {"move": moves, "remove": gone})
+    finish_commit(folder)
+
+
+def finish_commit(folder):
+    """Finish the commit of a `staged` result that a kill interrupted in `folder` (nothing when there is none);
+    True when there was one. Each move and removal can be done again, so this can itself be interrupted."""
+    folder = Path(folder)
+    journal = read_json(folder / JOURNAL)
+    if journal is None:
+        return False
+    stage = folder / STAGE
+    for rel in journal["remove"]:
+        _remove(folder / rel)
+    for rel in journal["move"]:
+        src, dst = stage / rel, folder / rel
+        if src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _remove(dst)
+            os.replace(src, dst)
+    (folder / JOURNAL).unlink()
+    _remove(stage)
+    return True
 
 
 def attempt_files(folder, name, suffix):

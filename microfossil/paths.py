@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from .io import replacing
 from .sample import SAMPLE_SIZES, ensure_sample
 from .volume import DatasetError
 
@@ -64,11 +65,14 @@ def _download(data_url, archive):
 def fetch_dataset(data_url, dest=None):
     """Download and unzip the dataset at `data_url` (Google Drive id/URL, HTTP URL or local zip) once; return its folder.
 
-    The zip is kept under `data/downloads/<hash>/` and reused on later calls. The
-    returned folder is the one inside the archive that holds `train/`.
+    The archive is unzipped under `data/downloads/<hash>/` and reused on later calls. The
+    returned folder is the one inside the archive that holds `train/`; archive junk (macOS's
+    `__MACOSX/` copies, `._*` and `.DS_Store` files) is ignored, and two candidate dataset
+    folders are an error listing both. The download is marked complete (`.complete`) only once
+    a dataset folder was found in it, so after a failed or wrong download a re-run tries again.
     """
     dest = Path(dest or ROOT / "data" / "downloads" / hashlib.sha1(data_url.encode()).hexdigest()[:10])
-    done = dest / ".complete"
+    done, unzipped = dest / ".complete", dest / "unzipped"
     if not done.exists():
         dest.mkdir(parents=True, exist_ok=True)
         archive = dest / "dataset.zip"
@@ -79,14 +83,28 @@ def fetch_dataset(data_url, dest=None):
             raise DatasetError(f"Could not download {data_url}: {e}. Check the link and the network, or "
                                "download the zip by hand, unzip it and set `data_dir` to its folder.") from e
         try:
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(dest / "unzipped")
+            with replacing(unzipped) as tmp, zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
         except zipfile.BadZipFile as e:
             raise DatasetError(f"{archive} downloaded from {data_url} is not a zip file. "
                                "Point `data_url` at a zipped dataset folder.") from e
+        _dataset_root(unzipped, data_url)  # before .complete: a wrong archive is fetched again next time
         archive.unlink()
         done.write_text(data_url)
-    roots = sorted(p.parent for p in (dest / "unzipped").rglob("train") if p.is_dir())
+    return _dataset_root(unzipped, data_url)
+
+
+def _is_junk(part): return part == "__MACOSX" or part.startswith("._") or part == ".DS_Store"
+
+
+def _dataset_root(unzipped, data_url):
+    """The one folder of the unzipped archive that holds `train/`, archive junk ignored."""
+    roots = sorted(p.parent for p in unzipped.rglob("train")
+                   if p.is_dir() and not any(_is_junk(part) for part in p.relative_to(unzipped).parts))
     if not roots:
         raise DatasetError(f"The archive from {data_url} holds no train/ folder; see the data contract in README.md.")
+    if len(roots) > 1:
+        raise DatasetError(f"The archive from {data_url} holds {len(roots)} dataset folders (each with a train/): "
+                           + ", ".join(str(r.relative_to(unzipped)) or "." for r in roots)
+                           + f". Zip one dataset only, or set data_dir to one of them under {unzipped}.")
     return roots[0]

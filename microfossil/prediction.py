@@ -7,7 +7,9 @@ too. Files are written by background threads while the GPU works on the next bat
 from __future__ import annotations
 
 import collections
+import os
 import queue
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from fastai.learner import load_model as _load_weights
 from fastai.vision.all import Pipeline, TensorImage, create_unet_model
 
-from .io import PREDICTION_RECORD, file_stamp, replacing, write_json, write_label_tiff
+from .io import EXTRACTION_FILES, PREDICTION_RECORD, file_stamp, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
@@ -166,23 +168,34 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
 
     `prediction.json` beside them records `checkpoint` (`info["checkpoint"]` from
     `load_model`: the attempt and the hash of its weights), the options, and which
-    `probs.npy` goes with these labels; it is removed when a prediction starts and written
-    when it has finished. Without `save_probs`, an older `probs.npy` is removed: it came
-    from another prediction.
+    `probs.npy` goes with these labels. Everything is written to `<out_dir>.partial/` and
+    swapped in whole when complete (`io.replacing`): an interrupted prediction leaves the
+    previous complete one, never PNGs of two models; the previous extraction's
+    `EXTRACTION_FILES` are carried over (they go with `exports/` until the next extraction),
+    an older `probs.npy` is not.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / PREDICTION_RECORD).unlink(missing_ok=True)
-    if not save_probs:
-        (out_dir / "probs.npy").unlink(missing_ok=True)
-    run = _predict_triplanar if triplanar else _predict_axial
-    pred = run(model, vol, out_dir, bs, device, save_probs, context_slices, tta)
-    probs = out_dir / "probs.npy"
-    write_json(out_dir / PREDICTION_RECORD, {
-        "checkpoint": checkpoint, "shape": list(vol.shape), "codes": vol.codes, "context_slices": int(context_slices),
-        "tta": bool(tta), "triplanar": bool(triplanar), "probs_file": file_stamp(probs) if save_probs else None,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(out_dir) as new:  # all written beside, then swapped in whole: a kill leaves the old or the new
+        new.mkdir()
+        for name in EXTRACTION_FILES:  # the last extraction's, which exports/ still describes, until the next one
+            if (out_dir / name).exists():
+                _link_or_copy(out_dir / name, new / name)
+        run = _predict_triplanar if triplanar else _predict_axial
+        pred = run(model, vol, new, bs, device, save_probs, context_slices, tta)
+        write_json(new / PREDICTION_RECORD, {
+            "checkpoint": checkpoint, "shape": list(vol.shape), "codes": vol.codes, "context_slices": int(context_slices),
+            "tta": bool(tta), "triplanar": bool(triplanar),
+            "probs_file": file_stamp(new / "probs.npy") if save_probs else None,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     return pred
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)  # no second copy on a local disk
+    except OSError:
+        shutil.copy2(src, dst)  # Drive and other file systems without hard links
 
 
 def _predict_axial(model, vol, out_dir, bs, device, save_probs, context_slices, tta):

@@ -1,20 +1,27 @@
 """The review: a person goes through the specimens, accepts or rejects each and names its taxon.
 
 Every decision is saved at once to `exports/review.csv` (atomically), so a disconnect loses
-nothing. Needs pandas, and ipywidgets for the panel; never torch.
+nothing. A person may open that file in a spreadsheet and save it again: it is read however
+the spreadsheet wrote it (`decisions.read_decisions`), every row of it and every column a
+person added are written back, and a file that cannot be read stops the review with what to
+do, untouched. No save drops a decision (only undoing one does), and before a save replaces a
+`review.csv` that is not what this session last wrote (a spreadsheet's, an edited one, one
+whose decisions a new extraction moved), that file is kept beside it as `review.csv.bak`.
+Needs pandas, and ipywidgets for the panel; never torch.
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import sys
 import time
 from pathlib import Path
 
-from .exports import draw_gallery, read_decisions, specimen_folders
-from .io import replacing
+from .decisions import DECISIONS, REVIEW_COLUMNS, REVIEW_FILE, read_decisions
+from .exports import draw_gallery, specimen_folders
+from .io import finish_commit, replacing
 
-REVIEW_COLUMNS = ["id", "decision", "taxon", "predicted_class", "confidence", "voxels",
-                  "centroid_z", "centroid_y", "centroid_x", "updated"]
 REVIEW_ORDERS = {"confidence": "least certain first", "confidence_desc": "most certain first",
                  "size": "largest first", "size_asc": "smallest first", "id": "by id"}
 
@@ -25,14 +32,16 @@ class ReviewSession:
     Each decision (`accepted` / `rejected`, with a taxon) is written at once with an atomic
     replace, so a disconnect loses nothing. Decisions are tied to a specimen by its id and
     centroid: after a new extraction (other parameters, new ids) they follow their specimen
-    when its centroid moved less than `tol` voxels; the others are kept in the file
-    untouched (`stale`) and not shown.
+    when its centroid moved less than `tol` voxels; the others are kept in the file (`stale`)
+    and not shown. The columns a person added are kept too; see the module's docstring for a
+    file saved by a spreadsheet and for `review.csv.bak`.
     """
 
     def __init__(self, work_dir, tol=3.0):
         import pandas as pd
+        finish_commit(work_dir)  # an extraction a kill cut in the middle of its commit
         self.exp_dir = Path(work_dir) / "exports"
-        self.path = self.exp_dir / "review.csv"
+        self.path = self.exp_dir / REVIEW_FILE
         cat_path = self.exp_dir / "fossils.csv"
         if not cat_path.exists():
             raise FileNotFoundError(f"{cat_path} not found: run 05_predict_export (its extraction cell) first, "
@@ -41,6 +50,8 @@ class ReviewSession:
         self.codes = [c[5:] for c in self.cat.columns if c.startswith("frac_")]
         self._folders = specimen_folders(self.exp_dir)
         self.decisions, self.stale = read_decisions(self.exp_dir, self.cat, tol)
+        self._decided = sum(bool(r["decision"]) for r in self._rows())  # a save may never write fewer
+        self._written = self._content()  # what the file holds when this session wrote it (or would have)
 
     def taxa(self):
         """Taxa to offer: the model's fossil classes, then every taxon typed so far."""
@@ -55,10 +66,11 @@ class ReviewSession:
         """Record `decision` ("accepted", "rejected" or "" to undo) and/or `taxon` for specimen `sid`; saved at once,
         and its preview and gallery tile drawn again when what they show changed."""
         sid = int(sid)
-        if decision not in (None, "", "accepted", "rejected"):
+        if decision is not None and decision not in DECISIONS:
             raise ValueError(f"decision must be 'accepted', 'rejected' or '', not {decision!r}")
         row = self.cat.loc[sid]
         d = self.decisions.get(sid) or {"decision": "", "taxon": ""}
+        was_decided = bool(d["decision"])
         d.update({"id": sid, "predicted_class": row["class"], "confidence": row[self._confidence_column()],
                   "voxels": row["voxels"],
                   "centroid_z": row["centroid_z"], "centroid_y": row["centroid_y"], "centroid_x": row["centroid_x"],
@@ -68,20 +80,45 @@ class ReviewSession:
         if taxon is not None:
             d["taxon"] = str(taxon).strip()
         self.decisions[sid] = d
+        self._decided += bool(d["decision"]) - was_decided
         self.save()
         draw_gallery(self.exp_dir.parent)
         return d
 
+    def _rows(self):
+        return [self.decisions[sid] for sid in sorted(self.decisions)] + self.stale
+
+    def _content(self):
+        """`review.csv` as it stands in this session: UTF-8, comma-separated, `REVIEW_COLUMNS` then any other."""
+        rows = self._rows()
+        added = dict.fromkeys(k for r in rows for k in r if k not in REVIEW_COLUMNS)  # a person's own columns
+        out = io.StringIO()
+        wr = csv.DictWriter(out, REVIEW_COLUMNS + list(added))
+        wr.writeheader()
+        wr.writerows(rows)
+        return out.getvalue().encode("utf-8")
+
     def save(self):
-        """Write `review.csv` (decisions, then the stale rows) to a temporary file and rename it over the old one."""
-        import csv
+        """Write `review.csv` (decisions, then the stale rows) to a temporary file and rename it over the old one;
+        nothing when the file holds that already. The file it replaces goes to `review.csv.bak` first when it is
+        not what this session last wrote."""
+        rows, new = self._rows(), self._content()
+        if sum(bool(r["decision"]) for r in rows) < self._decided:
+            raise RuntimeError(f"Not saving {self.path}: it would lose review decisions (a bug; please report it). "
+                               "The file is left as it was.")
+        old = self.path.read_bytes() if self.path.exists() else None
+        if old == new:
+            return
+        if old is not None and old != self._written:
+            backup = self.path.with_name(self.path.name + ".bak")
+            with replacing(backup) as tmp:
+                tmp.write_bytes(old)
+            print(f"{self.path} was not as this review session last wrote it (a spreadsheet saved it, or a new "
+                  f"extraction moved its decisions): that version is kept as {backup}.")
         self.exp_dir.mkdir(parents=True, exist_ok=True)
-        with replacing(self.path) as tmp, open(tmp, "w", newline="") as fh:
-            wr = csv.DictWriter(fh, REVIEW_COLUMNS, extrasaction="ignore")
-            wr.writeheader()
-            for sid in sorted(self.decisions):
-                wr.writerow(self.decisions[sid])
-            wr.writerows(self.stale)
+        with replacing(self.path) as tmp:
+            tmp.write_bytes(new)
+        self._written = new
 
     def order(self, cls="all", sort="confidence"):
         """Specimen ids of class `cls` ("all" for every class) in the order `sort` (a key of `REVIEW_ORDERS`)."""
@@ -115,13 +152,15 @@ class ReviewSession:
 
 def read_review(work_dir):
     """The review decisions so far, matched to the current catalogue: a table with `id`, `decision`, `taxon` and
-    `predicted_class` (empty before any review), for `classify_specimens`."""
+    `predicted_class` (the specimen's class now where a row lacks it; empty before any review), for
+    `classify_specimens`. Read as `ReviewSession` reads them."""
     import pandas as pd
-    exp = Path(work_dir) / "exports"
-    if not (exp / "review.csv").exists():
-        return pd.DataFrame(columns=["id", "decision", "taxon", "predicted_class"])
-    return pd.DataFrame(list(ReviewSession(work_dir).decisions.values()),
-                        columns=["id", "decision", "taxon", "predicted_class"])
+    cols = ["id", "decision", "taxon", "predicted_class"]
+    if not (Path(work_dir) / "exports" / REVIEW_FILE).exists():
+        return pd.DataFrame(columns=cols)
+    s = ReviewSession(work_dir)
+    return pd.DataFrame([{**d, "predicted_class": d["predicted_class"] or s.cat.loc[sid, "class"]}
+                         for sid, d in s.decisions.items()], columns=cols)
 
 
 def has_widget_frontend():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -142,11 +143,13 @@ def descriptors(ct, mask):
             "intensity_p10": p10, "intensity_p50": p50, "intensity_p90": p90, "intensity_std": float(vals.std())}
 
 
-def paint_classes(pred_dir, class_of_id):
-    """Write `pred_dir/labels_clean.tif`: each specimen of `specimens.tif` painted with `class_of_id[its id]`.
+def paint_classes(pred_dir, class_of_id, out_dir=None):
+    """Write `labels_clean.tif` in `out_dir` (default `pred_dir`): each specimen of `pred_dir/specimens.tif` painted
+    with `class_of_id[its id]`.
 
     `class_of_id` is a lookup table (uint8 array, index = specimen id, 0 = background);
     the volume is read and written one page at a time.
     """
     lut = np.asarray(class_of_id, np.uint8)
-    write_label_tiff(pred_dir / "labels_clean.tif", (lut[page] for page in read_label_pages(pred_dir / "specimens.tif")))
+    out_dir = Path(out_dir) if out_dir is not None else Path(pred_dir)
+    write_label_tiff(out_dir / "labels_clean.tif", (lut[page] for page in read_label_pages(pred_dir / "specimens.tif")))

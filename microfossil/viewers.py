@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import mesh, read_decisions, specimen_folders, specimen_look
-from .io import read_json, replacing
+from .decisions import read_decisions
+from .exports import mesh, specimen_folders, specimen_look
+from .io import finish_commit, read_json, replacing
 from .plots import get_class_colours, save_figure
 from .review import enable_colab_widgets, has_widget_frontend
 from .specimens import NOT_A_FOSSIL
@@ -224,6 +225,7 @@ def read_stl(path):
 def _read_run(work_dir):
     """The catalogue, the record of the extraction, the voxel size and the class names of the run in `work_dir`."""
     import pandas as pd
+    finish_commit(work_dir)  # an extraction a kill cut in the middle of its commit
     exp = Path(work_dir) / "exports"
     if not (exp / "fossils.csv").exists():
         raise FileNotFoundError(f"{exp / 'fossils.csv'} not found: run the extraction cell of 05_predict_export "

@@ -1,16 +1,23 @@
 """Reading and validating a dataset: the CT slices, their label masks, `codes.txt` and the voxel size.
 
 The data contract (README, "Your data"): a dataset folder holds `train/` (one grayscale
-image per CT slice, PNG or TIFF, 8 or 16 bit or float, or multi-page TIFF volumes),
-`train_masks_labels/<stem>_GT<ext>` (an integer class label per pixel) and `codes.txt`
-(one class name per line, line index = label value, line 0 = the background). Slices in
-natural name order are the z order. The dataset folder is only ever read.
+image per CT slice, PNG or TIFF, 1, 8 or 16 bit or float, all of one bit depth, or multi-page
+TIFF volumes), `train_masks_labels/<stem>_GT<ext>` (a single-channel integer class label per
+pixel; a colour mask is refused) and `codes.txt` (one class name per line, line index = label
+value, line 0 = the background). Slices in natural name order are the z order, and each slice
+name is used once. TIFFs may be compressed (LZW and others need `imagecodecs`); a truncated
+file is refused. NaN and Inf voxels of float scans are left out of the intensity window, shown
+as 0 and counted. Text files may be UTF-8 (with or without BOM), UTF-16 with a BOM, or
+Windows-1252/Latin-1. The dataset folder is only ever read.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
+import struct
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from .io import replacing
 
 IMAGE_EXTS = (".png", ".tif", ".tiff")
 VOXEL_SIZE_FILE = "voxel_size.txt"
+CACHE_FORMAT = 2  # raised when decoding changes (2: NaN/Inf voxels, colour kept at its bit depth); older caches rebuild
 
 
 class DatasetError(ValueError):
@@ -37,18 +45,35 @@ class Volume:
     window: tuple = (0.0, 255.0)
     raw_dtype: str = "uint8"
     files: list = field(default_factory=list, repr=False)
+    nonfinite_voxels: int = 0  # NaN or Inf voxels of a float scan, shown as 0
 
     @property
     def shape(self): return self.images.shape
 
 
+def _read_text(path):
+    """The text of file `path`: UTF-8 (with or without BOM), UTF-16 with a BOM, else Windows-1252 (Latin-1)."""
+    data = Path(path).read_bytes()
+    utf16 = data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Windows Notepad's "Unicode"
+    for encoding in ("utf-16",) if utf16 else ("utf-8-sig", "cp1252"):  # cp1252: old editors, a superset of Latin-1
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        # control characters (NULs: UTF-16 with no BOM, a binary file) mean a wrong guess
+        if not any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
+            return text
+    raise DatasetError(f"{path} is not text in UTF-8, UTF-16 with a byte-order mark, or Latin-1. "
+                       "Save it again as UTF-8 text (in Notepad: Save as, Encoding: UTF-8).")
+
+
 def read_codes(path):
-    """Read class names from `codes.txt` at `path` (one per line, line index = label value)."""
+    """Read class names from `codes.txt` at `path` (one per line, line index = label value; see `_read_text`)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path} is missing. Add codes.txt with one class name per line "
                            "(line 0 = background), e.g. 'background', 'foraminifera', 'ostracod'.")
-    codes = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+    codes = [ln.strip() for ln in _read_text(path).splitlines()]
     while codes and not codes[-1]: codes.pop()
     if len(codes) < 2 or any(not c for c in codes):
         raise DatasetError(f"{path} must list at least two class names, one per line, with no blank lines "
@@ -62,7 +87,10 @@ def read_voxel_size(data_dir=None, voxel_size_um=None):
     """Voxel size `(z, y, x)` in µm and where it came from: `voxel_size_um`, else `data_dir/voxel_size.txt`, else 1.0.
 
     `voxel_size.txt` holds one number (isotropic voxels, e.g. `2.5`) or three, z y x
-    (e.g. `5 2.5 2.5`), in µm; text after `#` is a comment.
+    (e.g. `5 2.5 2.5`), in µm; text after `#` is a comment. Numbers are separated by spaces,
+    semicolons or commas, except that a word of digits, one comma, digits (`2,5`) is one
+    number with a decimal comma: `2,5` is 2.5 and `5,0 2,5 2,5` or `5;2,5;2,5` are three
+    numbers, while `5,2.5,2.5`, `5, 2.5, 2.5` and `5,2,2` are three numbers separated by commas.
     """
     def check(values, where):
         try:
@@ -77,36 +105,96 @@ def read_voxel_size(data_dir=None, voxel_size_um=None):
         return check(voxel_size_um, "parameter voxel_size_um"), "parameter voxel_size_um"
     path = Path(data_dir) / VOXEL_SIZE_FILE if data_dir is not None else None
     if path is not None and path.is_file():
-        text = " ".join(line.split("#")[0] for line in path.read_text(errors="replace").splitlines())
+        text = " ".join(line.split("#")[0] for line in _read_text(path).splitlines())
         try:
-            values = [float(t) for t in text.replace(",", " ").split()]
+            values = [float(t) for t in _number_words(text)]
         except ValueError:
             values = text.strip()
         return check(values, str(path)), str(path)
     return (1.0, 1.0, 1.0), "the default: no voxel_size_um and no voxel_size.txt, so sizes are in voxels"
 
 
+def _number_words(text):
+    """The numbers of `text` as strings, by the decimal-comma rule of `read_voxel_size`."""
+    words = []
+    for word in re.split(r"[\s;]+", text):
+        word = word.strip(",")
+        words += [word.replace(",", ".")] if re.fullmatch(r"[+-]?\d+,\d+", word) else [w for w in word.split(",") if w]
+    return words
+
+
 def _natural_key(p):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(p).name)]
 
 
-def _gray(arr, path):
-    """One page as a 2D array: colour pages that are gray keep one channel, others become luminance."""
+def _is_colour(arr):
+    """Whether `arr` is an RGB(A) page whose red, green and blue channels differ."""
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        return False
+    return not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all())
+
+
+def _plane(arr, path):
+    """`arr` as one 2D page: the first channel of an RGB(A) page whose channels are equal (gray saved as colour)."""
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3]
-        arr = rgb[..., 0] if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all() \
-            else rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        arr = arr[..., 0]
     if arr.ndim != 2 or arr.size == 0:
         raise DatasetError(f"{path} has pages of shape {arr.shape}; expected 2D grayscale slices.")
     return arr
+
+
+def _gray(arr, path):
+    """One CT page as a 2D array of its file's bit depth: colour becomes luminance, 1-bit becomes 0/255 uint8."""
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if _is_colour(arr):
+        lum = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        arr = lum.astype(arr.dtype) if arr.dtype.kind == "f" else np.rint(lum).astype(arr.dtype)
+    return _plane(arr, path)
+
+
+def _label_plane(arr, path):
+    """One mask page as a 2D array of labels, as stored (1-bit as 0/1); a colour mask is refused, never converted."""
+    if _is_colour(arr):
+        raise DatasetError(f"{path} is a colour image (its red, green and blue channels differ), as some annotation "
+                           "tools save masks. A mask must be a single-channel integer label image: each pixel's value "
+                           "is the line of codes.txt of its class (0 = background). Export the labels as a grayscale "
+                           "or indexed label image, or map each colour to its label value.")
+    return _plane(arr.astype(np.uint8) if arr.dtype == bool else arr, path)
 
 
 def _is_tiff(path): return Path(path).suffix.lower() in (".tif", ".tiff")
 
 
 def _unreadable(path, e):
-    return DatasetError(f"Cannot read {path}: {e}. The file is corrupt or not an image; "
+    if "imagecodecs" in str(e):  # tifffile's word for a compression (LZW, JPEG...) it cannot decode alone
+        return DatasetError(f"Cannot read {path}: {e}. Its compression needs the imagecodecs package, which is not "
+                            "installed: run `pip install imagecodecs` (it is in requirements.txt) and restart the "
+                            "kernel, or save the file uncompressed.")
+    return DatasetError(f"Cannot read {path}: {e}. The file is corrupt, truncated or not an image; "
                         "re-export it as PNG or TIFF, or remove it.")
+
+
+def _tiff_len(t, path):
+    """Number of pages of the open TiffFile `t`; DatasetError if file `path` was cut short before its last page ends.
+
+    tifffile stops at a page list that points past the end of the file, with only a log
+    line, so the last page it found is checked: its link to a next page must be 0 (none)
+    and its pixel data must lie inside the file.
+    """
+    n, fh, fmt = len(t.pages), t.filehandle, t.tiff
+    fh.seek(t.pages.next_page_offset)
+    link = fh.read(fmt.offsetsize)
+    last = t.pages[n - 1]
+    data_end = max((o + c for o, c in zip(last.dataoffsets, last.databytecounts)), default=0)
+    if data_end > fh.size:
+        cut = f"the pixel data of its page {n} runs past the end of the file ({fh.size} bytes)"
+    elif len(link) < fmt.offsetsize or struct.unpack(fmt.offsetformat, link)[0]:
+        cut = f"its list of pages breaks off after page {n}, at the end of the file ({fh.size} bytes)"
+    else:
+        return n
+    raise DatasetError(f"{path} is truncated: {cut}, so slices are missing. It was cut short (an interrupted copy, "
+                       "download or export): copy or export it again from the original.")
 
 
 def _n_pages(path):
@@ -116,26 +204,32 @@ def _n_pages(path):
     import tifffile
     try:
         with tifffile.TiffFile(path) as t:
-            return len(t.pages)
+            return _tiff_len(t, path)
+    except DatasetError:
+        raise
     except Exception as e:
         raise _unreadable(path, e) from e
 
 
-def _iter_pages(path, step=1):
-    """Yield every `step`-th slice of image `path`, one at a time, as 2D arrays; raise DatasetError if unreadable."""
+def _iter_pages(path, step=1, labels=False):
+    """Yield every `step`-th slice of image `path` (of mask `path` if `labels`), one at a time, as 2D arrays.
+
+    Raises DatasetError if the file is unreadable or truncated, or a mask is a colour image.
+    """
     path = Path(path)
+    as_plane = _label_plane if labels else _gray
     try:
         if _is_tiff(path):
             import tifffile
             with tifffile.TiffFile(path) as t:
-                for k in range(0, len(t.pages), step):
-                    yield _gray(t.pages[k].asarray(), path)
+                for k in range(0, _tiff_len(t, path), step):
+                    yield as_plane(t.pages[k].asarray(), path)
         else:
             from PIL import Image
             with Image.open(path) as im:
                 im.load()
                 arr = np.asarray(im)
-            yield _gray(arr, path)
+            yield as_plane(arr, path)
     except DatasetError:
         raise
     except Exception as e:
@@ -151,19 +245,53 @@ def _find_mask(masks_dir, img):
     return None
 
 
-def _window_of(pages):
-    """Intensity window (lo, hi) from a sample of raw `pages`: identity for 8-bit, else 0.1-99.9 percentiles."""
+def _window_of(pages, files):
+    """Intensity window (lo, hi) from raw `pages` sampled from `files`: identity for 8-bit, else the 0.1-99.9
+    percentiles of their finite voxels (NaN and Inf left out)."""
     if pages[0].dtype == np.uint8:
         return 0.0, 255.0
-    lo, hi = np.percentile(np.stack([p[::4, ::4] for p in pages]), [0.1, 99.9])
-    return float(lo), float(max(hi, lo + 1.0))
+    for step in (4, 1):  # every voxel only if all on the sparse grid are NaN or Inf
+        values = np.concatenate([p[::step, ::step].ravel() for p in pages])
+        values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+        if values.size:
+            break
+    else:
+        names = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise DatasetError(f"Every voxel sampled from {names} in {files[0].parent} is NaN or Inf: there is no "
+                           "intensity to show. Export the scan again with real values (a float or 16-bit TIFF), "
+                           "or check its reconstruction.")
+    lo, hi = (float(v) for v in np.percentile(values, [0.1, 99.9]))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def _n_nonfinite(raw):
+    return int(raw.size - np.count_nonzero(np.isfinite(raw))) if raw.dtype.kind == "f" else 0
 
 
 def _to_uint8(raw, window):
+    """`raw` mapped through `window` to uint8; NaN and Inf voxels become 0, the window's low end."""
     if raw.dtype == np.uint8:
         return raw
     lo, hi = window
-    return np.clip((raw.astype(np.float32) - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    scaled = (raw.astype(np.float32) - lo) * (255.0 / (hi - lo)) + 0.5
+    if raw.dtype.kind == "f":
+        scaled[~np.isfinite(raw)] = 0.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _bit_depth(dtype):
+    """`dtype` in words, byte order aside: '8-bit integer', '16-bit signed integer', '32-bit float'..."""
+    return f"{dtype.itemsize * 8}-bit " + {"f": "float", "i": "signed integer"}.get(dtype.kind, "integer")
+
+
+def _warn_nonfinite(nonfinite, folder):
+    """Print how many voxels of each file of `folder` are NaN or Inf (`nonfinite`: file name -> count)."""
+    if not nonfinite:
+        return
+    shown = ", ".join(f"{name} ({n})" for name, n in list(nonfinite.items())[:5])
+    more = f" and {len(nonfinite) - 5} more file(s)" if len(nonfinite) > 5 else ""
+    print(f"Warning: {sum(nonfinite.values())} voxel(s) of {folder} are NaN or Inf, in {shown}{more}. They are left "
+          "out of the intensity window and shown as 0 (black); if they are not padding, check the scan's export.")
 
 
 def _cache_key(data_dir, files):
@@ -172,6 +300,18 @@ def _cache_key(data_dir, files):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
+
+
+def _slice_names(files, counts):
+    """The name of each slice: its file's stem, `<stem>_0000`... for a multi-page file; each name used once."""
+    owner = {}
+    for f, n in zip(files, counts):
+        for stem in [f.stem] if n == 1 else [f"{f.stem}_{k:04d}" for k in range(n)]:
+            if stem in owner:
+                raise DatasetError(f"{owner[stem]} and {f} both give slice {stem!r}, so one slice's outputs would "
+                                   "overwrite the other's. Keep one of them in train/ and remove or rename the other.")
+            owner[stem] = f
+    return list(owner)
 
 
 def _check_mask_page(lab, m, codes, codes_path):
@@ -183,22 +323,34 @@ def _check_mask_page(lab, m, codes, codes_path):
                            f"(labels 0..{len(codes) - 1}). Add a line for it to codes.txt or fix the mask.")
 
 
-def _read_into(images, labels, files, masks, shape, window, codes, codes_path):
-    """Decode every slice (and mask) into the preallocated `images` (and `labels`), checking each as it comes."""
-    z = 0
+def _check_page(page, f, first, first_file):
+    """`page` of file `f` must have the size and bit depth of `first`, the first slice (of file `first_file`)."""
+    if page.shape != first.shape:
+        raise DatasetError(f"{f} is {page.shape[1]}x{page.shape[0]} (WxH) but {first_file.name} is "
+                           f"{first.shape[1]}x{first.shape[0]}: all slices of a volume must have the same size. "
+                           "Crop or pad them to one size.")
+    if _bit_depth(page.dtype) != _bit_depth(first.dtype):
+        raise DatasetError(f"{f} holds {_bit_depth(page.dtype)} pixels but {first_file} holds "
+                           f"{_bit_depth(first.dtype)} ones: all slices of a volume must have one bit depth (one "
+                           "intensity window maps them to 8 bit). Convert all slices to one bit depth, e.g. 16 bit, "
+                           "and export them again.")
+
+
+def _read_into(images, labels, files, masks, first, window, codes, codes_path):
+    """Decode every slice (and mask) into the preallocated `images` (and `labels`), checking each against `first`,
+    the first slice, as it comes. Returns the number of NaN or Inf voxels of each file that has any."""
+    z, nonfinite, shape = 0, {}, first.shape
     for i, f in enumerate(files):
         z0 = z
         for page in _iter_pages(f):
-            if page.shape != shape:
-                raise DatasetError(f"{f} is {page.shape[1]}x{page.shape[0]} (WxH) but {files[0].name} is "
-                                   f"{shape[1]}x{shape[0]}: all slices of a volume must have the same size. "
-                                   "Crop or pad them to one size.")
+            _check_page(page, f, first, files[0])
             images[z] = _to_uint8(page, window)
+            nonfinite[f.name] = nonfinite.get(f.name, 0) + _n_nonfinite(page)
             z += 1
         if labels is None:
             continue
         m, k = masks[i], z0
-        for lab in _iter_pages(m):
+        for lab in _iter_pages(m, labels=True):
             if lab.shape != shape or k >= z:
                 raise DatasetError(f"{m} does not match its image {f} ({z - z0} slice(s) of {shape[0]}x{shape[1]}, "
                                    f"HxW): a mask must match its slice pixel for pixel.")
@@ -208,14 +360,18 @@ def _read_into(images, labels, files, masks, shape, window, codes, codes_path):
         if k != z:
             raise DatasetError(f"{m} has {k - z0} slice(s) but its image {f} has {z - z0}: "
                                "a mask must match its slice pixel for pixel.")
+    return {name: n for name, n in nonfinite.items() if n}
 
 
 def load_volume(data_dir, require_labels=True, cache_dir=None):
     """Load and validate the dataset in `data_dir` into a `Volume`; never writes to `data_dir`.
 
     Raises `DatasetError` naming the file and the fix for: no images, a missing mask,
-    image/mask size mismatch, a label with no line in codes.txt, an unreadable file,
-    slices of different sizes. With `require_labels=False` a missing
+    image/mask size mismatch, a label with no line in codes.txt, an unreadable or truncated
+    file, a compression that needs imagecodecs, slices of different sizes or bit depths, two
+    files giving one slice name, a colour mask, a float scan with no finite voxel. NaN and Inf
+    voxels are counted in `Volume.nonfinite_voxels` and printed as a warning (on every load,
+    cached or not). With `require_labels=False` a missing
     `train_masks_labels/` folder gives `labels=None` (prediction on new scans).
     Slices are read one at a time into one preallocated uint8 array. With `cache_dir`,
     that array is a `.npy` file there, and later calls on unchanged files
@@ -245,49 +401,55 @@ def load_volume(data_dir, require_labels=True, cache_dir=None):
                                    "Add it, or remove the slice from train/.")
             masks.append(m)
     counts = [_n_pages(f) for f in files]
-    stems = [s for f, n in zip(files, counts) for s in ([f.stem] if n == 1 else [f"{f.stem}_{k:04d}" for k in range(n)])]
+    stems = _slice_names(files, counts)
     info = dict(codes=codes, stems=stems, source=data_dir, files=files)
 
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / _cache_key(data_dir, files + masks + ([codes_path] if codes_path.exists() else []))
-        if (cache / "volume.json").exists():
-            meta = json.loads((cache / "volume.json").read_text())
+        meta = json.loads((cache / "volume.json").read_text()) if (cache / "volume.json").exists() else {}
+        if meta.get("format") == CACHE_FORMAT:
+            nonfinite = meta["nonfinite"]
+            _warn_nonfinite(nonfinite, img_dir)
             return Volume(images=np.load(cache / "images.npy", mmap_mode="r"),
                           labels=np.load(cache / "labels.npy", mmap_mode="r") if meta["has_labels"] else None,
-                          window=tuple(meta["window"]), raw_dtype=meta["raw_dtype"], **info)
+                          window=tuple(meta["window"]), raw_dtype=meta["raw_dtype"],
+                          nonfinite_voxels=sum(nonfinite.values()), **info)
 
     # the intensity window comes from a sample of about 32 slices spread over z
     first = next(_iter_pages(files[0]))
-    shape, raw_dtype = first.shape, str(first.dtype)
-    sample = [first] if first.dtype == np.uint8 else [
-        p for f, n in list(zip(files, counts))[::max(1, len(files) // 32)] for p in _iter_pages(f, max(1, n // 32))]
-    window = _window_of(sample)
+    raw_dtype = str(first.dtype)
+    sampled = list(zip(files, counts))[::max(1, len(files) // 32)]
+    sample = [first] if first.dtype == np.uint8 else [p for f, n in sampled for p in _iter_pages(f, max(1, n // 32))]
+    window = _window_of(sample, [f for f, _ in sampled])
     del sample
-    full = (len(stems), *shape)
+    full = (len(stems), *first.shape)
     if cache is None:
         images = np.empty(full, np.uint8)
         labels = np.empty(full, np.uint8) if has_masks else None
-        _read_into(images, labels, files, masks, shape, window, codes, codes_path)
-        return Volume(images=images, labels=labels, window=window, raw_dtype=raw_dtype, **info)
+        nonfinite = _read_into(images, labels, files, masks, first, window, codes, codes_path)
+        _warn_nonfinite(nonfinite, img_dir)
+        return Volume(images=images, labels=labels, window=window, raw_dtype=raw_dtype,
+                      nonfinite_voxels=sum(nonfinite.values()), **info)
     with replacing(cache) as tmp:
         tmp.mkdir(parents=True)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, full)
         labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, full) if has_masks else None
-        _read_into(images, labels, files, masks, shape, window, codes, codes_path)
+        nonfinite = _read_into(images, labels, files, masks, first, window, codes, codes_path)
         for a in (images, labels):
             if a is not None:
                 a.flush()
         del images, labels
-        (tmp / "volume.json").write_text(json.dumps({"window": window, "raw_dtype": raw_dtype, "has_labels": has_masks}))
-    return load_volume(data_dir, require_labels, cache_dir)
+        (tmp / "volume.json").write_text(json.dumps({"format": CACHE_FORMAT, "window": window, "raw_dtype": raw_dtype,
+                                                     "has_labels": has_masks, "nonfinite": nonfinite}))
+    return load_volume(data_dir, require_labels, cache_dir)  # reads the cache just written, and warns
 
 
 def describe_volume(vol):
-    """Summary of `vol`: slice count and size, intensity window and per-class pixel fractions."""
+    """Summary of `vol`: slice count and size, intensity window, NaN/Inf voxel count and per-class pixel fractions."""
     z, h, w = vol.shape
     info = {"source": str(vol.source), "slices": z, "height": h, "width": w, "raw_dtype": vol.raw_dtype,
-            "intensity_window": [round(v, 3) for v in vol.window]}
+            "intensity_window": [round(v, 3) for v in vol.window], "nonfinite_voxels": vol.nonfinite_voxels}
     if vol.labels is not None:
         n = len(vol.codes)
         counts, present = np.zeros(n, np.int64), np.zeros(n, np.int64)

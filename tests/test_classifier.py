@@ -1,5 +1,6 @@
 """The specimen classifier: it tells shapes apart that the segmentation confused, learns from the review, and leaves
 a catalogue without specimens alone."""
+import csv
 import json
 
 import numpy as np
@@ -131,6 +132,35 @@ def test_review_labels_change_the_classifier(tmp_path, capsys):
     order = ReviewSession(work).order("all", "confidence")  # least certain first: by the classifier's probability
     probs = cat2.set_index("id").loc[order, "class_probability"].to_numpy()
     assert (np.diff(probs) >= 0).all()
+
+
+def test_the_classifier_reads_the_review_as_people_leave_it(tmp_path, capsys):
+    """05's classify cell (`read_review`, then `classify_specimens`) with review.csv re-saved by a spreadsheet
+    (semicolons, decimal commas, Windows-1252), with an unquoted comma in a taxon, and emptied."""
+    vol, pred = shells_and_chains(tmp_path, seed=1)
+    work = tmp_path / "run"
+    extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    feats = pd.read_csv(work / "exports" / "features.csv")
+    is_chain = (feats["truth_chain"] > feats["truth_shell"]).to_numpy()
+    s = ReviewSession(work)
+    for sid, chain in zip(feats["id"].to_numpy()[:40], is_chain[:40]):
+        s.set(sid, "rejected" if chain else "accepted", "" if chain else "Ammonia, sp.")
+    path = work / "exports" / "review.csv"
+    ours = path.read_bytes()
+    rows = list(csv.reader(open(path, encoding="utf-8")))
+    path.write_bytes("\r\n".join(";".join(v.replace(".", ",") if v.replace(".", "").isdigit() else v for v in r)
+                                   for r in rows).encode("cp1252"))
+    for review in [None, ours.replace(b'"Ammonia, sp."', b"Ammonia, sp.")]:
+        if review:
+            path.write_bytes(review)
+        cat = classify_specimens(work, use_truth=False, review=read_review(work))
+        assert json.loads((work / "exports" / "classifier.json").read_text())["from_review"] == 40
+        assert set(cat["class"]) == {"Ammonia, sp.", NOT_A_FOSSIL}
+    path.write_bytes(b"")
+    capsys.readouterr()
+    assert classify_specimens(work, use_truth=False, review=read_review(work)) is None
+    out = capsys.readouterr().out
+    assert f"{path} is empty" in out and "not trained" in out
 
 
 def test_classifier_with_no_specimen(tmp_path, capsys):

@@ -126,3 +126,20 @@ def test_gallery_redraws_only_what_changed(tmp_path):
     fresh = draw_gallery(work, per_page=5)  # another layout: every page drawn again
     assert fresh["redrawn"].all() and sorted(p.name for p in (work / "exports").glob("gallery*.png")) == [
         "gallery.png", "gallery_02.png", "gallery_03.png"]
+
+
+def test_the_gallery_reads_a_review_saved_by_a_spreadsheet(tmp_path):
+    """review.csv re-saved by a spreadsheet (semicolons, decimal commas, Windows-1252, a column renamed): the tiles
+    show its decisions; an empty review.csv is no decision."""
+    work = _catalogue(tmp_path, 3)
+    review = work / "exports" / "review.csv"
+    review.write_bytes("id;Decision;taxon;predicted_class;confidence;voxels;Centroid Z;centroid_y;centroid_x;updated\r\n"
+                       "2;rejected;;ostracod;0,9;300;20,4;5,0;5,0;01/02/2025 10:00\r\n"
+                       "3;accepted;Ammonia, sp. (Linné);foraminifera;0,8;400;29,8;5,0;5,0;01/02/2025 10:01\r\n"
+                       .encode("cp1252"))
+    table = draw_gallery(work).set_index("id")
+    assert table.loc[2, "name"] == NOT_A_FOSSIL and table.loc[3, "name"] == "Ammonia, sp. (Linné)"
+    assert table.loc[1, "name"] == "ostracod"
+    review.write_bytes(b"")
+    table = draw_gallery(work).set_index("id")
+    assert list(table.loc[[1, 2, 3], "name"]) == ["ostracod", "foraminifera", "ostracod"]

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,85 @@ def test_probabilities_of_another_prediction_are_refused(tmp_path, capsys):
     assert "is not used: no prediction.json" in capsys.readouterr().out
     assert cat["confidence"].isna().all()  # each specimen's majority class: no probability used
     assert json.loads((work / "exports" / "extraction.json").read_text())["class_from"] == "majority predicted class"
+
+
+_KILLABLE_05 = """
+import os, signal, sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+from PIL import Image
+from conftest import make_case
+import microfossil.extraction as extraction
+from microfossil.extraction import extract_fossils
+from microfossil.prediction import predict_volume
+
+class Bright(torch.nn.Module):  # bright voxels are a fossil: class 1 (model "A") or class 2 (model "B")
+    def __init__(self, cls): super().__init__(); self.cls = cls
+    def forward(self, x):
+        m = x.mean(1, keepdim=True) * 10
+        return torch.cat([-m, m * (1.0 if self.cls == 1 else 0.5), m * (1.0 if self.cls == 2 else 0.5)], 1)
+
+def kill_at(n, fn):  # SIGKILL on the n-th call of fn: no clean-up runs, as when Colab drops the runtime
+    calls = [0]
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return wrapped
+
+model, step, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+vol = make_case(Path(sys.argv[4]))[0]
+if step == "predict-killed":
+    Image.Image.save = kill_at(len(vol.images) // 2, Image.Image.save)  # half the PNGs written
+if step in ("all", "predict-killed", "extract-killed"):
+    predict_volume(Bright(1 if model == "A" else 2), vol, work / "predictions", 4, torch.device("cpu"), True)
+if step == "extract-killed":
+    extraction.export_specimen = kill_at(2, extraction.export_specimen)  # one specimen folder written
+extract_fossils(vol, work, min_voxels=20)
+"""
+
+
+def _contents(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_kill_during_prediction_or_extraction_leaves_all_old_or_all_new(tmp_path):
+    """Fault injection with real processes: 05's prediction killed (SIGKILL) with half its PNGs written, then its
+    extraction killed with one specimen folder written, each leave the previous complete outputs; run to the end,
+    the outputs are those of a run that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = tmp_path / "step.py"
+    script.write_text(_KILLABLE_05.format(root=str(ROOT), tests=str(ROOT / "tests")))
+
+    def run(model, step, work):
+        case = tmp_path / f"case{len(list(tmp_path.glob('case*')))}"  # the same volume, made afresh for each process
+        case.mkdir()
+        return subprocess.run([sys.executable, str(script), model, step, str(work), str(case)],
+                              capture_output=True, text=True, timeout=300)
+    work, clean = tmp_path / "run", tmp_path / "clean"
+    assert run("A", "all", work).returncode == 0
+    old_pred, old_exp = _contents(work / "predictions"), _contents(work / "exports")
+    assert any(k.startswith("fossil_") for k in old_exp) and "gallery.png" in old_exp
+
+    r = run("B", "predict-killed", work)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert _contents(work / "predictions") == old_pred and _contents(work / "exports") == old_exp
+
+    r = run("B", "extract-killed", work)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert _contents(work / "exports") == old_exp  # the prediction is B's now, the extraction still A's, whole
+    new_pred = _contents(work / "predictions")
+    assert new_pred["labels.tif"] != old_pred["labels.tif"]
+    assert all(new_pred[k] == old_pred[k] for k in ("specimens.tif", "labels_clean.tif"))  # they go with exports/
+
+    assert run("B", "all", work).returncode == 0 and run("B", "all", clean).returncode == 0
+    done, want = _contents(work / "exports"), _contents(clean / "exports")
+    assert sorted(done) == sorted(want) and done["fossils.csv"] == want["fossils.csv"] != old_exp["fossils.csv"]
+    assert _contents(work / "predictions")["labels_clean.tif"] == _contents(clean / "predictions")["labels_clean.tif"]
+    assert not [p.name for p in work.iterdir() if p.name not in ("predictions", "exports")]  # no stage left behind

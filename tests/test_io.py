@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from microfossil.io import attempt_files, read_json, read_label_pages, replacing, write_json, write_label_tiff
+from microfossil import io
+from microfossil.io import (JOURNAL, STAGE, attempt_files, finish_commit, read_json, read_label_pages, replacing, staged,
+                          write_json, write_label_tiff)
 
 
 def test_replacing_a_file_and_a_folder(tmp_path):
@@ -43,3 +45,66 @@ def test_attempt_files_in_attempt_order(tmp_path):
     (tmp_path / "256_frozen_x.attempt3.json").write_text("{}")  # another phase whose name starts the same
     (tmp_path / "256_frozen.attempt4.csv").write_text("")
     assert [n for n, _ in attempt_files(tmp_path, "256_frozen", ".json")] == [1, 2, 10]
+
+
+def test_a_folder_swap_cut_between_its_two_renames_gets_the_old_folder_back(tmp_path):
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    (folder / "labels.tif").write_text("old")
+    folder.rename(tmp_path / "predictions.old")  # the kill came after the first rename
+    (tmp_path / "predictions.partial").mkdir()
+    with pytest.raises(RuntimeError):
+        with replacing(folder) as tmp:
+            tmp.mkdir()
+            raise RuntimeError("the next attempt fails too")
+    assert (folder / "labels.tif").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]
+
+
+def _result(folder, n, tag):
+    """A staged result: n specimen folders, a catalogue, a label file."""
+    with staged(folder, remove=["exports/fossil_*", "exports/gallery.png"]) as stage:
+        for k in range(1, n + 1):
+            (stage / "exports" / f"fossil_{k}").mkdir(parents=True)
+            (stage / "exports" / f"fossil_{k}" / "mask.tif").write_text(tag)
+        (stage / "exports" / "fossils.csv").write_text(tag)
+        (stage / "predictions").mkdir()
+        (stage / "predictions" / "specimens.tif").write_text(tag)
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_staged_result_replaces_the_previous_one_whole_and_leaves_other_files(tmp_path):
+    _result(tmp_path, 3, "old")
+    (tmp_path / "exports" / "review.csv").write_text("decisions")
+    (tmp_path / "exports" / "gallery.png").write_text("old")
+    _result(tmp_path, 2, "new")
+    assert _files(tmp_path) == {"exports/fossil_1/mask.tif": "new", "exports/fossil_2/mask.tif": "new",
+                                "exports/fossils.csv": "new", "predictions/specimens.tif": "new",
+                                "exports/review.csv": "decisions"}  # fossil_3 and the old gallery went, the review stayed
+    with pytest.raises(RuntimeError):  # a failure (or a kill) before the commit: the previous result, untouched
+        with staged(tmp_path, remove=["exports/fossil_*"]) as stage:
+            (stage / "exports").mkdir()
+            (stage / "exports" / "fossils.csv").write_text("half")
+            raise RuntimeError("disconnect")
+    assert _files(tmp_path)["exports/fossils.csv"] == "new" and not (tmp_path / STAGE).exists()
+
+
+def test_a_commit_cut_in_the_middle_is_finished_by_the_next_reader(tmp_path, monkeypatch):
+    _result(tmp_path, 3, "old")
+    real, calls = io.os.replace, []
+
+    def cut(src, dst):  # the runtime is lost after the list of moves and the first move are written
+        calls.append(dst)
+        if len(calls) == 3:
+            raise SystemExit("runtime lost")
+        real(src, dst)
+    monkeypatch.setattr(io.os, "replace", cut)
+    with pytest.raises(SystemExit):
+        _result(tmp_path, 2, "new")
+    monkeypatch.setattr(io.os, "replace", real)
+    assert (tmp_path / JOURNAL).exists()  # a mix on disk, with the list of moves that finishes it
+    assert finish_commit(tmp_path) and not finish_commit(tmp_path)
+    assert _files(tmp_path) == {"exports/fossil_1/mask.tif": "new", "exports/fossil_2/mask.tif": "new",
+                                "exports/fossils.csv": "new", "predictions/specimens.tif": "new"}

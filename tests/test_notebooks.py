@@ -206,3 +206,18 @@ def test_quick_refuses_a_parameter_it_sets_itself(tiny, tmp_path, capsys):
 def test_runner_rejects_unknown_parameter(tiny, tmp_path):
     with pytest.raises(SystemExit):
         run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "-p", "no_such_param", "1"])
+
+
+def test_only_takes_numbers_and_names_and_refuses_what_matches_nothing(tiny, tmp_path, capsys):
+    """--only 4, 04, 04_train_full and 04_train_full.ipynb all name notebook 04; a name that matches no notebook stops
+    the run before anything is written (it used to run nothing and print "All done.")."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    nbs = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for only in (["4"], ["04"], ["04_train_full"], ["04_train_full.ipynb"]):
+        assert [nb.name[:2] for nb in run_pipeline._select(nbs, only, ap)] == ["04"]
+    assert [nb.name[:2] for nb in run_pipeline._select(nbs, ["5", "2"], ap)] == ["02", "05"]  # in numbered order
+    with pytest.raises(SystemExit):
+        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--smoke", "--only", "4", "9"])
+    assert "--only 9: no such notebook" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -1,5 +1,6 @@
 """Finding the data and the run folder: the dataset is never the run folder, a zipped dataset is fetched once."""
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,36 @@ def test_quick_and_smoke_runs_have_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "ROOT", tmp_path)
     names = {paths.resolve_paths(None, None, quick=q, smoke=s)[1].name for q, s in ((0, 0), (1, 0), (0, 1))}
     assert names == {"sample_default", "sample_default_quick", "sample_default_smoke"}
+
+
+def test_fetch_dataset_skips_the_macos_resource_folder(tiny, tmp_path):
+    """A zip made by macOS's Finder also holds __MACOSX/<dataset>/train/ with '._' files: not the dataset."""
+    archive = shutil.make_archive(str(tmp_path / "lapix"), "zip", root_dir=tiny.parent, base_dir=tiny.name)
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr(f"__MACOSX/{tiny.name}/train/._slice_0000.png", b"\x00\x05\x16\x07 AppleDouble")
+    root = fetch_dataset(archive, tmp_path / "downloads")
+    assert root == tmp_path / "downloads" / "unzipped" / tiny.name
+
+
+def test_fetch_dataset_refuses_two_datasets_and_retries_a_wrong_archive(tiny, tmp_path):
+    """Two folders with a train/ in one zip are an error naming both; an archive that held no dataset is not marked
+    complete, so the next run (the link fixed, or the file replaced) downloads it again."""
+    two = tmp_path / "two"
+    shutil.copytree(tiny, two / "core_a")
+    shutil.copytree(tiny, two / "core_b")
+    (two / "core_a" / ".DS_Store").write_text("junk")
+    archive = shutil.make_archive(str(tmp_path / "two"), "zip", root_dir=two)
+    with pytest.raises(DatasetError, match="2 dataset folders.*core_a, core_b"):
+        fetch_dataset(archive, tmp_path / "d1")
+    assert not (tmp_path / "d1" / ".complete").exists()
+
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "images" / "a.png").write_text("x")
+    url = str(tmp_path / "data.zip")
+    shutil.move(shutil.make_archive(str(tmp_path / "e"), "zip", root_dir=empty), url)
+    with pytest.raises(DatasetError, match="no train/ folder"):
+        fetch_dataset(url, tmp_path / "d2")
+    shutil.move(shutil.make_archive(str(tmp_path / "good"), "zip", root_dir=tiny.parent, base_dir=tiny.name), url)
+    assert load_volume(fetch_dataset(url, tmp_path / "d2")).shape == (12, 96, 96)  # fetched again, now right
+    assert (tmp_path / "d2" / ".complete").exists() and not (tmp_path / "d2" / "unzipped" / "images").exists()

@@ -117,3 +117,188 @@ def test_a_decision_redraws_its_preview_and_its_tile(tmp_path):
     assert (t["name"], t["marker"], t["colour"]) == ("Ammonia", "check", "#%02x%02x%02x" % rgb[cat.loc[second, "class"]])
     s.set(first, "")  # undone: its class again
     assert draw_gallery(work).set_index("id").loc[first, "name"] == cat.loc[first, "class"]
+
+
+# --- review.csv as people leave it: re-saved by a spreadsheet, edited, cut, emptied ---
+
+def _catalogue_only(tmp_path, n=4):
+    """A run folder with only a catalogue (no specimen folders): `n` specimens with fractional centroids."""
+    import pandas as pd
+    exp = tmp_path / "run" / "exports"
+    exp.mkdir(parents=True)
+    pd.DataFrame({"id": range(1, n + 1), "class": ["foraminifera", "ostracod"] * (n // 2) + ["foraminifera"] * (n % 2),
+                  "confidence": [0.9 - 0.1 * k for k in range(n)], "voxels": [100 + 10 * k for k in range(n)],
+                  "centroid_z": [10.5 * k for k in range(1, n + 1)], "centroid_y": 5.25, "centroid_x": 7.75,
+                  "frac_foraminifera": 1.0, "frac_ostracod": 0.0}).to_csv(exp / "fossils.csv", index=False)
+    return tmp_path / "run"
+
+
+def _reviewed(tmp_path):
+    """A run whose review.csv (our format) accepts specimen 1 as 'Ammonia beccarii (Linné)' and rejects 2."""
+    work = _catalogue_only(tmp_path)
+    s = ReviewSession(work)
+    s.set(1, "accepted", "Ammonia beccarii (Linné)")
+    s.set(2, "rejected")
+    return work, work / "exports" / "review.csv"
+
+
+def _resave(path, delimiter=";", encoding="utf-8-sig", decimal=",", rename=None, drop=(), edit=None):
+    """Re-save review.csv as a spreadsheet would: `delimiter`, `decimal` mark, `encoding` (BOM), CRLF; columns
+    renamed (`rename`), dropped (`drop`), cells changed by `edit(rows)`."""
+    import io
+
+    def number(v):
+        try:
+            float(v)
+            return v.replace(".", decimal)
+        except ValueError:
+            return v
+    rows = list(csv.reader(open(path, newline="", encoding="utf-8")))
+    keep = [k for k, c in enumerate(rows[0]) if c not in drop]
+    rows = [[(rename or {}).get(r[k], r[k]) if i == 0 else number(r[k]) for k in keep] for i, r in enumerate(rows)]
+    if edit:
+        edit(rows)
+    out = io.StringIO()
+    csv.writer(out, delimiter=delimiter, lineterminator="\r\n").writerows(rows)
+    path.write_bytes(out.getvalue().encode(encoding))
+    return path.read_bytes()
+
+
+def _decided(path):
+    """{id: (decision, taxon)} of the rows of review.csv (our format) with a decision."""
+    return {r["id"]: (r["decision"], r["taxon"]) for r in csv.DictReader(open(path, encoding="utf-8")) if r["decision"]}
+
+
+@pytest.mark.parametrize("delimiter, encoding", [(";", "utf-8-sig"), (";", "cp1252"), ("\t", "utf-8"),
+                                                 (",", "utf-8-sig")])
+def test_a_review_resaved_by_a_spreadsheet_keeps_its_decisions(tmp_path, delimiter, encoding):
+    work, path = _reviewed(tmp_path)
+    before = _decided(path)
+    _resave(path, delimiter, encoding, decimal="," if delimiter != "," else ".")
+    s = ReviewSession(work)
+    assert s.summary()["stale_rows"] == 0 and s.get(1)["taxon"] == "Ammonia beccarii (Linné)"
+    assert s.get(2)["decision"] == "rejected"
+    s.set(3, "accepted")  # the next click writes our format again, with every decision
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("id,decision,taxon,") and "10,5" not in text and "21.0" in text
+    assert _decided(path) == {**before, "3": ("accepted", "")}
+
+
+def test_an_unreadable_review_stops_naming_the_file_and_leaves_it(tmp_path):
+    work, path = _reviewed(tmp_path)
+    for junk in [b"PK\x03\x04\x14\x00\x06\x00 an xlsx saved as review.csv", "Nº|decisão|táxon\n1|aceito|x\n".encode()]:
+        path.write_bytes(junk)
+        with pytest.raises(ValueError, match="CSV UTF-8") as e:
+            ReviewSession(work)
+        assert str(path) in str(e.value)
+        with pytest.raises(ValueError, match="review.csv"):
+            read_review(work)
+        assert path.read_bytes() == junk
+
+
+def test_renamed_or_missing_centroid_columns(tmp_path, capsys):
+    work, path = _reviewed(tmp_path)
+    before = _decided(path)
+    _resave(path, ",", "utf-8", ".", rename={"centroid_z": "Centroid Z", "centroid_y": "y", "centroid_x": "CENTROID_X",
+                                              "decision": "Decision"})
+    s = ReviewSession(work)
+    assert s.summary() == {"specimens": 4, "accepted": 1, "rejected": 1, "to_review": 2, "stale_rows": 0}
+    assert "id only" not in capsys.readouterr().out
+    _resave(path, ",", "utf-8", ".", drop=("Centroid Z", "y", "CENTROID_X"))  # no centroid at all: by id
+    s = ReviewSession(work)
+    assert s.summary()["accepted"] == 1 and s.get(2)["decision"] == "rejected"
+    out = capsys.readouterr().out
+    assert "review.csv" in out and "2 rows" in out and "id only" in out
+    s.set(3, "rejected")
+    assert _decided(path) == {**before, "3": ("rejected", "")}
+    assert {r["id"]: r["centroid_z"] for r in csv.DictReader(open(path))}["1"] == "10.5"  # found again by centroid
+
+
+def test_columns_added_in_a_spreadsheet_survive_a_save(tmp_path):
+    work, path = _reviewed(tmp_path)
+
+    def notes(rows):
+        rows[0].append("notes")
+        rows[1].append("broken, last chamber")
+        rows[2].append("")
+        rows.append(["99", "accepted", "Elphidium", "", "", "", "500", "1", "1", "", "a specimen from an older run"])
+    _resave(path, ",", "utf-8", ".", edit=notes)
+    s = ReviewSession(work)
+    assert s.summary()["stale_rows"] == 1
+    s.set(3, "accepted", "Bolivina")
+    rows = list(csv.DictReader(open(path, encoding="utf-8")))
+    assert list(rows[0]) == ["id", "decision", "taxon", "predicted_class", "confidence", "voxels", "centroid_z",
+                             "centroid_y", "centroid_x", "updated", "notes"]
+    assert [(r["id"], r["notes"]) for r in rows] == [("1", "broken, last chamber"), ("2", ""), ("3", ""),
+                                                    ("99", "a specimen from an older run")]
+
+
+def test_a_truncated_last_row_is_applied_and_kept(tmp_path):
+    work, path = _reviewed(tmp_path)
+    s = ReviewSession(work)
+    s.set(3, "accepted", "Bolivina")
+    full = path.read_bytes()
+    path.write_bytes(full[:full.rindex(b"Bolivina") + 3])  # the last line cut: "3,accepted,Bol"
+    s = ReviewSession(work)
+    assert s.get(3)["decision"] == "accepted" and s.get(3)["taxon"] == "Bol"
+    assert s.summary()["accepted"] == 2
+    s.set(4, "rejected")
+    assert _decided(path) == {"1": ("accepted", "Ammonia beccarii (Linné)"), "2": ("rejected", ""),
+                              "3": ("accepted", "Bol"), "4": ("rejected", "")}
+
+
+def test_an_empty_review_file_is_no_decision(tmp_path, capsys):
+    work, path = _reviewed(tmp_path)
+    path.write_bytes(b"")
+    s = ReviewSession(work)
+    assert s.summary()["accepted"] == 0 and s.summary()["stale_rows"] == 0
+    assert "review.csv" in capsys.readouterr().out
+    t = read_review(work)
+    assert t.empty and list(t.columns) == ["id", "decision", "taxon", "predicted_class"]
+    s.set(1, "rejected")
+    assert _decided(path) == {"1": ("rejected", "")}
+
+
+def test_a_comma_in_a_taxon(tmp_path, capsys):
+    work, path = _reviewed(tmp_path)
+    s = ReviewSession(work)
+    s.set(3, "accepted", "Ammonia, sp.")  # typed in the panel: quoted in the file
+    assert ReviewSession(work).get(3)["taxon"] == "Ammonia, sp."
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace('"Ammonia, sp."', "Ammonia, sp."), encoding="utf-8")  # re-saved unquoted
+    capsys.readouterr()
+    s = ReviewSession(work)
+    assert s.get(3)["decision"] == "accepted" and s.get(3)["taxon"] == "Ammonia, sp."
+    out = capsys.readouterr().out
+    assert "review.csv" in out and "line 4" in out
+    assert read_review(work).set_index("id").loc[3, "taxon"] == "Ammonia, sp."
+    # a row that cannot be told apart or whose numbers do not parse: kept in the file, not applied
+    broken = text.replace('"Ammonia, sp."', "Ammonia, sp.").splitlines()[3].replace("31.5", "x,y")
+    path.write_text(text.replace(text.splitlines()[3], broken), encoding="utf-8")
+    s = ReviewSession(work)
+    assert s.get(3) is None and s.summary()["stale_rows"] == 1 and "line 4" in capsys.readouterr().out
+    s.set(4, "rejected")
+    assert [",".join(r) for r in csv.reader(open(path, encoding="utf-8")) if r[0] == "3"] == [broken]
+    assert _decided(path)["4"] == ("rejected", "") and len(_decided(path)) == 4
+
+
+def test_a_save_keeps_the_previous_file_beside_it(tmp_path):
+    work, path = _reviewed(tmp_path)
+    mine = _resave(path)  # the person's own version, from a spreadsheet
+    s = ReviewSession(work)
+    s.set(3, "rejected")
+    backup = path.with_name("review.csv.bak")
+    assert backup.read_bytes() == mine
+    s.set(4, "accepted")  # our own earlier writes are not what the backup is for: it keeps the person's version
+    assert backup.read_bytes() == mine
+    stamp = path.stat().st_mtime_ns, path.stat().st_ino
+    ReviewSession(work).save()  # nothing changed: nothing written
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp and backup.read_bytes() == mine
+    assert len(_decided(path)) == 4
+    s.set(3, "")  # undone: the only way a decision leaves the file
+    assert sorted(_decided(path)) == ["1", "2", "4"]
+    before = path.read_bytes()
+    s.decisions.pop(1)  # as a bug that lost a row would
+    with pytest.raises(RuntimeError, match="lose review decisions"):
+        s.save()
+    assert path.read_bytes() == before

@@ -238,3 +238,57 @@ def test_the_next_stage_stops_on_another_split(odd_vol, tmp_path):
                           work_dir=tmp_path)
     with pytest.raises(ValueError, match="valid_pct and gap_slices of the training notebooks"):
         load_stage(other, "256_unfrozen")
+
+
+_KILLABLE_PHASE = """
+import os, random, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+from fastai.callback.core import Callback
+from microfossil.learner import build_learner
+from microfossil.loaders import make_dls
+from microfossil.volume import load_volume
+
+class Kill(Callback):  # SIGKILL in the middle of epoch `at`: no Python clean-up runs, as when Colab drops the runtime
+    order = 90
+    def __init__(self, at): self.at = at
+    def after_batch(self):
+        if self.epoch == self.at and self.iter == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+from microfossil.training import PhaseCheckpoint
+at = int(sys.argv[1])
+vol = load_volume({data!r})
+learn = build_learner(make_dls(vol, 0.25, bs=2, device=torch.device("cpu"), seed=0), pretrained=False, work_dir=sys.argv[2])
+learn.fit_one_cycle(4, 1e-3, pct_start=0.5, cbs=[PhaseCheckpoint("k_frozen")] + ([Kill(at)] if at >= 0 else []))
+"""
+
+
+def test_a_phase_killed_at_a_random_epoch_resumes_to_the_same_history(tiny, tmp_path):
+    """Fault injection with a real process: a phase SIGKILLed in the middle of a random epoch, then run again, ends with
+    one history row per epoch, as an uninterrupted run does, and its plot cell (`plot_history`) draws it."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from microfossil.plots import plot_history
+    script = tmp_path / "phase.py"
+    script.write_text(_KILLABLE_PHASE.format(root=str(ROOT), data=str(tiny)))
+    at = random.Random().randrange(1, 4)  # a random epoch after the first checkpoint
+    run = lambda kill, work: subprocess.run([sys.executable, str(script), str(kill), str(work)],  # noqa: E731
+                                            capture_output=True, text=True, timeout=300)
+    whole = run(-1, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run(at, tmp_path / "killed")
+    assert killed.returncode == -signal.SIGKILL, (at, killed.returncode, killed.stderr[-2000:])
+    assert not (tmp_path / "killed" / "models" / "k_frozen.pth").exists()
+    again = run(-1, tmp_path / "killed")
+    assert again.returncode == 0 and f"resuming after epoch {at} of 4" in again.stdout, (at, again.stdout, again.stderr[-2000:])
+    rows, want = _history(tmp_path / "killed", "k_frozen"), _history(tmp_path / "whole", "k_frozen")
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in want] == ["0", "1", "2", "3"], at
+    assert all(float(r["train_loss"]) > 0 and 0 <= float(r["mean_iou"]) <= 1 for r in rows)
+    assert read_record(tmp_path / "killed", "k_frozen")["epochs_trained"] == 4
+    fig = plot_history(tmp_path / "killed", ["k_frozen"], path=tmp_path / "h.png")
+    assert len(fig.axes[0].lines[0].get_xdata()) == 4 and (tmp_path / "h.png").stat().st_size > 0

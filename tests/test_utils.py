@@ -13,9 +13,9 @@ from conftest import ROOT
 PACKAGE = ROOT / "microfossil"
 # The order imports run in: a module may import only modules before it (io and plots at the side: anyone may use
 # them; io uses no other module, plots only io).
-ORDER = ["io", "volume", "specimens", "split", "sample", "paths", "metrics", "loaders", "learner", "training",
-         "prediction", "exports", "extraction", "classifier", "evaluation", "review", "viewers"]
-WITHOUT_TORCH = ["io", "volume", "specimens", "split", "sample", "paths", "metrics", "exports", "extraction",
+ORDER = ["params", "io", "volume", "specimens", "split", "sample", "paths", "metrics", "loaders", "learner", "training",
+         "prediction", "decisions", "exports", "extraction", "classifier", "evaluation", "review", "viewers"]
+WITHOUT_TORCH = ["params", "io", "volume", "specimens", "split", "sample", "paths", "metrics", "decisions", "exports", "extraction",
                  "classifier", "evaluation", "review", "viewers", "plots"]
 
 
@@ -57,7 +57,7 @@ def test_utils_holds_the_names_the_notebooks_use():
 
 def test_modules_without_torch_and_the_review_notebook_load_no_torch():
     """06 (the review) runs where torch is absent or slow to import; so do the data, specimen and evaluation modules."""
-    names_06 = ["resolve_paths", "ReviewSession", "ReviewPanel", "has_widget_frontend", "classify_specimens", "read_review",
+    names_06 = ["check_params", "resolve_paths", "ReviewSession", "ReviewPanel", "has_widget_frontend", "classify_specimens", "read_review",
                 "view_specimen", "view_specimens"]
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import utils\n"
             + "".join(f"import microfossil.{m}\n" for m in WITHOUT_TORCH)

@@ -1,0 +1,125 @@
+"""The notebooks' parameters, checked where they enter: a wrong type or range stops at once with the name and the fix.
+
+Every name of every notebook's parameters cell has a rule here (a test checks it), and
+`check_params` runs at the top of each notebook (`utils.check_params(globals())`) and in
+`run_pipeline.py` before the first notebook starts, so that `bs=0` fails in a second, not
+after an hour of training, and with a message, not a traceback from deep inside fastai.
+Deeper checks that need the data or torch (an encoder name that exists, a gap that leaves
+training slices) stay where they are done today, with messages of the same kind.
+"""
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+
+class ParameterError(ValueError):
+    """A notebook parameter with a wrong type or value; the message names it and says what it takes."""
+
+
+def _whole(lo=None):
+    def check(v):
+        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and (lo is None or v >= lo)
+        return ok, f"a whole number{'' if lo is None else f' >= {lo}'}"
+    return check
+
+
+def _number(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(v):
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v  # v == v: not NaN
+        ok = ok and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+        rng = [f"{'above' if lo_open else 'at least'} {lo}" if lo is not None else "",
+               f"{'below' if hi_open else 'at most'} {hi}" if hi is not None else ""]
+        return ok, "a number" + (" " + " and ".join(r for r in rng if r) if any(rng) else "")
+    return check
+
+
+def _flag(v): return isinstance(v, bool), "True or False"
+
+
+def _text(v): return isinstance(v, str) and v.strip() != "", "a text in quotes, e.g. \"name\""
+
+
+def _path(v): return isinstance(v, (str, Path)) and str(v).strip() != "", "a folder path in quotes"
+
+
+def _one_of(*choices):
+    def check(v): return v in choices, "one of " + ", ".join(map(repr, choices))
+    return check
+
+
+def _or_none(rule):
+    def check(v):
+        ok, what = rule(v)
+        return ok or v is None, f"None or {what}"
+    return check
+
+
+def _odd(v):
+    ok, _ = _whole(1)(v)
+    return ok and v % 2 == 1, "an odd whole number >= 1 (the slice and as many neighbours above as below)"
+
+
+def _voxel_size(v):
+    what = "None (read voxel_size.txt), one positive number in µm, or three, [z, y, x]"
+    vals = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v is None or (len(vals) in (1, 3) and all(_number(0, lo_open=True)(x)[0] for x in vals)), what
+
+
+RULES = {  # name: (rule, what it is, for the message)
+    "data_dir": (_or_none(_path), "the dataset folder"),
+    "work_dir": (_or_none(_path), "the run folder"),
+    "data_url": (_or_none(_text), "a Google Drive id/URL or HTTP URL of a zipped dataset"),
+    "quick": (_flag, "the CPU demo"), "smoke": (_flag, "the smoke test"), "force": (_flag, "retrain finished phases"),
+    "valid_pct": (_number(0, 1, lo_open=True, hi_open=True),
+                  "the held-out block's share of the slices, e.g. 0.2 (0 would leave nothing to validate or score)"),
+    "gap_slices": (_or_none(_whole(0)), "slices between the training and held-out blocks (None: automatic)"),
+    "sample_size": (_one_of("default", "full"), "the embedded sample's size"),
+    "seed": (_whole(0), "the random seed"),
+    "arch": (_text, "the encoder, a torchvision ResNet name such as \"resnet34\""),
+    "pretrained": (_flag, "ImageNet weights"),
+    "init_from": (_or_none(_text), "the phase to start from, e.g. \"256_unfrozen\""),
+    "run_lr_find": (_flag, "plot lr_find"),
+    "size_frac": (_number(0, 1, lo_open=True), "the training resolution as a fraction of the slice size"),
+    "context_slices": (_odd, "slices per input"),
+    "triplanar": (_flag, "also train on XZ and YZ slices"),
+    "crop_size": (_or_none(_whole(32)), "the crop size in px (32 or more, the encoder's downsampling)"),
+    "loss": (_one_of("cross_entropy", "ce_dice"), "the loss"),
+    "bs": (_whole(1), "the batch size"),
+    "wd": (_number(0), "the weight decay"),
+    "epochs_frozen": (_whole(1), "epochs with the encoder frozen"),
+    "epochs_unfrozen": (_whole(1), "epochs of the whole network"),
+    "lr_frozen": (_number(0, lo_open=True), "the learning rate"),
+    "lr_unfrozen_lo": (_number(0, lo_open=True), "the encoder's first layers' learning rate"),
+    "lr_unfrozen_hi": (_number(0, lo_open=True), "the last layers' learning rate"),
+    "pct_frozen": (_number(0, 1, lo_open=True, hi_open=True), "the share of the cycle spent warming up"),
+    "pct_unfrozen": (_number(0, 1, lo_open=True, hi_open=True), "the share of the cycle spent warming up"),
+    "model_name": (_text, "the phase in work_dir/models to predict with, e.g. \"full_unfrozen\""),
+    "save_probs": (_flag, "write probs.npy"), "tta": (_flag, "flip test-time augmentation"),
+    "voxel_size_um": (_voxel_size, "the voxel size"),
+    "min_voxels": (_whole(0), "the smallest specimen kept, in voxels (0 or 1: keep every one)"),
+    "min_volume_um3": (_number(0), "the smallest specimen kept, in µm³"),
+    "connectivity": (_one_of(6, 18, 26), "the 3D connectivity of a specimen"),
+    "split_touching": (_flag, "split touching specimens"),
+    "max_exports": (_whole(0), "how many specimens get a folder and a preview"),
+    "classify": (_flag, "the specimen classifier"),
+}
+
+
+def check_params(values):
+    """Check every parameter of `values` (a notebook's `globals()`, or a dict) that has a rule; raise `ParameterError`
+    naming each bad one, its value and what it takes. Names without a rule are ignored."""
+    bad = []
+    for name, (rule, what) in RULES.items():
+        if name in values:
+            v = values[name]
+            ok, takes = rule(v)
+            if not ok:
+                bad.append(f"{name}={v!r}: {name} is {what}; it takes {takes}")
+    lo, hi = values.get("lr_unfrozen_lo"), values.get("lr_unfrozen_hi")
+    if not bad and lo is not None and hi is not None and lo > hi:
+        bad.append(f"lr_unfrozen_lo={lo!r} is above lr_unfrozen_hi={hi!r}: slice(lo, hi) gives the first layers lo "
+                   "and the last hi, so lo must not exceed hi")
+    if bad:
+        raise ParameterError("Bad parameter value" + ("s" if len(bad) > 1 else "") + ", fix it in the parameters cell "
+                             "(or the -p option):\n  " + "\n  ".join(bad))
