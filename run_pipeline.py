@@ -67,10 +67,6 @@ def main(argv=None):
     from microfossil.params import ParameterError, check_params
 
     params = {k: _value(v) for k, v in args.p}
-    try:
-        check_params(params)  # a bad -p stops now, not after the notebooks before the one that reads it
-    except ParameterError as e:
-        ap.error(str(e))
     overridden = sorted(set(params) & QUICK_SETS) if args.quick else []
     if overridden:
         ap.error(f"--quick sets {', '.join(overridden)} itself (see the training notebooks' quick cell); "
@@ -78,6 +74,12 @@ def main(argv=None):
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         notebooks = _select(notebooks, args.only, ap)
+    for nb in notebooks:  # each notebook's values as it will run them: a bad one stops now, not hours later
+        defaults = {k: _value(v["default"]) for k, v in pm.inspect_notebook(str(nb)).items()}
+        try:
+            check_params({**defaults, **{k: v for k, v in params.items() if k in defaults}})
+        except ParameterError as e:
+            ap.error(f"{nb.name}: {e}")
     data_dir, work_dir = utils.resolve_paths(args.data_dir, args.work_dir, args.quick, args.data_url,
                                              params.get("sample_size", "default"), params.get("seed", 0), args.smoke)
     params.update(data_dir=str(data_dir), work_dir=str(work_dir), quick=args.quick, smoke=args.smoke)

@@ -41,7 +41,7 @@ VARIANTS = {
 
 def _run(args, name, params, model_from, seed):
     work = Path(args.work_root) / name / f"seed{seed}"
-    stages = ["05"] if model_from else [*args.stages, "05"]
+    stages = ["05"] if model_from else [*(s.zfill(2) for s in args.stages), "05"]
     if model_from:
         src = Path(args.work_root) / model_from / f"seed{seed}" / "models"
         if not src.exists():

@@ -96,7 +96,7 @@ def _review_rows(path, say):
     delimiter in one text column explains it, else kept as it is and not `usable`. Raises
     ValueError, naming `path`, when the file cannot be read; says (`say`) what it mended.
     """
-    text = _decode(Path(path).read_bytes())
+    text = _decode(Path(path).read_bytes()).lstrip("\ufeff")  # a BOM left in the text by a re-encoding
     if not text.strip():
         say(f"{path} is empty: no review decision in it.")
         return []
@@ -136,6 +136,13 @@ def _review_rows(path, say):
             for _, r, _ in rows:
                 del r[c]
     return rows
+
+
+def check_review_file(exp_dir):
+    """Raise ValueError, naming it, when `exp_dir/review.csv` exists and cannot be read (see `read_decisions`)."""
+    path = Path(exp_dir) / REVIEW_FILE
+    if path.exists():
+        _review_rows(path, lambda msg: None)
 
 
 def read_decisions(exp_dir, cat, tol=3.0, quiet=False):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .classifier import classify_specimens
 from .extraction import extract_fossils
-from .io import PREDICTION_RECORD, read_json, write_json, write_text
+from .io import PREDICTION_RECORD, finish_commit, read_json, write_json, write_text
 from .metrics import confusion_matrix, scores_from_confusion
 from .specimens import label_components, majority_class
 from .split import left_out_mask
@@ -126,6 +126,7 @@ def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None
     `{"extraction": ..., "classifier": ... or None}`.
     """
     work_dir = Path(work_dir)
+    finish_commit(work_dir)  # a prediction or an extraction a kill cut in the middle of its swap
     if vol.labels is None:
         raise ValueError(f"{vol.source} has no train_masks_labels/: nothing to evaluate against.")
     if not len(split.valid):

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .decisions import check_review_file
 from .exports import GALLERY_RECORD, draw_gallery, export_specimen, mesh
-from .io import PREDICTION_RECORD, file_stamp, read_json, staged, write_csv, write_json, write_label_tiff
+from .io import PREDICTION_RECORD, file_stamp, finish_commit, read_json, staged, write_csv, write_json, write_label_tiff
 from .specimens import SPECIMEN_FEATURES, centroid, class_counts, descriptors, find_specimens, paint_classes
 from .volume import Volume, read_voxel_size
 
 # What an extraction replaces (relative to work_dir): the previous one's files that this one may not write again.
 # The review (exports/review.csv) is not in it: decisions follow their specimen to the new catalogue.
-PREVIOUS_EXTRACTION = ("exports/fossil_*", "exports/gallery*.png", f"exports/{GALLERY_RECORD}", "exports/classifier.json",
+PREVIOUS_EXTRACTION = ("exports/fossil_[0-9]*", "exports/gallery*.png", f"exports/{GALLERY_RECORD}", "exports/classifier.json",
                        "exports/truth_features.csv")
 MIN_VOXELS = 150  # default smallest specimen, in voxels, chosen on training blocks: see README "Extraction"
 CATALOGUE_COLUMNS = ["id", "class", "voxels", "volume_um3", "surface_um2", "esd_um", "sphericity",
@@ -134,7 +135,9 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     from skimage.measure import mesh_surface_area
     t0 = time.time()
     work_dir = Path(work_dir)
+    finish_commit(work_dir)  # a prediction or an extraction a kill cut in the middle of its swap
     pred_dir, exp_dir = work_dir / "predictions", work_dir / "exports"
+    check_review_file(exp_dir)  # an unreadable review stops now, not after the exports (the gallery reads it)
     src = Path(predictions) if predictions is not None else pred_dir
     if pred is None:
         if not (src / "labels.tif").exists():

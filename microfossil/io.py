@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PREDICTION_RECORD = "prediction.json"  # beside predictions/labels.tif: the checkpoint and options that made it
-# What an extraction writes into predictions/ (beside the prediction it read): kept when the prediction is redone.
-EXTRACTION_FILES = ("specimens.tif", "labels_clean.tif")
 
 # One page of a label TIFF: fast zlib, no metadata, so that uniform pages read back as one (Z, H, W) stack.
 LABEL_PAGE = {"compression": "zlib", "compressionargs": {"level": 1}, "metadata": None}
@@ -32,15 +30,16 @@ def _remove(path):
 def replacing(path):
     """Yield a temporary path beside `path` (for a file or a folder); when the block succeeds it replaces `path`.
 
-    If the block fails, the temporary is removed and `path` is left as it was. A folder is
-    swapped in two renames (the old one to `<name>.old`, then the new one in place); a kill
-    between them leaves the old folder whole under `.old`, and the next `replacing` of that
-    path puts it back first. So a reader finds the old complete result or the new one.
+    If the block fails, the temporary is removed and `path` is left as it was. A file is
+    replaced in one rename. A folder, which no rename can replace, is swapped in steps: the
+    complete new one is renamed `<name>.new`, the old one `<name>.old`, then the new one takes
+    its place and the old one is deleted. A kill between the steps leaves `<name>.new`, which
+    `settle(path)` (run by the next `replacing` of that path, and by `finish_commit` for the
+    folders of a run folder) puts in place. So a reader finds the old complete result or the new one.
     """
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
-    if old.exists() and not path.exists():  # a kill between the two renames of a folder swap: the old one is whole
-        os.replace(old, path)
+    tmp = path.with_name(path.name + ".partial")
+    settle(path)
     _remove(tmp)
     try:
         yield tmp
@@ -48,12 +47,24 @@ def replacing(path):
         _remove(tmp)
         raise
     if tmp.is_dir() and path.is_dir():  # os.replace cannot replace a folder that holds files
-        _remove(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _remove(old)
+        os.replace(tmp, path.with_name(path.name + ".new"))
+        settle(path)
     else:
         os.replace(tmp, path)
+
+
+def settle(path):
+    """Finish the swap of folder `path` by `replacing` that a kill cut (nothing when there is none)."""
+    path = Path(path)
+    new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
+    if new.is_dir():  # complete: it was renamed so only once written in full
+        if path.exists():  # the old one, or an empty folder a reader made meanwhile
+            _remove(old)
+            os.replace(path, old)
+        os.replace(new, path)
+    elif old.is_dir() and not path.exists():
+        os.replace(old, path)
+    _remove(old)
 
 
 STAGE, JOURNAL = ".staging", ".commit.json"  # in a run folder: a result being written, and the moves that commit it
@@ -82,28 +93,36 @@ def staged(folder, remove=()):
     except BaseException:
         _remove(stage)
         raise
-    moves = sorted(str(p.relative_to(stage)) for sub in stage.iterdir() for p in sub.iterdir())
-    gone = sorted({str(p.relative_to(folder)) for pattern in remove for p in folder.glob(pattern)} - set(moves))
+    moves = sorted(p.relative_to(stage).as_posix() for sub in stage.iterdir() for p in sub.iterdir())
+    gone = sorted({p.relative_to(folder).as_posix() for pattern in remove for p in folder.glob(pattern)} - set(moves))
     write_json(folder / JOURNAL, {"move": moves, "remove": gone})
     finish_commit(folder)
 
 
 def finish_commit(folder):
     """Finish the commit of a `staged` result that a kill interrupted in `folder` (nothing when there is none);
-    True when there was one. Each move and removal can be done again, so this can itself be interrupted."""
+    True when there was one. Each move and removal can be done again, so this can itself be interrupted. Also
+    settles the folder swaps of `replacing` a kill cut in `folder` (`settle`)."""
     folder = Path(folder)
+    for new in folder.glob("*.new"):  # a folder swap of `replacing` (the predictions) cut by a kill
+        settle(new.with_suffix(""))
     journal = read_json(folder / JOURNAL)
     if journal is None:
         return False
     stage = folder / STAGE
-    for rel in journal["remove"]:
-        _remove(folder / rel)
-    for rel in journal["move"]:
-        src, dst = stage / rel, folder / rel
-        if src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            _remove(dst)
-            os.replace(src, dst)
+    try:
+        for rel in journal["remove"]:
+            _remove(folder / rel)
+        for rel in journal["move"]:
+            src, dst = stage / rel, folder / rel
+            if src.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _remove(dst)
+                os.replace(src, dst)
+    except OSError as e:  # a file held open (a spreadsheet on Windows locks what it shows)
+        raise OSError(f"{e.filename or folder} could not be replaced ({e.strerror or e}): close it where it is open and "
+                      "run the cell again; the new result, complete in "
+                      f"{stage}, is then put in place.") from e
     (folder / JOURNAL).unlink()
     _remove(stage)
     return True

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastai.learner import load_model as _load_weights
 from fastai.vision.all import Pipeline, TensorImage, create_unet_model
 
-from .io import EXTRACTION_FILES, PREDICTION_RECORD, file_stamp, replacing, write_json, write_label_tiff
+from .io import PREDICTION_RECORD, file_stamp, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
@@ -170,17 +170,20 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     `load_model`: the attempt and the hash of its weights), the options, and which
     `probs.npy` goes with these labels. Everything is written to `<out_dir>.partial/` and
     swapped in whole when complete (`io.replacing`): an interrupted prediction leaves the
-    previous complete one, never PNGs of two models; the previous extraction's
-    `EXTRACTION_FILES` are carried over (they go with `exports/` until the next extraction),
-    an older `probs.npy` is not.
+    previous complete one, never PNGs of two models. Every other file of `out_dir` is carried
+    over (hard links where the disk allows): the previous extraction's `specimens.tif` and
+    `labels_clean.tif`, which go with `exports/` until the next extraction, and any file of
+    yours; an older `probs.npy` is not. The swap needs room for both predictions for a moment.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out_dir) as new:  # all written beside, then swapped in whole: a kill leaves the old or the new
         new.mkdir()
-        for name in EXTRACTION_FILES:  # the last extraction's, which exports/ still describes, until the next one
-            if (out_dir / name).exists():
-                _link_or_copy(out_dir / name, new / name)
+        ours = {f"{stem}.png" for stem in vol.stems} | {"labels.tif", "probs.npy", PREDICTION_RECORD}
+        for old in (out_dir.iterdir() if out_dir.is_dir() else []):  # the rest stays: the last extraction's files
+            if old.name not in ours:                                  # (exports/ describes them) and anyone's own
+                (shutil.copytree(old, new / old.name, copy_function=_link_or_copy) if old.is_dir()
+                 else _link_or_copy(old, new / old.name))
         run = _predict_triplanar if triplanar else _predict_axial
         pred = run(model, vol, new, bs, device, save_probs, context_slices, tta)
         write_json(new / PREDICTION_RECORD, {

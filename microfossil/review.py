@@ -49,9 +49,11 @@ class ReviewSession:
         self.cat = pd.read_csv(cat_path).set_index("id", drop=False).rename_axis(None)
         self.codes = [c[5:] for c in self.cat.columns if c.startswith("frac_")]
         self._folders = specimen_folders(self.exp_dir)
+        self.tol, self._mine = tol, {}  # _mine: the rows this session set, by id
         self.decisions, self.stale = read_decisions(self.exp_dir, self.cat, tol)
         self._decided = sum(bool(r["decision"]) for r in self._rows())  # a save may never write fewer
         self._written = self._content()  # what the file holds when this session wrote it (or would have)
+        draw_gallery(work_dir)  # only what a kill left unfinished (after a classifier's commit, say) is drawn
 
     def taxa(self):
         """Taxa to offer: the model's fossil classes, then every taxon typed so far."""
@@ -68,8 +70,10 @@ class ReviewSession:
         sid = int(sid)
         if decision is not None and decision not in DECISIONS:
             raise ValueError(f"decision must be 'accepted', 'rejected' or '', not {decision!r}")
+        self._sync()
         row = self.cat.loc[sid]
-        d = self.decisions.get(sid) or {"decision": "", "taxon": ""}
+        undo = (self.decisions.get(sid), self._mine.get(sid), self._decided)  # if the save fails
+        d = dict(self.decisions.get(sid) or {"decision": "", "taxon": ""})
         was_decided = bool(d["decision"])
         d.update({"id": sid, "predicted_class": row["class"], "confidence": row[self._confidence_column()],
                   "voxels": row["voxels"],
@@ -79,24 +83,55 @@ class ReviewSession:
             d["decision"] = decision
         if taxon is not None:
             d["taxon"] = str(taxon).strip()
-        self.decisions[sid] = d
+        self.decisions[sid] = self._mine[sid] = d
         self._decided += bool(d["decision"]) - was_decided
-        self.save()
+        try:
+            self.save()
+        except BaseException:  # e.g. the file locked by a spreadsheet: not saved, so not decided
+            for store, old in ((self.decisions, undo[0]), (self._mine, undo[1])):
+                store.pop(sid, None) if old is None else store.__setitem__(sid, old)
+            self._decided = undo[2]
+            raise
         draw_gallery(self.exp_dir.parent)
         return d
+
+    def _sync(self):
+        """Build on the file as it is on disk when someone else wrote it since this session did (a spreadsheet, a
+        second panel): its rows, then this session's own where the file has none or an older one (`updated`).
+        The file found is kept as `review.csv.bak` before the next save replaces it."""
+        disk = self.path.read_bytes() if self.path.exists() else None
+        if disk is None or disk == self._written:
+            return
+        decisions, self.stale = read_decisions(self.exp_dir, self.cat, self.tol)
+        for sid, mine in self._mine.items():
+            theirs = decisions.get(sid)
+            if theirs is None or str(theirs.get("updated") or "") < str(mine["updated"]):
+                decisions[sid] = mine
+        self.decisions = decisions
+        self._decided = sum(bool(r["decision"]) for r in self._rows())
+        self._backup(disk, "it changed on disk while this review was open (a spreadsheet or another panel saved it); "
+                           "its decisions are kept, this session's own newer ones over them")
+        self._written = disk
+
+    def _backup(self, old, why):
+        backup = self.path.with_name(self.path.name + ".bak")
+        with replacing(backup) as tmp:
+            tmp.write_bytes(old)
+        print(f"{self.path}: {why}. The version found is kept as {backup}.")
 
     def _rows(self):
         return [self.decisions[sid] for sid in sorted(self.decisions)] + self.stale
 
     def _content(self):
-        """`review.csv` as it stands in this session: UTF-8, comma-separated, `REVIEW_COLUMNS` then any other."""
+        """`review.csv` as it stands in this session: UTF-8 with a BOM (so that Excel reads accents right),
+        comma-separated, `REVIEW_COLUMNS` then any other."""
         rows = self._rows()
         added = dict.fromkeys(k for r in rows for k in r if k not in REVIEW_COLUMNS)  # a person's own columns
         out = io.StringIO()
         wr = csv.DictWriter(out, REVIEW_COLUMNS + list(added))
         wr.writeheader()
         wr.writerows(rows)
-        return out.getvalue().encode("utf-8")
+        return out.getvalue().encode("utf-8-sig")
 
     def save(self):
         """Write `review.csv` (decisions, then the stale rows) to a temporary file and rename it over the old one;
@@ -110,11 +145,8 @@ class ReviewSession:
         if old == new:
             return
         if old is not None and old != self._written:
-            backup = self.path.with_name(self.path.name + ".bak")
-            with replacing(backup) as tmp:
-                tmp.write_bytes(old)
-            print(f"{self.path} was not as this review session last wrote it (a spreadsheet saved it, or a new "
-                  f"extraction moved its decisions): that version is kept as {backup}.")
+            self._backup(old, "it was not as this review session last wrote it (a spreadsheet saved it, or a new "
+                              "extraction moved its decisions)")
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         with replacing(self.path) as tmp:
             tmp.write_bytes(new)
@@ -240,13 +272,23 @@ class ReviewPanel:
         if sid is None:
             return
         taxon = self.taxon.value or (self.session.cat.loc[sid, "class"] if decision == "accepted" else "")
-        self.session.set(sid, decision, taxon)
-        self.taxon.options = self.session.taxa()
-        self.go(+1)
+        if self._saved(sid, decision, taxon):
+            self.taxon.options = self.session.taxa()
+            self.go(+1)
+
+    def _saved(self, sid, decision=None, taxon=None):
+        """`session.set`, its failure shown in the panel (a button's error would vanish in the widget's log)."""
+        try:
+            self.session.set(sid, decision, taxon)
+            return True
+        except Exception as e:
+            import html
+            self.status.value = (f"<b style='color:#b00'>Not saved: {html.escape(str(e))}</b> If review.csv is open "
+                                 "in a spreadsheet, close it (it may lock the file) and click again.")
+            return False
 
     def _on_taxon(self, change):
-        if self.current is not None and not self._showing:
-            self.session.set(self.current, taxon=change["new"])
+        if self.current is not None and not self._showing and self._saved(self.current, taxon=change["new"]):
             self.taxon.options = self.session.taxa()
             self._show_status()
 

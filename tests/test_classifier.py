@@ -147,7 +147,7 @@ def test_the_classifier_reads_the_review_as_people_leave_it(tmp_path, capsys):
         s.set(sid, "rejected" if chain else "accepted", "" if chain else "Ammonia, sp.")
     path = work / "exports" / "review.csv"
     ours = path.read_bytes()
-    rows = list(csv.reader(open(path, encoding="utf-8")))
+    rows = list(csv.reader(open(path, encoding="utf-8-sig")))
     path.write_bytes("\r\n".join(";".join(v.replace(".", ",") if v.replace(".", "").isdigit() else v for v in r)
                                    for r in rows).encode("cp1252"))
     for review in [None, ours.replace(b'"Ammonia, sp."', b"Ammonia, sp.")]:

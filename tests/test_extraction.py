@@ -207,3 +207,16 @@ def test_a_kill_during_prediction_or_extraction_leaves_all_old_or_all_new(tmp_pa
     assert sorted(done) == sorted(want) and done["fossils.csv"] == want["fossils.csv"] != old_exp["fossils.csv"]
     assert _contents(work / "predictions")["labels_clean.tif"] == _contents(clean / "predictions")["labels_clean.tif"]
     assert not [p.name for p in work.iterdir() if p.name not in ("predictions", "exports")]  # no stage left behind
+
+
+def test_a_new_extraction_replaces_only_its_own_files(tmp_path):
+    """The previous extraction's specimen folders go; the review and a person's files beside them stay."""
+    vol, pred, work, _, _ = make_case(tmp_path)
+    extract_fossils(vol, work, pred, min_voxels=20)
+    exp = work / "exports"
+    (exp / "review.csv").write_text("id,decision\n1,accepted\n")
+    (exp / "fossil_notes.xlsx").write_text("mine")
+    n_before = len(list(exp.glob("fossil_0*")))
+    extract_fossils(vol, work, pred, min_voxels=600)  # fewer specimens: the folders of the others go
+    assert 0 < len(list(exp.glob("fossil_0*"))) < n_before
+    assert (exp / "fossil_notes.xlsx").read_text() == "mine" and (exp / "review.csv").read_text().startswith("id,")

@@ -47,17 +47,33 @@ def test_attempt_files_in_attempt_order(tmp_path):
     assert [n for n, _ in attempt_files(tmp_path, "256_frozen", ".json")] == [1, 2, 10]
 
 
-def test_a_folder_swap_cut_between_its_two_renames_gets_the_old_folder_back(tmp_path):
-    folder = tmp_path / "predictions"
-    folder.mkdir()
-    (folder / "labels.tif").write_text("old")
-    folder.rename(tmp_path / "predictions.old")  # the kill came after the first rename
-    (tmp_path / "predictions.partial").mkdir()
-    with pytest.raises(RuntimeError):
-        with replacing(folder) as tmp:
-            tmp.mkdir()
-            raise RuntimeError("the next attempt fails too")
-    assert (folder / "labels.tif").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]
+def test_a_folder_swap_cut_by_a_kill_is_settled_to_the_new_folder(tmp_path, monkeypatch):
+    """The predictions folder is swapped in steps; a kill after the complete new folder was renamed `.new` (here after
+    each later step in turn) leaves the old folder or nothing in place: the next reader's `finish_commit` (or the next
+    `replacing`) puts the new one there, even when a reader made an empty folder in the meantime."""
+    real = io.os.replace
+    for cut_after in (1, 2):  # 1: the new one is `.new`; 2: also the old one is `.old`, nothing in place
+        work = tmp_path / f"run{cut_after}"
+        folder = work / "predictions"
+        folder.mkdir(parents=True)
+        (folder / "labels.tif").write_text("old")
+        calls = []
+
+        def cut(src, dst):
+            if len(calls) == cut_after:
+                raise SystemExit("runtime lost")
+            calls.append(dst)
+            real(src, dst)
+        monkeypatch.setattr(io.os, "replace", cut)
+        with pytest.raises(SystemExit):
+            with replacing(folder) as tmp:
+                tmp.mkdir()
+                (tmp / "labels.tif").write_text("new")
+        monkeypatch.setattr(io.os, "replace", real)
+        assert (folder / "labels.tif").read_text() == "old" if cut_after == 1 else not folder.exists()
+        folder.mkdir(exist_ok=True)  # a reader that made the folder it expected
+        finish_commit(work)
+        assert (folder / "labels.tif").read_text() == "new" and sorted(p.name for p in work.iterdir()) == ["predictions"]
 
 
 def _result(folder, n, tag):

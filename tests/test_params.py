@@ -72,3 +72,12 @@ def test_a_notebook_stops_at_its_first_cell_on_a_bad_parameter(tiny, tmp_path):
                             parameters={"data_dir": str(tiny), "work_dir": str(tmp_path / "w"), "bs": 0})
     assert e.value.ename == "ParameterError" and "bs=0" in e.value.evalue
     assert not (tmp_path / "w").exists()
+
+
+def test_the_runner_checks_each_notebook_with_its_own_defaults(tiny, tmp_path, capsys):
+    """-p lr_unfrozen_lo 1e-5 suits 02 and 03 but not 04, whose lr_unfrozen_hi is 2e-6: it stops before 02 starts,
+    naming 04, rather than after two notebooks of training."""
+    with pytest.raises(SystemExit):
+        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "-p", "lr_unfrozen_lo", "1e-5"])
+    assert "04_train_full.ipynb: Bad parameter value" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

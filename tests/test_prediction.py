@@ -189,3 +189,22 @@ def test_an_interrupted_prediction_keeps_the_previous_files(tmp_path, monkeypatc
         predict_volume(_pointwise_model(), vol, out, 2, cpu, True)
     assert {p.name: p.read_bytes() for p in (out / "labels.tif", out / "probs.npy")} == before
     assert not list(out.glob("*.partial"))
+
+
+def test_a_new_prediction_keeps_every_file_it_does_not_write(tmp_path):
+    """The prediction is swapped in as a whole folder: the last extraction's files and a person's own (a corrected
+    label stack, a notes folder) are carried into it; its own outputs are new."""
+    rng = np.random.default_rng(6)
+    vol = volume_of(rng.integers(0, 256, (4, 32, 32), dtype=np.uint8), None, tmp_path)
+    out, cpu = tmp_path / "pred", torch.device("cpu")
+    predict_volume(_pointwise_model(), vol, out, 2, cpu, True)
+    (out / "specimens.tif").write_text("extraction")
+    (out / "labels_corrected.tif").write_text("mine")
+    (out / "notes").mkdir()
+    (out / "notes" / "a.txt").write_text("mine too")
+    before = (out / "labels.tif").read_bytes()
+    predict_volume(_pointwise_model(K=4), volume_of(vol.images, None, tmp_path), out, 2, cpu, True)
+    assert (out / "labels.tif").read_bytes() != before
+    assert [(out / f).read_text() for f in ("specimens.tif", "labels_corrected.tif", "notes/a.txt")] == \
+        ["extraction", "mine", "mine too"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pred")) == ["pred"]

@@ -45,7 +45,7 @@ def test_review_survives_restart_and_reextraction(tmp_path):
     s4 = ReviewSession(work)
     assert s4.summary()["stale_rows"] == 2
     s4.save()
-    rows = list(csv.DictReader(open(work / "exports" / "review.csv")))
+    rows = list(csv.DictReader(open(work / "exports" / "review.csv", encoding="utf-8-sig")))
     assert {r["taxon"] for r in rows} == {"Globigerina", ""}
 
 
@@ -64,7 +64,7 @@ def test_review_panel_clicks(tmp_path):
     p.reject_b.click()
     p.prev_b.click()
     p.next_b.click()
-    rows = {int(r["id"]): r for r in csv.DictReader(open(work / "exports" / "review.csv"))}
+    rows = {int(r["id"]): r for r in csv.DictReader(open(work / "exports" / "review.csv", encoding="utf-8-sig"))}
     assert rows[first]["decision"] == "accepted" and rows[first]["taxon"] == "Ammonia"
     assert sorted(r["decision"] for r in rows.values()) == ["accepted", "rejected"]
     p2 = ReviewPanel(work)  # reopening resumes at the first specimen not reviewed yet
@@ -153,7 +153,7 @@ def _resave(path, delimiter=";", encoding="utf-8-sig", decimal=",", rename=None,
             return v.replace(".", decimal)
         except ValueError:
             return v
-    rows = list(csv.reader(open(path, newline="", encoding="utf-8")))
+    rows = list(csv.reader(open(path, newline="", encoding="utf-8-sig")))
     keep = [k for k, c in enumerate(rows[0]) if c not in drop]
     rows = [[(rename or {}).get(r[k], r[k]) if i == 0 else number(r[k]) for k in keep] for i, r in enumerate(rows)]
     if edit:
@@ -166,7 +166,7 @@ def _resave(path, delimiter=";", encoding="utf-8-sig", decimal=",", rename=None,
 
 def _decided(path):
     """{id: (decision, taxon)} of the rows of review.csv (our format) with a decision."""
-    return {r["id"]: (r["decision"], r["taxon"]) for r in csv.DictReader(open(path, encoding="utf-8")) if r["decision"]}
+    return {r["id"]: (r["decision"], r["taxon"]) for r in csv.DictReader(open(path, encoding="utf-8-sig")) if r["decision"]}
 
 
 @pytest.mark.parametrize("delimiter, encoding", [(";", "utf-8-sig"), (";", "cp1252"), ("\t", "utf-8"),
@@ -179,7 +179,7 @@ def test_a_review_resaved_by_a_spreadsheet_keeps_its_decisions(tmp_path, delimit
     assert s.summary()["stale_rows"] == 0 and s.get(1)["taxon"] == "Ammonia beccarii (Linné)"
     assert s.get(2)["decision"] == "rejected"
     s.set(3, "accepted")  # the next click writes our format again, with every decision
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     assert text.startswith("id,decision,taxon,") and "10,5" not in text and "21.0" in text
     assert _decided(path) == {**before, "3": ("accepted", "")}
 
@@ -211,7 +211,7 @@ def test_renamed_or_missing_centroid_columns(tmp_path, capsys):
     assert "review.csv" in out and "2 rows" in out and "id only" in out
     s.set(3, "rejected")
     assert _decided(path) == {**before, "3": ("rejected", "")}
-    assert {r["id"]: r["centroid_z"] for r in csv.DictReader(open(path))}["1"] == "10.5"  # found again by centroid
+    assert {r["id"]: r["centroid_z"] for r in csv.DictReader(open(path, encoding="utf-8-sig"))}["1"] == "10.5"  # found again by centroid
 
 
 def test_columns_added_in_a_spreadsheet_survive_a_save(tmp_path):
@@ -226,7 +226,7 @@ def test_columns_added_in_a_spreadsheet_survive_a_save(tmp_path):
     s = ReviewSession(work)
     assert s.summary()["stale_rows"] == 1
     s.set(3, "accepted", "Bolivina")
-    rows = list(csv.DictReader(open(path, encoding="utf-8")))
+    rows = list(csv.DictReader(open(path, encoding="utf-8-sig")))
     assert list(rows[0]) == ["id", "decision", "taxon", "predicted_class", "confidence", "voxels", "centroid_z",
                              "centroid_y", "centroid_x", "updated", "notes"]
     assert [(r["id"], r["notes"]) for r in rows] == [("1", "broken, last chamber"), ("2", ""), ("3", ""),
@@ -264,8 +264,8 @@ def test_a_comma_in_a_taxon(tmp_path, capsys):
     s = ReviewSession(work)
     s.set(3, "accepted", "Ammonia, sp.")  # typed in the panel: quoted in the file
     assert ReviewSession(work).get(3)["taxon"] == "Ammonia, sp."
-    text = path.read_text(encoding="utf-8")
-    path.write_text(text.replace('"Ammonia, sp."', "Ammonia, sp."), encoding="utf-8")  # re-saved unquoted
+    text = path.read_text(encoding="utf-8-sig")
+    path.write_text(text.replace('"Ammonia, sp."', "Ammonia, sp."), encoding="utf-8-sig")  # re-saved unquoted
     capsys.readouterr()
     s = ReviewSession(work)
     assert s.get(3)["decision"] == "accepted" and s.get(3)["taxon"] == "Ammonia, sp."
@@ -274,11 +274,11 @@ def test_a_comma_in_a_taxon(tmp_path, capsys):
     assert read_review(work).set_index("id").loc[3, "taxon"] == "Ammonia, sp."
     # a row that cannot be told apart or whose numbers do not parse: kept in the file, not applied
     broken = text.replace('"Ammonia, sp."', "Ammonia, sp.").splitlines()[3].replace("31.5", "x,y")
-    path.write_text(text.replace(text.splitlines()[3], broken), encoding="utf-8")
+    path.write_text(text.replace(text.splitlines()[3], broken), encoding="utf-8-sig")
     s = ReviewSession(work)
     assert s.get(3) is None and s.summary()["stale_rows"] == 1 and "line 4" in capsys.readouterr().out
     s.set(4, "rejected")
-    assert [",".join(r) for r in csv.reader(open(path, encoding="utf-8")) if r[0] == "3"] == [broken]
+    assert [",".join(r) for r in csv.reader(open(path, encoding="utf-8-sig")) if r[0] == "3"] == [broken]
     assert _decided(path)["4"] == ("rejected", "") and len(_decided(path)) == 4
 
 
@@ -302,3 +302,51 @@ def test_a_save_keeps_the_previous_file_beside_it(tmp_path):
     with pytest.raises(RuntimeError, match="lose review decisions"):
         s.save()
     assert path.read_bytes() == before
+
+
+def test_an_edit_saved_while_the_review_is_open_is_built_on_not_overwritten(tmp_path, capsys):
+    """A spreadsheet (or a second panel) saves review.csv while a review session is open: the session's next click
+    keeps that file's decisions and its own, the newer of the two where both decided a specimen, and keeps the
+    file it found as review.csv.bak. Here the spreadsheet was opened before the session's click on specimen 3, so
+    its file lacks that decision: it is kept too."""
+    work, path = _reviewed(tmp_path)
+    s = ReviewSession(work)
+    opened_before = path.read_bytes()
+    s.set(3, "accepted", "Cythere")
+
+    def reject_1_accept_4(rows):  # the person changes specimen 1 and decides 4 in the spreadsheet
+        head = rows[0]
+        for r in rows[1:]:
+            if r[head.index("id")] == "1":
+                r[head.index("decision")], r[head.index("updated")] = "rejected", "2999-01-01T00:00:00"
+        rows.append([{"id": "4", "decision": "accepted", "taxon": "Elphidium"}.get(c, "") for c in head])
+    path.write_bytes(opened_before)
+    spreadsheet = _resave(path, edit=reject_1_accept_4)
+    s.set(2, "accepted", "Bairdia")  # the session's next click
+    assert _decided(path) == {"1": ("rejected", "Ammonia beccarii (Linné)"), "2": ("accepted", "Bairdia"),
+                              "3": ("accepted", "Cythere"), "4": ("accepted", "Elphidium")}
+    assert (path.parent / "review.csv.bak").read_bytes() == spreadsheet and "changed on disk" in capsys.readouterr().out
+    assert path.read_bytes().startswith(b"\xef\xbb\xbfid,decision,")  # UTF-8 with a BOM: Excel reads the accents
+
+
+def test_a_click_that_cannot_be_saved_says_so_and_decides_nothing(tmp_path, monkeypatch):
+    """review.csv locked (Excel on Windows holds the files it has open): the click is not saved, the panel says so
+    and stays on the specimen, and nothing is recorded as decided; once the file is free, the click saves."""
+    pytest.importorskip("ipywidgets")
+    import microfossil.io as mio
+    vol, pred, work, _, _ = make_case(tmp_path)
+    extract_fossils(vol, work, pred, min_voxels=20)
+    p = ReviewPanel(work)
+    first, real = p.current, mio.os.replace
+
+    def locked(src, dst):
+        if str(dst).endswith("review.csv"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real(src, dst)
+    monkeypatch.setattr(mio.os, "replace", locked)
+    p.accept_b.click()
+    assert "Not saved" in p.status.value and "close it" in p.status.value and p.current == first
+    assert p.session.get(first) is None and not (work / "exports" / "review.csv").exists()
+    monkeypatch.setattr(mio.os, "replace", real)
+    p.accept_b.click()
+    assert ReviewSession(work).get(first)["decision"] == "accepted" and p.current != first
