@@ -10,6 +10,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `split`: the training block, the gap and the held-out block, which share no specimen (`split_volume`)
 - `sample`: the embedded synthetic micro-CT sample
 - `paths`: the dataset and run folders (`resolve_paths`, `fetch_dataset`)
+- `bundle`: the model bundle, a trained model (and its classifier's examples) that travels to the next core
 - `metrics`: confusion matrix, per-class IoU and Dice, the published metric
 - `loaders`: fastai DataLoaders straight from the volume, batch transforms on the device   [torch]
 - `learner`: the U-Net learner and its per-epoch metrics                                   [torch]

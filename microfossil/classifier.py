@@ -67,7 +67,8 @@ def _read_run(folder):
     return cat, feats, read_json(exp_dir / "extraction.json")
 
 
-def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_examples=4, seed=0, apply_to=None):
+def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_examples=4, seed=0, apply_to=None,
+                       examples=None):
     """Train the specimen classifier and re-score every specimen; one call after each round of review.
 
     A random forest on the 3D descriptors of `exports/features.csv` and the segmentation's
@@ -86,6 +87,12 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     class changed are drawn again (`exports.draw_gallery`). Writes `exports/classifier.json`. With no
     specimen, fewer than `min_examples` labelled specimens or a single label, nothing
     changes and None is returned; else the new catalogue.
+
+    `examples` (a table of the descriptors and class fractions, with `label`) are more examples,
+    from elsewhere: a model bundle's (`bundle.bundle_examples`, which names it in
+    `examples.attrs["source"]`, as the catalogue's `classified_by` column does). The examples this run gives (labelled predicted
+    specimens, true specimens, reviews) are written to `exports/classifier_examples.csv`, with
+    their `source` and `origin` (this run), for the run's model bundle (`bundle.update_bundle`).
     """
     import pandas as pd
     from sklearn.ensemble import RandomForestClassifier
@@ -123,8 +130,21 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             X_fit = np.concatenate([X_fit, tf[cols].fillna(0.0).to_numpy()])
             y_fit = np.concatenate([y_fit, np.asarray(codes[1:])[t.argmax(1)]])
         n_from["true specimens"] = len(tf)
+    src = [source[i] for i in y.index] + ["true specimen"] * n_from["true specimens"]
+    mine = pd.DataFrame(X_fit, columns=cols).assign(label=y_fit, source=src, origin=Path(work_dir).resolve().name)
+    n_from["bundle"], examples_from = 0, (examples.attrs.get("source", "other examples") if examples is not None else None)
+    if examples is not None and len(examples):
+        missing = [c for c in cols if c not in examples.columns]
+        if missing:
+            raise ValueError(f"The classifier examples of {examples_from} lack {missing}: they come from a model with "
+                             "other classes or an older version; predict with a model whose classes are this scan's.")
+        X_fit = np.concatenate([X_fit, examples[cols].fillna(0.0).to_numpy()])
+        y_fit = np.concatenate([y_fit, examples["label"].astype(str).to_numpy()])
+        n_from["bundle"] = len(examples)
     sources = (f"{n_from['truth']} predicted specimens labelled from the ground truth, {n_from['true specimens']} true "
-               f"specimens, {n_from['review']} from the review")
+               f"specimens, {n_from['review']} from the review"
+               + (f", {n_from['bundle']} from {examples_from}" if n_from["bundle"] else ""))
+    write_csv(target / "exports" / "classifier_examples.csv", mine)  # even when too few to train on: a bundle keeps them
     if len(y_fit) < min_examples or len(set(y_fit)) < 2:
         print(f"Specimen classifier not trained: {len(y_fit)} examples ({sources}) with {len(set(y_fit))} different "
               f"label(s); it needs {min_examples} or more and two labels. Classes stay those of the segmentation.")
@@ -139,12 +159,15 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     cat["class"] = clf.classes_[best]
     cat["class_probability"] = proba[np.arange(len(best)), best]
     cat["flagged"] = cat["class"] == NOT_A_FOSSIL
+    cat["classified_by"] = " + ".join(([str(examples_from)] if n_from["bundle"] else [])
+                                      + ([f"this run ({len(mine)} examples)"] if len(mine) else []))
     index = {c: k for k, c in enumerate(codes)}
     class_of_id = np.zeros(int(cat["id"].max()) + 1, np.uint8)
     for sid, cls, seg in zip(cat["id"], cat["class"], cat["seg_class"]):
         class_of_id[sid] = 0 if cls == NOT_A_FOSSIL else index.get(cls, index.get(seg, 0))
     info = {"n_examples": len(y_fit), "from_truth": n_from["truth"], "true_specimens": n_from["true specimens"],
-            "from_review": n_from["review"], "training_slices": [0, n_train - 1] if n_train else None,
+            "from_review": n_from["review"], "from_bundle": n_from["bundle"], "bundle": examples_from,
+            "training_slices": [0, n_train - 1] if n_train else None,
             "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
             "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
             "features": list(X.columns), "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),

@@ -111,7 +111,8 @@ def _score_labels(folder, truth, codes, connectivity, min_voxels, ignore, iou_th
             "labels_clean": scores_from_confusion(confusion_matrix(pred, truth, len(codes), ignore=ignore), codes)}
 
 
-def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None, seed=0, iou_threshold=0.5):
+def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None, seed=0, iou_threshold=0.5,
+                     examples=None):
     """Object-level scores on the held-out block, from held-out data only; adds them to `work_dir/metrics.json`.
 
     Run after 05's extraction (and classifier) of the whole volume, with its parameters
@@ -123,7 +124,9 @@ def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None
     again (`classifier`). Specimens are matched at IoU >= `iou_threshold`; each score gives
     counts, precision, recall, F1, `class_f1` (a match counts only with the right class)
     and `labels_clean`, the voxel scores of the cleaned labels. Returns
-    `{"extraction": ..., "classifier": ... or None}`.
+    `{"extraction": ..., "classifier": ... or None}`. `examples`: the classifier examples of a
+    model from elsewhere (a bundle), as `classify_specimens` takes them; with a model
+    trained on another volume, `split` holds every slice out (`split.whole_volume_held_out`).
     """
     work_dir = Path(work_dir)
     finish_commit(work_dir)  # a prediction or an extraction a kill cut in the middle of its swap
@@ -153,7 +156,8 @@ def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None
     out = {"extraction": score(), "classifier": None}
     if classify:
         review = _outside_heldout(review, work_dir, v0)
-        if classify_specimens(work_dir, split, review=review, seed=seed, apply_to=held) is not None:
+        if classify_specimens(work_dir, split, review=review, seed=seed, apply_to=held,
+                              examples=examples) is not None:
             out["classifier"] = score()
     path = work_dir / "metrics.json"
     metrics = read_json(path, {})

@@ -94,6 +94,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "lr_unfrozen_hi": (_number(0, lo_open=True), "the last layers' learning rate"),
     "pct_frozen": (_number(0, 1, lo_open=True, hi_open=True), "the share of the cycle spent warming up"),
     "pct_unfrozen": (_number(0, 1, lo_open=True, hi_open=True), "the share of the cycle spent warming up"),
+    "model_path": (_or_none(_text), "a model from elsewhere: a bundle folder, a training run folder or a link"),
     "model_name": (_text, "the phase in work_dir/models to predict with, e.g. \"full_unfrozen\""),
     "save_probs": (_flag, "write probs.npy"), "tta": (_flag, "flip test-time augmentation"),
     "voxel_size_um": (_voxel_size, "the voxel size"),

@@ -62,11 +62,12 @@ def _download(data_url, archive):
             shutil.copyfileobj(r, f)
 
 
-def fetch_dataset(data_url, dest=None):
+def fetch_dataset(data_url, dest=None, holds="train", what="dataset"):
     """Download and unzip the dataset at `data_url` (Google Drive id/URL, HTTP URL or local zip) once; return its folder.
 
     The archive is unzipped under `data/downloads/<hash>/` and reused on later calls. The
-    returned folder is the one inside the archive that holds `train/`; archive junk (macOS's
+    returned folder is the one inside the archive that holds `train/` (`holds`: a model
+    bundle's archive is fetched the same way, the folder holding `bundle.json`); archive junk (macOS's
     `__MACOSX/` copies, `._*` and `.DS_Store` files) is ignored, and two candidate dataset
     folders are an error listing both. The download is marked complete (`.complete`) only once
     a dataset folder was found in it, so after a failed or wrong download a re-run tries again.
@@ -88,23 +89,24 @@ def fetch_dataset(data_url, dest=None):
         except zipfile.BadZipFile as e:
             raise DatasetError(f"{archive} downloaded from {data_url} is not a zip file. "
                                "Point `data_url` at a zipped dataset folder.") from e
-        _dataset_root(unzipped, data_url)  # before .complete: a wrong archive is fetched again next time
+        _dataset_root(unzipped, data_url, holds, what)  # before .complete: a wrong archive is fetched again next time
         archive.unlink()
         done.write_text(data_url)
-    return _dataset_root(unzipped, data_url)
+    return _dataset_root(unzipped, data_url, holds, what)
 
 
 def _is_junk(part): return part == "__MACOSX" or part.startswith("._") or part == ".DS_Store"
 
 
-def _dataset_root(unzipped, data_url):
-    """The one folder of the unzipped archive that holds `train/`, archive junk ignored."""
-    roots = sorted(p.parent for p in unzipped.rglob("train")
-                   if p.is_dir() and not any(_is_junk(part) for part in p.relative_to(unzipped).parts))
+def _dataset_root(unzipped, data_url, holds="train", what="dataset"):
+    """The one folder of the unzipped archive that holds `holds` (`train/`), archive junk ignored."""
+    roots = sorted(p.parent for p in unzipped.rglob(holds)
+                   if not any(_is_junk(part) for part in p.relative_to(unzipped).parts))
     if not roots:
-        raise DatasetError(f"The archive from {data_url} holds no train/ folder; see the data contract in README.md.")
+        name = f"{holds}/ folder" if holds == "train" else holds
+        raise DatasetError(f"The archive from {data_url} holds no {name}; see README.md for what a {what} holds.")
     if len(roots) > 1:
-        raise DatasetError(f"The archive from {data_url} holds {len(roots)} dataset folders (each with a train/): "
+        raise DatasetError(f"The archive from {data_url} holds {len(roots)} {what} folders (each with a {holds}): "
                            + ", ".join(str(r.relative_to(unzipped)) or "." for r in roots)
-                           + f". Zip one dataset only, or set data_dir to one of them under {unzipped}.")
+                           + f". Zip one {what} only, or point at one of them under {unzipped}.")
     return roots[0]

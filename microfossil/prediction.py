@@ -22,19 +22,27 @@ import torch.nn.functional as F
 from fastai.learner import load_model as _load_weights
 from fastai.vision.all import Pipeline, TensorImage, create_unet_model
 
+from .bundle import read_bundle, resolve_model
 from .io import PREDICTION_RECORD, file_stamp, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
 
 
-def load_model(work_dir, name="full_unfrozen", device=None):
+def load_model(work_dir, name="full_unfrozen", device=None, model_path=None):
     """Rebuild the U-Net of finished phase `name` in `work_dir/models` and load its weights; return `(model, info)`.
 
     `name` is a phase ("full_unfrozen": its latest attempt) or an attempt ("full_unfrozen.attempt1").
     `info` (the phase's plan and record) holds what prediction must repeat: `context_slices` and `triplanar`;
     and `checkpoint`, the attempt and the SHA-256 of its weights, which every output made with it records.
+    `model_path` takes the model from elsewhere (`bundle.resolve_model`): a model bundle (`info` is then its
+    `bundle.json`, with `bundle` set) or another training run folder; nothing there is written to.
     """
+    if model_path is not None:
+        kind, where = resolve_model(model_path, name)
+        if kind == "bundle":
+            return _load_bundle(read_bundle(where), device)
+        work_dir = where
     weights, record = checkpoint_files(work_dir, name)
     if not phase_done(work_dir, name):
         raise FileNotFoundError(f"{weights} not found: run the training notebooks (02-04) first "
@@ -48,11 +56,26 @@ def load_model(work_dir, name="full_unfrozen", device=None):
     info["checkpoint"] = {"name": f"{base}.attempt{info['attempt']}" if "attempt" in info else name, "sha256": sha}
     info.setdefault("context_slices", 1)  # checkpoints from before these options
     info.setdefault("triplanar", False)
+    info["bundle"] = None
+    return _build(weights, info, device), info
+
+
+def _load_bundle(info, device):
+    sha = weights_sha256(info["weights"])
+    if info["checkpoint"]["sha256"] != sha:
+        raise ValueError(f"{info['weights']} is not the file {info['folder']}/bundle.json describes (its SHA-256 "
+                         "differs): copy the bundle again from its source.")
+    info = {**info, "codes": info["classes"], "bundle": info}
+    info["checkpoint"] = {**info["checkpoint"], "bundle": f"{info['name']} v{info['version']}", "source": info["folder"]}
+    return _build(info["weights"], info, device), info
+
+
+def _build(weights, info, device):
     device = device or get_device(verbose=False)
     model = create_unet_model(encoder(info["arch"]), len(info["codes"]), tuple(info["size"]), pretrained=False,
                               n_in=n_input_channels(info["context_slices"]))
     _load_weights(weights, model, None, with_opt=False, device=device, strict=True)
-    return model.to(device).eval(), info
+    return model.to(device).eval()
 
 
 def _padded_forward(model, x, tfms, dtype):

@@ -129,6 +129,11 @@ def split_volume(vol, valid_pct=0.2, gap_slices=None, connectivity=CONNECTIVITY)
     return Split(Z, n_train, v0, float(valid_pct), rule, left)
 
 
+def whole_volume_held_out(vol):
+    """The `Split` of a scan the model never trained on (a model from another volume): every slice held out."""
+    return Split(len(vol.images), 0, 0, 1.0, "the model was trained on another volume: every slice is held out")
+
+
 def left_out_mask(vol, split, connectivity=CONNECTIVITY):
     """Boolean mask over the held-out block: the voxels of labelled specimens that also reach the training block."""
     return _straddling(vol.labels, split.n_train, split.valid_start, connectivity)

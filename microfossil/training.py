@@ -30,6 +30,7 @@ from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Callback, CancelFitException, SkipToEpoch, load_model, save_model
 from fastai.torch_core import set_seed
 
+from .bundle import write_bundle
 from .io import attempt_files, read_json, replacing, write_json
 from .loaders import n_input_channels
 from .split import check_split
@@ -69,6 +70,22 @@ def read_record(work_dir, name):
     """The record of finished phase `name`, flat: its plan, with `name`, `attempt`, `final` metrics and `seconds`."""
     rec = read_json(checkpoint_files(work_dir, name)[1])
     return None if rec is None else {**rec.get("plan", {}), **{k: v for k, v in rec.items() if k != "plan"}}
+
+
+def save_bundle(work_dir, name, vol):
+    """Write the model bundle of finished phase `name` (`work_dir/bundle/`, see `bundle`) from training volume `vol`:
+    the weights and what they expect, for 05 on another scan (`model_path`). Returns its folder."""
+    weights, _ = checkpoint_files(work_dir, name)
+    if not phase_done(work_dir, name):
+        raise FileNotFoundError(f"{weights} not found: train the phase first.")
+    rec = read_record(work_dir, name)
+    rec["checkpoint"] = {"name": f"{name.split('.attempt')[0]}.attempt{rec.get('attempt', 1)}",
+                         "sha256": weights_sha256(weights)}
+    dest = write_bundle(work_dir, weights, rec, vol)
+    print(f"Model bundle written: {dest} (the weights, classes {rec['codes']}, context_slices "
+          f"{rec.get('context_slices', 1)}, training size {rec['size']}); copy it to use the model on another scan "
+          "(05's model_path)")
+    return dest
 
 
 def _check_context(rec, name, context):

@@ -1,0 +1,211 @@
+"""The model bundle: a trained model that travels to the next core, with its specimen classifier's examples.
+
+A bundle is one small folder (`<run>/bundle/` after 04; copy it, zip it, share it on Drive,
+cite it) holding:
+- `model.pth`: the segmentation weights (no optimizer state);
+- `bundle.json`: what they expect and where they come from: the classes, `context_slices`,
+  the training size, the encoder, tri-planar or not, the intensity policy and the training
+  volume's intensity histogram (after windowing), the project version, the checkpoint and its
+  SHA-256, the training and held-out slices of the volume it learnt from, and the bundle's
+  `version` (raised each time its classifier examples change);
+- `classifier_examples.csv`: the specimen classifier's examples, one row per specimen: its 3D
+  descriptors and class fractions, its `label`, its `source` (training-block ground truth, a
+  true specimen, a review) and its `origin` (the run it came from). The forest is retrained
+  from them where the bundle is used (no pickled model: it loads under any scikit-learn).
+
+05 with `model_path` (a bundle folder, a training run folder, or a link to a zipped bundle)
+predicts a new scan with it and classifies its specimens with the bundle's examples plus the
+new run's reviews; `update_bundle` then writes the new run's own bundle version (never the
+source's). Needs no torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .io import read_json, replacing, write_json
+from .paths import ROOT, fetch_dataset
+from .volume import DatasetError
+
+BUNDLE_DIR, BUNDLE_FILE = "bundle", "bundle.json"
+WEIGHTS, EXAMPLES = "model.pth", "classifier_examples.csv"
+INTENSITY_POLICY = ("8-bit slices as they are; 16-bit and float slices mapped to 8 bit with the 0.1-99.9 percentile "
+                    "window of their own volume (finite voxels), so each scan is windowed the same way")
+SHIFT_WARNING = 12.0  # grey levels of earth mover's distance between two scans' histograms that make a warning
+
+
+def intensity_histogram(vol, bins=64, n_slices=32):
+    """The share of voxels in each of `bins` grey-level bins of `vol.images` (after windowing), from about
+    `n_slices` slices spread over z, every 4th pixel."""
+    zs = np.linspace(0, len(vol.images) - 1, min(n_slices, len(vol.images))).round().astype(int)
+    counts = sum(np.bincount(np.asarray(vol.images[z])[::4, ::4].ravel() // (256 // bins), minlength=bins)
+                 for z in np.unique(zs))
+    return (counts / counts.sum()).round(6).tolist()
+
+
+def histogram_shift(a, b):
+    """Earth mover's distance between two histograms of `intensity_histogram`, in grey levels (0-255)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.abs(np.cumsum(a) - np.cumsum(b)).sum() * 256 / len(a))
+
+
+def write_bundle(work_dir, weights, record, vol, split=None, dest=None):
+    """Write the bundle of the finished phase with `weights` and `record` (its training record, flat) into
+    `dest` (default `work_dir/bundle`), from the training volume `vol`; keep the classifier examples of a bundle
+    already there when its weights are the same. Returns the bundle folder."""
+    from microfossil import __version__
+    dest = Path(dest) if dest is not None else Path(work_dir) / BUNDLE_DIR
+    old = read_json(dest / BUNDLE_FILE) or {}
+    same = old.get("checkpoint", {}).get("sha256") == record["checkpoint"]["sha256"]
+    dest.mkdir(parents=True, exist_ok=True)
+    with replacing(dest / WEIGHTS) as tmp:
+        _link_or_copy(weights, tmp)  # weights files are replaced, never changed in place: a hard link is safe
+    if not same:
+        (dest / EXAMPLES).unlink(missing_ok=True)
+    info = {"format": 1, "name": old.get("name") if same else f"{Path(work_dir).resolve().name}",
+            "version": old.get("version", 1) if same else 1, "project_version": __version__,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": record["checkpoint"],
+            "classes": list(record["codes"]), "context_slices": int(record.get("context_slices", 1)),
+            "size": list(record["size"]), "arch": record["arch"], "triplanar": bool(record.get("triplanar", False)),
+            "intensity": {"policy": INTENSITY_POLICY, "raw_dtype": vol.raw_dtype, "window": list(vol.window),
+                          "histogram": intensity_histogram(vol)},
+            "trained_on": {"dataset": str(vol.source), "shape": list(vol.shape),
+                           "train_slices": record.get("train_slices"), "valid_slices": record.get("valid_slices")},
+            "final": record.get("final", {}),
+            "classifier": old.get("classifier") if same else None}
+    write_json(dest / BUNDLE_FILE, info)
+    return dest
+
+
+def read_bundle(folder):
+    """The `bundle.json` of bundle `folder`, with `folder` and `weights` (paths) added; a clear error when it is not
+    a bundle or its weights are missing."""
+    folder = Path(folder)
+    info = read_json(folder / BUNDLE_FILE)
+    if info is None:
+        raise DatasetError(f"{folder} is not a model bundle (no {BUNDLE_FILE}): point model_path at a bundle folder, "
+                           "a training run folder, or a link to a zipped bundle.")
+    if not (folder / WEIGHTS).exists():
+        raise DatasetError(f"{folder / WEIGHTS} is missing: copy the whole bundle folder ({BUNDLE_FILE}, {WEIGHTS}, "
+                           f"{EXAMPLES}).")
+    return {**info, "folder": str(folder), "weights": str(folder / WEIGHTS)}
+
+
+def resolve_model(model_path, model_name="full_unfrozen"):
+    """What `model_path` names: `("bundle", folder)` for a bundle (a folder holding `bundle.json`, a training run's
+    `bundle/`, or a Google Drive/HTTP link to a zipped bundle, downloaded once into `data/downloads/`), or
+    `("run", folder)` for a training run folder without a bundle (its `models/<model_name>`)."""
+    text = str(model_path)
+    if re.match(r"^[a-z]+://", text) or (not Path(text).expanduser().exists() and re.fullmatch(r"[\w-]{20,}", text)):
+        dest = ROOT / "data" / "downloads" / f"model_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+        return "bundle", fetch_dataset(text, dest, holds=BUNDLE_FILE, what="model bundle")
+    path = Path(text).expanduser()
+    for folder in (path, path / BUNDLE_DIR):
+        if (folder / BUNDLE_FILE).exists():
+            return "bundle", folder
+    if (path / "models" / f"{model_name.split('.attempt')[0]}.json").exists():
+        return "run", path
+    raise DatasetError(f"model_path={model_path!r} is neither a model bundle (a folder with {BUNDLE_FILE}) nor a "
+                       f"training run folder with models/{model_name}.pth: point it at one (or at a link to a zipped "
+                       "bundle).")
+
+
+def check_intensity(vol, info):
+    """Warn when the histogram of `vol` (after windowing) is far from the training volume's in bundle `info`: another
+    scanner, energy or reconstruction, a domain shift the model may not carry over. Returns the distance."""
+    ref = (info.get("intensity") or {}).get("histogram")
+    if not ref:
+        return None
+    shift = histogram_shift(ref, intensity_histogram(vol, bins=len(ref)))
+    raw = (info.get("intensity") or {}).get("raw_dtype")
+    if raw and raw != vol.raw_dtype:
+        print(f"Warning: this scan is {vol.raw_dtype}, the model's training volume was {raw}.")
+    if shift > SHIFT_WARNING:
+        print(f"Warning: this scan's intensities differ from the training volume's by {shift:.0f} grey levels (earth "
+              f"mover's distance after windowing; above {SHIFT_WARNING:.0f} is unusual for the same scanner and "
+              "settings). Another scanner, energy or reconstruction can make the model miss or mislabel fossils: "
+              "check the predictions figure, and review more specimens.")
+    else:
+        print(f"Intensities: {shift:.0f} grey levels from the training volume's (earth mover's distance after "
+              "windowing): close.")
+    return shift
+
+
+def bundle_examples(info):
+    """The classifier examples of bundle `info` (`read_bundle`) as a DataFrame, named in `attrs["source"]` (empty
+    when it has none); None when `info` is None (a model of this run)."""
+    import pandas as pd
+    if info is None:
+        return None
+    path = Path(info["folder"]) / EXAMPLES
+    examples = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    examples.attrs["source"] = f"bundle {info.get('name')} v{info.get('version')}"
+    return examples
+
+
+def run_bundle(work_dir):
+    """The bundle the prediction in `work_dir` was made with (05's `model_path`), from its record; None when it was
+    made with this run's own model."""
+    from .io import PREDICTION_RECORD
+    source = ((read_json(Path(work_dir) / "predictions" / PREDICTION_RECORD) or {}).get("checkpoint") or {}).get("source")
+    return read_bundle(source) if source else None
+
+
+def update_bundle(work_dir, source=None):
+    """After the specimen classifier ran in `work_dir` (its examples in `exports/classifier_examples.csv`): write them
+    into the run's own bundle `work_dir/bundle`, in place of the examples this run gave before, and raise its version
+    when they changed. A run that predicted with another run's bundle (`source`, from `read_bundle`) gets its own
+    bundle: the source's weights and examples plus this run's, one version up; the source is never written to.
+    Returns the bundle's `bundle.json`, or None when there is nothing to write."""
+    import pandas as pd
+    work_dir = Path(work_dir)
+    mine_path = work_dir / "exports" / EXAMPLES
+    dest = work_dir / BUNDLE_DIR
+    if not mine_path.exists() or (source is None and not (dest / BUNDLE_FILE).exists()):
+        return None
+    mine = pd.read_csv(mine_path)
+    if not len(mine):  # this run adds no example (no ground truth in its training block, no review yet)
+        return None
+    base = read_bundle(source["folder"]) if source is not None and not (dest / BUNDLE_FILE).exists() else read_bundle(dest)
+    if base["folder"] != str(dest):  # a new bundle for this run, from the source's
+        dest.mkdir(parents=True, exist_ok=True)
+        with replacing(dest / WEIGHTS) as tmp:
+            _link_or_copy(base["weights"], tmp)
+    old = bundle_examples(base)
+    kept = old[old["origin"] != mine["origin"].iloc[0]] if len(old) else old
+    examples = pd.concat([kept, mine], ignore_index=True)
+    changed = base["folder"] != str(dest) or not _same_rows(examples, bundle_examples(read_bundle(dest)))
+    info = {k: v for k, v in base.items() if k not in ("folder", "weights")}
+    if changed:
+        with replacing(dest / EXAMPLES) as tmp:
+            examples.to_csv(tmp, index=False, float_format="%.6g")
+        info.update(version=int(base.get("version", 1)) + 1, updated=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    name=info.get("name") if base["folder"] == str(dest) else f"{info.get('name')}+{work_dir.name}",
+                    based_on=info.get("based_on") if base["folder"] == str(dest) else
+                    {"name": base.get("name"), "version": base.get("version"), "folder": base["folder"]},
+                    classifier={"examples": len(examples),
+                                "labels": {str(k): int(v) for k, v in examples["label"].value_counts().items()},
+                                "origins": sorted(map(str, examples["origin"].unique()))})
+        write_json(dest / BUNDLE_FILE, info)
+        print(f"Model bundle {dest}: version {info['version']}, {len(examples)} classifier examples "
+              f"({', '.join(f'{v} {k}' for k, v in info['classifier']['labels'].items())}).")
+    return info
+
+
+def _same_rows(a, b):
+    return len(a) == len(b) and (len(a) == 0 or json.dumps(a.astype(str).values.tolist()) ==
+                                  json.dumps(b.reindex(columns=a.columns).astype(str).values.tolist()))
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -1,0 +1,141 @@
+"""The model bundle: a model trained on one core predicts the next one, its specimen classifier travelling with it."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import papermill as pm
+import pytest
+import torch
+
+from conftest import ROOT
+from microfossil.bundle import (BUNDLE_FILE, EXAMPLES, bundle_examples, check_intensity, histogram_shift,
+                                intensity_histogram, read_bundle, resolve_model, update_bundle)
+from microfossil.classifier import classify_specimens
+from microfossil.extraction import extract_fossils
+from microfossil.learner import build_learner
+from microfossil.loaders import make_dls
+from microfossil.sample import make_sample
+from microfossil.training import PhaseCheckpoint, save_bundle
+from microfossil.volume import DatasetError, load_volume
+
+
+def _hashes(folder):
+    """Every file under `folder` with its SHA-1 and mtime: to prove a folder was only read."""
+    return {str(p.relative_to(folder)): (hashlib.sha1(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A training run on one synthetic core: a 1-epoch model, its bundle, and the classifier examples of its training
+    block (from an extraction of the ground truth, so that there are true specimens to learn from)."""
+    root = tmp_path_factory.mktemp("bundle")
+    ds = make_sample(root / "core_a", n_slices=24, height=96, width=96, seed=3)
+    vol = load_volume(ds)
+    work = root / "run_a"
+    learn = build_learner(make_dls(vol, 1.0, bs=4, device=torch.device("cpu"), gap_slices=0, context_slices=3),
+                          pretrained=False,
+                          work_dir=work)
+    # One epoch learns nothing; the last layer leans to a fossil class so that the new core has specimens for the
+    # bundle's classifier to class (this checks where things land and who classed them, not accuracy).
+    last = [m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.bias[1] += 4.0
+    learn.fit_one_cycle(1, 1e-6, cbs=PhaseCheckpoint("full_unfrozen"))
+    save_bundle(work, "full_unfrozen", vol)
+    extract_fossils(vol, work, np.asarray(vol.labels), min_voxels=20)
+    split = learn.dls.split
+    classify_specimens(work, split)
+    update_bundle(work)
+    return root, work, vol
+
+
+def test_the_bundle_holds_the_model_what_it_expects_and_the_classifier_examples(trained):
+    _, work, vol = trained
+    info = read_bundle(work / "bundle")
+    assert info["classes"] == vol.codes and info["context_slices"] == 3 and info["size"] == [96, 96]
+    assert info["intensity"]["raw_dtype"] == vol.raw_dtype and len(info["intensity"]["histogram"]) == 64
+    assert info["project_version"] and info["checkpoint"]["sha256"] and info["version"] == 2  # 04's, then 05's examples
+    ex = bundle_examples(info)
+    assert len(ex) >= 4 and {"label", "source", "origin"} <= set(ex.columns) and ex["origin"].eq("run_a").all()
+    assert set(ex["label"]) >= {"foraminifera", "ostracod"}
+    assert update_bundle(work)["version"] == 2  # the same examples again: no new version
+    assert resolve_model(work) == ("bundle", work / "bundle") == resolve_model(work / "bundle")
+
+
+def test_05_predicts_a_new_unlabelled_core_with_the_bundle_and_leaves_the_training_run_untouched(trained):
+    """Through papermill, as a lab would run it: model_path = the training run folder, data_dir = a new scan without
+    masks or codes.txt, work_dir = a new folder. Everything lands there; the training run is byte-for-byte the same;
+    the specimens are classified by the bundle's classifier, and the new run's bundle is a new version."""
+    root, work, _ = trained
+    new = make_sample(root / "core_b", n_slices=20, height=96, width=96, seed=8)
+    shutil.rmtree(new / "train_masks_labels")
+    (new / "codes.txt").unlink()
+    before = _hashes(work)
+    out = root / "run_b"
+    pm.execute_notebook(str(ROOT / "notebooks" / "05_predict_export.ipynb"), str(root / "05_b.ipynb"),
+                        cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+                        parameters={"data_dir": str(new), "work_dir": str(out), "model_path": str(work),
+                                    "smoke": True, "min_voxels": 1})  # 1: the 1-epoch model's specks are specimens
+    assert _hashes(work) == before
+    for f in ("predictions/labels.tif", "predictions/labels_clean.tif", "exports/fossils.csv", "exports/gallery.png"):
+        assert (out / f).exists(), f
+    cat = pd.read_csv(out / "exports" / "fossils.csv")
+    assert len(cat) and cat["classified_by"].str.startswith("bundle run_a v2").all()
+    clf = json.loads((out / "exports" / "classifier.json").read_text())
+    assert clf["from_bundle"] == len(bundle_examples(read_bundle(work / "bundle"))) and clf["from_truth"] == 0
+    record = json.loads((out / "predictions" / "prediction.json").read_text())
+    assert record["checkpoint"]["bundle"] == "run_a v2" and record["checkpoint"]["source"] == str(work / "bundle")
+
+
+def test_reviews_of_the_new_core_make_a_new_bundle_version_with_its_examples(trained, tmp_path):
+    root, work, _ = trained
+    src = read_bundle(work / "bundle")
+    run = tmp_path / "run_c"
+    (run / "exports").mkdir(parents=True)
+    mine = bundle_examples(src).head(3).assign(origin="run_c", source="review")
+    mine.to_csv(run / "exports" / EXAMPLES, index=False)
+    info = update_bundle(run, src)
+    assert info["version"] == src["version"] + 1 and info["based_on"]["name"] == "run_a"
+    ex = bundle_examples(read_bundle(run / "bundle"))
+    assert len(ex) == len(bundle_examples(src)) + 3 and (ex["origin"] == "run_c").sum() == 3
+    assert (run / "bundle" / "model.pth").read_bytes() == (work / "bundle" / "model.pth").read_bytes()
+    mine.head(1).to_csv(run / "exports" / EXAMPLES, index=False)  # the run's examples changed: they replace its own
+    assert update_bundle(run, src)["version"] == src["version"] + 2
+    assert (bundle_examples(read_bundle(run / "bundle"))["origin"] == "run_c").sum() == 1
+
+
+def test_a_scan_far_from_the_training_intensities_is_warned_about(trained, capsys):
+    _, work, vol = trained
+    info = read_bundle(work / "bundle")
+    assert check_intensity(vol, info) < 2 and "close" in capsys.readouterr().out
+    dark = type(vol)(images=(np.asarray(vol.images) * 0.5).astype(np.uint8), labels=None, codes=vol.codes,
+                     stems=vol.stems, source=vol.source, window=vol.window, raw_dtype="uint16")
+    assert check_intensity(dark, info) > 20
+    out = capsys.readouterr().out
+    assert "Warning: this scan's intensities differ" in out and "this scan is uint16" in out
+    assert histogram_shift(intensity_histogram(vol), intensity_histogram(vol)) == 0
+
+
+def test_model_path_errors_name_the_fix(tmp_path, trained):
+    with pytest.raises(DatasetError, match="neither a model bundle"):
+        resolve_model(tmp_path)
+    broken = tmp_path / "b"
+    broken.mkdir()
+    (broken / BUNDLE_FILE).write_text("{}")
+    with pytest.raises(DatasetError, match="model.pth is missing"):
+        read_bundle(broken)
+
+
+def test_05_refuses_a_scan_whose_classes_are_not_the_models(trained):
+    root, work, _ = trained
+    other = make_sample(root / "core_d", n_slices=12, height=64, width=64, seed=9)
+    (other / "codes.txt").write_text("background\nplanktonic\nbenthic\n")
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(ROOT / "notebooks" / "05_predict_export.ipynb"), str(root / "05_d.ipynb"),
+                            cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+                            parameters={"data_dir": str(other), "work_dir": str(root / "run_d"),
+                                        "model_path": str(work / "bundle"), "smoke": True})
+    assert "codes.txt lists" in e.value.evalue and "planktonic" in e.value.evalue
