@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .io import read_json, replacing, write_json
+from .io import link_or_copy, read_json, replacing, write_json
 from .paths import ROOT, fetch_dataset
 from .volume import DatasetError
 
@@ -66,7 +64,7 @@ def write_bundle(work_dir, weights, record, vol, split=None, dest=None):
     same = old.get("checkpoint", {}).get("sha256") == record["checkpoint"]["sha256"]
     dest.mkdir(parents=True, exist_ok=True)
     with replacing(dest / WEIGHTS) as tmp:
-        _link_or_copy(weights, tmp)  # weights files are replaced, never changed in place: a hard link is safe
+        link_or_copy(weights, tmp)  # weights files are replaced, never changed in place: a hard link is safe
     if not same:
         (dest / EXAMPLES).unlink(missing_ok=True)
     info = {"format": 1, "name": old.get("name") if same else f"{Path(work_dir).resolve().name}",
@@ -177,7 +175,7 @@ def update_bundle(work_dir, source=None):
     if base["folder"] != str(dest):  # a new bundle for this run, from the source's
         dest.mkdir(parents=True, exist_ok=True)
         with replacing(dest / WEIGHTS) as tmp:
-            _link_or_copy(base["weights"], tmp)
+            link_or_copy(base["weights"], tmp)
     old = bundle_examples(base)
     kept = old[old["origin"] != mine["origin"].iloc[0]] if len(old) else old
     examples = pd.concat([kept, mine], ignore_index=True)
@@ -202,10 +200,3 @@ def update_bundle(work_dir, source=None):
 def _same_rows(a, b):
     return len(a) == len(b) and (len(a) == 0 or json.dumps(a.astype(str).values.tolist()) ==
                                   json.dumps(b.reindex(columns=a.columns).astype(str).values.tolist()))
-
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

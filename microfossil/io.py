@@ -67,6 +67,15 @@ def settle(path):
     _remove(old)
 
 
+def link_or_copy(src, dst):
+    """Hard-link `src` to `dst` (no second copy on a local disk), else copy it (Drive and other file systems without
+    hard links). Safe for files that are replaced, never changed in place, as every file written here is."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 STAGE, JOURNAL = ".staging", ".commit.json"  # in a run folder: a result being written, and the moves that commit it
 
 

@@ -7,7 +7,6 @@ too. Files are written by background threads while the GPU works on the next bat
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import shutil
 import threading
@@ -23,7 +22,7 @@ from fastai.learner import load_model as _load_weights
 from fastai.vision.all import Pipeline, TensorImage, create_unet_model
 
 from .bundle import read_bundle, resolve_model
-from .io import PREDICTION_RECORD, file_stamp, replacing, write_json, write_label_tiff
+from .io import PREDICTION_RECORD, file_stamp, link_or_copy, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
@@ -205,8 +204,8 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
         ours = {f"{stem}.png" for stem in vol.stems} | {"labels.tif", "probs.npy", PREDICTION_RECORD}
         for old in (out_dir.iterdir() if out_dir.is_dir() else []):  # the rest stays: the last extraction's files
             if old.name not in ours:                                  # (exports/ describes them) and anyone's own
-                (shutil.copytree(old, new / old.name, copy_function=_link_or_copy) if old.is_dir()
-                 else _link_or_copy(old, new / old.name))
+                (shutil.copytree(old, new / old.name, copy_function=link_or_copy) if old.is_dir()
+                 else link_or_copy(old, new / old.name))
         run = _predict_triplanar if triplanar else _predict_axial
         pred = run(model, vol, new, bs, device, save_probs, context_slices, tta)
         write_json(new / PREDICTION_RECORD, {
@@ -216,12 +215,6 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     return pred
 
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)  # no second copy on a local disk
-    except OSError:
-        shutil.copy2(src, dst)  # Drive and other file systems without hard links
 
 
 def _predict_axial(model, vol, out_dir, bs, device, save_probs, context_slices, tta):
