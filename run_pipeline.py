@@ -65,6 +65,7 @@ def main(argv=None):
     import utils
     from microfossil.evaluation import describe_run
     from microfossil.params import ParameterError, check_params
+    from microfossil.runtime import in_colab, on_drive
 
     params = {k: _value(v) for k, v in args.p}
     overridden = sorted(set(params) & QUICK_SETS) if args.quick else []
@@ -114,6 +115,9 @@ def main(argv=None):
     if any(nb.name.startswith("05") for nb in notebooks):
         print(describe_run(work_dir, "notebooks/06_review.ipynb"))
     print(f"Executed notebooks (outputs, figures): {out_dir}")
+    if in_colab() and on_drive(work_dir):
+        print("Colab: Drive uploads in the background; before the runtime ends, run "
+              "`from google.colab import drive; drive.flush_and_unmount()` in a cell so that Drive has it all.")
     return 0
 
 

@@ -13,6 +13,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `microfossil/` sits 
 
 _NAMES = {  # module of the microfossil package: the names the notebooks take from it
     "params": ["check_params"],
+    "runtime": ["local_dir", "flush_drive"],
     "paths": ["resolve_paths"],
     "bundle": ["check_intensity", "bundle_examples", "update_bundle", "run_bundle"],
     "volume": ["load_volume", "describe_volume"],

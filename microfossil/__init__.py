@@ -5,6 +5,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 
 - `params`: the notebooks' parameters, each checked where it enters (`check_params`)
 - `io`: atomic writes (every file is renamed into place only when complete), JSON, label TIFFs
+- `runtime`: Colab or not: Drive and the runtime's local disk, in-place copies, the GPU check, progress bars
 - `volume`: reading and validating a dataset (`load_volume`, `Volume`, voxel size)
 - `specimens`: 3D components, measurements and descriptors of each specimen
 - `split`: the training block, the gap and the held-out block, which share no specimen (`split_volume`)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import link_or_copy, read_json, replacing, write_json
-from .paths import ROOT, fetch_dataset
+from .paths import data_home, fetch_dataset
 from .volume import DatasetError
 
 BUNDLE_DIR, BUNDLE_FILE = "bundle", "bundle.json"
@@ -102,7 +102,7 @@ def resolve_model(model_path, model_name="full_unfrozen"):
     `("run", folder)` for a training run folder without a bundle (its `models/<model_name>`)."""
     text = str(model_path)
     if re.match(r"^[a-z]+://", text) or (not Path(text).expanduser().exists() and re.fullmatch(r"[\w-]{20,}", text)):
-        dest = ROOT / "data" / "downloads" / f"model_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+        dest = data_home() / "downloads" / f"model_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
         return "bundle", fetch_dataset(text, dest, holds=BUNDLE_FILE, what="model bundle")
     path = Path(text).expanduser()
     for folder in (path, path / BUNDLE_DIR):

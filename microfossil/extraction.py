@@ -16,6 +16,7 @@ import numpy as np
 from .decisions import check_review_file
 from .exports import GALLERY_RECORD, draw_gallery, export_specimen, mesh
 from .io import PREDICTION_RECORD, file_stamp, finish_commit, read_json, staged, write_csv, write_json, write_label_tiff
+from .runtime import Progress
 from .specimens import SPECIMEN_FEATURES, centroid, class_counts, descriptors, find_specimens, paint_classes
 from .volume import Volume, read_voxel_size
 
@@ -44,6 +45,13 @@ def open_probs(pred_dir, shape, record):
     says it was written with `labels.tif`; None when there is none. A `probs.npy` that another prediction left, or
     that no record vouches for, is never used: it stops with a message (or, unrecorded, is left aside and said so)."""
     path = Path(pred_dir) / "probs.npy"
+    if (record or {}).get("probs_path"):  # kept on the runtime's local disk (Colab), not beside the labels on Drive
+        path = Path(record["probs_path"])
+        if not path.exists():
+            print(f"{path} (the probabilities, kept on the runtime's local disk) is gone with the runtime that wrote "
+                  "it: each specimen's class is its majority predicted class. Re-run the prediction cell of 05 on this "
+                  "runtime to use the probabilities.")
+            return None
     if not path.exists():
         print(f"No {path}: each specimen's class is its majority predicted class and confidence is empty "
               "(run 05 with save_probs=True for the mean class probability).")
@@ -177,7 +185,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
         Z, H, W = vol.shape
         id_of_label = np.zeros(int(cc.max()) + 1 if cc.size else 1, np.uint32)
         class_of_id = np.zeros(N + 1, np.uint8)
-        rows, feats = [], []
+        rows, feats, bar = [], [], Progress(N, "specimens")
         for sid, (lbl, bb, nv) in enumerate(parts, 1):
             local = cc[bb] == lbl
             f = _features(vol, pred, bb, local, codes)
@@ -208,6 +216,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
             })
             if sid in exported_ids:
                 export_specimen(s_exp / f"fossil_{sid:0{width}d}", vol.images, cc, lbl, bb, margin, spacing, verts, faces)
+            bar.step()
         cat = pd.DataFrame(rows, columns=CATALOGUE_COLUMNS + [f"frac_{c}" for c in codes[1:]] + ["exported"])
         write_csv(s_exp / "fossils.csv", cat)
         truth_cols = [f"truth_{c}" for c in codes] if vol.labels is not None else []

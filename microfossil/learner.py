@@ -26,6 +26,7 @@ from fastai.vision.learner import model_meta
 
 from .loaders import n_input_channels
 from .metrics import scores_from_confusion
+from .runtime import local_dir, on_drive
 
 
 def encoder(arch):
@@ -187,6 +188,8 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     learn = unet_learner(dls, encoder(arch), normalize=False, n_out=len(dls.codes), pretrained=pretrained,
                          n_in=n_input_channels(context), loss_func=LOSSES[loss](), wd=wd,
                          path=Path(work_dir), opt_func=_adamw, metrics=epoch_metrics(dls.codes) if metrics else None)
+    if on_drive(work_dir):  # lr_find saves and deletes weights in model_dir: on the local disk, not in Drive's trash
+        learn.model_dir = local_dir(work_dir, "tmp")
     learn.remove_cb(ProgressCallback)
     learn.add_cbs([_Progress(), _NoStepSync()])
     learn.freeze()  # the published schedule starts frozen even without ImageNet weights

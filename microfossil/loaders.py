@@ -18,14 +18,17 @@ from fastai.data.core import TfmdDL, explode_types  # (explode_types: fastcore o
 from fastai.vision.all import DataLoaders, Normalize, TensorImage, TensorMask, Transform, imagenet_stats
 from fastai.vision.augment import RandTransform
 
+from .runtime import check_gpu
 from .split import split_volume
 from .volume import DatasetError
 
 FOSSIL_CROP_SHARE = 0.5  # training crops centred near a fossil (the others anywhere): fossils are rare voxels
 
 
-def get_device(verbose=True):
-    """Return the torch device to use: CUDA, then Apple MPS, else CPU (with a visible message)."""
+def get_device(verbose=True, cpu_ok=True):
+    """Return the torch device to use: CUDA, then Apple MPS, else CPU (with a visible message). In Colab, a runtime
+    without a GPU stops here unless `cpu_ok` (quick and smoke mode): the full schedule is for a GPU."""
+    check_gpu(torch.cuda.is_available(), cpu_ok)
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         if verbose: print(f"Using GPU: {torch.cuda.get_device_name(0)}")

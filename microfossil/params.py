@@ -104,6 +104,8 @@ RULES = {  # name: (rule, what it is, for the message)
     "split_touching": (_flag, "split touching specimens"),
     "max_exports": (_whole(0), "how many specimens get a folder and a preview"),
     "classify": (_flag, "the specimen classifier"),
+    "drive_minutes": (_number(0), "minutes between resumable copies of a phase on Google Drive (0: every epoch)"),
+    "slice_pngs": (_flag, "one label PNG per slice besides labels.tif"),
 }
 
 

@@ -5,16 +5,24 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
 from .io import replacing
+from .runtime import colab_root, on_drive, runs_home
 from .sample import SAMPLE_SIZES, ensure_sample
 from .volume import DatasetError
 
-ROOT = Path(__file__).resolve().parents[1]  # the project folder: data/, runs/, notebooks/
-DRIVE_RUNS = Path("/content/drive/MyDrive/microfossil_runs")  # Colab: runs on Drive survive a disconnect
+_CHECKOUT = Path(__file__).resolve().parents[1]
+# The project folder: data/ and runs/ go there. A package installed with pip (site-packages) uses the folder it is
+# run from instead.
+ROOT = _CHECKOUT if (_CHECKOUT / "pyproject.toml").exists() else Path.cwd()
+
+
+def data_home():
+    """Where the embedded sample is made and downloads are unzipped: the project's `data/`, or the runtime's local
+    disk when the project is a copy on Google Drive (a dataset is read slice by slice; Drive is slow and small)."""
+    return colab_root() / "microfossil_data" if on_drive(ROOT) else ROOT / "data"
 
 
 def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, sample_size="default", seed=0, smoke=False):
@@ -22,8 +30,8 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
 
     `data_dir=None` means the embedded sample of size `sample_size` (a key of
     `SAMPLE_SIZES`) drawn from `seed`, generated once under `data/` (`sample_default`, then
-    `sample_default_seed1`, ...). `work_dir=None` means
-    `runs/<dataset>[_quick|_smoke]` locally, and the same under MyDrive/microfossil_runs in Colab.
+    `sample_default_seed1`, ...; `data_home`). `work_dir=None` means
+    `runs/<dataset>[_quick|_smoke]` locally, and the same under MyDrive/microfossil_runs in Colab (`runtime.runs_home`).
     """
     if data_url:
         data_dir = fetch_dataset(data_url)
@@ -31,13 +39,13 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
         if sample_size not in SAMPLE_SIZES:
             raise ValueError(f"sample_size must be one of {list(SAMPLE_SIZES)}, got {sample_size!r}")
         name = f"sample_{sample_size}" + (f"_seed{seed}" if seed else "")  # each seed its own sample and run folder
-        data_dir = ensure_sample(ROOT / "data" / name, *SAMPLE_SIZES[sample_size], seed=seed)
+        data_dir = ensure_sample(data_home() / name, *SAMPLE_SIZES[sample_size], seed=seed)
     data_dir = Path(data_dir).expanduser().resolve()
     if not data_dir.is_dir():
         raise DatasetError(f"data_dir {data_dir} does not exist. Set `data_dir` to a folder holding "
                            "train/, train_masks_labels/ and codes.txt, or leave it None for the embedded sample.")
     if work_dir is None:
-        base = DRIVE_RUNS if "google.colab" in sys.modules else ROOT / "runs"
+        base = runs_home() or ROOT / "runs"
         work_dir = base / (data_dir.name + ("_smoke" if smoke else "_quick" if quick else ""))
     work_dir = Path(work_dir).expanduser().resolve()
     if work_dir == data_dir or data_dir in work_dir.parents:
@@ -72,7 +80,7 @@ def fetch_dataset(data_url, dest=None, holds="train", what="dataset"):
     folders are an error listing both. The download is marked complete (`.complete`) only once
     a dataset folder was found in it, so after a failed or wrong download a re-run tries again.
     """
-    dest = Path(dest or ROOT / "data" / "downloads" / hashlib.sha1(data_url.encode()).hexdigest()[:10])
+    dest = Path(dest or data_home() / "downloads" / hashlib.sha1(data_url.encode()).hexdigest()[:10])
     done, unzipped = dest / ".complete", dest / "unzipped"
     if not done.exists():
         dest.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Prediction: every slice of a volume at full resolution, as label PNGs, one label TIFF and class probabilities.
+"""Prediction: every slice of a volume at full resolution, as one label TIFF, class probabilities and previews.
 
 The model sees each slice with its context slices, padded to a multiple of 32; with flip
 TTA it also sees the slice's three flips; tri-planar models predict the XZ and YZ slices
@@ -25,6 +25,8 @@ from .bundle import read_bundle, resolve_model
 from .io import PREDICTION_RECORD, file_stamp, link_or_copy, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
+from .plots import get_class_colours
+from .runtime import Progress, local_dir, on_drive
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
 
 
@@ -173,15 +175,22 @@ class _BackgroundTiff:
             raise OSError(f"writing {self.path} failed: {self.error}")
 
 
-def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, context_slices=1, tta=False,
-                   triplanar=False, checkpoint=None):
-    """Predict every slice of `vol` at full resolution; write `<stem>.png` per slice, `labels.tif`, `probs.npy`.
+PREVIEWS = 16  # about this many preview PNGs per prediction, evenly spaced in z
 
-    PNG values are class indices, same size as the input slice; `labels.tif` is the
-    label volume as one multi-page TIFF; `probs.npy` (when `save_probs`) holds the
-    class probabilities as uint8 (0-255), shape (Z, classes, H, W), memory-mapped and
-    written block by block, never whole in RAM. Mixed precision on CUDA. Returns the
-    label volume (uint8, Z x H x W).
+
+def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, context_slices=1, tta=False,
+                   triplanar=False, checkpoint=None, slice_pngs=False, probs_dir=None):
+    """Predict every slice of `vol` at full resolution; write `labels.tif`, `probs.npy` and a few previews.
+
+    `labels.tif` is the label volume (class indices) as one multi-page TIFF; `previews/`
+    holds about `PREVIEWS` PNGs (a slice with its predicted classes in colour, every few
+    slices); with `slice_pngs`, also one label PNG per slice, `<stem>.png`, the size of the
+    input slice (thousands of files on a full scan: slow on Drive). `probs.npy` (when
+    `save_probs`) holds the class probabilities as uint8 (0-255), shape (Z, classes, H, W),
+    memory-mapped and written block by block, never whole in RAM, in `probs_dir` (default
+    `out_dir`, or when that is on Google Drive, where a memory-mapped file is unreliable, the
+    runtime's local disk: `runtime.local_dir`). A progress bar shows slices per second and the time left. Mixed
+    precision on CUDA. Returns the label volume (uint8, Z x H x W).
 
     `context_slices` must be the value the model was trained with (its `info`). `tta`
     averages the four flips of each slice (4x the model time). `triplanar` also predicts
@@ -190,7 +199,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
 
     `prediction.json` beside them records `checkpoint` (`info["checkpoint"]` from
     `load_model`: the attempt and the hash of its weights), the options, and which
-    `probs.npy` goes with these labels. Everything is written to `<out_dir>.partial/` and
+    `probs.npy` goes with these labels (its path and stamp). Everything is written to `<out_dir>.partial/` and
     swapped in whole when complete (`io.replacing`): an interrupted prediction leaves the
     previous complete one, never PNGs of two models. Every other file of `out_dir` is carried
     over (hard links where the disk allows): the previous extraction's `specimens.tif` and
@@ -201,29 +210,49 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out_dir) as new:  # all written beside, then swapped in whole: a kill leaves the old or the new
         new.mkdir()
-        ours = {f"{stem}.png" for stem in vol.stems} | {"labels.tif", "probs.npy", PREDICTION_RECORD}
+        ours = {f"{stem}.png" for stem in vol.stems} | {"labels.tif", "probs.npy", "previews", PREDICTION_RECORD}
         for old in (out_dir.iterdir() if out_dir.is_dir() else []):  # the rest stays: the last extraction's files
             if old.name not in ours:                                  # (exports/ describes them) and anyone's own
                 (shutil.copytree(old, new / old.name, copy_function=link_or_copy) if old.is_dir()
                  else link_or_copy(old, new / old.name))
+        if probs_dir is None and on_drive(out_dir):
+            probs_dir = local_dir(out_dir.parent, out_dir.name)
+        probs_path = (Path(probs_dir) if probs_dir is not None else new) / "probs.npy"
+        if probs_dir is not None:
+            probs_path.parent.mkdir(parents=True, exist_ok=True)
         run = _predict_triplanar if triplanar else _predict_axial
-        pred = run(model, vol, new, bs, device, save_probs, context_slices, tta)
+        pred = run(model, vol, new, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs)
+        _write_previews(vol, pred, new / "previews")
         write_json(new / PREDICTION_RECORD, {
             "checkpoint": checkpoint, "shape": list(vol.shape), "codes": vol.codes, "context_slices": int(context_slices),
-            "tta": bool(tta), "triplanar": bool(triplanar),
-            "probs_file": file_stamp(new / "probs.npy") if save_probs else None,
+            "tta": bool(tta), "triplanar": bool(triplanar), "slice_pngs": bool(slice_pngs),
+            "probs_file": file_stamp(probs_path) if save_probs else None,
+            "probs_path": None if not save_probs or probs_dir is None else str(probs_path.resolve()),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     return pred
 
 
+def _write_previews(vol, pred, folder):
+    """`folder/<stem>.png` for about `PREVIEWS` slices evenly spaced in z: the CT slice, its predicted classes in
+    their colours (as in every figure) at half opacity."""
+    from PIL import Image
+    folder.mkdir(exist_ok=True)
+    colours = (get_class_colours(max(len(vol.codes or []), int(pred.max()) + 1))[:, :3] * 255).astype(np.float32)
+    for z in sorted(set(np.linspace(0, len(pred) - 1, min(PREVIEWS, len(pred))).round().astype(int))):
+        grey = np.repeat(np.asarray(vol.images[z], np.float32)[..., None], 3, axis=2)
+        lab = pred[z]
+        rgb = np.where(lab[..., None] > 0, 0.5 * grey + 0.5 * colours[lab], grey)
+        Image.fromarray(rgb.round().astype(np.uint8)).save(folder / f"{vol.stems[z]}.png", compress_level=1)
 
-def _predict_axial(model, vol, out_dir, bs, device, save_probs, context_slices, tta):
+
+
+def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs):
     """`predict_volume` slice by slice along z (the published method)."""
     from PIL import Image
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
     Z, H, W = vol.shape
     pred = np.empty((Z, H, W), np.uint8)
-    cuda = device.type == "cuda"
+    cuda, bar = device.type == "cuda", Progress(Z, "slices")
     bufs, pending = {}, collections.deque()
 
     def launch(z0):  # start a batch on the device; its results come back through pinned buffers and an event
@@ -243,7 +272,7 @@ def _predict_axial(model, vol, out_dir, bs, device, save_probs, context_slices, 
     def store(z0, p, pr):  # host-side work for one batch, on a worker thread while the GPU runs the next
         if pr is not None:
             probs[z0:z0 + len(p)] = pr
-        for k, sl in enumerate(p):
+        for k, sl in enumerate(p if slice_pngs else ()):
             Image.fromarray(sl).save(out_dir / f"{vol.stems[z0 + k]}.png", compress_level=1)
 
     def collect(item):
@@ -261,10 +290,11 @@ def _predict_axial(model, vol, out_dir, bs, device, save_probs, context_slices, 
         pending.append(pool.submit(store, z0, p, pr))
         while len(pending) > 6:  # bounded backlog: at most a few batches held in RAM
             pending.popleft().result()
+        bar.step(len(p))
 
     probs = None  # the memory-mapped probabilities, opened at the first batch (when the class count is known)
     with ExitStack() as files:
-        probs_tmp = files.enter_context(replacing(out_dir / "probs.npy")) if save_probs else None
+        probs_tmp = files.enter_context(replacing(probs_path)) if save_probs else None
         tiff = _BackgroundTiff(out_dir / "labels.tif", Z)
         try:
             with ThreadPoolExecutor(3) as pool, torch.inference_mode():
@@ -288,7 +318,7 @@ def _predict_axial(model, vol, out_dir, bs, device, save_probs, context_slices, 
     return pred
 
 
-def _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slices, tta):
+def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs):
     """`predict_volume` with tri-planar averaging: every axial, XZ and YZ slice is predicted and the three class
     probabilities of each voxel are averaged in a memory-mapped uint8 file (a running mean), one block of slices at a
     time (256 MB of probabilities, about 1 GB of RAM at the peak; big blocks, because a block of YZ slices touches
@@ -297,11 +327,12 @@ def _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slic
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
     Z, H, W = vol.shape
     pred = np.empty((Z, H, W), np.uint8)
+    bar = Progress(Z + H + W, "slices")  # the axial, XZ and YZ slices
     with ExitStack() as files:
         if save_probs:
-            part = files.enter_context(replacing(out_dir / "probs.npy"))
+            part = files.enter_context(replacing(probs_path))
         else:  # the running mean still needs a file; it is removed at the end
-            part = out_dir / "probs.scratch.npy"
+            part = probs_path.with_name("probs.scratch.npy")
             files.callback(part.unlink, missing_ok=True)
         probs = None
         with torch.inference_mode():
@@ -315,6 +346,7 @@ def _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slic
                         x = torch.from_numpy(_slices_with_context(vol.images, idx, context_slices, axis)).to(device)
                         p = _forward_probs(model, x, tfms, dtype, tta)
                         chunk.append((p * 255).round_().to(torch.uint8).cpu().numpy())
+                        bar.step(len(idx))
                     p = np.concatenate(chunk)  # (slices of the block, K, a, b), uint8
                     if probs is None:
                         probs = np.lib.format.open_memmap(part, "w+", np.uint8, (Z, p.shape[1], H, W))
@@ -330,8 +362,9 @@ def _predict_triplanar(model, vol, out_dir, bs, device, save_probs, context_slic
                 for z0 in range(0, Z, bs):
                     pred[z0:z0 + bs] = np.asarray(probs[z0:z0 + bs]).argmax(1)
                     zs = range(z0, min(Z, z0 + bs))
-                    list(pool.map(lambda z: Image.fromarray(pred[z]).save(out_dir / f"{vol.stems[z]}.png",
-                                                                          compress_level=1), zs))
+                    if slice_pngs:
+                        list(pool.map(lambda z: Image.fromarray(pred[z]).save(out_dir / f"{vol.stems[z]}.png",
+                                                                              compress_level=1), zs))
                     yield from (pred[z] for z in zs)
         write_label_tiff(out_dir / "labels.tif", label_pages(probs))
         probs.flush()

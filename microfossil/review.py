@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 import time
 from pathlib import Path
 
 from .decisions import DECISIONS, REVIEW_COLUMNS, REVIEW_FILE, read_decisions
 from .exports import draw_gallery, specimen_folders
 from .io import finish_commit, replacing
+from .runtime import enable_colab_widgets
 
 REVIEW_ORDERS = {"confidence": "least certain first", "confidence_desc": "most certain first",
                  "size": "largest first", "size_asc": "smallest first", "id": "by id"}
@@ -205,16 +205,6 @@ def has_widget_frontend():
         return False
     ip = get_ipython()
     return ip is not None and hasattr(ip, "kernel")
-
-
-def enable_colab_widgets():
-    """In Colab, turn on the custom widget manager that ipywidgets 8 needs there (elsewhere, nothing)."""
-    if "google.colab" in sys.modules:
-        try:
-            from google.colab import output
-            output.enable_custom_widget_manager()
-        except Exception:
-            pass
 
 
 class ReviewPanel:

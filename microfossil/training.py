@@ -9,7 +9,14 @@ Passed to `learn.fit_one_cycle(..., cbs=PhaseCheckpoint("256_frozen", start=...)
 - another plan (or `force`): keeps the finished attempt in `models/attempts/`, reloads the
   phase's starting weights (never the weights trained in memory) and trains again;
 - saves weights and optimizer after every epoch, the history CSV, and at the end
-  `models/<phase>.pth` with `models/<phase>.json` (plan, attempt number, final metrics).
+  `models/<phase>.pth` with `models/<phase>.json` (plan, attempt number, final metrics, size and hash).
+
+On Google Drive (Colab) the per-epoch checkpoint stays on the runtime's local disk
+(`runtime.local_dir`), and Drive gets a resumable copy at most every `drive_minutes`, written
+in place over one of two slots (`models/resume.a.pth`, `resume.b.pth`, each with its record),
+so nothing goes to Drive's trash and one complete copy always remains. After a lost runtime,
+the phase resumes from the newest slot whose size and hash match its record, and says which
+epochs were lost. Finished weights are checked against their record before they are used.
 
 The next stage starts from `models/<phase>.pth`, the latest attempt; "256_unfrozen.attempt1"
 names an earlier one (`load_stage`, `load_model`).
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import json
 import random
 import re
 import shutil
@@ -31,10 +40,12 @@ from fastai.learner import Callback, CancelFitException, SkipToEpoch, load_model
 from fastai.torch_core import set_seed
 
 from .bundle import write_bundle
-from .io import attempt_files, read_json, replacing, write_json
+from .io import attempt_files, read_json, replacing, write_json, write_text
 from .loaders import n_input_channels
+from .runtime import copy_in_place, local_dir, matches, on_drive, write_in_place
 from .split import check_split
 
+SLOTS = ("a", "b")  # the two resumable copies on Drive, overwritten in turn
 PLAN_KEYS = ("epochs", "lr", "pct_start", "div", "div_final", "moms", "wd", "bs", "size", "frozen", "context_slices",
              "triplanar", "train_slices", "gap_slices", "valid_slices", "seed", "arch", "codes", "start", "loss",
              "crop_size")
@@ -64,6 +75,21 @@ def weights_sha256(path):
 def phase_done(work_dir, name):
     """True when phase `name` (e.g. "256_frozen", or "256_frozen.attempt1") is finished in `work_dir/models/`."""
     return all(p.exists() for p in checkpoint_files(work_dir, name))
+
+
+def check_weights(work_dir, name):
+    """Stop unless the weights of finished phase `name` are the file their record describes (size and SHA-256): on
+    Drive, a file written on another runtime may not be fully uploaded yet. Returns the weights' path."""
+    weights, record = checkpoint_files(work_dir, name)
+    rec = read_json(record) or {}
+    size, sha = rec.get("file_size"), rec.get("sha256")
+    ok = sha is None or (matches(weights, size, sha) if size is not None else weights_sha256(weights) == sha)
+    if not ok:
+        lag = (" It is on Google Drive: if it was written on another runtime in the last minutes, Drive may still be "
+               "uploading it; wait a minute and run the cell again. If it stays so,") if on_drive(weights) else ""
+        raise ValueError(f"{weights} is not the file {record.name} describes (size or SHA-256 differ).{lag} train the "
+                         "phase again (force=True), or put the trained file back.")
+    return weights
 
 
 def read_record(work_dir, name):
@@ -101,8 +127,11 @@ def load_stage(learn, name):
         return learn
     weights, _ = checkpoint_files(learn.path, name)
     if not phase_done(learn.path, name):
+        lag = (" (It is on Google Drive: if that notebook finished on another runtime moments ago, Drive may still be "
+               "uploading it; wait a minute and run this cell again.)") if on_drive(learn.path) else ""
         raise FileNotFoundError(f"{weights} not found: run the notebook that trains '{name.split('_')[0]}' first with "
-                                "the same work_dir, or set init_from=None to start from ImageNet weights.")
+                                f"the same work_dir, or set init_from=None to start from ImageNet weights.{lag}")
+    check_weights(learn.path, name)
     rec = read_record(learn.path, name)
     _check_context(rec, name, getattr(learn.dls, "context_slices", 1))
     if getattr(learn.dls, "split", None) is not None:
@@ -163,14 +192,23 @@ class PhaseCheckpoint(Callback):
     """
     order = 55  # after the Recorder (50) has logged an epoch; before the progress bar (60) opens for a fit it skips
 
-    def __init__(self, name, start=None, force=False):
-        self.phase, self.start, self.force = name, start, force
+    def __init__(self, name, start=None, force=False, drive_minutes=15):
+        self.phase, self.start, self.force, self.drive_minutes = name, start, force, drive_minutes
 
     # --- files ---
     @property
     def models(self): return Path(self.learn.path) / "models"
 
+    @property
+    def on_drive(self): return on_drive(self.learn.path)
+
     def _path(self, suffix): return self.models / f"{self.phase}{suffix}"
+
+    def _progress(self, suffix):
+        """The per-epoch checkpoint: in `models/`, or on the runtime's local disk when the run folder is on Drive."""
+        return local_dir(self.learn.path, "models") / f"{self.phase}.progress{suffix}"
+
+    def _slot(self, s, suffix): return self.models / f"resume.{s}{suffix}"
 
     @property
     def history(self): return Path(self.learn.path) / "history" / f"{self.phase}.csv"
@@ -180,8 +218,52 @@ class PhaseCheckpoint(Callback):
             save_model(tmp, self.learn.model, self.learn.opt, with_opt=with_opt)
 
     def _drop_progress(self):
-        for suffix in (".progress.pth", ".progress.json"):
-            self._path(suffix).unlink(missing_ok=True)
+        for suffix in (".pth", ".json"):
+            self._progress(suffix).unlink(missing_ok=True)
+        for s, rec in self._slots():  # this phase's copies on Drive: emptied in place (deleting sends them to the trash)
+            if rec.get("phase") == self.phase:
+                write_in_place(self._slot(s, ".pth"), "")
+                write_in_place(self._slot(s, ".json"), "{}")
+
+    def _slots(self):
+        """`(slot, record)` of the resumable copies on Drive (record `{}` for an empty or unreadable one)."""
+        out = []
+        for s in SLOTS:
+            try:
+                rec = read_json(self._slot(s, ".json")) or {}
+            except ValueError:  # cut short by a lost runtime
+                rec = {}
+            out.append((s, rec))
+        return out
+
+    def _copy_to_drive(self):
+        """A resumable copy of the last epoch on Drive, over the slot that does not hold the newest good copy."""
+        if self._last_slot is None:  # the first copy of this fit: over another phase's, an empty or the older one
+            recs = dict(self._slots())
+            s = min(SLOTS, key=lambda s: (recs[s].get("phase") == self.phase, recs[s].get("saved_at", 0)))
+        else:
+            s = SLOTS[1 - SLOTS.index(self._last_slot)]
+        written = copy_in_place(self._progress(".pth"), self._slot(s, ".pth"))
+        write_in_place(self._slot(s, ".json"), json.dumps({
+            "phase": self.phase, "plan": self.plan, "attempt": self.attempt, "epoch": self.epoch, **written,
+            "saved_at": time.time(), "saved": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
+        self._last_slot, self._last_copy = s, time.time()
+
+    def _resume_from_drive(self):
+        """The newest copy of this phase's plan on Drive whose weights match their record, or None; says which
+        copies are not usable and why."""
+        good = []
+        for s, rec in self._slots():
+            if rec.get("phase") != self.phase:
+                continue
+            if _plan_of(rec, self.plan) != self.plan:
+                print(f"{self.phase}: the copy in models/resume.{s}.pth had another plan; not used")
+            elif not matches(self._slot(s, ".pth"), rec.get("size"), rec.get("sha256")):
+                print(f"{self.phase}: models/resume.{s}.pth (epoch {rec['epoch'] + 1}, saved {rec.get('saved')}) does "
+                      "not match its record (size or hash): Drive had not received all of it; not used")
+            else:
+                good.append((rec["epoch"], s, rec))
+        return max(good, default=None, key=lambda g: g[0])
 
     def _drop_resume(self):
         self.learn.remove_cbs(self.learn.cbs.filter(lambda cb: isinstance(cb, _Resume)))
@@ -227,9 +309,10 @@ class PhaseCheckpoint(Callback):
         dest = self.models / "attempts"
         dest.mkdir(parents=True, exist_ok=True)
         kept = f"{self.phase}.attempt{n}"
-        write_json(dest / f"{kept}.json", {**rec, "attempt": n})
-        shutil.move(self._path(".pth"), dest / f"{kept}.pth")
-        self._path(".json").unlink()
+        shutil.move(self._path(".pth"), dest / f"{kept}.pth")  # moved, not copied and deleted: nothing in Drive's trash
+        shutil.move(self._path(".json"), dest / f"{kept}.json")
+        if "attempt" not in rec:  # a record of the earlier code
+            write_json(dest / f"{kept}.json", {**rec, "attempt": n})
         if self.history.exists():
             (self.history.parent / "attempts").mkdir(exist_ok=True)
             shutil.move(self.history, self.history.parent / "attempts" / f"{kept}.csv")
@@ -268,26 +351,42 @@ class PhaseCheckpoint(Callback):
     def before_fit(self):
         self.models.mkdir(parents=True, exist_ok=True)
         self.plan, self.skipped, self.skip_to, self.rows = self._plan(), False, 0, []
+        self._last_slot, self._last_copy = None, time.time()
         self._drop_resume()  # one an interrupted fit left
         done = read_json(self._path(".json")) if self._path(".pth").exists() else None
-        progress = read_json(self._path(".progress.json")) if self._path(".progress.pth").exists() else None
+        progress = read_json(self._progress(".json")) if self._progress(".pth").exists() else None
         old, interrupted = _plan_of(done, self.plan), _plan_of(progress, self.plan)
+        copy = None
+        if self.on_drive and not self.force and not (done and old == self.plan) and interrupted != self.plan:
+            copy = self._resume_from_drive()  # the local disk was lost with the runtime: the last copy on Drive
         if done and old == self.plan and not self.force:
+            check_weights(self.learn.path, self.phase)
             self._load(self._path(".pth"), with_opt=False)
             self.skipped, self.learn.at_init = True, False
             print(f"{self.phase}: already trained with this plan (attempt {done.get('attempt', 1)}), loaded "
                   f"models/{self.phase}.pth{_scores(done.get('final', {}))}; force=True trains it again")
             raise CancelFitException()
-        if progress and interrupted == self.plan and not self.force:
-            self._load(self._path(".progress.pth"), with_opt=True)
+        if (progress and interrupted == self.plan or copy) and not self.force:
+            if copy is None:
+                self._load(self._progress(".pth"), with_opt=True)
+            else:
+                progress, self._last_slot = copy[2], copy[1]  # the next copy goes over the other slot
+                self._load(self._slot(copy[1], ".pth"), with_opt=True)
             self.attempt, self.skip_to = progress.get("attempt", 1), progress["epoch"] + 1
-            self.rows = [r for r in _read_rows(self.history) if int(r["epoch"]) < self.skip_to]
+            rows = _read_rows(self.history)
+            self.rows = [r for r in rows if int(r["epoch"]) < self.skip_to]
             self.learn.add_cb(_Resume(self.skip_to, self))
             self._seed(self.skip_to)
-            print(f"{self.phase}: resuming after epoch {self.skip_to} of {self.plan['epochs']}")
+            print(f"{self.phase}: resuming after epoch {self.skip_to} of {self.plan['epochs']}"
+                  + ("" if copy is None else _lost(copy, len(rows), self.skip_to)))
         else:
             if progress:
                 print(f"{self.phase}: the interrupted run had another plan ({_diff(interrupted, self.plan)}); it is discarded")
+            if self.on_drive and not progress:
+                lost = len(_read_rows(self.history))
+                if lost and not done:
+                    print(f"{self.phase}: {lost} epoch(s) of an earlier run were trained on a lost runtime with no usable "
+                          "copy on Drive yet (one is made every drive_minutes); the phase starts over")
             self._drop_progress()
             self.attempt = max([0, *self._attempt_numbers()]) + 1
             why = ""
@@ -295,7 +394,10 @@ class PhaseCheckpoint(Callback):
                 change = "force=True" if old == self.plan else f"plan changed: {_diff(old, self.plan)}"
                 kept = self._archive(done)
                 why = f"{change}; attempt {kept.rsplit('attempt', 1)[1]} kept as models/attempts/{kept}.pth; "
-            self.history.unlink(missing_ok=True)
+            if self.on_drive and self.history.exists():
+                write_in_place(self.history, "")  # emptied, not deleted: nothing in Drive's trash
+            else:
+                self.history.unlink(missing_ok=True)
             self._load_start()
             self._seed()
             print(f"{self.phase}: {why}training attempt {self.attempt} from {self.plan['start']}")
@@ -307,12 +409,19 @@ class PhaseCheckpoint(Callback):
         rec = self.learn.recorder  # the history first: a resume keeps the rows of the epochs it skips
         self.rows.append({k: _plain(v) for k, v in zip(rec.metric_names, rec.log)})
         self.history.parent.mkdir(exist_ok=True)
-        with replacing(self.history) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, list(rec.metric_names))
-            w.writeheader()
-            w.writerows(self.rows)
-        self._save(self._path(".progress.pth"), with_opt=True)
-        write_json(self._path(".progress.json"), {"plan": self.plan, "attempt": self.attempt, "epoch": self.epoch})
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, list(rec.metric_names))
+        w.writeheader()
+        w.writerows(self.rows)
+        if self.on_drive:  # a few hundred bytes, rewritten in place: it also tells a resume what a lost runtime did
+            write_in_place(self.history, text.getvalue())
+        else:
+            write_text(self.history, text.getvalue())
+        self._save(self._progress(".pth"), with_opt=True)
+        write_json(self._progress(".json"), {"plan": self.plan, "attempt": self.attempt, "epoch": self.epoch})
+        last = self.epoch == self.n_epoch - 1  # the phase's own checkpoint follows at once
+        if self.on_drive and not last and time.time() - self._last_copy >= 60 * self.drive_minutes:
+            self._copy_to_drive()
 
     def after_fit(self):
         self._drop_resume()
@@ -323,7 +432,7 @@ class PhaseCheckpoint(Callback):
         last = self.rows[-1] if self.rows else {}
         final = {k: float(v) for k, v in last.items() if k not in ("epoch", "time") and v not in ("", None)}
         rec = {"name": self.phase, "attempt": self.attempt, "plan": self.plan, "final": final,
-               "sha256": weights_sha256(self._path(".pth")),
+               "sha256": weights_sha256(self._path(".pth")), "file_size": self._path(".pth").stat().st_size,
                "epochs_trained": len(self.rows), "seconds": round(time.time() - self.t0, 1),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(self._path(".json"), rec)
@@ -343,6 +452,15 @@ class _Resume(SkipToEpoch):
     def before_epoch(self):
         if self.phase in self.learn.cbs:
             super().before_epoch()
+
+
+def _lost(copy, trained, skip_to):
+    """What a runtime loss cost, for the resume message: `trained` epochs in the history on Drive, `skip_to` in the copy."""
+    msg = f", from the copy on Drive saved {copy[2].get('saved')} (models/resume.{copy[1]}.pth); the local checkpoint was lost with the runtime"
+    if trained > skip_to:
+        msg += (f"; epoch(s) {skip_to + 1}-{trained} trained on it after that copy are lost and trained again "
+                "(a smaller drive_minutes copies more often)")
+    return msg
 
 
 def _plain(v):

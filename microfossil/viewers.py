@@ -22,7 +22,8 @@ from .decisions import read_decisions
 from .exports import mesh, specimen_folders, specimen_look
 from .io import finish_commit, read_json, replacing
 from .plots import get_class_colours, save_figure
-from .review import enable_colab_widgets, has_widget_frontend
+from .review import has_widget_frontend
+from .runtime import enable_colab_widgets
 from .specimens import NOT_A_FOSSIL
 
 VIEW_SIZE = 512  # longest side of a view on screen, in pixels

@@ -1,5 +1,6 @@
 """The benchmark runs in its tiny CPU mode and produces every figure (no timing thresholds: machines are noisy)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -85,3 +86,20 @@ def test_variants_table_collects_finished_runs(tmp_path, capsys):
     assert "| n/a | 28 |" in lines[2]  # the TTA run trained nothing: it reuses k1's model
     out = json.loads((tmp_path / "evaluation.json").read_text())
     assert len(out["rows"]) == 12 and out["summary"][0]["iou"]["foram"][:3] == pytest.approx([0.5, 0.4, 0.6])
+
+
+def test_colab_requirements_sees_colabs_packages_as_installed(tmp_path):
+    """The dry run over Colab's list: packages of the list count as installed (no index needed when every
+    requirement is met), and one that pip would replace is reported and fails the check."""
+    freeze = tmp_path / "freeze.txt"
+    freeze.write_text("# pip freeze\nfastprogress==1.1.6\nipywidgets==7.7.1\nsome-tool @ file:///x\n")
+    ok, bad = tmp_path / "ok.txt", tmp_path / "bad.txt"
+    ok.write_text("fastprogress>=1.0.3,<2   # a comment\nipywidgets>=7.7,<9\n")
+    bad.write_text("fastprogress<1.1\n")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}  # nothing to download from
+    run = lambda req: subprocess.run([sys.executable, str(ROOT / "bench" / "colab_requirements.py"), str(freeze),  # noqa: E731
+                                      "--requirements", str(req)], capture_output=True, text=True, env=env, timeout=300)
+    kept = run(ok)
+    assert kept.returncode == 0 and "2 packages in Colab's list; pip would install 0" in kept.stdout, kept.stdout + kept.stderr
+    assert "all kept" in kept.stdout
+    assert run(bad).returncode != 0  # fastprogress<1.1 is not met by Colab's 1.1.6 (online, pip reports it REPLACED)

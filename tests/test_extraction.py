@@ -158,7 +158,7 @@ vol = make_case(Path(sys.argv[4]))[0]
 if step == "predict-killed":
     Image.Image.save = kill_at(len(vol.images) // 2, Image.Image.save)  # half the PNGs written
 if step in ("all", "predict-killed", "extract-killed"):
-    predict_volume(Bright(1 if model == "A" else 2), vol, work / "predictions", 4, torch.device("cpu"), True)
+    predict_volume(Bright(1 if model == "A" else 2), vol, work / "predictions", 4, torch.device("cpu"), True, slice_pngs=True)
 if step == "extract-killed":
     extraction.export_specimen = kill_at(2, extraction.export_specimen)  # one specimen folder written
 extract_fossils(vol, work, min_voxels=20)

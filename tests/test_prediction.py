@@ -24,8 +24,11 @@ def test_predict_volume_writes_every_slice(odd_vol, tmp_path):
     learn = build_learner(make_dls(odd_vol, 1.0, bs=2), pretrained=False, work_dir=tmp_path)
     learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("full_unfrozen"))
     model, info = load_model(tmp_path, "full_unfrozen", torch.device("cpu"))
-    pred = predict_volume(model, odd_vol, tmp_path / "pred", bs=4)
+    pred = predict_volume(model, odd_vol, tmp_path / "pred", bs=4, slice_pngs=True)
     assert pred.shape == odd_vol.shape and pred.dtype == np.uint8
+    previews = sorted((tmp_path / "pred" / "previews").glob("*.png"))
+    assert [p.stem for p in previews] == odd_vol.stems  # 6 slices: each has its preview (16 at most)
+    assert np.asarray(Image.open(previews[0])).shape == (141, 133, 3)
     for z, stem in enumerate(odd_vol.stems):
         png = np.asarray(Image.open(tmp_path / "pred" / f"{stem}.png"))
         assert png.shape == (141, 133)
@@ -186,9 +189,30 @@ def test_an_interrupted_prediction_keeps_the_previous_files(tmp_path, monkeypatc
     save = Image.Image.save
     monkeypatch.setattr(Image.Image, "save", fails_on_the_last_slice)
     with pytest.raises(OSError, match="Drive is full"):
-        predict_volume(_pointwise_model(), vol, out, 2, cpu, True)
+        predict_volume(_pointwise_model(), vol, out, 2, cpu, True, slice_pngs=True)
     assert {p.name: p.read_bytes() for p in (out / "labels.tif", out / "probs.npy")} == before
     assert not list(out.glob("*.partial"))
+
+
+def test_drive_gets_a_few_files_and_the_probabilities_stay_on_the_local_disk(tmp_path, capsys):
+    """Without slice_pngs a prediction is a handful of files (labels.tif, previews of about 16 slices, the record);
+    probs.npy goes to `probs_dir` (the runtime's local disk in Colab), which the record names and extraction reads;
+    gone with the runtime, extraction says so and classes specimens by their majority class."""
+    from microfossil.extraction import open_probs, read_prediction
+    rng = np.random.default_rng(2)
+    vol = volume_of(rng.integers(0, 256, (40, 32, 32), dtype=np.uint8), None, tmp_path)
+    out, local, cpu = tmp_path / "drive" / "pred", tmp_path / "local", torch.device("cpu")
+    pred = predict_volume(_pointwise_model(), vol, out, 8, cpu, True, probs_dir=local)
+    assert "40/40" in capsys.readouterr().out  # the progress bar counted every slice
+    assert sorted(p.name for p in out.iterdir()) == ["labels.tif", "prediction.json", "previews"]
+    assert len(list((out / "previews").glob("*.png"))) == 16
+    rec = read_prediction(out, vol.shape)
+    assert rec["probs_path"] == str((local / "probs.npy").resolve()) and not rec["slice_pngs"]
+    probs = open_probs(out, (40, 3, 32, 32), rec)
+    assert probs is not None and (np.asarray(probs).argmax(1) == pred).mean() > 0.99
+    del probs
+    (local / "probs.npy").unlink()  # the runtime is gone
+    assert open_probs(out, (40, 3, 32, 32), rec) is None and "gone with the runtime" in capsys.readouterr().out
 
 
 def test_a_new_prediction_keeps_every_file_it_does_not_write(tmp_path):

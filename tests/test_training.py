@@ -2,6 +2,9 @@
 when its plan changes, keeping the earlier attempt."""
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -260,7 +263,7 @@ from microfossil.training import PhaseCheckpoint
 at = int(sys.argv[1])
 vol = load_volume({data!r})
 learn = build_learner(make_dls(vol, 0.25, bs=2, device=torch.device("cpu"), seed=0), pretrained=False, work_dir=sys.argv[2])
-learn.fit_one_cycle(4, 1e-3, pct_start=0.5, cbs=[PhaseCheckpoint("k_frozen")] + ([Kill(at)] if at >= 0 else []))
+learn.fit_one_cycle(4, 1e-3, pct_start=0.5, cbs=[PhaseCheckpoint("k_frozen", drive_minutes=0)] + ([Kill(at)] if at >= 0 else []))
 """
 
 
@@ -292,3 +295,91 @@ def test_a_phase_killed_at_a_random_epoch_resumes_to_the_same_history(tiny, tmp_
     assert read_record(tmp_path / "killed", "k_frozen")["epochs_trained"] == 4
     fig = plot_history(tmp_path / "killed", ["k_frozen"], path=tmp_path / "h.png")
     assert len(fig.axes[0].lines[0].get_xdata()) == 4 and (tmp_path / "h.png").stat().st_size > 0
+
+
+# --- a run folder on Google Drive (Colab): per-epoch checkpoints local, Drive files never replaced ---
+
+class _DriveWatch(Callback):
+    """After every epoch (after PhaseCheckpoint has saved it): each file under the Drive run folder, with its inode."""
+    order = 90
+
+    def __init__(self, folder): self.folder, self.seen = folder, []
+
+    def after_epoch(self):
+        self.seen.append({str(p.relative_to(self.folder)): p.stat().st_ino for p in self.folder.rglob("*") if p.is_file()})
+
+
+def _on_drive(tmp_path, monkeypatch):
+    """A run folder under a fake Drive mount (`MICROFOSSIL_COLAB_ROOT`/drive); returns (run folder, local scratch)."""
+    content = tmp_path / "content"
+    monkeypatch.setenv("MICROFOSSIL_COLAB_ROOT", str(content))
+    work = content / "drive" / "MyDrive" / "microfossil_runs" / "r"
+    work.mkdir(parents=True)
+    return work, content / "microfossil_local"
+
+
+def test_on_drive_epochs_stay_local_and_no_drive_file_is_ever_replaced(odd_vol, tmp_path, monkeypatch, capsys):
+    """Every epoch's checkpoint goes to the local disk; Drive gets resumable copies over two slots, rewritten in place
+    (same files: nothing in Drive's trash), and the phase's weights at the end; no file on Drive is replaced or
+    deleted during the phase, and none of its checkpoints is superseded at the end (the slots are emptied)."""
+    work, local = _on_drive(tmp_path, monkeypatch)
+    learn = _learner(odd_vol, work)
+    watch = _DriveWatch(work)
+    learn.fit_one_cycle(4, 1e-3, pct_start=0.5, cbs=[PhaseCheckpoint("t_frozen", drive_minutes=0), watch])
+    for before, after in zip(watch.seen, watch.seen[1:]):
+        assert all(after.get(name) == ino for name, ino in before.items()), (before, after)  # none replaced or gone
+    assert {"models/resume.a.pth", "models/resume.b.pth"} <= set(watch.seen[1])  # a copy after epochs 1, 2 and 3
+    assert not [n for seen in watch.seen for n in seen if "progress" in n or n.endswith(".partial")]
+    assert list(local.rglob("t_frozen.progress.pth")) == []  # dropped at the end, as locally
+    models = work / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["resume.a.json", "resume.a.pth", "resume.b.json", "resume.b.pth",
+                                                        "t_frozen.json", "t_frozen.pth", "t_frozen.start.json",
+                                                        "t_frozen.start.pth"]
+    assert (models / "resume.a.pth").stat().st_size == 0 == (models / "resume.b.pth").stat().st_size
+    rec = read_record(work, "t_frozen")
+    assert rec["file_size"] == (models / "t_frozen.pth").stat().st_size and rec["sha256"] == weights_sha256(models / "t_frozen.pth")
+    assert [r["epoch"] for r in _history(work, "t_frozen")] == ["0", "1", "2", "3"]
+
+
+def test_weights_that_do_not_match_their_record_are_not_trusted(odd_vol, tmp_path, monkeypatch):
+    """A phase's weights cut short (Drive still uploading them) stop the next stage and the skip, naming the file."""
+    work, _ = _on_drive(tmp_path, monkeypatch)
+    learn = _learner(odd_vol, work)
+    learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+    weights = work / "models" / "t_frozen.pth"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    with pytest.raises(ValueError, match="Drive may still be uploading"):
+        load_stage(_learner(odd_vol, work), "t_frozen")
+    with pytest.raises(ValueError, match="size or SHA-256"):
+        _learner(odd_vol, work).fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+
+
+def test_a_lost_runtime_resumes_from_the_last_good_copy_on_drive_and_says_what_was_lost(tiny, tmp_path, monkeypatch):
+    """A real process on a Colab-like layout, SIGKILLed in epoch 4 of 4; then its local disk is wiped (a new runtime)
+    and the newest copy on Drive is found cut short (not fully uploaded). The re-run resumes from the older copy,
+    names the epochs lost, and ends with one history row per epoch."""
+    import shutil
+    import signal
+
+    from conftest import ROOT
+    work, local = _on_drive(tmp_path, monkeypatch)
+    script = tmp_path / "phase.py"
+    script.write_text(_KILLABLE_PHASE.format(root=str(ROOT), data=str(tiny)))  # drive_minutes=0: a copy every epoch
+    run = lambda at: subprocess.run([sys.executable, str(script), str(at), str(work)], capture_output=True,  # noqa: E731
+                                    text=True, timeout=300, env=os.environ)
+    killed = run(3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    slots = {s: json.loads((work / "models" / f"resume.{s}.json").read_text()) for s in "ab"}
+    assert sorted(r["epoch"] for r in slots.values()) == [1, 2]  # copies after epochs 2 and 3 (0-based 1, 2)
+    newest = max(slots, key=lambda s: slots[s]["epoch"])
+    with open(work / "models" / f"resume.{newest}.pth", "r+b") as fh:  # Drive had not received all of it
+        fh.truncate(1000)
+    shutil.rmtree(local)  # a fresh runtime: the local disk is empty
+    again = run(-1)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resume.{newest}.pth (epoch 3" in again.stdout and "not used" in again.stdout
+    assert "resuming after epoch 2 of 4, from the copy on Drive" in again.stdout, again.stdout
+    assert "epoch(s) 3-3 trained on it after that copy are lost and trained again" in again.stdout
+    assert [r["epoch"] for r in _history(work, "k_frozen")] == ["0", "1", "2", "3"]
+    assert read_record(work, "k_frozen")["epochs_trained"] == 4

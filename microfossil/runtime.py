@@ -1,0 +1,198 @@
+"""Where the notebooks run: Google Colab (its Drive, the runtime's local disk, its GPU) or a machine of your own.
+
+In Colab a run folder lives on Google Drive, which outlives the runtime but is slow, uploads
+in the background (a file can reach Drive minutes after it was closed) and keeps every replaced
+or deleted file in its trash, where it still counts against the 15 GB quota. So what is
+written often or read at random stays on the runtime's local disk (`local_dir`): the
+per-epoch checkpoints, `lr_find`'s temporary weights, the volume cache, `probs.npy`. Drive
+gets the results, each phase's checkpoint when the phase ends and a resumable copy every few
+minutes, overwritten in place (`copy_in_place`: the same Drive file, so nothing goes to the
+trash), each with a record of its size and hash that a resume checks before trusting it.
+
+Elsewhere the run folder is on a local disk and `local_dir` is the run folder itself.
+The Colab paths hang off `/content`; `MICROFOSSIL_COLAB_ROOT` moves them (the tests' stub Colab).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+DRIVE_RUNS = "microfossil_runs"  # MyDrive/microfossil_runs/<dataset>: the run folders, in Colab
+DRIVE_COPY = "microfossil-ct"    # MyDrive/microfossil-ct: a copy of the project the setup cell finds
+
+
+def colab_root():
+    """The Colab runtime's working folder, `/content` (`MICROFOSSIL_COLAB_ROOT` in the tests)."""
+    return Path(os.environ.get("MICROFOSSIL_COLAB_ROOT", "/content"))
+
+
+def drive_mount():
+    """Where the setup cell mounts Google Drive."""
+    return colab_root() / "drive"
+
+
+def my_drive():
+    """The user's Drive ("My Drive") under the mount."""
+    return drive_mount() / "MyDrive"
+
+
+def in_colab():
+    """True in a Colab runtime: its notebook kernel, and the processes it starts (`!python run_pipeline.py`)."""
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def headless():
+    """True when a notebook runs through `run_pipeline.py` (papermill): no widget, no Drive mount or flush."""
+    return os.environ.get("MICROFOSSIL_HEADLESS") == "1"
+
+
+def drive_mounted():
+    return my_drive().is_dir()
+
+
+def runs_home():
+    """The folder run folders go in by default: `MyDrive/microfossil_runs` in Colab (a disconnect loses nothing), None
+    elsewhere (the project's `runs/`). In Colab with Drive not mounted (`!python run_pipeline.py` before the setup
+    cell), None with a warning: the run would be lost with the runtime."""
+    if not in_colab():
+        return None
+    if drive_mounted():
+        return my_drive() / DRIVE_RUNS
+    print(f"WARNING: Google Drive is not mounted at {drive_mount()}: this run goes to the runtime's local disk and is "
+          "lost when the runtime disconnects. Run the setup cell of a notebook (it mounts Drive) first, or pass "
+          "--work-dir on Drive.", file=sys.stderr)
+    return None
+
+
+def on_drive(path):
+    """True when `path` is on the Google Drive mount (whatever links lead there)."""
+    path, mount = Path(path).resolve(), drive_mount()
+    for root in {mount.absolute(), mount.resolve()}:
+        if path == root or root in path.parents:
+            return True
+    return False
+
+
+def local_dir(work_dir, *parts):
+    """A folder on the local disk for run folder `work_dir`'s scratch files (`parts` below it), created if needed:
+    the run folder itself, unless it is on Drive; then `/content/microfossil_local/<run>/`, lost with the runtime."""
+    work_dir = Path(work_dir)
+    base = work_dir
+    if on_drive(work_dir):
+        tag = hashlib.sha1(str(work_dir.resolve()).encode()).hexdigest()[:6]  # two runs of one name stay apart
+        base = colab_root() / "microfossil_local" / f"{work_dir.name}-{tag}"
+    folder = base.joinpath(*parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def copy_in_place(src, dst, block=1 << 22):
+    """Copy file `src` over `dst` by rewriting `dst`'s own bytes (no new file, no rename: on Drive the same file, so
+    nothing is left in the trash); return `{"size", "sha256"}` of what was written. Not atomic: a kill mid-copy
+    leaves `dst` cut short, which its recorded size and hash then reveal (`matches`)."""
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "r+b" if Path(dst).exists() else "wb") as fout:
+        for chunk in iter(lambda: fin.read(block), b""):
+            fout.write(chunk)
+            h.update(chunk)
+            size += len(chunk)
+        fout.truncate(size)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def write_in_place(path, text):
+    """Write `text` over file `path` in place (see `copy_in_place`): small records and the history on Drive."""
+    data = text.encode()
+    with open(path, "r+b" if Path(path).exists() else "wb") as fh:
+        fh.write(data)
+        fh.truncate(len(data))
+
+
+def file_digest(path, block=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matches(path, size, sha256):
+    """True when file `path` exists with this size and SHA-256: the file its record describes, fully uploaded."""
+    path = Path(path)
+    return path.is_file() and path.stat().st_size == size and file_digest(path) == sha256
+
+
+def flush_drive():
+    """End of a notebook in Colab: wait until everything written to Drive is uploaded (`drive.flush_and_unmount`),
+    so the next notebook, on a fresh runtime, finds it. Drive is unmounted: re-run the setup cell to write again."""
+    if not in_colab():
+        print("Run folder on a local disk: nothing to flush.")
+        return False
+    if headless():
+        print("Headless run: Drive is flushed when the runtime's notebook calls drive.flush_and_unmount().")
+        return False
+    if not drive_mounted():
+        print("Drive is not mounted: nothing to flush.")
+        return False
+    from google.colab import drive
+    t = time.time()
+    drive.flush_and_unmount()
+    print(f"Drive flushed in {time.time() - t:.0f}s: everything this notebook wrote is on Drive. Drive is now "
+          "unmounted; re-run the setup cell before running more cells here.")
+    return True
+
+
+def check_gpu(cuda, cpu_ok):
+    """In Colab, stop a full run on a CPU runtime (`cuda` False) unless `cpu_ok` (quick or smoke mode)."""
+    if in_colab() and not cuda and not cpu_ok:
+        raise RuntimeError("This Colab runtime has no GPU, and the full schedule would take days on its CPU. Choose "
+                           "Runtime > Change runtime type > T4 GPU (or any GPU), then run the notebook again from the "
+                           "top; or set quick = True in the parameters cell for the CPU demo.")
+
+
+def widgets_major():
+    """The major version of the installed ipywidgets (7 in Colab, 8 in current Jupyter)."""
+    import ipywidgets
+    return int(ipywidgets.__version__.split(".")[0])
+
+
+def enable_colab_widgets():
+    """In Colab with ipywidgets 8 or later, turn on the custom widget manager they need there. Colab renders its own
+    ipywidgets 7 natively, and the custom manager is known to hide core widgets then: with 7, nothing is done.
+    Returns True when the manager was turned on."""
+    if "google.colab" not in sys.modules or widgets_major() < 8:
+        return False
+    try:
+        from google.colab import output
+        output.enable_custom_widget_manager()
+        return True
+    except Exception:
+        return False
+
+
+class Progress:
+    """A progress bar (fastprogress, as fastai's own) over `total` units of work, with the rate (`unit` per second)
+    and the time left: `bar = Progress(Z, "slices")`, then `bar.step(n)` after each n done; `bar.close()` at the end."""
+
+    def __init__(self, total, unit="slices"):
+        from fastprogress.fastprogress import progress_bar
+        self.total, self.unit, self.done, self.t0 = int(total), unit, 0, time.time()
+        self.bar = progress_bar(range(self.total), total=self.total) if self.total else None
+        if self.bar is not None:
+            self.bar.update(0)
+
+    def step(self, n=1):
+        if self.bar is None or self.done >= self.total:
+            return
+        self.done = min(self.total, self.done + int(n))
+        self.bar.comment = f"{self.done / max(time.time() - self.t0, 1e-9):.1f} {self.unit}/s"
+        self.bar.update(self.done)
