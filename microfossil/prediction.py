@@ -26,7 +26,7 @@ from .io import PREDICTION_RECORD, file_stamp, link_or_copy, replacing, write_js
 from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
 from .plots import get_class_colours
-from .runtime import Progress, local_dir, on_drive
+from .runtime import Progress, local_dir, on_drive, require_mounted
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
 
 
@@ -51,8 +51,10 @@ def load_model(work_dir, name="full_unfrozen", device=None, model_path=None):
     info = read_record(work_dir, name)
     sha = weights_sha256(weights)
     if info.get("sha256") not in (None, sha):
+        lag = (" On Google Drive, a file written on another runtime moments ago may still be uploading: wait a minute "
+               "and run the cell again; if it stays so,") if on_drive(weights) else ""
         raise ValueError(f"{weights} is not the file {record} describes (its SHA-256 differs): it was replaced after "
-                         "training. Put the trained file back, or train the phase again.")
+                         f"training.{lag} Put the trained file back, or train the phase again.")
     base = name.split(".attempt")[0]
     info["checkpoint"] = {"name": f"{base}.attempt{info['attempt']}" if "attempt" in info else name, "sha256": sha}
     info.setdefault("context_slices", 1)  # checkpoints from before these options
@@ -207,7 +209,12 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     yours; an older `probs.npy` is not. The swap needs room for both predictions for a moment.
     """
     out_dir = Path(out_dir)
+    require_mounted(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if probs_dir is None and on_drive(out_dir):
+        probs_dir = local_dir(out_dir.parent, out_dir.name)
+    if probs_dir is not None and Path(probs_dir).resolve() == out_dir.resolve():
+        probs_dir = None  # beside the labels: written into the new folder, as by default
     with replacing(out_dir) as new:  # all written beside, then swapped in whole: a kill leaves the old or the new
         new.mkdir()
         ours = {f"{stem}.png" for stem in vol.stems} | {"labels.tif", "probs.npy", "previews", PREDICTION_RECORD}
@@ -215,10 +222,9 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             if old.name not in ours:                                  # (exports/ describes them) and anyone's own
                 (shutil.copytree(old, new / old.name, copy_function=link_or_copy) if old.is_dir()
                  else link_or_copy(old, new / old.name))
-        if probs_dir is None and on_drive(out_dir):
-            probs_dir = local_dir(out_dir.parent, out_dir.name)
-        probs_path = (Path(probs_dir) if probs_dir is not None else new) / "probs.npy"
-        if probs_dir is not None:
+        probs_path = new / "probs.npy"
+        if probs_dir is not None:  # a name of its own: the previous prediction's file stays until this one is in place
+            probs_path = Path(probs_dir) / f"probs.{time.time_ns()}.npy"
             probs_path.parent.mkdir(parents=True, exist_ok=True)
         run = _predict_triplanar if triplanar else _predict_axial
         pred = run(model, vol, new, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs)
@@ -229,6 +235,10 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             "probs_file": file_stamp(probs_path) if save_probs else None,
             "probs_path": None if not save_probs or probs_dir is None else str(probs_path.resolve()),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if probs_dir is not None:  # this prediction is in place: the earlier ones' probabilities go
+        for old in Path(probs_dir).glob("probs.*.npy"):
+            if old != probs_path:
+                old.unlink(missing_ok=True)
     return pred
 
 
@@ -332,7 +342,7 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
         if save_probs:
             part = files.enter_context(replacing(probs_path))
         else:  # the running mean still needs a file; it is removed at the end
-            part = probs_path.with_name("probs.scratch.npy")
+            part = probs_path.with_name(f"{probs_path.stem}.scratch.npy")
             files.callback(part.unlink, missing_ok=True)
         probs = None
         with torch.inference_mode():

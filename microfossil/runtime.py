@@ -82,10 +82,19 @@ def on_drive(path):
     return False
 
 
+def require_mounted(path):
+    """Stop when `path` is on the Drive mount while Drive is not mounted (after `flush_drive`): what was written
+    there would go to the runtime's local disk instead, unseen, and block the next mount."""
+    if on_drive(path) and not drive_mounted():
+        raise RuntimeError(f"{path} is on Google Drive, which is not mounted (flush_drive unmounts it at the end of a "
+                           "notebook): run the setup cell again, then this cell.")
+
+
 def local_dir(work_dir, *parts):
     """A folder on the local disk for run folder `work_dir`'s scratch files (`parts` below it), created if needed:
     the run folder itself, unless it is on Drive; then `/content/microfossil_local/<run>/`, lost with the runtime."""
     work_dir = Path(work_dir)
+    require_mounted(work_dir)
     base = work_dir
     if on_drive(work_dir):
         tag = hashlib.sha1(str(work_dir.resolve()).encode()).hexdigest()[:6]  # two runs of one name stay apart

@@ -24,7 +24,6 @@ names an earlier one (`load_stage`, `load_model`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import random
@@ -42,7 +41,7 @@ from fastai.torch_core import set_seed
 from .bundle import write_bundle
 from .io import attempt_files, read_json, replacing, write_json, write_text
 from .loaders import n_input_channels
-from .runtime import copy_in_place, local_dir, matches, on_drive, write_in_place
+from .runtime import copy_in_place, file_digest, local_dir, matches, on_drive, require_mounted, write_in_place
 from .split import check_split
 
 SLOTS = ("a", "b")  # the two resumable copies on Drive, overwritten in turn
@@ -65,11 +64,7 @@ def checkpoint_files(work_dir, name):
 
 def weights_sha256(path):
     """The SHA-256 of a weights file, in hex: what the outputs made with it record."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path)
 
 
 def phase_done(work_dir, name):
@@ -246,6 +241,7 @@ class PhaseCheckpoint(Callback):
         written = copy_in_place(self._progress(".pth"), self._slot(s, ".pth"))
         write_in_place(self._slot(s, ".json"), json.dumps({
             "phase": self.phase, "plan": self.plan, "attempt": self.attempt, "epoch": self.epoch, **written,
+            "rows": self.rows,  # the history up to this copy: the history file on Drive may be older or newer
             "saved_at": time.time(), "saved": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2, default=str))
         self._last_slot, self._last_copy = s, time.time()
 
@@ -349,6 +345,7 @@ class PhaseCheckpoint(Callback):
 
     # --- fastai events ---
     def before_fit(self):
+        require_mounted(self.learn.path)
         self.models.mkdir(parents=True, exist_ok=True)
         self.plan, self.skipped, self.skip_to, self.rows = self._plan(), False, 0, []
         self._last_slot, self._last_copy = None, time.time()
@@ -374,7 +371,7 @@ class PhaseCheckpoint(Callback):
                 self._load(self._slot(copy[1], ".pth"), with_opt=True)
             self.attempt, self.skip_to = progress.get("attempt", 1), progress["epoch"] + 1
             rows = _read_rows(self.history)
-            self.rows = [r for r in rows if int(r["epoch"]) < self.skip_to]
+            self.rows = [r for r in (progress.get("rows") or rows) if int(r["epoch"]) < self.skip_to]
             self.learn.add_cb(_Resume(self.skip_to, self))
             self._seed(self.skip_to)
             print(f"{self.phase}: resuming after epoch {self.skip_to} of {self.plan['epochs']}"
@@ -382,11 +379,11 @@ class PhaseCheckpoint(Callback):
         else:
             if progress:
                 print(f"{self.phase}: the interrupted run had another plan ({_diff(interrupted, self.plan)}); it is discarded")
-            if self.on_drive and not progress:
+            if self.on_drive and not progress and not self.force:
                 lost = len(_read_rows(self.history))
                 if lost and not done:
                     print(f"{self.phase}: {lost} epoch(s) of an earlier run were trained on a lost runtime with no usable "
-                          "copy on Drive yet (one is made every drive_minutes); the phase starts over")
+                          "copy of this plan on Drive (one is made every drive_minutes); the phase starts over")
             self._drop_progress()
             self.attempt = max([0, *self._attempt_numbers()]) + 1
             why = ""

@@ -88,6 +88,31 @@ def test_a_failed_clone_prints_gits_message_and_the_three_fixes(tmp_path):
     assert "(2) set REPO_URL" in r.stderr and "(3) upload the project's zip" in r.stderr
 
 
+def test_the_setup_cell_finds_a_copy_unzipped_one_folder_down_and_names_an_incomplete_one(tmp_path):
+    """GitHub's zip unpacks into `microfossil-ct-main/`: uploaded as is, the copy is found one folder down. A copy
+    without requirements.txt stops with the fixes, not a bare traceback."""
+    content, my_drive, env = _colab(tmp_path)
+    copy = _copy_project(my_drive / "microfossil-ct" / "microfossil-ct-main")
+    r = _run_setup(content, env, repo_url="file:///nowhere/no-such-repo")
+    assert r.returncode == 0 and f"ROOT {content / 'drive' / 'MyDrive' / 'microfossil-ct' / 'microfossil-ct-main'}" in r.stdout, r.stderr[-3000:]
+    (copy / "requirements.txt").unlink()
+    (content / ".microfossil_requirements").unlink()
+    r = _run_setup(content, env)
+    assert r.returncode != 0 and "holds utils.py but no requirements.txt" in r.stderr and "Three ways to fix it" in r.stderr
+
+
+def test_in_run_pipelines_kernels_the_setup_cell_mounts_nothing(tmp_path):
+    """`!python run_pipeline.py` in Colab: its kernels are headless; they cannot mount Drive (no browser to sign in)
+    and need not: the project is their working folder's parent."""
+    content, _, env = _colab(tmp_path)
+    script = content.parent / "setup_cell.py"
+    script.write_text("import google.colab\n" + _setup_cell(NOTEBOOKS[0]) + "\nprint('ROOT', ROOT)\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT / "notebooks", env={**env, "MICROFOSSIL_HEADLESS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"ROOT {ROOT}" in r.stdout and "Mounted" not in r.stdout, r.stderr[-3000:]
+    assert not (content / "drive").exists() and not (content / ".microfossil_requirements").exists()
+
+
 def test_without_a_copy_the_setup_cell_clones_the_repository(tmp_path):
     if not (ROOT / ".git").exists():
         pytest.fail("the tests run from a git clone of the project (the clone is made from it)")
@@ -132,7 +157,7 @@ def test_a_quick_run_02_to_05_in_colab_keeps_drive_clean(tmp_path, monkeypatch):
     assert "predictions/labels.tif" in preds and "predictions/probs.npy" not in preds
     assert len(preds) < 30, preds  # a handful of files and ~16 previews, not one PNG per slice
     local = content / "microfossil_local"  # (Drive is unmounted now: the run's local folder is found by its name)
-    assert [p.parent.parent.name.rsplit("-", 1)[0] for p in local.glob("*/predictions/probs.npy")] == [run.name]
+    assert [p.parent.parent.name.rsplit("-", 1)[0] for p in local.glob("*/predictions/probs.*.npy")] == [run.name]
     assert list(local.glob("*/cache/*"))
     assert "fossils.csv" in os.listdir(run / "exports") and (run / "metrics.json").exists()
     executed = json.loads((out / "05_predict_export.ipynb").read_text())

@@ -1,5 +1,6 @@
 """Prediction: every slice written at full size, padding, context slices, tri-planar averaging and flip TTA."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,12 +208,33 @@ def test_drive_gets_a_few_files_and_the_probabilities_stay_on_the_local_disk(tmp
     assert sorted(p.name for p in out.iterdir()) == ["labels.tif", "prediction.json", "previews"]
     assert len(list((out / "previews").glob("*.png"))) == 16
     rec = read_prediction(out, vol.shape)
-    assert rec["probs_path"] == str((local / "probs.npy").resolve()) and not rec["slice_pngs"]
+    assert [rec["probs_path"]] == [str(p.resolve()) for p in local.glob("probs.*.npy")] and not rec["slice_pngs"]
     probs = open_probs(out, (40, 3, 32, 32), rec)
     assert probs is not None and (np.asarray(probs).argmax(1) == pred).mean() > 0.99
     del probs
-    (local / "probs.npy").unlink()  # the runtime is gone
+    Path(rec["probs_path"]).unlink()  # the runtime is gone
     assert open_probs(out, (40, 3, 32, 32), rec) is None and "gone with the runtime" in capsys.readouterr().out
+
+
+def test_a_prediction_cut_short_keeps_the_previous_ones_probabilities(tmp_path, monkeypatch):
+    """With probs.npy on the local disk (Colab), a prediction that fails after its probabilities are written (Drive
+    full while writing the previews, say) leaves the previous prediction whole, its probabilities included; the next
+    complete one removes the older files."""
+    from microfossil import prediction
+    from microfossil.extraction import open_probs, read_prediction
+    rng = np.random.default_rng(3)
+    vol = volume_of(rng.integers(0, 256, (8, 32, 32), dtype=np.uint8), None, tmp_path)
+    out, local, cpu = tmp_path / "drive" / "pred", tmp_path / "local", torch.device("cpu")
+    predict_volume(_pointwise_model(), vol, out, 4, cpu, True, probs_dir=local)
+    rec = read_prediction(out, vol.shape)
+    monkeypatch.setattr(prediction, "_write_previews", lambda *a: (_ for _ in ()).throw(OSError("Drive is full")))
+    with pytest.raises(OSError, match="Drive is full"):
+        predict_volume(_pointwise_model(K=3), vol, out, 4, cpu, True, probs_dir=local)
+    assert read_prediction(out, vol.shape) == rec and open_probs(out, (8, 3, 32, 32), rec) is not None
+    monkeypatch.undo()
+    predict_volume(_pointwise_model(), vol, out, 4, cpu, True, probs_dir=local)
+    new = read_prediction(out, vol.shape)
+    assert [p.name for p in local.glob("probs.*.npy")] == [Path(new["probs_path"]).name] != [Path(rec["probs_path"]).name]
 
 
 def test_a_new_prediction_keeps_every_file_it_does_not_write(tmp_path):

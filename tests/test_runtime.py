@@ -136,3 +136,14 @@ def test_run_pipeline_started_from_a_colab_cell_writes_to_drive(colab, tmp_path)
     in_colab, home, scratch = r.stdout.split()
     assert in_colab == "True" and home == str(colab / "drive" / "MyDrive" / "microfossil_runs")
     assert scratch.startswith(str(colab / "microfossil_local" / "run-"))
+
+
+def test_after_flush_drive_nothing_is_written_to_the_unmounted_drive_path(colab):
+    """flush_drive unmounts Drive: a cell re-run afterwards would write under /content/drive on the local disk
+    (unseen, and blocking the next mount); it stops instead, saying to run the setup cell."""
+    run = runtime.runs_home() / "r"
+    runtime.local_dir(run, "cache")
+    runtime.flush_drive()
+    with pytest.raises(RuntimeError, match="run the setup cell again"):
+        runtime.local_dir(run, "cache")
+    assert not (colab / "drive" / "MyDrive").exists()

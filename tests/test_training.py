@@ -383,3 +383,21 @@ def test_a_lost_runtime_resumes_from_the_last_good_copy_on_drive_and_says_what_w
     assert "epoch(s) 3-3 trained on it after that copy are lost and trained again" in again.stdout
     assert [r["epoch"] for r in _history(work, "k_frozen")] == ["0", "1", "2", "3"]
     assert read_record(work, "k_frozen")["epochs_trained"] == 4
+
+
+def test_a_resume_from_drive_takes_the_history_from_the_copy_when_drives_history_lags(odd_vol, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Drive uploads each file on its own schedule: after a lost runtime the history file there may be older than the
+    resumable copy. The copy carries the rows up to its epoch, so the resumed history has one row per epoch."""
+    import shutil
+    work, local = _on_drive(tmp_path, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _learner(odd_vol, work).fit_one_cycle(3, 1e-3, pct_start=0.5,
+                                              cbs=[PhaseCheckpoint("t_frozen", drive_minutes=0), _Disconnect(at=1)])
+    history = work / "history" / "t_frozen.csv"
+    lines = history.read_text().splitlines(keepends=True)
+    history.write_text("".join(lines[:2]))  # Drive has the header and epoch 1 only
+    shutil.rmtree(local)  # a fresh runtime
+    _learner(odd_vol, work).fit_one_cycle(3, 1e-3, pct_start=0.5, cbs=PhaseCheckpoint("t_frozen", drive_minutes=0))
+    assert "resuming after epoch 2 of 3, from the copy on Drive" in capsys.readouterr().out
+    assert [r["epoch"] for r in _history(work, "t_frozen")] == ["0", "1", "2"]
