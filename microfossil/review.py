@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import time
 from pathlib import Path
 
 from .decisions import DECISIONS, REVIEW_COLUMNS, REVIEW_FILE, read_decisions
 from .exports import draw_gallery, specimen_folders
 from .io import finish_commit, replacing
-from .runtime import enable_colab_widgets
+from .runtime import enable_colab_widgets, headless
 
 REVIEW_ORDERS = {"confidence": "least certain first", "confidence_desc": "most certain first",
                  "size": "largest first", "size_asc": "smallest first", "id": "by id"}
@@ -197,7 +196,7 @@ def read_review(work_dir):
 
 def has_widget_frontend():
     """True in a live Jupyter or Colab kernel; False in plain Python and in headless runs (`run_pipeline.py`)."""
-    if os.environ.get("MICROFOSSIL_HEADLESS"):
+    if headless():
         return False
     try:
         from IPython import get_ipython

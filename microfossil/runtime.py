@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 DRIVE_RUNS = "microfossil_runs"  # MyDrive/microfossil_runs/<dataset>: the run folders, in Colab
-DRIVE_COPY = "microfossil-ct"    # MyDrive/microfossil-ct: a copy of the project the setup cell finds
 
 
 def colab_root():
@@ -52,7 +51,7 @@ def in_colab():
 
 def headless():
     """True when a notebook runs through `run_pipeline.py` (papermill): no widget, no Drive mount or flush."""
-    return os.environ.get("MICROFOSSIL_HEADLESS") == "1"
+    return bool(os.environ.get("MICROFOSSIL_HEADLESS"))
 
 
 def drive_mounted():
@@ -105,25 +104,22 @@ def local_dir(work_dir, *parts):
 
 
 def copy_in_place(src, dst, block=1 << 22):
-    """Copy file `src` over `dst` by rewriting `dst`'s own bytes (no new file, no rename: on Drive the same file, so
-    nothing is left in the trash); return `{"size", "sha256"}` of what was written. Not atomic: a kill mid-copy
-    leaves `dst` cut short, which its recorded size and hash then reveal (`matches`)."""
+    """Copy file `src` over `dst` by rewriting `dst`'s own bytes (opened for writing, never renamed or deleted: on
+    Drive the same file, so nothing is left in the trash); return `{"size", "sha256"}` of what was written. Not
+    atomic: a kill mid-copy leaves `dst` cut short, which its recorded size and hash then reveal (`matches`)."""
     h, size = hashlib.sha256(), 0
-    with open(src, "rb") as fin, open(dst, "r+b" if Path(dst).exists() else "wb") as fout:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
         for chunk in iter(lambda: fin.read(block), b""):
             fout.write(chunk)
             h.update(chunk)
             size += len(chunk)
-        fout.truncate(size)
     return {"size": size, "sha256": h.hexdigest()}
 
 
 def write_in_place(path, text):
-    """Write `text` over file `path` in place (see `copy_in_place`): small records and the history on Drive."""
-    data = text.encode()
-    with open(path, "r+b" if Path(path).exists() else "wb") as fh:
-        fh.write(data)
-        fh.truncate(len(data))
+    """Write `text` over file `path` in place (see `copy_in_place`), unlike `io.write_text`, which replaces the file:
+    small records and the history on Drive."""
+    Path(path).write_bytes(text.encode())
 
 
 def file_digest(path, block=1 << 22):
@@ -190,7 +186,7 @@ def enable_colab_widgets():
 
 class Progress:
     """A progress bar (fastprogress, as fastai's own) over `total` units of work, with the rate (`unit` per second)
-    and the time left: `bar = Progress(Z, "slices")`, then `bar.step(n)` after each n done; `bar.close()` at the end."""
+    and the time left: `bar = Progress(Z, "slices")`, then `bar.step(n)` after each n done; the bar ends at `total`."""
 
     def __init__(self, total, unit="slices"):
         from fastprogress.fastprogress import progress_bar
