@@ -5,16 +5,23 @@
         -p init_from None -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 9 \\
         -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 4      # docs/evaluation.md's CPU table (full resolution)
     python bench/variants.py --work-root runs/variants --collect       # only gather the tables of finished runs
+    python bench/variants.py --work-root runs/losses --variants ce ce_dice focal ce_weighted ce_dice_rare \
+        --sample-seeds 0 1 2 --seeds 0 1 2 -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 \
+        -p epochs_unfrozen 6 -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 8   # the loss table (docs/evaluation.md)
+    python bench/variants.py --work-root runs/quick --quick --variants quick --sample-seeds 0 1 2 --seeds 0 1 2
 
 Each variant and seed is one run folder `<work-root>/<variant>/seed<k>` made by
 `run_pipeline.py` with `-p seed k` and the same `-p` settings. With the embedded sample
 (no `--data-dir`) each seed also draws its own sample, so the spread covers the data as well
-as the initial weights, order and augmentation. Variants that only change prediction (flip
+as the initial weights, order and augmentation. With `--sample-seeds`, the samples and the
+training seeds vary apart: every training seed on every sample, in
+`<work-root>/<variant>/sample<s>_seed<k>` (the sample of seed s is the one `-p seed s` makes). Variants that only change prediction (flip
 TTA) reuse the model of the variant they name, seed by seed. Notebook 05 of each run writes
 its `evaluation.json` (all on the held-out block: segmentation, extraction, + specimen
 classifier); this script gathers them into `<work-root>/evaluation.md` and
 `evaluation.json`, each score as the mean over the seeds with the min-max in brackets, and
-prints the markdown.
+prints the markdown; `evaluation_short.md` is the same in short (raw and final IoU per class,
+specimen recall before and after the specimen classifier, F1 with the right class).
 """
 import argparse
 import json
@@ -25,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from microfossil.evaluation import evaluation_markdown, summarize_seeds  # noqa: E402
+from microfossil.evaluation import compact_markdown, evaluation_markdown, summarize_seeds  # noqa: E402
 from microfossil.io import write_json  # noqa: E402
 
 # name: (notebook parameters, the variant whose trained model it reuses or None)
@@ -36,22 +43,38 @@ VARIANTS = {
     "k3_tta": ({"tta": True}, "k3"),
     "triplanar": ({"context_slices": 1, "triplanar": True, "tta": False}, None),  # + XZ and YZ training slices
     "triplanar_tta": ({"tta": True}, "triplanar"),
+    # the loss and the sampling (issue 17), each on the notebooks' other settings (with --quick, the CPU demo's)
+    "ce": ({"loss": "cross_entropy", "class_weights": None, "oversample_rare": 1.0}, None),  # the published loss
+    "ce_dice": ({"loss": "ce_dice", "class_weights": None, "oversample_rare": 1.0}, None),
+    "focal": ({"loss": "focal", "class_weights": None, "oversample_rare": 1.0}, None),
+    "ce_weighted": ({"loss": "cross_entropy", "class_weights": "inverse_sqrt", "oversample_rare": 1.0}, None),
+    "ce_dice_rare": ({"loss": "ce_dice", "class_weights": None, "oversample_rare": 4.0}, None),
+    "quick": ({}, None),  # the notebooks' own settings: with --quick, README's first command
 }
 
 
-def _run(args, name, params, model_from, seed):
-    work = Path(args.work_root) / name / f"seed{seed}"
+def _folder(sample_seed, seed):
+    return f"seed{seed}" if sample_seed is None else f"sample{sample_seed}_seed{seed}"
+
+
+def _run(args, name, params, model_from, seed, sample_seed=None):
+    work = Path(args.work_root) / name / _folder(sample_seed, seed)
     stages = ["05"] if model_from else [*(s.zfill(2) for s in args.stages), "05"]
     if model_from:
-        src = Path(args.work_root) / model_from / f"seed{seed}" / "models"
+        src = Path(args.work_root) / model_from / _folder(sample_seed, seed) / "models"
         if not src.exists():
             raise SystemExit(f"{name} reuses the model of {model_from}: run that variant first ({src} not found)")
         shutil.copytree(src, work / "models", dirs_exist_ok=True)
     cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "--work-dir", str(work), "--only", *stages]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
+    elif sample_seed is not None:
+        from microfossil.paths import resolve_paths
+        cmd += ["--data-dir", str(resolve_paths(None, work, seed=sample_seed, smoke=args.smoke)[0])]
     if args.smoke:
         cmd.append("--smoke")
+    if args.quick:
+        cmd.append("--quick")
     import papermill as pm
     known = {k for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if nb.name[:2] in stages
              for k in pm.inspect_notebook(str(nb))}
@@ -62,14 +85,15 @@ def _run(args, name, params, model_from, seed):
     subprocess.run(cmd, check=True)
 
 
-def collect(work_root, names, seeds):
-    """Rows of every finished variant run under `work_root`, one per seed, with training and prediction seconds."""
+def collect(work_root, names, seeds, sample_seeds=None):
+    """Rows of every finished variant run under `work_root`, one per seed (and sample seed), with training and
+    prediction seconds; each row's variant is the name given here (05's own description in `model`)."""
     rows, codes = [], None
-    for name, seed in ((n, s) for n in names for s in seeds):
-        work = Path(work_root) / name / f"seed{seed}"
+    for name, sample_seed, seed in ((n, a, s) for n in names for a in (sample_seeds or [None]) for s in seeds):
+        work = Path(work_root) / name / _folder(sample_seed, seed)
         ev = work / "evaluation.json"
         if not ev.exists():
-            print(f"{name}, seed {seed}: no {ev} (not run, or no ground truth): left out")
+            print(f"{name}, {_folder(sample_seed, seed)}: no {ev} (not run, or no ground truth): left out")
             continue
         e = json.loads(ev.read_text())
         codes = codes or e["codes"]
@@ -78,7 +102,8 @@ def collect(work_root, names, seeds):
                       if not p.name.endswith(".progress.json")) if VARIANTS.get(name, ({}, None))[1] is None else None
         predict_s = json.loads((work / "metrics.json").read_text()).get("predict_seconds")
         for r in e["rows"]:
-            rows.append({**r, "run": name, "seed": seed, "train_seconds": train_s, "predict_seconds": predict_s})
+            rows.append({**r, "variant": name, "model": r["variant"], "run": name, "seed": seed,
+                         "sample_seed": sample_seed, "train_seconds": train_s, "predict_seconds": predict_s})
     return rows, codes
 
 
@@ -88,26 +113,44 @@ def main(argv=None):
     ap.add_argument("--data-dir", help="labelled dataset (default: the embedded sample)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds to run each variant with")
+    ap.add_argument("--sample-seeds", nargs="+", type=int,
+                    help="embedded samples to run every seed on (default: each seed its own sample)")
+    ap.add_argument("--quick", action="store_true", help="run_pipeline.py's CPU demo schedule")
     ap.add_argument("--stages", nargs="+", default=["02", "03", "04"], help="training notebooks to run (e.g. 04)")
     ap.add_argument("--smoke", action="store_true", help="run_pipeline.py's smoke setting (checks the script runs)")
     ap.add_argument("--collect", action="store_true", help="do not run anything, only gather finished runs")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="notebook parameter for every variant, e.g. -p epochs_unfrozen 24")
     args = ap.parse_args(argv)
+    if args.data_dir and args.sample_seeds:
+        ap.error("--sample-seeds picks embedded samples: leave out --data-dir")
+    if args.quick:
+        from run_pipeline import QUICK_SETS
+        for name in args.variants:
+            clash = sorted(set(VARIANTS[name][0]) & QUICK_SETS)
+            if clash:
+                ap.error(f"variant {name} sets {', '.join(clash)}, which --quick sets itself (the training notebooks' "
+                         "quick cell): run it without --quick, or run --variants quick")
     if not args.collect:
-        for seed in args.seeds:
-            for name in args.variants:
-                _run(args, name, *VARIANTS[name], seed)
-    rows, codes = collect(args.work_root, args.variants, args.seeds)
+        for sample_seed in args.sample_seeds or [None]:
+            for seed in args.seeds:
+                for name in args.variants:
+                    if (Path(args.work_root) / name / _folder(sample_seed, seed) / "evaluation.json").exists():
+                        continue  # finished earlier (delete its folder to run it again)
+                    _run(args, name, *VARIANTS[name], seed, sample_seed)
+    rows, codes = collect(args.work_root, args.variants, args.seeds, args.sample_seeds)
     if not rows:
         raise SystemExit(f"no finished variant run with an evaluation under {args.work_root}")
     summary = summarize_seeds(rows)
     md = evaluation_markdown(summary, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
     root = Path(args.work_root)
     write_json(root / "evaluation.json", {"codes": codes, "rows": rows, "summary": summary, "seeds": args.seeds,
+                                          "sample_seeds": args.sample_seeds, "quick": args.quick,
                                           "settings": dict(args.p)})
     (root / "evaluation.md").write_text(md)
-    print(md)
+    short = compact_markdown(summary, codes)
+    (root / "evaluation_short.md").write_text(short)
+    print(md + "\nIn short (raw segmentation, final labels, the clean-up's recall):\n\n" + short)
 
 
 if __name__ == "__main__":

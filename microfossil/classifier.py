@@ -45,6 +45,29 @@ def _training_labels(cat, feats, codes, n_train, review):
     return pd.Series(labels, dtype=object), source
 
 
+REJECT_FLOOR = 0.5     # the classifier drops a specimen only with P(not a fossil) at least this...
+REJECT_FALLBACK = 0.8  # ...and, with too few examples for out-of-bag probabilities (under 10), at least this
+
+
+def reject_threshold(clf, y):
+    """The probability of `NOT_A_FOSSIL` at or above which the classifier `clf` (a fitted random forest) may drop a
+    specimen, and why: just above the highest out-of-bag probability of `NOT_A_FOSSIL` it gave any fossil among its
+    own examples `y` (so that none of them would have been dropped), and at least `REJECT_FLOOR`. Out-of-bag: each
+    example scored by the trees that did not see it, as a new specimen would be. (None, why) when it has no
+    `NOT_A_FOSSIL` example (it then drops nothing)."""
+    classes = list(clf.classes_)
+    if NOT_A_FOSSIL not in classes:
+        return None, f"no {NOT_A_FOSSIL!r} example"
+    oob = getattr(clf, "oob_decision_function_", None)
+    if oob is None:
+        return REJECT_FALLBACK, "fixed (too few examples for out-of-bag probabilities)"
+    p = oob[np.asarray(y) != NOT_A_FOSSIL, classes.index(NOT_A_FOSSIL)]
+    p = p[~np.isnan(p)]
+    if not len(p) or p.max() + 0.01 < REJECT_FLOOR:
+        return REJECT_FLOOR, "the floor (every fossil example well below it, out of bag)"
+    return round(float(p.max()) + 0.01, 4), "just above every fossil example's out-of-bag probability"
+
+
 def _recorded_n_train(work_dir):
     """The training block's height from the split 05 recorded in `metrics.json`, or None."""
     split = (read_json(Path(work_dir) / "metrics.json") or {}).get("split") or {}
@@ -71,8 +94,8 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
                        examples=None):
     """Train the specimen classifier and re-score every specimen; one call after each round of review.
 
-    A random forest on the 3D descriptors of `exports/features.csv` and the segmentation's
-    class fractions (`frac_*` in the catalogue), trained on the ground truth of the
+    A random forest on the 3D descriptors of `exports/features.csv` (not on the segmentation's
+    class fractions: see the comment where its columns are chosen), trained on the ground truth of the
     training-block specimens (`use_truth`: the predicted ones, labelled as in
     `_training_labels`, and the true ones of `exports/truth_features.csv`) and on `review`,
     the review decisions (a table with `id`, `decision`, `taxon`, `predicted_class`, as
@@ -87,6 +110,11 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     class changed are drawn again (`exports.draw_gallery`). Writes `exports/classifier.json`. With no
     specimen, fewer than `min_examples` labelled specimens or a single label, nothing
     changes and None is returned; else the new catalogue.
+
+    Calibrated to keep true specimens: a specimen is called `NOT_A_FOSSIL` only when that
+    probability reaches `reject_threshold` (above what the forest gave, out of bag, to any
+    fossil among its examples); otherwise it takes the likeliest fossil class. Only a review
+    rejects a specimen below it.
 
     `examples` (a table of the descriptors and class fractions, with `label`) are more examples,
     from elsewhere: a model bundle's (`bundle.bundle_examples`, which names it in
@@ -113,10 +141,13 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
         raise FileNotFoundError(f"No split recorded in {Path(work_dir) / 'metrics.json'}: run the scoring cell of "
                                 "05_predict_export first, so that the classifier learns from the training block only.")
     y, source = _training_labels(cat, feats if has_truth else feats[["id"]], codes, n_train, review)
-    cols = SPECIMEN_FEATURES + [f"frac_{c}" for c in codes[1:]]
+    # The 3D descriptors only, not the segmentation's class fractions (`frac_*`): on the training block those come
+    # from a U-Net trained on those very voxels, far better than on new slices, and a forest taught by them learns
+    # to repeat the segmentation's class where it is wrong (measured: docs/evaluation.md, "Class imbalance").
+    cols = list(SPECIMEN_FEATURES)
 
     def table(cat, feats):
-        return feats.set_index("id")[SPECIMEN_FEATURES].join(cat.set_index("id")[cols[len(SPECIMEN_FEATURES):]]).fillna(0.0)
+        return feats.set_index("id")[cols].fillna(0.0)
     X = table(cat, feats)
     X_fit, y_fit = X.loc[y.index].to_numpy(), y.to_numpy().astype(str)
     n_from = {"truth": list(source.values()).count("truth"), "review": list(source.values()).count("review"),
@@ -150,15 +181,20 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
               f"label(s); it needs {min_examples} or more and two labels. Classes stay those of the segmentation.")
         return None
     clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1,
-                                 oob_score=len(y_fit) >= 20)
+                                 oob_score=len(y_fit) >= 10)
     clf.fit(X_fit, y_fit)
+    threshold, threshold_from = reject_threshold(clf, y_fit)
     cat = out_cat
     X = table(out_cat, out_feats)
     proba = clf.predict_proba(X.to_numpy())
-    best = proba.argmax(1)
-    cat["class"] = clf.classes_[best]
-    cat["class_probability"] = proba[np.arange(len(best)), best]
-    cat["flagged"] = cat["class"] == NOT_A_FOSSIL
+    labels = list(clf.classes_)
+    fossil = np.array([k for k, c in enumerate(labels) if c != NOT_A_FOSSIL])
+    best = fossil[proba[:, fossil].argmax(1)]  # the likeliest fossil class...
+    p_not = proba[:, labels.index(NOT_A_FOSSIL)] if threshold is not None else np.zeros(len(proba))
+    reject = p_not >= (threshold if threshold is not None else np.inf)  # ...unless "not a fossil" is sure enough
+    cat["class"] = np.where(reject, NOT_A_FOSSIL, clf.classes_[best])
+    cat["class_probability"] = np.where(reject, p_not, proba[np.arange(len(best)), best])
+    cat["flagged"] = reject
     cat["classified_by"] = " + ".join(([str(examples_from)] if n_from["bundle"] else [])
                                       + ([f"this run ({len(mine)} examples)"] if len(mine) else []))
     index = {c: k for k, c in enumerate(codes)}
@@ -172,6 +208,9 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
             "features": list(X.columns), "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
             "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
+            "reject_threshold": threshold, "reject_threshold_from": threshold_from,
+            "kept_below_threshold": int(((proba.argmax(1) == labels.index(NOT_A_FOSSIL)) & ~reject).sum())
+            if threshold is not None else 0,
             "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()},
             "checkpoint": out_extraction.get("checkpoint")}
     with staged(target) as stage:  # the catalogue, the cleaned labels and the record together, or none of them
@@ -183,5 +222,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     draw_gallery(target)  # the previews and tiles whose class changed
     print(f"Specimen classifier trained on {len(y_fit)} examples ({sources}): "
           f"{info['changed_class']} of {len(cat)} specimens changed class, "
-          f"{info['flagged']} flagged as {NOT_A_FOSSIL!r}. Now: {info['per_class']}.")
+          f"{info['flagged']} flagged as {NOT_A_FOSSIL!r}"
+          + (f" (only at P >= {threshold:.2f}, {threshold_from}; {info['kept_below_threshold']} more kept below it)"
+             if threshold is not None else "") + f". Now: {info['per_class']}.")
     return cat

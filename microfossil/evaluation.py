@@ -259,6 +259,29 @@ def evaluation_markdown(rows, codes, extra=None):
     return "\n".join(lines) + "\n"
 
 
+def compact_markdown(summary, codes):
+    """The accuracy table in short, one line per variant from `summarize_seeds` rows: the raw segmentation's and the
+    final labels' IoU of each fossil class, specimen recall before and after the specimen classifier (a clean-up that
+    drops no true specimen keeps it), and the final specimen F1 with the right class; each `mean (min–max)`."""
+    by = {}
+    for r in summary:
+        by.setdefault(r["variant"], {})[r["step"]] = r
+    fossil = codes[1:]
+    head = (["variant", "runs"] + [f"raw IoU {c}" for c in fossil] + [f"final IoU {c}" for c in fossil]
+            + ["recall: extraction", "final", "final F1 right class"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, steps in by.items():
+        raw, ext = steps.get("segmentation"), steps.get("extraction")
+        final = steps.get("+ specimen classifier") or ext
+        if raw is None or ext is None:
+            continue
+        cells = ([variant, str(raw["n_seeds"])] + [_cell(raw["iou"].get(c)) for c in fossil]
+                 + [_cell(final["iou"].get(c)) for c in fossil]
+                 + [_cell(ext["specimen_recall"]), _cell(final["specimen_recall"]), _cell(final["specimen_class_f1"])])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_evaluation(work_dir, rows, codes):
     """Write this run's evaluation rows to `work_dir/evaluation.json` and `evaluation.md`; return the markdown."""
     work_dir = Path(work_dir)

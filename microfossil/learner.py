@@ -21,10 +21,10 @@ from fastai.callback.schedule import valley as _fastai_valley
 from fastai.learner import AvgLoss, AvgSmoothLoss, Callback, Metric
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import find_bs
-from fastai.vision.all import CrossEntropyLossFlat, unet_learner
+from fastai.vision.all import CrossEntropyLossFlat, FocalLossFlat, unet_learner
 from fastai.vision.learner import model_meta
 
-from .loaders import n_input_channels
+from .loaders import draw_weights, n_input_channels
 from .metrics import scores_from_confusion
 from .runtime import local_dir, on_drive
 
@@ -150,9 +150,9 @@ class CrossEntropyDiceLoss:
     to the cross-entropy. A fossil class that covers a fraction of a percent of the pixels
     then weighs as much as the background does in the cross-entropy.
     """
-    def __init__(self, axis=1, background=0, smooth=1.0):
+    def __init__(self, axis=1, background=0, smooth=1.0, weight=None):
         self.axis, self.background, self.smooth = axis, background, smooth
-        self.ce = CrossEntropyLossFlat(axis=axis)
+        self.ce = CrossEntropyLossFlat(axis=axis, weight=weight)  # `weight`: class weights of the cross-entropy term
 
     def __call__(self, pred, targ):
         ce = self.ce(pred, targ)
@@ -169,24 +169,77 @@ class CrossEntropyDiceLoss:
     def decodes(self, x): return x.argmax(self.axis)
 
 
-LOSSES = {"cross_entropy": lambda: CrossEntropyLossFlat(axis=1), "ce_dice": CrossEntropyDiceLoss}
+LOSSES = {  # name: the loss, given the class weights (a tensor, or None)
+    "cross_entropy": lambda w: CrossEntropyLossFlat(axis=1, weight=w),
+    "ce_dice": lambda w: CrossEntropyDiceLoss(weight=w),
+    "focal": lambda w: FocalLossFlat(axis=1, gamma=2.0, weight=w),  # easy pixels (most background) weigh little
+}
+CLASS_WEIGHTS = {"inverse_sqrt": 0.5, "inverse": 1.0}  # name: the power of 1 / frequency
 
 
-def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True, loss="cross_entropy"):
+def class_weights_of(counts, how):
+    """Per-class loss weights from the training block's pixel `counts`: None (no weights), "inverse_sqrt" or "inverse"
+    (1 / frequency to that power), or one number per class. Scaled so that the mean weight over the training pixels
+    is 1 (the loss keeps its scale, and the learning rates theirs); a class absent from the training block gets the
+    largest weight of the others. Returns a float list, or None."""
+    if how is None:
+        return None
+    counts = np.asarray(counts, np.float64)
+    if isinstance(how, str):
+        if how not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights={how!r}: use None, {', '.join(map(repr, CLASS_WEIGHTS))} or one number "
+                             f"per class ({len(counts)})")
+        seen = counts > 0
+        w = np.zeros(len(counts))
+        w[seen] = (counts.sum() / counts[seen]) ** CLASS_WEIGHTS[how]
+        w[~seen] = w[seen].max() if seen.any() else 1.0
+    else:
+        w = np.asarray(list(how), np.float64)
+        if len(w) != len(counts) or not (w > 0).all():
+            raise ValueError(f"class_weights={list(how)!r}: give one positive number per class ({len(counts)}), "
+                             "in the order of codes.txt")
+    total = (w * counts).sum()
+    return (w * counts.sum() / total if total > 0 else w).tolist()
+
+
+def describe_classes(codes, counts, weights=None, oversample_rare=1.0):
+    """One line per class: its share of the training block's pixels, its loss weight when there are weights, and the
+    draw weight of the slices holding it when `oversample_rare` is not 1 (`loaders.draw_weights`)."""
+    counts = np.asarray(counts, np.float64)
+    share = counts / max(counts.sum(), 1)
+    draw = draw_weights(counts, oversample_rare) if oversample_rare != 1 else None
+    head = ", ".join(["pixels per class"] + (["loss weights"] if weights else [])
+                     + ([f"draw weight of the slices holding it (oversample_rare={oversample_rare:g})"] if draw is not None else []))
+    return f"Training block, {head}:\n" + "\n".join(
+        f"  {c:<20} {s:8.3%}" + (f"   weight {weights[k]:.3g}" if weights else "")
+        + (f"   slices x{draw[k]:.3g}" if draw is not None and k else "")
+        for k, (c, s) in enumerate(zip(codes, share)))
+
+
+def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", metrics=True, loss="cross_entropy",
+                  class_weights=None):
     """fastai U-Net learner on `dls` with encoder `arch`; ImageNet weights when they can be had, else random init.
 
     With `dls.context_slices` = k other than 1 or 3 the first convolution takes k channels
     (fastai adapts the pretrained filters to them); k = 3 uses the ImageNet RGB filters as they are.
-    `loss`: "cross_entropy" (the published recipe) or "ce_dice" (`CrossEntropyDiceLoss`).
+    `loss`: "cross_entropy" (the published recipe), "ce_dice" (`CrossEntropyDiceLoss`) or "focal" (fastai's
+    `FocalLossFlat`, gamma 2). `class_weights`: None, "inverse_sqrt", "inverse" or one number per class
+    (see `class_weights_of`; they weigh the cross-entropy or focal term). Prints each class's share of the training
+    block and its weight.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, not {loss!r}")
+    counts = getattr(dls, "class_counts", None)
+    weights = class_weights_of(counts if counts is not None else np.ones(len(dls.codes)), class_weights)
+    if counts is not None:
+        print(describe_classes(dls.codes, counts, weights, getattr(dls, "oversample_rare", 1.0)))
     requested = pretrained
     if pretrained:
         pretrained = _imagenet_weights_ok(arch)
     context = getattr(dls, "context_slices", 1)
     learn = unet_learner(dls, encoder(arch), normalize=False, n_out=len(dls.codes), pretrained=pretrained,
-                         n_in=n_input_channels(context), loss_func=LOSSES[loss](), wd=wd,
+                         n_in=n_input_channels(context), wd=wd,
+                         loss_func=LOSSES[loss](None if weights is None else torch.tensor(weights, device=dls.device)),
                          path=Path(work_dir), opt_func=_adamw, metrics=epoch_metrics(dls.codes) if metrics else None)
     if on_drive(work_dir):  # lr_find saves and deletes weights in model_dir: on the local disk, not in Drive's trash
         learn.model_dir = local_dir(work_dir, "tmp")
@@ -194,6 +247,7 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     learn.add_cbs([_Progress(), _NoStepSync()])
     learn.freeze()  # the published schedule starts frozen even without ImageNet weights
     learn.arch_name, learn.loss_name = (arch if isinstance(arch, str) else arch.__name__), loss
+    learn.class_weights = None if weights is None else [round(w, 4) for w in weights]
     learn.pretrained, learn.used_pretrained = bool(requested), pretrained  # asked for; had (False when offline)
     learn.at_init = True  # the weights as built: a phase starting here keeps them (PhaseCheckpoint)
     return _mixed_precision(learn)

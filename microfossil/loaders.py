@@ -72,18 +72,29 @@ class _VolumeDL(TfmdDL):
     instead of the whole slice, centred near a labelled fossil pixel (`fg_points[z]`, (n, 2)
     arrays of y, x) for a `FOSSIL_CROP_SHARE` of the items and anywhere for the others; still
     one gather into the volume per batch.
+
+    `weights` (training): a draw weight per item; each epoch then draws its items with
+    replacement in those proportions (`oversample_rare`) instead of each once, and
+    `fg_weights[z]`, the cumulative weights of `fg_points[z]`, biases the crop centres the
+    same way. The epoch's indices are drawn on the host and go to the device in one copy.
     """
     def __init__(self, planes=None, idx=None, context=1, extra=0, split=0, dataset=None, crop=None, fg_points=None,
-                 **kwargs):
+                 weights=None, fg_weights=None, **kwargs):
         self.planes, self.context, self.extra, self.split = planes, context, extra, split
-        self.crop, self.fg_points = crop, fg_points
+        self.crop, self.fg_points, self.weights, self.fg_weights = crop, fg_points, weights, fg_weights
+        self._cum = None if weights is None else np.cumsum(np.asarray(weights, np.float64)).tolist()
         kwargs.setdefault("do_setup", False)  # the batch transforms need no statistics from the data
         super().__init__(dataset=np.asarray(idx if idx is not None else dataset), **kwargs)
 
     def new(self, dataset=None, cls=None, **kwargs):  # fastai's `new` (get_preds, show_batch) with the planes kept
         return super().new(dataset, cls, **{"planes": self.planes, "context": self.context, "extra": self.extra,
                                             "split": self.split, "crop": self.crop, "fg_points": self.fg_points,
-                                            **kwargs})
+                                            "weights": self.weights, "fg_weights": self.fg_weights, **kwargs})
+
+    def get_idxs(self):  # fastai's: each item once, shuffled; with `weights`: as many items drawn in proportion
+        if self._cum is None or not self.shuffle:
+            return super().get_idxs()
+        return self.rng.choices(range(len(self.dataset)), cum_weights=self._cum, k=len(self.dataset))
 
     def before_iter(self):
         super().before_iter()  # TfmdDL's takes the batch transforms' split from a fastai Datasets, which is not here
@@ -134,7 +145,9 @@ class _VolumeDL(TfmdDL):
         for i, z in enumerate(zs):
             pts = self.fg_points.get(int(z)) if self.fg_points else None
             if pts is not None and len(pts) and r.random() < FOSSIL_CROP_SHARE:
-                cy, cx = pts[r.randrange(len(pts))]  # a fossil pixel, somewhere in the window's middle half
+                cum = self.fg_weights.get(int(z)) if self.fg_weights else None
+                k = r.randrange(len(pts)) if cum is None else r.choices(range(len(pts)), cum_weights=cum)[0]
+                cy, cx = pts[k]  # a fossil pixel (of a rare class more often), somewhere in the window's middle half
                 cy, cx = cy + r.randint(-c // 4, c // 4), cx + r.randint(-c // 4, c // 4)
             else:
                 cy, cx = r.randrange(H), r.randrange(W)
@@ -143,16 +156,44 @@ class _VolumeDL(TfmdDL):
         return (torch.as_tensor(y0[:, None] + ar, device=device), torch.as_tensor(x0[:, None] + ar, device=device))
 
 
-def _fossil_points(labels, idx, per_slice=512, seed=0):
-    """{z: (n, 2) int array of (y, x)} of up to `per_slice` labelled fossil pixels of each slice `idx` of `labels`."""
-    rng, out = np.random.default_rng(seed), {}
+def _fossil_points(labels, idx, per_slice=512, seed=0, class_weight=None):
+    """({z: (n, 2) int array of (y, x)} of up to `per_slice` labelled fossil pixels of each slice `idx` of `labels`,
+    {z: their cumulative draw weights}), the weights from `class_weight` (one per class; None: no weights, each pixel
+    as likely)."""
+    rng, out, cum = np.random.default_rng(seed), {}, {}
     for z in idx:
         pts = torch.nonzero(labels[int(z)] > 0).cpu().numpy()
         if len(pts) > per_slice:
             pts = pts[rng.choice(len(pts), per_slice, replace=False)]
         if len(pts):
             out[int(z)] = pts
-    return out
+            if class_weight is not None:
+                cls = labels[int(z)][tuple(torch.as_tensor(pts.T, device=labels.device))].cpu().numpy()
+                cum[int(z)] = np.cumsum(np.asarray(class_weight, np.float64)[cls]).tolist()
+    return out, cum
+
+
+def slice_class_counts(labels, idx, n_classes):
+    """(len(idx), n_classes) int64 array: how many pixels of each class each slice `idx` of `labels` (a tensor) holds."""
+    if not len(idx):
+        return np.zeros((0, n_classes), np.int64)
+    counts = [torch.bincount(labels[int(z)].flatten(), minlength=n_classes)[:n_classes] for z in idx]
+    return torch.stack(counts).cpu().numpy().astype(np.int64)
+
+
+def draw_weights(counts, oversample_rare):
+    """Each class's draw weight from its pixel `counts` over the training block: a fossil class `n` times rarer than
+    the commonest fossil class weighs `min(n, oversample_rare)`, so that over-drawing evens the fossil classes out at
+    most and never makes the rare one the common one; the commonest, background and classes absent from the
+    training block weigh 1."""
+    counts = np.asarray(counts, np.float64)
+    w = np.ones(len(counts))
+    fossil = [k for k in range(1, len(counts)) if counts[k] > 0]
+    if fossil:
+        hi = max(counts[k] for k in fossil)
+        for k in fossil:
+            w[k] = min(hi / counts[k], float(oversample_rare))
+    return w
 
 
 def _to_tensor(arr, where, size=None, mask=False, compute=None, chunk=64):
@@ -335,7 +376,7 @@ def _orthogonal_planes(images, labels, n_train):
 
 
 def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True, device=None, seed=0,
-             context_slices=1, triplanar=False, gap_slices=None, crop_size=None):
+             context_slices=1, triplanar=False, gap_slices=None, crop_size=None, oversample_rare=1.0):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block trains, the held-out
     block (the last `valid_pct` of z) validates, and the `gap_slices` between them do neither (see `split`).
 
@@ -354,6 +395,12 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
     (fossils are a fraction of a percent of the voxels); an epoch draws as many windows as
     cover the training slices' area once. Validation stays on whole slices. None, or a crop
     as large as the slice: whole slices (the published recipe).
+
+    `oversample_rare` (1: off): a training slice holding a fossil class `n` times rarer (in
+    the training block's pixels) than the commonest fossil class is drawn `min(n,
+    oversample_rare)` times as often as one without (`draw_weights`; a slice takes the weight
+    of its rarest class), and fossil-centred crops pick that class's pixels as much more
+    often. `dls.class_counts` holds the training block's pixels per class at the stage size.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
@@ -384,13 +431,21 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
         train_size = {(H, W): size, (n_train, W): (max(1, round(n_train * s)), size[1]),
                       (n_train, H): (max(1, round(n_train * s)), size[0])}
     common = dict(bs=bs, num_workers=0, device=device, context=context_slices)
-    items, fg_points = train_idx, None
+    if not oversample_rare or oversample_rare < 1:
+        raise ValueError(f"oversample_rare={oversample_rare!r}: use 1 (every slice as likely) or more.")
+    per_slice = slice_class_counts(labels, train_idx, len(vol.codes))
+    counts = per_slice.sum(0)
+    class_weight = draw_weights(counts, oversample_rare) if oversample_rare != 1 else None
+    weights = None if class_weight is None else (class_weight * (per_slice > 0)).max(1).clip(1.0)
+    items, fg_points, fg_weights = train_idx, None, None
     if crop is not None:
         train_size = (crop, crop)
-        items = np.repeat(train_idx, max(1, round(size[0] * size[1] / crop ** 2)))  # an epoch covers the area once
-        fg_points = _fossil_points(labels, train_idx, seed=seed)
+        reps = max(1, round(size[0] * size[1] / crop ** 2))  # an epoch covers the area once
+        items, weights = np.repeat(train_idx, reps), None if weights is None else np.repeat(weights, reps)
+        fg_points, fg_weights = _fossil_points(labels, train_idx, seed=seed, class_weight=class_weight)
     train = _VolumeDL(planes=planes, idx=items, shuffle=True, drop_last=len(items) >= 2 * bs,
                       extra=n_train if triplanar else 0, split=0, crop=crop, fg_points=fg_points,
+                      weights=None if weights is None else weights.tolist(), fg_weights=fg_weights,
                       after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes), **common)
     train.rng = random.Random(seed)
     valid = _VolumeDL(planes=[(images, labels, split.valid_start, len(vol.images))],
@@ -399,4 +454,5 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
     dls = DataLoaders(train, valid, device=device)
     dls.c, dls.codes, dls.size, dls.valid_idx, dls.split = len(vol.codes), vol.codes, size, valid_idx, split
     dls.context_slices, dls.triplanar, dls.seed, dls.crop_size = int(context_slices), bool(triplanar), int(seed), crop
+    dls.class_counts, dls.oversample_rare = counts, float(oversample_rare)
     return dls

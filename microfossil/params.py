@@ -60,6 +60,14 @@ def _odd(v):
     return ok and v % 2 == 1, "an odd whole number >= 1 (the slice and as many neighbours above as below)"
 
 
+def _class_weights(v):
+    what = "None, \"inverse_sqrt\", \"inverse\" or a list of positive numbers, one per class of codes.txt"
+    if v is None or v in ("inverse_sqrt", "inverse"):
+        return True, what
+    return (isinstance(v, (list, tuple)) and len(v) > 0
+            and all(_number(0, lo_open=True)(x)[0] for x in v)), what
+
+
 def _voxel_size(v):
     what = "None (read voxel_size.txt), one positive number in µm, or three, [z, y, x]"
     vals = list(v) if isinstance(v, (list, tuple)) else [v]
@@ -84,7 +92,9 @@ RULES = {  # name: (rule, what it is, for the message)
     "context_slices": (_odd, "slices per input"),
     "triplanar": (_flag, "also train on XZ and YZ slices"),
     "crop_size": (_or_none(_whole(32)), "the crop size in px (32 or more, the encoder's downsampling)"),
-    "loss": (_one_of("cross_entropy", "ce_dice"), "the loss"),
+    "loss": (_one_of("cross_entropy", "ce_dice", "focal"), "the loss"),
+    "class_weights": (_class_weights, "the loss's class weights"),
+    "oversample_rare": (_number(1), "at most how much more often slices holding a rarer fossil class are drawn"),
     "bs": (_whole(1), "the batch size"),
     "wd": (_number(0), "the weight decay"),
     "epochs_frozen": (_whole(1), "epochs with the encoder frozen"),

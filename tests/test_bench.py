@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,56 @@ def test_variants_table_collects_finished_runs(tmp_path, capsys):
     out = json.loads((tmp_path / "evaluation.json").read_text())
     assert len(out["rows"]) == 12 and out["summary"][0]["iou"]["foram"][:3] == pytest.approx([0.5, 0.4, 0.6])
 
+
+
+def test_variants_over_samples_and_training_seeds(tmp_path, capsys, monkeypatch):
+    """--sample-seeds: every training seed on every embedded sample, one run folder each (sample<s>_seed<k>, the
+    sample given as --data-dir, the seed as -p seed), the variant's loss settings as -p, the mode passed on; a run
+    that finished earlier is not run again; the table groups all of a variant's runs under its name; with --quick
+    only variants that leave the quick cell's settings alone."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import variants
+    import microfossil.paths as paths
+    monkeypatch.setattr(paths, "resolve_paths", lambda d, w, seed=0, smoke=False, **k: (tmp_path / f"sample{seed}", w))
+    codes, calls = ["background", "foram"], []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        work, seed = Path(cmd[cmd.index("--work-dir") + 1]), int(cmd[cmd.index("seed") + 1])
+        scores = {"iou": {"background": 0.99, "foram": 0.5 + 0.1 * seed}, "dice": {"background": 0.99, "foram": 0.6},
+                  "mean_iou_fossils": 0.5, "pixel_acc_nonbg": 0.7}
+        (work / "models").mkdir(parents=True)
+        (work / "metrics.json").write_text(json.dumps({"predict_seconds": 5.0}))
+        found = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "class_f1": 0.5, "n_true": 4, "n_predicted": 4}
+        write_evaluation(work, [evaluation_row("k=5", "segmentation", scores, None),
+                                evaluation_row("k=5", "extraction", scores, found),
+                                evaluation_row("k=5", "+ specimen classifier", {**scores, "iou": {"foram": 0.9}},
+                                               {**found, "recall": 0.75, "class_f1": 0.8})], codes)
+    monkeypatch.setattr(variants.subprocess, "run", fake_run)
+    args = ["--work-root", str(tmp_path / "r"), "--smoke", "--variants", "ce_dice_rare", "--sample-seeds", "1", "2",
+            "--seeds", "0", "1"]
+    variants.main(args)
+    assert len(calls) == 4 and all("--smoke" in c for c in calls)
+    first = calls[0]
+    assert first[first.index("--work-dir") + 1] == str(tmp_path / "r" / "ce_dice_rare" / "sample1_seed0")
+    assert first[first.index("--data-dir") + 1] == str(tmp_path / "sample1")
+    given = {first[i + 1]: first[i + 2] for i, a in enumerate(first) if a == "-p"}
+    assert given["loss"] == "'ce_dice'" and given["oversample_rare"] == "4.0" and given["seed"] == "0"
+    md = capsys.readouterr().out
+    assert "| ce_dice_rare | segmentation | 4 | 0.99 | 0.55 (0.50–0.60) |" in md
+    short = "| ce_dice_rare | 4 | 0.55 (0.50–0.60) | 0.90 | 1.00 | 0.75 | 0.80 |"  # raw, final IoU; recall before, after
+    assert short in md and short in (tmp_path / "r" / "evaluation_short.md").read_text()
+    out = json.loads((tmp_path / "r" / "evaluation.json").read_text())
+    assert out["sample_seeds"] == [1, 2] and {(r["sample_seed"], r["seed"]) for r in out["rows"]} == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    assert {r["model"] for r in out["rows"]} == {"k=5"}
+    calls.clear()
+    variants.main(args)  # all finished: nothing runs again
+    assert calls == []
+    with pytest.raises(SystemExit):  # --quick sets the loss itself: a loss variant is refused, not silently changed
+        variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "ce"])
+    assert "variant ce sets loss, which --quick sets itself" in capsys.readouterr().err
+    variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "quick", "--sample-seeds", "0", "--seeds", "3"])
+    assert len(calls) == 1 and "--quick" in calls[0] and "loss" not in calls[0]
 
 def test_colab_requirements_sees_colabs_packages_as_installed(tmp_path):
     """The dry run over Colab's list: packages of the list count as installed (no index needed when every

@@ -9,7 +9,7 @@ import tifffile
 from PIL import Image
 
 from conftest import volume_of
-from microfossil.classifier import NOT_A_FOSSIL, classify_specimens
+from microfossil.classifier import NOT_A_FOSSIL, REJECT_FALLBACK, REJECT_FLOOR, classify_specimens, reject_threshold
 from microfossil.evaluation import evaluate_heldout, save_metrics
 from microfossil.exports import draw_gallery
 from microfossil.extraction import extract_fossils
@@ -171,3 +171,44 @@ def test_classifier_with_no_specimen(tmp_path, capsys):
     assert len(pd.read_csv(work / "exports" / "truth_features.csv")) == 80
     assert classify_specimens(work) is None
     assert "no specimen in the catalogue" in capsys.readouterr().out
+
+
+def test_reject_threshold_sits_above_every_fossil_example_out_of_bag():
+    """The classifier may drop a specimen only at a "not a fossil" probability above the highest one it gave (out of
+    bag) to any fossil among its examples, and never below the floor; fixed when too few examples for out-of-bag
+    scores; never when it has no "not a fossil" example."""
+    from types import SimpleNamespace
+    classes = np.array(["chain", NOT_A_FOSSIL, "shell"])
+    oob = np.array([[0.2, 0.7, 0.1], [0.1, 0.3, 0.6], [np.nan, np.nan, np.nan], [0.0, 0.95, 0.05], [0.5, 0.2, 0.3]])
+    y = np.array(["chain", "shell", "shell", NOT_A_FOSSIL, "chain"])
+    t, why = reject_threshold(SimpleNamespace(classes_=classes, oob_decision_function_=oob), y)
+    assert t == 0.71 and "out-of-bag" in why  # above the chain example given 0.7; the unscored one left out
+    low = oob.copy()
+    low[0] = [0.8, 0.1, 0.1]
+    assert reject_threshold(SimpleNamespace(classes_=classes, oob_decision_function_=low), y)[0] == REJECT_FLOOR
+    assert reject_threshold(SimpleNamespace(classes_=classes), y)[0] == REJECT_FALLBACK
+    assert reject_threshold(SimpleNamespace(classes_=np.array(["chain", "shell"])), y)[0] is None
+
+
+def test_the_clean_up_drops_junk_but_no_true_specimen(tmp_path, capsys):
+    """Predicted junk (dim 4-voxel cubes where the truth is background) besides every other specimen: the classifier
+    learns "not a fossil" from the training block's junk, flags the held-out junk, and keeps every true held-out
+    specimen (the held-out block's recall after it is the extraction's); classifier.json records its threshold."""
+    vol, pred = shells_and_chains(tmp_path, seed=1)
+    for cz in range(5):
+        for cy in range(4):
+            for cx in range(0, 4, 2):
+                z, y, x = 18 * cz, 18 * cy, 18 * (cx + cy % 2)
+                pred[z:z + 4, y:y + 4, x:x + 4] = 1  # junk: image 60 (background), truth 0
+    work = tmp_path / "run"
+    extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    split = split_volume(vol, 0.2)
+    save_metrics(work, vol, pred, split)
+    scores = evaluate_heldout(vol, work, split, pred)
+    before, after = scores["extraction"], scores["classifier"]
+    assert before["n_predicted"] > before["n_true"]  # the junk is in the held-out extraction...
+    assert after["recall"] == before["recall"] == 1.0  # ...no true specimen is lost to the clean-up...
+    assert after["precision"] > before["precision"]  # ...and the junk goes
+    js = json.loads((work / "heldout" / "exports" / "classifier.json").read_text())
+    assert REJECT_FLOOR <= js["reject_threshold"] <= 1.01 and js["flagged"] > 0
+    assert "only at P >=" in capsys.readouterr().out

@@ -14,7 +14,8 @@ from fastai.callback.schedule import valley as _fastai_valley
 from fastai.learner import AvgSmoothLoss
 from fastai.torch_core import find_bs
 
-from microfossil.learner import CrossEntropyDiceLoss, _confusion_on_device, _Progress, build_learner, epoch_metrics, valley
+from microfossil.learner import (CrossEntropyDiceLoss, _confusion_on_device, _Progress, build_learner, class_weights_of,
+                                 describe_classes, epoch_metrics, valley)
 from microfossil.loaders import make_dls
 from microfossil.metrics import confusion_matrix, scores_from_confusion
 
@@ -200,5 +201,53 @@ def test_ce_dice_loss_adds_the_batch_dice_of_the_fossil_classes(odd_vol, tmp_pat
     assert learn.loss_name == "ce_dice" and isinstance(learn.loss_func, CrossEntropyDiceLoss)
     x, y = learn.dls.valid.one_batch()
     assert torch.equal(learn.loss_func.decodes(learn.model(x)), learn.model(x).argmax(1))
-    with pytest.raises(ValueError, match="'cross_entropy', 'ce_dice'"):
-        build_learner(learn.dls, pretrained=False, work_dir=tmp_path, loss="focal")
+    with pytest.raises(ValueError, match="'cross_entropy', 'ce_dice', 'focal'"):
+        build_learner(learn.dls, pretrained=False, work_dir=tmp_path, loss="dice")
+
+
+def test_class_weights_from_the_training_block_frequencies():
+    """inverse_sqrt / inverse: 1 / frequency to the power 1/2 or 1, scaled so that the mean weight over the training
+    pixels is 1; given numbers are scaled the same; a class absent from the training block weighs as the heaviest."""
+    counts = np.array([9900, 80, 20])
+    for how, power in (("inverse_sqrt", 0.5), ("inverse", 1.0)):
+        w = np.array(class_weights_of(counts, how))
+        assert math.isclose((w * counts).sum() / counts.sum(), 1.0)
+        assert math.isclose(w[2] / w[1], (80 / 20) ** power) and math.isclose(w[1] / w[0], (9900 / 80) ** power)
+    assert class_weights_of(counts, None) is None
+    w = class_weights_of(counts, [1, 2, 2])
+    assert math.isclose(w[1] / w[0], 2) and math.isclose((np.array(w) * counts).sum(), counts.sum())
+    w = class_weights_of([9900, 100, 0], "inverse")
+    assert w[2] == w[1] > w[0]
+    with pytest.raises(ValueError, match="one positive number per class"):
+        class_weights_of(counts, [1, 2])
+    with pytest.raises(ValueError, match="inverse_sqrt"):
+        class_weights_of(counts, "balanced")
+    text = describe_classes(["background", "shell", "chain"], counts, class_weights_of(counts, "inverse"), 4.0)
+    assert "shell                  0.800%" in text and "chain                  0.200%" in text
+    assert "slices x1" in text.splitlines()[2] and "slices x4" in text.splitlines()[3]  # the rarer one: 4 times
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "ce_dice", "focal"])
+def test_losses_take_the_class_weights_and_print_them(odd_vol, tmp_path, capsys, loss):
+    """Each loss trains with the class weights on its cross-entropy (or focal) term: the weighted loss is the one
+    torch computes with those weights; build_learner prints each class's share of the training block and weight."""
+    dls = make_dls(odd_vol, 0.25, bs=2)
+    learn = build_learner(dls, pretrained=False, work_dir=tmp_path, loss=loss, class_weights="inverse_sqrt")
+    out = capsys.readouterr().out
+    assert "pixels per class, loss weights" in out and all(c in out for c in dls.codes)
+    w = torch.tensor(learn.class_weights)
+    assert math.isclose(float((w * torch.as_tensor(dls.class_counts)).sum() / dls.class_counts.sum()), 1.0, rel_tol=1e-3)
+    g = torch.Generator().manual_seed(1)
+    logits, targ = torch.randn(2, len(dls.codes), 4, 5, generator=g), torch.randint(0, len(dls.codes), (2, 4, 5), generator=g)
+    F = torch.nn.functional
+    ce = F.cross_entropy(logits, targ, weight=w.float())
+    if loss == "cross_entropy":
+        assert torch.allclose(learn.loss_func(logits, targ), ce, atol=1e-5)
+    elif loss == "ce_dice":
+        assert torch.allclose(learn.loss_func.ce(logits, targ), ce, atol=1e-5)
+    else:  # fastai's focal loss: (1 - p_t) ** 2 times the (weighted) per-pixel cross-entropy, averaged
+        ce_px = F.cross_entropy(logits, targ, weight=w.float(), reduction="none")
+        assert torch.allclose(learn.loss_func(logits, targ), ((1 - torch.exp(-ce_px)) ** 2 * ce_px).mean(), atol=1e-5)
+    learn.fit(1, 1e-3)  # trains
+    plain = build_learner(dls, pretrained=False, work_dir=tmp_path, loss=loss)
+    assert plain.class_weights is None and "loss weights" not in capsys.readouterr().out

@@ -7,7 +7,8 @@ from fastai.vision.all import Pipeline, TensorImage, TensorMask
 
 from conftest import volume_of
 from microfossil import loaders
-from microfossil.loaders import FOSSIL_CROP_SHARE, _Augment, _normalize, _resize_images, _resize_masks, _ToFloat, make_dls, stage_size
+from microfossil.loaders import (FOSSIL_CROP_SHARE, _Augment, _normalize, _resize_images, _resize_masks, _ToFloat, make_dls,
+                                 draw_weights, stage_size)
 from microfossil.split import split_slices
 
 
@@ -196,3 +197,64 @@ def test_crop_as_large_as_the_slice_trains_on_whole_slices_and_bad_crops_are_ref
         make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, crop_size=16)
     with pytest.raises(ValueError, match="triplanar"):
         make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, crop_size=48, triplanar=True)
+
+
+def _rare_volume(tmp_path):
+    """30 slices of 128 x 128: a 12-px square of class 1 ("shell") in every slice, a 4-px square of class 2 ("chain"),
+    far from it, in every sixth slice (4 of the 24 training slices)."""
+    Z = 30
+    images, labels = np.zeros((Z, 128, 128), np.uint8), np.zeros((Z, 128, 128), np.uint8)
+    labels[:, 10:22, 10:22], images[:, 10:22, 10:22] = 1, 120
+    labels[::6, 100:104, 100:104], images[::6, 100:104, 100:104] = 2, 250
+    return volume_of(images, labels, tmp_path)
+
+
+def test_draw_weights_even_the_fossil_classes_out_at_most():
+    """A fossil class n times rarer than the commonest one weighs min(n, oversample_rare): over-drawing never turns
+    the rare class into the common one."""
+    assert draw_weights([1000, 100, 10], 4).tolist() == [1.0, 1.0, 4.0]
+    assert draw_weights([1000, 100, 60], 4).tolist() == [1.0, 1.0, 100 / 60]  # only 1.7 times rarer: 1.7
+    assert draw_weights([1000, 100, 10, 50], 20).tolist() == [1.0, 1.0, 10.0, 2.0]
+    assert draw_weights([1000, 5], 3).tolist() == [1.0, 1.0]  # a single fossil class: nothing to even out
+    assert draw_weights([1000, 0, 7], 3).tolist() == [1.0, 1.0, 1.0]  # absent from the training block
+
+
+def test_oversample_rare_draws_slices_of_the_rare_class_more_often(tmp_path):
+    """oversample_rare=4: each epoch draws its training slices with replacement, those holding the rare class (54 times
+    rarer than the other in pixels) 4 times as likely as the others (here 4 of 24 slices: 4*4 / (20 + 4*4) = 0.44 of the draws instead of 1/6);
+    an epoch keeps its length; 1 (the default) draws every slice once; the class counts are those of the training
+    block."""
+    vol = _rare_volume(tmp_path)
+    cpu = torch.device("cpu")
+    plain = make_dls(vol, 1.0, bs=4, valid_pct=0.2, augment=False, device=cpu, gap_slices=0, seed=3)
+    assert plain.oversample_rare == 1.0 and plain.train.weights is None
+    assert sorted(plain.train.dataset[plain.train.get_idxs()].tolist()) == list(range(24))
+    n_train = plain.split.n_train
+    want = [int((vol.labels[:n_train] == k).sum()) for k in range(3)]
+    assert plain.class_counts.tolist() == want
+    dls = make_dls(vol, 1.0, bs=4, valid_pct=0.2, augment=False, device=cpu, gap_slices=0, seed=3, oversample_rare=4.0)
+    zs = np.concatenate([dls.train.dataset[dls.train.get_idxs()] for _ in range(200)])
+    assert len(zs) == 200 * 24
+    share = float(np.isin(zs, [0, 6, 12, 18]).mean())
+    assert abs(share - 16 / 36) < 0.03, share
+    x, y = dls.train.one_batch()  # batches still one gather of the drawn slices
+    assert x.shape[0] == 4 and y.shape[-2:] == (128, 128)
+    with pytest.raises(ValueError, match="oversample_rare"):
+        make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, oversample_rare=0.5)
+
+
+def test_oversample_rare_centres_crops_on_the_rare_class_more_often(tmp_path, monkeypatch):
+    """With crops all centred near a fossil pixel, a window holds the rare class (16 of the 160 fossil pixels of the
+    slices that have it) in proportion to its pixels without oversampling, and far more often with oversample_rare=4
+    (both the slice draws and the pixel picks favour it)."""
+    monkeypatch.setattr(loaders, "FOSSIL_CROP_SHARE", 1.0)
+    vol = _rare_volume(tmp_path)
+
+    def rare_share(k):
+        dls = make_dls(vol, 1.0, bs=8, valid_pct=0.2, augment=False, device=torch.device("cpu"), gap_slices=0,
+                       crop_size=48, seed=5, oversample_rare=k)
+        ys = torch.cat([y.as_subclass(torch.Tensor) for _ in range(5) for _, y in dls.train.new(after_batch=Pipeline([]))])
+        return float((ys == 2).flatten(1).any(1).float().mean())
+    plain, rare = rare_share(1.0), rare_share(4.0)
+    # uniform: 4/24 slices x 16/160 pixels = 0.017; oversampled: 16/36 slices x (4 * 16) / (4 * 16 + 144) = 0.137
+    assert abs(plain - 0.017) < 0.015 and abs(rare - 0.137) < 0.04, (plain, rare)

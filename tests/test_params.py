@@ -31,7 +31,10 @@ def test_every_notebook_parameter_has_a_rule_and_the_defaults_pass():
     ("valid_pct", float("nan"), "valid_pct=nan"),
     ("context_slices", 2, "odd whole number"),
     ("connectivity", 8, "one of 6, 18, 26"),
-    ("loss", "dice", "one of 'cross_entropy', 'ce_dice'"),
+    ("loss", "dice", "one of 'cross_entropy', 'ce_dice', 'focal'"),
+    ("class_weights", "balanced", "\"inverse_sqrt\", \"inverse\" or a list of positive numbers"),
+    ("class_weights", [1, 0, 2], "a list of positive numbers, one per class"),
+    ("oversample_rare", 0.5, "a number at least 1"),
     ("tta", "yes", "True or False"),
     ("crop_size", 16, "None or a whole number >= 32"),
     ("voxel_size_um", [1, 2], "three, [z, y, x]"),
@@ -49,7 +52,9 @@ def test_a_bad_value_is_named_with_what_it_takes(name, value, says):
 def test_good_values_of_other_types_pass_and_unknown_names_are_left_alone():
     import numpy as np
     check_params({"bs": np.int64(4), "voxel_size_um": [5, 2.5, 2.5], "data_dir": ROOT, "crop_size": None,
-                  "min_voxels": 0, "ROOT": object(), "lr_unfrozen_lo": 1e-5, "lr_unfrozen_hi": 1e-5})
+                  "min_voxels": 0, "ROOT": object(), "lr_unfrozen_lo": 1e-5, "lr_unfrozen_hi": 1e-5,
+                  "class_weights": [1, 5.5, 20], "oversample_rare": 3})
+    check_params({"class_weights": "inverse_sqrt", "oversample_rare": 1.0})
     with pytest.raises(ParameterError, match="lr_unfrozen_lo=0.001 is above lr_unfrozen_hi=0.0001"):
         check_params({"lr_unfrozen_lo": 1e-3, "lr_unfrozen_hi": 1e-4})
     with pytest.raises(ParameterError, match="(?s)bs=0.*tta='no'"):  # every bad one at once

@@ -166,16 +166,18 @@ def test_plan_is_read_off_the_fit(odd_vol, tmp_path):
     assert plan["frozen"] is False and plan["bs"] == 2 and plan["size"] == [35, 33] and plan["start"] == "random init"
     assert plan["moms"] == [0.95, 0.85, 0.95] and plan["codes"] == odd_vol.codes and plan["context_slices"] == 1
     assert plan["loss"] == "cross_entropy" and plan["crop_size"] is None
+    assert plan["class_weights"] is None and plan["oversample_rare"] == 1.0
 
 
 def test_another_loss_or_crop_size_is_another_plan(odd_vol, tmp_path, capsys):
-    """The loss and the training crop are in the plan: changing either trains the phase again; a record written
-    before they were recorded reads as the published recipe (cross-entropy, whole slices)."""
+    """The loss, its class weights, the rare-class oversampling and the training crop are in the plan: changing any
+    trains the phase again; a record written before they were recorded reads as the published recipe (cross-entropy,
+    no weights, each slice once, whole slices)."""
     learn = _learner(odd_vol, tmp_path, frac=1.0)
     learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
     rec_file = tmp_path / "models" / "t_frozen.json"
     rec = json.loads(rec_file.read_text())
-    for k in ("loss", "crop_size"):
+    for k in ("loss", "crop_size", "class_weights", "oversample_rare"):
         del rec["plan"][k]
     rec_file.write_text(json.dumps(rec))  # as the earlier code wrote it
     capsys.readouterr()
@@ -187,6 +189,13 @@ def test_another_loss_or_crop_size_is_another_plan(odd_vol, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "loss cross_entropy -> ce_dice" in out and "crop_size None -> 64" in out
     assert read_record(tmp_path, "t_frozen")["crop_size"] == 64 and read_record(tmp_path, "t_frozen")["attempt"] == 2
+    rare = build_learner(make_dls(odd_vol, 1.0, bs=2, device=torch.device("cpu"), crop_size=64, oversample_rare=3),
+                         pretrained=False, work_dir=tmp_path, loss="ce_dice", class_weights="inverse_sqrt")
+    rare.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+    out = capsys.readouterr().out
+    assert "oversample_rare 1.0 -> 3.0" in out and "class_weights None -> [" in out
+    rec = read_record(tmp_path, "t_frozen")
+    assert rec["attempt"] == 3 and rec["class_weights"] == rare.class_weights and rec["oversample_rare"] == 3.0
 
 
 def test_next_stage_loads_the_latest_or_a_named_attempt(odd_vol, tmp_path, capsys):
