@@ -57,11 +57,16 @@ def _folder(sample_seed, seed):
     return f"seed{seed}" if sample_seed is None else f"sample{sample_seed}_seed{seed}"
 
 
+def _work(root, name, sample_seed, seed):
+    """The run folder of variant `name` on the sample of `sample_seed` (None: that of `seed`) with training `seed`."""
+    return Path(root) / name / _folder(sample_seed, seed)
+
+
 def _run(args, name, params, model_from, seed, sample_seed=None):
-    work = Path(args.work_root) / name / _folder(sample_seed, seed)
+    work = _work(args.work_root, name, sample_seed, seed)
     stages = ["05"] if model_from else [*(s.zfill(2) for s in args.stages), "05"]
     if model_from:
-        src = Path(args.work_root) / model_from / _folder(sample_seed, seed) / "models"
+        src = _work(args.work_root, model_from, sample_seed, seed) / "models"
         if not src.exists():
             raise SystemExit(f"{name} reuses the model of {model_from}: run that variant first ({src} not found)")
         shutil.copytree(src, work / "models", dirs_exist_ok=True)
@@ -90,7 +95,7 @@ def collect(work_root, names, seeds, sample_seeds=None):
     prediction seconds; each row's variant is the name given here (05's own description in `model`)."""
     rows, codes = [], None
     for name, sample_seed, seed in ((n, a, s) for n in names for a in (sample_seeds or [None]) for s in seeds):
-        work = Path(work_root) / name / _folder(sample_seed, seed)
+        work = _work(work_root, name, sample_seed, seed)
         ev = work / "evaluation.json"
         if not ev.exists():
             print(f"{name}, {_folder(sample_seed, seed)}: no {ev} (not run, or no ground truth): left out")
@@ -135,7 +140,7 @@ def main(argv=None):
         for sample_seed in args.sample_seeds or [None]:
             for seed in args.seeds:
                 for name in args.variants:
-                    if (Path(args.work_root) / name / _folder(sample_seed, seed) / "evaluation.json").exists():
+                    if (_work(args.work_root, name, sample_seed, seed) / "evaluation.json").exists():
                         continue  # finished earlier (delete its folder to run it again)
                     _run(args, name, *VARIANTS[name], seed, sample_seed)
     rows, codes = collect(args.work_root, args.variants, args.seeds, args.sample_seeds)

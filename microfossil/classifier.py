@@ -190,10 +190,11 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     labels = list(clf.classes_)
     fossil = np.array([k for k, c in enumerate(labels) if c != NOT_A_FOSSIL])
     best = fossil[proba[:, fossil].argmax(1)]  # the likeliest fossil class...
+    p_best = proba[np.arange(len(best)), best]
     p_not = proba[:, labels.index(NOT_A_FOSSIL)] if threshold is not None else np.zeros(len(proba))
-    reject = p_not >= (threshold if threshold is not None else np.inf)  # ...unless "not a fossil" is sure enough
+    reject = p_not >= threshold if threshold is not None else np.zeros(len(proba), bool)  # ...unless sure enough
     cat["class"] = np.where(reject, NOT_A_FOSSIL, clf.classes_[best])
-    cat["class_probability"] = np.where(reject, p_not, proba[np.arange(len(best)), best])
+    cat["class_probability"] = np.where(reject, p_not, p_best)
     cat["flagged"] = reject
     cat["classified_by"] = " + ".join(([str(examples_from)] if n_from["bundle"] else [])
                                       + ([f"this run ({len(mine)} examples)"] if len(mine) else []))
@@ -209,8 +210,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             "features": list(X.columns), "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
             "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
             "reject_threshold": threshold, "reject_threshold_from": threshold_from,
-            "kept_below_threshold": int(((proba.argmax(1) == labels.index(NOT_A_FOSSIL)) & ~reject).sum())
-            if threshold is not None else 0,
+            "kept_below_threshold": int(((p_not > p_best) & ~reject).sum()),  # "not a fossil" likeliest, yet kept
             "per_class": {str(k): int(v) for k, v in cat["class"].value_counts().items()},
             "checkpoint": out_extraction.get("checkpoint")}
     with staged(target) as stage:  # the catalogue, the cleaned labels and the record together, or none of them

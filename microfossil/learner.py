@@ -26,6 +26,7 @@ from fastai.vision.learner import model_meta
 
 from .loaders import draw_weights, n_input_channels
 from .metrics import scores_from_confusion
+from .params import CLASS_WEIGHTS
 from .runtime import local_dir, on_drive
 
 
@@ -174,7 +175,6 @@ LOSSES = {  # name: the loss, given the class weights (a tensor, or None)
     "ce_dice": lambda w: CrossEntropyDiceLoss(weight=w),
     "focal": lambda w: FocalLossFlat(axis=1, gamma=2.0, weight=w),  # easy pixels (most background) weigh little
 }
-CLASS_WEIGHTS = {"inverse_sqrt": 0.5, "inverse": 1.0}  # name: the power of 1 / frequency
 
 
 def class_weights_of(counts, how):
