@@ -87,6 +87,10 @@ def _read_run(folder):
     if len(feats) != len(cat) or not (feats["id"].to_numpy() == cat["id"].to_numpy()).all():
         raise ValueError(f"{exp_dir / 'features.csv'} does not describe the specimens of {exp_dir / 'fossils.csv'}: "
                          "re-run the extraction cell of 05_predict_export.")
+    absent = [c for c in SPECIMEN_FEATURES if c not in feats.columns]
+    if absent:
+        raise ValueError(f"{exp_dir / 'features.csv'} lacks the descriptor(s) {absent}: an earlier version of the "
+                         "project wrote it. Re-run the extraction cell of 05_predict_export (the review is kept).")
     return cat, feats, read_json(exp_dir / "extraction.json")
 
 
@@ -165,10 +169,15 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     mine = pd.DataFrame(X_fit, columns=cols).assign(label=y_fit, source=src, origin=Path(work_dir).resolve().name)
     n_from["bundle"], examples_from = 0, (examples.attrs.get("source", "other examples") if examples is not None else None)
     if examples is not None and len(examples):
-        missing = [c for c in cols if c not in examples.columns]
-        if missing:
-            raise ValueError(f"The classifier examples of {examples_from} lack {missing}: they come from a model with "
-                             "other classes or an older version; predict with a model whose classes are this scan's.")
+        older = [c for c in cols if c not in examples.columns or examples[c].isna().any()]
+        if len(older) == len(cols):
+            raise ValueError(f"The classifier examples of {examples_from} have none of the descriptors {cols}: they "
+                             "come from another program or version; predict with a model bundle made by this one.")
+        if older:  # examples measured before a descriptor existed: the forest reads the descriptors all examples have
+            print(f"Some classifier examples of {examples_from} predate the descriptor(s) {older}: the classifier reads "
+                  "the other descriptors (re-run 05 on the scans that gave them, with this version, to add them).")
+            X_fit = X_fit[:, [k for k, c in enumerate(cols) if c not in older]]
+            cols = [c for c in cols if c not in older]
         X_fit = np.concatenate([X_fit, examples[cols].fillna(0.0).to_numpy()])
         y_fit = np.concatenate([y_fit, examples["label"].astype(str).to_numpy()])
         n_from["bundle"] = len(examples)

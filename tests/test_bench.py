@@ -133,11 +133,14 @@ def test_variants_over_samples_and_training_seeds(tmp_path, capsys, monkeypatch)
     calls.clear()
     variants.main(args)  # all finished: nothing runs again
     assert calls == []
-    with pytest.raises(SystemExit):  # --quick sets the loss itself: a loss variant is refused, not silently changed
-        variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "ce"])
-    assert "variant ce sets loss, which --quick sets itself" in capsys.readouterr().err
-    variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "quick", "--sample-seeds", "0", "--seeds", "3"])
-    assert len(calls) == 1 and "--quick" in calls[0] and "loss" not in calls[0]
+    with pytest.raises(SystemExit):  # --quick sets the context slices itself: a variant of them is refused, not ignored
+        variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "k1"])
+    assert "variant k1 sets context_slices, tta, which --quick sets itself" in capsys.readouterr().err
+    variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "quick", "ce_dice", "--sample-seeds", "0",
+                   "--seeds", "3"])  # the loss is the notebooks' parameter in quick mode too
+    assert len(calls) == 2 and all("--quick" in c for c in calls) and "loss" not in calls[0]
+    assert calls[1][calls[1].index("loss") + 1] == "'ce_dice'"
+
 
 def test_colab_requirements_sees_colabs_packages_as_installed(tmp_path):
     """The dry run over Colab's list: packages of the list count as installed (no index needed when every

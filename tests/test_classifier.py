@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import pandas as pd
 import tifffile
 from PIL import Image
@@ -212,3 +213,30 @@ def test_the_clean_up_drops_junk_but_no_true_specimen(tmp_path, capsys):
     js = json.loads((work / "heldout" / "exports" / "classifier.json").read_text())
     assert REJECT_FLOOR <= js["reject_threshold"] <= 1.01 and js["flagged"] > 0
     assert "only at P >=" in capsys.readouterr().out
+
+
+def test_examples_and_extractions_from_before_a_descriptor(tmp_path, capsys):
+    """A bundle's examples measured before a descriptor existed (the column absent, or empty on its older rows): the
+    classifier reads the descriptors every example has, says so, and still classes the specimens. A features.csv
+    from before it stops with the file named and the fix (re-run the extraction)."""
+    vol, pred = shells_and_chains(tmp_path)
+    work = tmp_path / "run"
+    extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    split = split_volume(vol, 0.2)
+    classify_specimens(work, split)
+    mine = pd.read_csv(work / "exports" / "classifier_examples.csv")
+    truth = pd.read_csv(work / "exports" / "features.csv")
+    truth = np.where(truth["truth_chain"] > truth["truth_shell"], "chain", "shell")
+    absent, emptied = mine.drop(columns="inner_walls"), pd.concat([mine.assign(inner_walls=np.nan), mine])
+    for old in (absent, emptied):
+        old.attrs["source"] = "bundle old v1"
+        capsys.readouterr()
+        cat = classify_specimens(work, split, use_truth=False, examples=old)
+        assert "bundle old v1 predate the descriptor(s) ['inner_walls']" in capsys.readouterr().out
+        js = json.loads((work / "exports" / "classifier.json").read_text())
+        assert "inner_walls" not in js["features"] and "solidity" in js["features"] and js["from_bundle"] == len(old)
+        assert (cat["class"].to_numpy() == truth).mean() >= 0.9
+    feats = pd.read_csv(work / "exports" / "features.csv")
+    feats.drop(columns="inner_walls").to_csv(work / "exports" / "features.csv", index=False)
+    with pytest.raises(ValueError, match=r"features.csv lacks the descriptor\(s\) \['inner_walls'\].*Re-run the extraction"):
+        classify_specimens(work, split)

@@ -54,6 +54,22 @@ def test_descriptors_tell_a_ball_from_a_rod():
     assert fb["enclosed"] == 0 and fb["intensity_p50"] == 200
 
 
+def test_inner_walls_tell_a_chambered_test_from_a_shell():
+    """inner_walls: walls deep inside the envelope (a foraminifer's septa) against a wall only at the surface (an
+    ostracod's carapace, hollow or filled); a specimen of one brightness has none."""
+    b = ball((25, 25, 25), (12, 12, 12), 10)
+    inner = ball(b.shape, (12, 12, 12), 8.5)
+    shell = np.where(b, np.where(inner, 30, 220), 0).astype(np.uint8)  # bright wall, dark inside
+    filled = np.where(b, np.where(inner, 120, 220), 0).astype(np.uint8)  # bright wall, sediment inside
+    chambered = shell.copy()
+    chambered[12, 2:23, 2:23] = np.where(b[12, 2:23, 2:23], 220, 0)  # a septum through the middle
+    chambered[:, 12, :] = np.where(b[:, 12, :], 220, chambered[:, 12, :])  # and another across it
+    f = {name: descriptors(ct, b)["inner_walls"] for name, ct in
+         (("shell", shell), ("filled", filled), ("chambered", chambered), ("uniform", np.where(b, 200, 0)))}
+    assert f["shell"] == f["filled"] == f["uniform"] == 0.0
+    assert 0.05 < f["chambered"] < 0.5, f
+
+
 def test_paint_classes_repaints_each_specimen_by_id(tmp_path):
     ids = np.random.default_rng(0).integers(0, 4, (3, 5, 6)).astype(np.uint16)
     write_label_tiff(tmp_path / "specimens.tif", iter(ids))
