@@ -9,7 +9,7 @@ cite it) holding:
   SHA-256, the training and held-out slices of the volume it learnt from, and the bundle's
   `version` (raised each time its classifier examples change);
 - `classifier_examples.csv`: the specimen classifier's examples, one row per specimen: its 3D
-  descriptors and class fractions, its `label`, its `source` (training-block ground truth, a
+  descriptors, its `label`, its `source` (training-block ground truth, a
   true specimen, a review) and its `origin` (the run it came from). The forest is retrained
   from them where the bundle is used (no pickled model: it loads under any scikit-learn).
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .io import finish_commit, read_json, staged, write_csv, write_json
 from .exports import draw_gallery
-from .specimens import NOT_A_FOSSIL, SPECIMEN_FEATURES, paint_classes
+from .specimens import LATER_DESCRIPTORS, NOT_A_FOSSIL, SPECIMEN_FEATURES, paint_classes
 
 
 def _training_labels(cat, feats, codes, n_train, review):
@@ -120,9 +120,10 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     fossil among its examples); otherwise it takes the likeliest fossil class. Only a review
     rejects a specimen below it.
 
-    `examples` (a table of the descriptors and class fractions, with `label`) are more examples,
+    `examples` (a table of the 3D descriptors, with `label`) are more examples,
     from elsewhere: a model bundle's (`bundle.bundle_examples`, which names it in
-    `examples.attrs["source"]`, as the catalogue's `classified_by` column does). The examples this run gives (labelled predicted
+    `examples.attrs["source"]`, as the catalogue's `classified_by` column does); examples measured before a descriptor
+    of `LATER_DESCRIPTORS` existed make the forest read the others (`left_out` in classifier.json). The examples this run gives (labelled predicted
     specimens, true specimens, reviews) are written to `exports/classifier_examples.csv`, with
     their `source` and `origin` (this run), for the run's model bundle (`bundle.update_bundle`).
     """
@@ -169,10 +170,12 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     mine = pd.DataFrame(X_fit, columns=cols).assign(label=y_fit, source=src, origin=Path(work_dir).resolve().name)
     n_from["bundle"], examples_from = 0, (examples.attrs.get("source", "other examples") if examples is not None else None)
     if examples is not None and len(examples):
-        older = [c for c in cols if c not in examples.columns or examples[c].isna().any()]
-        if len(older) == len(cols):
-            raise ValueError(f"The classifier examples of {examples_from} have none of the descriptors {cols}: they "
-                             "come from another program or version; predict with a model bundle made by this one.")
+        absent = [c for c in cols if c not in examples.columns or examples[c].isna().any()]
+        older = [c for c in absent if c in LATER_DESCRIPTORS]
+        if len(older) < len(absent):
+            raise ValueError(f"The classifier examples of {examples_from} lack the descriptor(s) "
+                             f"{[c for c in absent if c not in older]}: they come from another program or version; "
+                             "predict with a model bundle made by this one.")
         if older:  # examples measured before a descriptor existed: the forest reads the descriptors all examples have
             print(f"Some classifier examples of {examples_from} predate the descriptor(s) {older}: the classifier reads "
                   "the other descriptors (re-run 05 on the scans that gave them, with this version, to add them).")
@@ -216,7 +219,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             "training_slices": [0, n_train - 1] if n_train else None,
             "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
             "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
-            "features": list(X.columns), "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
+            "features": list(X.columns), "left_out": [c for c in SPECIMEN_FEATURES if c not in cols], "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
             "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
             "reject_threshold": threshold, "reject_threshold_from": threshold_from,
             "kept_below_threshold": int(((p_not > p_best) & ~reject).sum()),  # "not a fossil" likeliest, yet kept

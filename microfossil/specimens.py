@@ -20,6 +20,9 @@ SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "b
                      "intensity_p50", "intensity_p90", "intensity_std"]
 
 INNER_DEPTH = 2.5  # voxels from a specimen's surface where its interior starts (`descriptors`' inner_walls)
+# Descriptors added after model bundles were first written: a bundle's examples measured before one existed are still
+# used, on the descriptors they have (`classifier.classify_specimens`); any other missing descriptor is an error.
+LATER_DESCRIPTORS = ("inner_walls",)
 
 
 def label_components(mask, connectivity=26):

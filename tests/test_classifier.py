@@ -227,15 +227,25 @@ def test_examples_and_extractions_from_before_a_descriptor(tmp_path, capsys):
     mine = pd.read_csv(work / "exports" / "classifier_examples.csv")
     truth = pd.read_csv(work / "exports" / "features.csv")
     truth = np.where(truth["truth_chain"] > truth["truth_shell"], "chain", "shell")
-    absent, emptied = mine.drop(columns="inner_walls"), pd.concat([mine.assign(inner_walls=np.nan), mine])
+    absent = mine.drop(columns="inner_walls")
+    pd.concat([absent, mine]).to_csv(tmp_path / "merged.csv", index=False)  # as update_bundle merges old and new rows
+    emptied = pd.read_csv(tmp_path / "merged.csv")
+    assert emptied["inner_walls"].isna().sum() == len(mine)
     for old in (absent, emptied):
         old.attrs["source"] = "bundle old v1"
         capsys.readouterr()
-        cat = classify_specimens(work, split, use_truth=False, examples=old)
+        cat = classify_specimens(work, split, examples=old)  # this run's truth too: its examples are measured anew
         assert "bundle old v1 predate the descriptor(s) ['inner_walls']" in capsys.readouterr().out
         js = json.loads((work / "exports" / "classifier.json").read_text())
         assert "inner_walls" not in js["features"] and "solidity" in js["features"] and js["from_bundle"] == len(old)
+        assert js["left_out"] == ["inner_walls"]
         assert (cat["class"].to_numpy() == truth).mean() >= 0.9
+        kept = pd.read_csv(work / "exports" / "classifier_examples.csv")  # this run's own examples keep it, measured
+        assert kept["inner_walls"].notna().all() and len(kept) == len(mine)
+    with pytest.raises(ValueError, match=r"bundle other v1 lack the descriptor\(s\) \['solidity'\]"):
+        other = mine.drop(columns=["solidity", "inner_walls"])  # a descriptor every bundle has had: not ours
+        other.attrs["source"] = "bundle other v1"
+        classify_specimens(work, split, use_truth=False, examples=other)
     feats = pd.read_csv(work / "exports" / "features.csv")
     feats.drop(columns="inner_walls").to_csv(work / "exports" / "features.csv", index=False)
     with pytest.raises(ValueError, match=r"features.csv lacks the descriptor\(s\) \['inner_walls'\].*Re-run the extraction"):

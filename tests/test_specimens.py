@@ -1,5 +1,6 @@
 """Specimens: one component finder, touching specimens split, majority classes, descriptors, repainting by id."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -68,6 +69,11 @@ def test_inner_walls_tell_a_chambered_test_from_a_shell():
          (("shell", shell), ("filled", filled), ("chambered", chambered), ("uniform", np.where(b, 200, 0)))}
     assert f["shell"] == f["filled"] == f["uniform"] == 0.0
     assert 0.05 < f["chambered"] < 0.5, f
+    thin = np.zeros((30, 5, 5), bool)
+    thin[2:28, 1:4, 1:4] = True  # no voxel 2.5 deep: no interior, nothing to measure (0, not a warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert descriptors(np.where(thin, 200, 0).astype(np.uint8), thin)["inner_walls"] == 0.0
 
 
 def test_paint_classes_repaints_each_specimen_by_id(tmp_path):
