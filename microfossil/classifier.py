@@ -171,16 +171,15 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     n_from["bundle"], examples_from = 0, (examples.attrs.get("source", "other examples") if examples is not None else None)
     if examples is not None and len(examples):
         absent = [c for c in cols if c not in examples.columns or examples[c].isna().any()]
-        older = [c for c in absent if c in LATER_DESCRIPTORS]
-        if len(older) < len(absent):
-            raise ValueError(f"The classifier examples of {examples_from} lack the descriptor(s) "
-                             f"{[c for c in absent if c not in older]}: they come from another program or version; "
-                             "predict with a model bundle made by this one.")
-        if older:  # examples measured before a descriptor existed: the forest reads the descriptors all examples have
-            print(f"Some classifier examples of {examples_from} predate the descriptor(s) {older}: the classifier reads "
+        foreign = [c for c in absent if c not in LATER_DESCRIPTORS]
+        if foreign:
+            raise ValueError(f"The classifier examples of {examples_from} lack the descriptor(s) {foreign}: they come "
+                             "from another program or version; predict with a model bundle made by this one.")
+        if absent:  # examples measured before a descriptor existed: the forest reads the descriptors all examples have
+            print(f"Some classifier examples of {examples_from} predate the descriptor(s) {absent}: the classifier reads "
                   "the other descriptors (re-run 05 on the scans that gave them, with this version, to add them).")
-            X_fit = X_fit[:, [k for k, c in enumerate(cols) if c not in older]]
-            cols = [c for c in cols if c not in older]
+            keep = [k for k, c in enumerate(cols) if c not in absent]
+            X_fit, cols = X_fit[:, keep], [cols[k] for k in keep]
         X_fit = np.concatenate([X_fit, examples[cols].fillna(0.0).to_numpy()])
         y_fit = np.concatenate([y_fit, examples["label"].astype(str).to_numpy()])
         n_from["bundle"] = len(examples)

@@ -142,7 +142,7 @@ def descriptors(ct, mask):
     peaks = peak_local_max(dist, min_distance=2, threshold_abs=1.5, labels=mask.astype(np.uint8), exclude_border=False)
     vals = ct[mask].astype(np.float64)
     p10, p50, p75, p90 = np.percentile(vals, [10, 50, 75, 90])
-    inner = ct[mask & (dist >= INNER_DEPTH)]
+    inner = ct[dist >= INNER_DEPTH]  # the distance is 0 outside the mask
     size = nv ** (1 / 3)
     return {"log_voxels": math.log10(nv), "surface_share": len(surface) / nv,
             "elongation": math.sqrt(ev[1] / ev[0]), "flatness": math.sqrt(ev[2] / ev[1]),

@@ -4,8 +4,8 @@ import csv
 import json
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import tifffile
 from PIL import Image
 
