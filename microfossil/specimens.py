@@ -15,14 +15,16 @@ import numpy as np
 from .io import read_label_pages, write_label_tiff
 
 NOT_A_FOSSIL = "not a fossil"  # the class of a specimen that the specimen classifier calls no fossil (it is `flagged`)
-SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "box_fill", "solidity", "enclosed",
-                     "n_peaks", "peaks_per_1000_voxels", "max_thickness", "mean_thickness", "inner_walls", "intensity_p10",
-                     "intensity_p50", "intensity_p90", "intensity_std"]
+SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "principal_box_fill", "solidity",
+                     "enclosed", "n_peaks", "peaks_per_1000_voxels", "max_thickness", "mean_thickness", "inner_walls",
+                     "intensity_p10", "intensity_p50", "intensity_p90", "intensity_std"]
 
 INNER_DEPTH = 2.5  # voxels from a specimen's surface where its interior starts (`descriptors`' inner_walls)
 # Descriptors added after model bundles were first written: a bundle's examples measured before one existed are still
 # used, on the descriptors they have (`classifier.classify_specimens`); any other missing descriptor is an error.
-LATER_DESCRIPTORS = ("inner_walls",)
+# principal_box_fill replaced box_fill (the same fill, of a box along the scan's axes: it changed with the specimen's
+# pose); an older example's box_fill is not read.
+LATER_DESCRIPTORS = ("inner_walls", "principal_box_fill")
 
 
 def label_components(mask, connectivity=26):
@@ -115,9 +117,10 @@ def descriptors(ct, mask):
 
     `mask` is the specimen in its bounding box, `ct` the CT crop of the same box.
     surface_share: share of its voxels on its surface; elongation / flatness: square roots of
-    the ratios of the principal second moments (2nd/1st, 3rd/2nd); box_fill: share of the
-    bounding box filled; solidity: volume over convex-hull volume; enclosed: share of the
-    filled-in shape that is an inner cavity; n_peaks: local maxima of the distance to the
+    the ratios of the principal second moments (2nd/1st, 3rd/2nd); principal_box_fill: share
+    of its box along its principal axes that it fills (the same whichever way the specimen lies in
+    the core, where a box along the scan's axes is not); solidity: volume over convex-hull volume;
+    enclosed: share of the filled-in shape that is an inner cavity; n_peaks: local maxima of the distance to the
     surface, a proxy for chambers; thickness: the largest and mean distance to the surface
     (relative to the size); inner_walls: share of the interior (`INNER_DEPTH` voxels or more
     from the surface) as bright as the specimen's brightest quarter (and above its median): walls
@@ -130,7 +133,10 @@ def descriptors(ct, mask):
     nv = int(mask.sum())
     pts = np.argwhere(mask).astype(np.float64)
     c = pts - pts.mean(0)
-    ev = np.sort(np.linalg.eigvalsh(c.T @ c / nv))[::-1] + 1 / 12  # + a voxel's own moment: no zero for flat shapes
+    ev, axes = np.linalg.eigh(c.T @ c / nv)
+    ev = ev[::-1] + 1 / 12  # largest first; + a voxel's own moment: no zero for flat shapes
+    along = c @ axes  # each voxel's coordinates along the principal axes
+    principal_box = np.prod(along.max(0) - along.min(0) + 1)  # + 1: a voxel's own width
     surface = np.argwhere(mask & ~ndimage.binary_erosion(mask))
     corners = (surface[:, None, :] + np.array(list(itertools.product((-0.5, 0.5), repeat=3)))[None]).reshape(-1, 3)
     try:
@@ -146,7 +152,8 @@ def descriptors(ct, mask):
     size = nv ** (1 / 3)
     return {"log_voxels": math.log10(nv), "surface_share": len(surface) / nv,
             "elongation": math.sqrt(ev[1] / ev[0]), "flatness": math.sqrt(ev[2] / ev[1]),
-            "box_fill": nv / mask.size, "solidity": min(1.0, nv / max(hull, 1e-9)), "enclosed": 1 - nv / filled,
+            "principal_box_fill": min(1.0, nv / principal_box), "solidity": min(1.0, nv / max(hull, 1e-9)),
+            "enclosed": 1 - nv / filled,
             "n_peaks": len(peaks), "peaks_per_1000_voxels": 1000 * len(peaks) / nv,
             "max_thickness": float(dist.max()) / size, "mean_thickness": float(dist[mask].mean()) / size,
             "inner_walls": float(((inner >= p75) & (inner > p50)).mean()) if inner.size else 0.0,

@@ -242,6 +242,14 @@ def test_examples_and_extractions_from_before_a_descriptor(tmp_path, capsys):
         assert (cat["class"].to_numpy() == truth).mean() >= 0.9
         kept = pd.read_csv(work / "exports" / "classifier_examples.csv")  # this run's own examples keep it, measured
         assert kept["inner_walls"].notna().all() and len(kept) == len(mine)
+    oldest = mine.drop(columns="inner_walls").rename(columns={"principal_box_fill": "box_fill"})  # before both
+    oldest["box_fill"] = 0.0  # the scan-axes fill: the classifier must not read it as the principal one
+    oldest.attrs["source"] = "bundle oldest v1"
+    cat = classify_specimens(work, split, examples=oldest)
+    assert "predate the descriptor(s) ['principal_box_fill', 'inner_walls']" in capsys.readouterr().out
+    js = json.loads((work / "exports" / "classifier.json").read_text())
+    assert js["left_out"] == ["principal_box_fill", "inner_walls"] and "box_fill" not in js["features"]
+    assert (cat["class"].to_numpy() == truth).mean() >= 0.9
     with pytest.raises(ValueError, match=r"bundle other v1 lack the descriptor\(s\) \['solidity'\]"):
         other = mine.drop(columns=["solidity", "inner_walls"])  # a descriptor every bundle has had: not ours
         other.attrs["source"] = "bundle other v1"

@@ -55,6 +55,23 @@ def test_descriptors_tell_a_ball_from_a_rod():
     assert fb["enclosed"] == 0 and fb["intensity_p50"] == 200
 
 
+def test_principal_box_fill_does_not_depend_on_how_the_specimen_lies():
+    """One ellipsoid of a small specimen's size turned 12 ways: the fill of its box along its principal axes barely
+    moves, where the fill of the scan's own axes' box (the earlier `box_fill`) swings with the turn."""
+    from scipy import ndimage
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.mgrid[:31, :31, :31], -1) - 15.0
+    principal, axis = [], []
+    for _ in range(12):
+        turn = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        m = (((grid @ turn) / np.array([3.5, 4.5, 7.0])) ** 2).sum(-1) <= 1
+        principal.append(descriptors(np.full(m.shape, 200, np.uint8), m)["principal_box_fill"])
+        box = ndimage.find_objects(m.astype(np.uint8))[0]
+        axis.append(m.sum() / np.prod([s.stop - s.start for s in box]))
+    assert np.std(principal) < 0.5 * np.std(axis) and np.ptp(principal) < 0.1, (principal, axis)
+    assert 0.35 < min(principal) and max(principal) <= math.pi / 6  # a smooth ellipsoid fills pi/6 of its box
+
+
 def test_inner_walls_tell_a_chambered_test_from_a_shell():
     """inner_walls: walls deep inside the envelope (a foraminifer's septa) against a wall only at the surface (an
     ostracod's carapace, hollow or filled); a specimen of one brightness has none."""
