@@ -119,13 +119,15 @@ def descriptors(ct, mask):
     surface_share: share of its voxels on its surface; elongation / flatness: square roots of
     the ratios of the principal second moments (2nd/1st, 3rd/2nd); principal_box_fill: share
     of its box along its principal axes that it fills (the same whichever way the specimen lies in
-    the core, where a box along the scan's axes is not); solidity: volume over convex-hull volume;
-    enclosed: share of the filled-in shape that is an inner cavity; n_peaks: local maxima of the distance to the
-    surface, a proxy for chambers; thickness: the largest and mean distance to the surface
-    (relative to the size); inner_walls: share of the interior (`INNER_DEPTH` voxels or more
-    from the surface) as bright as the specimen's brightest quarter (and above its median): walls
-    inside the envelope, such as a foraminifer's septa between chambers, where an ostracod's
-    carapace is a shell around a hollow or sediment-filled inside; intensity percentiles.
+    the core, where a box along the scan's axes is not; where two principal moments are equal the
+    axes in their plane are arbitrary, so a shape not round in that plane can still give other
+    fills); solidity: volume over convex-hull volume; enclosed: share of the filled-in shape that
+    is an inner cavity; n_peaks: local maxima of the distance to the surface, a proxy for chambers;
+    thickness: the largest and mean distance to the surface (relative to the size); inner_walls:
+    share of the interior (`INNER_DEPTH` voxels or more from the surface) as bright as the
+    specimen's brightest quarter (and above its median): walls inside the envelope, such as a
+    foraminifer's septa between chambers, where an ostracod's carapace is a shell around a hollow
+    or sediment-filled inside; intensity percentiles.
     """
     from scipy import ndimage
     from scipy.spatial import ConvexHull

@@ -243,7 +243,7 @@ def test_examples_and_extractions_from_before_a_descriptor(tmp_path, capsys):
         kept = pd.read_csv(work / "exports" / "classifier_examples.csv")  # this run's own examples keep it, measured
         assert kept["inner_walls"].notna().all() and len(kept) == len(mine)
     oldest = mine.drop(columns="inner_walls").rename(columns={"principal_box_fill": "box_fill"})  # before both
-    oldest["box_fill"] = 0.0  # the scan-axes fill: the classifier must not read it as the principal one
+    oldest["box_fill"] = 0.0  # the scan-axes fill, under its own name: not a feature now (asserted below)
     oldest.attrs["source"] = "bundle oldest v1"
     cat = classify_specimens(work, split, examples=oldest)
     assert "predate the descriptor(s) ['principal_box_fill', 'inner_walls']" in capsys.readouterr().out
