@@ -180,7 +180,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
                   "the other descriptors (re-run 05 on the scans that gave them, with this version, to add them).")
             keep = [k for k, c in enumerate(cols) if c not in absent]
             X_fit, cols = X_fit[:, keep], [cols[k] for k in keep]
-        X_fit = np.concatenate([X_fit, examples[cols].fillna(0.0).to_numpy()])
+        X_fit = np.concatenate([X_fit, examples[cols].to_numpy()])  # no gap left: a descriptor with one is in `absent`
         y_fit = np.concatenate([y_fit, examples["label"].astype(str).to_numpy()])
         n_from["bundle"] = len(examples)
     sources = (f"{n_from['truth']} predicted specimens labelled from the ground truth, {n_from['true specimens']} true "
