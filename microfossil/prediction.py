@@ -30,6 +30,22 @@ from .runtime import Progress, local_dir, on_drive, require_mounted
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
 
 
+def voxel_labels(probs, scale=1.0):
+    """Each voxel's label from its class probabilities (`probs`: N x classes x ..., summing to `scale`; a torch
+    tensor or a NumPy array): background where background is at least as likely as all the fossil classes together,
+    else the likeliest fossil class.
+
+    Not the plain arg-max: where the model is unsure which fossil a voxel belongs to (the classes' probabilities
+    split, say 0.4 background, 0.3 and 0.3), the arg-max calls it background and the specimen shrinks or vanishes;
+    here it stays fossil, and the specimen's class is settled per specimen later (extraction, specimen classifier).
+    With a single fossil class this is the arg-max. See docs/evaluation.md, "Fossil or background"."""
+    if probs.shape[1] < 3:
+        return probs.argmax(1)
+    labels = probs[:, 1:].argmax(1) + 1
+    labels[probs[:, 0] >= scale / 2] = 0
+    return labels
+
+
 def load_model(work_dir, name="full_unfrozen", device=None, model_path=None):
     """Rebuild the U-Net of finished phase `name` in `work_dir/models` and load its weights; return `(model, info)`.
 
@@ -184,7 +200,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
                    triplanar=False, checkpoint=None, slice_pngs=False, probs_dir=None):
     """Predict every slice of `vol` at full resolution; write `labels.tif`, `probs.npy` and a few previews.
 
-    `labels.tif` is the label volume (class indices) as one multi-page TIFF; `previews/`
+    `labels.tif` is the label volume (class indices, `voxel_labels`) as one multi-page TIFF; `previews/`
     holds about `PREVIEWS` PNGs (a slice with its predicted classes in colour, every few
     slices); with `slice_pngs`, also one label PNG per slice, `<stem>.png`, the size of the
     input slice (thousands of files on a full scan: slow on Drive). `probs.npy` (when
@@ -268,7 +284,7 @@ def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, cont
     def launch(z0):  # start a batch on the device; its results come back through pinned buffers and an event
         x = torch.from_numpy(_slices_with_context(vol.images, np.arange(z0, min(Z, z0 + bs)), context_slices))
         p = _forward_probs(model, x.to(device, non_blocking=True), tfms, dtype, tta)
-        out = [p.argmax(1).to(torch.uint8)] + ([(p * 255).round_().to(torch.uint8)] if save_probs else [])
+        out = [voxel_labels(p).to(torch.uint8)] + ([(p * 255).round_().to(torch.uint8)] if save_probs else [])
         slot, host = (z0 // bs) % 2, []
         for j, t in enumerate(out):
             if (slot, j) not in bufs or bufs[slot, j].shape[1:] != t.shape[1:]:
@@ -332,7 +348,7 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
     """`predict_volume` with tri-planar averaging: every axial, XZ and YZ slice is predicted and the three class
     probabilities of each voxel are averaged in a memory-mapped uint8 file (a running mean), one block of slices at a
     time (256 MB of probabilities, about 1 GB of RAM at the peak; big blocks, because a block of YZ slices touches
-    every page of the file); then the labels are its arg-max, written as in `predict_volume`."""
+    every page of the file); then the labels are read from it (`voxel_labels`), written as in `predict_volume`."""
     from PIL import Image
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
     Z, H, W = vol.shape
@@ -367,10 +383,10 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
                         p = ((probs[where].astype(np.uint16) * j + p + (j + 1) // 2) // (j + 1)).astype(np.uint8)
                     probs[where] = p
 
-        def label_pages(probs):  # the arg-max, block by block, with the PNGs written beside
+        def label_pages(probs):  # the labels (`voxel_labels`), block by block, with the PNGs written beside
             with ThreadPoolExecutor(2) as pool:
                 for z0 in range(0, Z, bs):
-                    pred[z0:z0 + bs] = np.asarray(probs[z0:z0 + bs]).argmax(1)
+                    pred[z0:z0 + bs] = voxel_labels(np.asarray(probs[z0:z0 + bs]), 255)
                     zs = range(z0, min(Z, z0 + bs))
                     if slice_pngs:
                         list(pool.map(lambda z: Image.fromarray(pred[z]).save(out_dir / f"{vol.stems[z]}.png",

@@ -14,7 +14,7 @@ from microfossil.evaluation import save_metrics
 from microfossil.learner import build_learner, encoder
 from microfossil.loaders import batch_tfms, make_dls, n_input_channels
 from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context, load_model,
-                                    predict_volume)
+                                    predict_volume, voxel_labels)
 from microfossil.io import file_stamp
 from microfossil.split import split_volume
 from microfossil.training import PhaseCheckpoint, weights_sha256
@@ -38,10 +38,25 @@ def test_predict_volume_writes_every_slice(odd_vol, tmp_path):
     probs = np.load(tmp_path / "pred" / "probs.npy", mmap_mode="r")
     assert probs.shape == (6, 3, 141, 133) and probs.dtype == np.uint8
     assert np.abs(probs.astype(int).sum(1) - 255).max() <= 3  # uint8 probabilities sum to ~1
-    assert (probs.argmax(1) != pred).mean() <= 0.01  # quantised probabilities agree with the labels
+    assert (voxel_labels(probs, 255) != pred).mean() <= 0.01  # quantised probabilities agree with the labels
     m = save_metrics(tmp_path, odd_vol, pred, split_volume(odd_vol, 0.2), info)
     assert m["n_heldout_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]
     assert m["checkpoint"] == info["checkpoint"] is not None
+
+
+def test_a_voxel_the_fossil_classes_share_stays_fossil():
+    # background 0.4 against two fossil classes at 0.35 and 0.25: the arg-max says background, the fossil classes
+    # together say fossil (the likeliest of them); background at half or more stays background
+    p = np.array([[0.40, 0.35, 0.25], [0.40, 0.25, 0.35], [0.50, 0.30, 0.20], [0.80, 0.15, 0.05], [0.1, 0.6, 0.3]])
+    p = p.reshape(5, 3, 1, 1)
+    assert voxel_labels(p).ravel().tolist() == [1, 2, 0, 0, 1]
+    assert p.argmax(1).ravel().tolist() == [0, 0, 0, 0, 1]
+    torch_labels = voxel_labels(torch.from_numpy(p))
+    assert torch_labels.ravel().tolist() == [1, 2, 0, 0, 1]
+    u8 = (p * 255).round().astype(np.uint8)  # probs.npy's scale: no overflow, same labels
+    assert voxel_labels(u8, 255).ravel().tolist() == [1, 2, 0, 0, 1]
+    two = np.array([[0.4, 0.6], [0.7, 0.3]]).reshape(2, 2, 1)  # one fossil class: the arg-max
+    assert voxel_labels(two).ravel().tolist() == [1, 0]
 
 
 def test_outputs_record_the_checkpoint_and_a_stale_probs_file_goes(odd_vol, tmp_path):
@@ -108,7 +123,7 @@ def test_triplanar_prediction_averages_the_three_planes(tmp_path):
     p_ax, p_tri = np.load(tmp_path / "ax" / "probs.npy"), np.load(tmp_path / "tri" / "probs.npy")
     assert p_tri.shape == p_ax.shape == (12, 3, 20, 28)
     assert np.abs(p_tri.astype(int) - p_ax).max() <= 1  # same per-voxel prediction in every plane: same mean
-    np.testing.assert_array_equal(tri, p_tri.argmax(1))  # labels are the arg-max of the averaged probabilities
+    np.testing.assert_array_equal(tri, voxel_labels(p_tri, 255))  # labels are read from the averaged probabilities
     assert (tri == axial).mean() > 0.95  # (a few near-ties can flip with the rounding to uint8)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "tri" / "labels.tif"), tri)
 
@@ -210,7 +225,7 @@ def test_drive_gets_a_few_files_and_the_probabilities_stay_on_the_local_disk(tmp
     rec = read_prediction(out, vol.shape)
     assert [rec["probs_path"]] == [str(p.resolve()) for p in local.glob("probs.*.npy")] and not rec["slice_pngs"]
     probs = open_probs(out, (40, 3, 32, 32), rec)
-    assert probs is not None and (np.asarray(probs).argmax(1) == pred).mean() > 0.99
+    assert probs is not None and (voxel_labels(np.asarray(probs), 255) == pred).mean() > 0.99
     del probs
     Path(rec["probs_path"]).unlink()  # the runtime is gone
     assert open_probs(out, (40, 3, 32, 32), rec) is None and "gone with the runtime" in capsys.readouterr().out
