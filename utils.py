@@ -21,7 +21,7 @@ _NAMES = {  # module of the microfossil package: the names the notebooks take fr
     "loaders": ["get_device", "make_dls"],
     "learner": ["build_learner", "valley"],
     "training": ["set_seed", "PhaseCheckpoint", "load_stage", "phase_done", "attempts", "save_bundle"],
-    "prediction": ["load_model", "predict_volume"],
+    "prediction": ["load_model", "predict_volume", "threshold_plan"],
     "extraction": ["extract_fossils"],
     "evaluation": ["save_metrics", "evaluate_heldout", "describe_specimen_scores", "variant_name", "evaluation_row",
                    "write_evaluation"],

@@ -3,7 +3,8 @@
 A bundle is one small folder (`<run>/bundle/` after 04; copy it, zip it, share it on Drive,
 cite it) holding:
 - `model.pth`: the segmentation weights (no optimizer state);
-- `bundle.json`: what they expect and where they come from: the classes, `context_slices`,
+- `bundle.json`: what they expect and where they come from: the classes, `context_slices`, the fossil
+  threshold 05 chose on the training block (`prediction.voxel_labels`),
   the training size, the encoder, tri-planar or not, the intensity policy and the training
   volume's intensity histogram (after windowing), the project version, the checkpoint and its
   SHA-256, the training and held-out slices of the volume it learnt from, and the bundle's
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import link_or_copy, read_json, replacing, write_json
+from .io import PREDICTION_RECORD, link_or_copy, read_json, replacing, write_json
 from .paths import data_home, fetch_dataset
 from .volume import DatasetError
 
@@ -78,6 +79,8 @@ def write_bundle(work_dir, weights, record, vol, split=None, dest=None):
                            "train_slices": record.get("train_slices"), "valid_slices": record.get("valid_slices")},
             "final": record.get("final", {}),
             "classifier": old.get("classifier") if same else None}
+    if same and "fossil_threshold" in old:
+        info["fossil_threshold"] = old["fossil_threshold"]
     write_json(dest / BUNDLE_FILE, info)
     return dest
 
@@ -151,7 +154,6 @@ def bundle_examples(info):
 def run_bundle(work_dir):
     """The bundle the prediction in `work_dir` was made with (05's `model_path`), from its record; None when it was
     made with this run's own model."""
-    from .io import PREDICTION_RECORD
     source = ((read_json(Path(work_dir) / "predictions" / PREDICTION_RECORD) or {}).get("checkpoint") or {}).get("source")
     return read_bundle(source) if source else None
 
@@ -181,6 +183,12 @@ def update_bundle(work_dir, source=None):
     examples = pd.concat([kept, mine], ignore_index=True)
     changed = base["folder"] != str(dest) or not _same_rows(examples, bundle_examples(read_bundle(dest)))
     info = {k: v for k, v in base.items() if k not in ("folder", "weights")}
+    record = read_json(work_dir / "predictions" / PREDICTION_RECORD) or {}
+    if (source is None and record.get("fossil_threshold_chosen_on")
+            and (record.get("checkpoint") or {}).get("sha256") == (info.get("checkpoint") or {}).get("sha256")
+            and info.get("fossil_threshold") != record["fossil_threshold"]):  # chosen on this model's training block
+        info["fossil_threshold"] = record["fossil_threshold"]
+        write_json(dest / BUNDLE_FILE, info)
     if changed:
         with replacing(dest / EXAMPLES) as tmp:
             examples.to_csv(tmp, index=False, float_format="%.6g")

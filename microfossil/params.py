@@ -77,6 +77,11 @@ def _voxel_size(v):
     return v is None or (len(vals) in (1, 3) and all(_number(0, lo_open=True)(x)[0] for x in vals)), what
 
 
+def _fossil_threshold(v):
+    ok, _ = _number(0, 1, lo_open=True, hi_open=True)(v)
+    return ok or v == "auto", "\"auto\" (chosen on the training block) or a number above 0 and below 1"
+
+
 RULES = {  # name: (rule, what it is, for the message)
     "data_dir": (_or_none(_path), "the dataset folder"),
     "work_dir": (_or_none(_path), "the run folder"),
@@ -110,6 +115,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "model_path": (_or_none(_text), "a model from elsewhere: a bundle folder, a training run folder or a link"),
     "model_name": (_text, "the phase in work_dir/models to predict with, e.g. \"full_unfrozen\""),
     "save_probs": (_flag, "write probs.npy"), "tta": (_flag, "flip test-time augmentation"),
+    "fossil_threshold": (_fossil_threshold, "the share of probability the fossil classes need for a voxel to be fossil"),
     "voxel_size_um": (_voxel_size, "the voxel size"),
     "min_voxels": (_whole(0), "the smallest specimen kept, in voxels (0 or 1: keep every one)"),
     "min_volume_um3": (_number(0), "the smallest specimen kept, in µm³"),

@@ -30,20 +30,85 @@ from .runtime import Progress, local_dir, on_drive, require_mounted
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
 
 
-def voxel_labels(probs, scale=1.0):
+def voxel_labels(probs, scale=1.0, fossil_threshold=0.5):
     """Each voxel's label from its class probabilities (`probs`: N x classes x ..., summing to `scale`; a torch
-    tensor or a NumPy array): background where background is at least as likely as all the fossil classes together,
-    else the likeliest fossil class.
+    tensor or a NumPy array): background unless the fossil classes together have more than `fossil_threshold` of the
+    probability (0.5: unless they are likelier than background), else the likeliest fossil class.
 
     Not the plain arg-max: where the model is unsure which fossil a voxel belongs to (the classes' probabilities
     split, say 0.4 background, 0.3 and 0.3), the arg-max calls it background and the specimen shrinks or vanishes;
     here it stays fossil, and the specimen's class is settled per specimen later (extraction, specimen classifier).
-    With a single fossil class this is the arg-max. See docs/evaluation.md, "Fossil or background"."""
-    if probs.shape[1] < 3:
+    With a single fossil class and the threshold 0.5 this is the arg-max. See docs/evaluation.md, "Fossil or
+    background"; 05 chooses the threshold on the training block (`choose_fossil_threshold`)."""
+    if probs.shape[1] < 3 and fossil_threshold == 0.5:
         return probs.argmax(1)
     labels = probs[:, 1:].argmax(1) + 1
-    labels[probs[:, 0] >= scale / 2] = 0
+    labels[probs[:, 0] >= scale * (1 - fossil_threshold)] = 0
     return labels
+
+
+FOSSIL_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8: the thresholds tried
+CALIBRATION_SLICES = 32  # training-block slices (evenly spaced) the threshold is chosen on
+
+
+def threshold_counts(background, truth, scale=1.0):
+    """Per threshold of `FOSSIL_THRESHOLDS`: the voxels fossil in both `truth` (bool) and the prediction whose
+    background probability is `background` (same shape, summing with the fossil classes to `scale`), and in
+    either; (2, thresholds) int64, to be summed over blocks and given to `choose_fossil_threshold`."""
+    out = np.zeros((2, len(FOSSIL_THRESHOLDS)), np.int64)
+    background = torch.as_tensor(background)
+    truth = torch.as_tensor(truth).bool().to(background.device)
+    for i, t in enumerate(FOSSIL_THRESHOLDS):
+        fossil = background < scale * (1 - t)
+        out[0, i], out[1, i] = int((fossil & truth).sum()), int((fossil | truth).sum())
+    return out
+
+
+def choose_fossil_threshold(counts):
+    """The threshold of `FOSSIL_THRESHOLDS` with the highest foreground IoU for `counts` (`threshold_counts`),
+    the one nearest 0.5 among equals; 0.5 when there is no fossil in the truth or the prediction. Returns
+    `(threshold, {threshold: IoU})`."""
+    inter, union = np.asarray(counts, float)
+    if union.max() == 0:
+        return 0.5, {}
+    iou = inter / np.maximum(union, 1)
+    best = max(range(len(iou)), key=lambda i: (round(iou[i], 6), -abs(FOSSIL_THRESHOLDS[i] - 0.5)))
+    return FOSSIL_THRESHOLDS[best], {t: round(float(v), 4) for t, v in zip(FOSSIL_THRESHOLDS, iou)}
+
+
+def threshold_plan(fossil_threshold, vol, split, bundle=None, model_path=None):
+    """05's `fossil_threshold` parameter made `(threshold, slices to choose it on or None)`: a number is used as it
+    is; "auto" is chosen on this run's training block when its model is this run's own and the slices have masks,
+    taken from the bundle when the model is one (its training run chose it), else 0.5."""
+    if fossil_threshold != "auto":
+        return float(fossil_threshold), None
+    if bundle is not None:
+        return float(bundle.get("fossil_threshold", 0.5)), None
+    if model_path is None and vol.labels is not None and split is not None and len(split.train):
+        return 0.5, np.asarray(split.train)
+    return 0.5, None
+
+
+def _calibration_slices(idx):
+    idx = np.asarray(idx)
+    return idx[np.unique(np.linspace(0, len(idx) - 1, min(CALIBRATION_SLICES, len(idx))).round().astype(int))]
+
+
+def _calibrate(vol, idx, bs, background_of, calib):
+    """Choose `calib["threshold"]` on the slices `idx` of `vol` (which has masks): `background_of(zs)` gives the
+    predicted background probability of slices `zs` and its scale."""
+    zs, counts = _calibration_slices(idx), 0
+    for i0 in range(0, len(zs), bs):
+        z = zs[i0:i0 + bs]
+        background, scale = background_of(z)
+        counts = counts + threshold_counts(background, np.take(vol.labels, z, axis=0) > 0, scale)
+    t, iou = choose_fossil_threshold(counts)
+    calib.update(threshold=t, chosen_on={"slices": [int(z) for z in zs], "foreground_iou": iou})
+    if iou:
+        print(f"fossil threshold {t}: chosen on {len(zs)} training-block slices (their foreground IoU {iou[t]:.3f}; "
+              f"{iou[0.5]:.3f} at 0.5)")
+    else:
+        print(f"fossil threshold 0.5: the {len(zs)} training-block slices it would be chosen on hold no fossil")
 
 
 def load_model(work_dir, name="full_unfrozen", device=None, model_path=None):
@@ -197,7 +262,8 @@ PREVIEWS = 16  # about this many preview PNGs per prediction, evenly spaced in z
 
 
 def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, context_slices=1, tta=False,
-                   triplanar=False, checkpoint=None, slice_pngs=False, probs_dir=None):
+                   triplanar=False, checkpoint=None, slice_pngs=False, probs_dir=None, fossil_threshold=0.5,
+                   calibrate_on=None):
     """Predict every slice of `vol` at full resolution; write `labels.tif`, `probs.npy` and a few previews.
 
     `labels.tif` is the label volume (class indices, `voxel_labels`) as one multi-page TIFF; `previews/`
@@ -214,6 +280,12 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     averages the four flips of each slice (4x the model time). `triplanar` also predicts
     every XZ and YZ slice and averages the three probabilities per voxel (3x; see
     `_predict_triplanar`).
+
+    `fossil_threshold`: a voxel is fossil where the fossil classes together have more than this share of the
+    probability (`voxel_labels`). With `calibrate_on` (slices of `vol` with masks: the training block) it is chosen
+    there instead, among `FOSSIL_THRESHOLDS`, for the best foreground IoU on up to `CALIBRATION_SLICES` of them
+    (a short-trained model draws its fossils too thin or too fat; the threshold that best matches the slices it
+    learnt from corrects that without looking at the held-out block).
 
     `prediction.json` beside them records `checkpoint` (`info["checkpoint"]` from
     `load_model`: the attempt and the hash of its weights), the options, and which
@@ -243,11 +315,13 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             probs_path = Path(probs_dir) / f"probs.{time.time_ns()}.npy"
             probs_path.parent.mkdir(parents=True, exist_ok=True)
         run = _predict_triplanar if triplanar else _predict_axial
-        pred = run(model, vol, new, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs)
+        calib = {"threshold": float(fossil_threshold), "chosen_on": None, "slices": calibrate_on}
+        pred = run(model, vol, new, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs, calib)
         _write_previews(vol, pred, new / "previews")
         write_json(new / PREDICTION_RECORD, {
             "checkpoint": checkpoint, "shape": list(vol.shape), "codes": vol.codes, "context_slices": int(context_slices),
             "tta": bool(tta), "triplanar": bool(triplanar), "slice_pngs": bool(slice_pngs),
+            "fossil_threshold": calib["threshold"], "fossil_threshold_chosen_on": calib["chosen_on"],
             "probs_file": file_stamp(probs_path) if save_probs else None,
             "probs_path": None if not save_probs or probs_dir is None else str(probs_path.resolve()),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -272,10 +346,17 @@ def _write_previews(vol, pred, folder):
 
 
 
-def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs):
+def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs, calib):
     """`predict_volume` slice by slice along z (the published method)."""
     from PIL import Image
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
+    if calib["slices"] is not None:  # the threshold first, on a few training-block slices: the labels are made on the fly
+        def background_of(zs):
+            x = torch.from_numpy(_slices_with_context(vol.images, zs, context_slices)).to(device)
+            return _forward_probs(model, x, tfms, dtype, tta)[:, 0], 1.0
+        with torch.inference_mode():
+            _calibrate(vol, calib["slices"], bs, background_of, calib)
+    threshold = calib["threshold"]
     Z, H, W = vol.shape
     pred = np.empty((Z, H, W), np.uint8)
     cuda, bar = device.type == "cuda", Progress(Z, "slices")
@@ -284,7 +365,7 @@ def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, cont
     def launch(z0):  # start a batch on the device; its results come back through pinned buffers and an event
         x = torch.from_numpy(_slices_with_context(vol.images, np.arange(z0, min(Z, z0 + bs)), context_slices))
         p = _forward_probs(model, x.to(device, non_blocking=True), tfms, dtype, tta)
-        out = [voxel_labels(p).to(torch.uint8)] + ([(p * 255).round_().to(torch.uint8)] if save_probs else [])
+        out = [voxel_labels(p, 1.0, threshold).to(torch.uint8)] + ([(p * 255).round_().to(torch.uint8)] if save_probs else [])
         slot, host = (z0 // bs) % 2, []
         for j, t in enumerate(out):
             if (slot, j) not in bufs or bufs[slot, j].shape[1:] != t.shape[1:]:
@@ -344,7 +425,8 @@ def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, cont
     return pred
 
 
-def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs):
+def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs,
+                       calib):
     """`predict_volume` with tri-planar averaging: every axial, XZ and YZ slice is predicted and the three class
     probabilities of each voxel are averaged in a memory-mapped uint8 file (a running mean), one block of slices at a
     time (256 MB of probabilities, about 1 GB of RAM at the peak; big blocks, because a block of YZ slices touches
@@ -383,10 +465,15 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
                         p = ((probs[where].astype(np.uint16) * j + p + (j + 1) // 2) // (j + 1)).astype(np.uint8)
                     probs[where] = p
 
+        if calib["slices"] is not None:  # the threshold, on training-block slices of the averaged probabilities
+            mean = probs
+            _calibrate(vol, calib["slices"], bs, lambda zs: (torch.from_numpy(mean[zs, 0]), 255), calib)
+        threshold = calib["threshold"]
+
         def label_pages(probs):  # the labels (`voxel_labels`), block by block, with the PNGs written beside
             with ThreadPoolExecutor(2) as pool:
                 for z0 in range(0, Z, bs):
-                    pred[z0:z0 + bs] = voxel_labels(np.asarray(probs[z0:z0 + bs]), 255)
+                    pred[z0:z0 + bs] = voxel_labels(np.asarray(probs[z0:z0 + bs]), 255, threshold)
                     zs = range(z0, min(Z, z0 + bs))
                     if slice_pngs:
                         list(pool.map(lambda z: Image.fromarray(pred[z]).save(out_dir / f"{vol.stems[z]}.png",

@@ -16,6 +16,7 @@ from microfossil.classifier import classify_specimens
 from microfossil.extraction import extract_fossils
 from microfossil.learner import build_learner
 from microfossil.loaders import make_dls
+from microfossil.prediction import FOSSIL_THRESHOLDS, load_model, predict_volume
 from microfossil.sample import make_sample
 from microfossil.training import PhaseCheckpoint, save_bundle
 from microfossil.volume import DatasetError, load_volume
@@ -47,6 +48,9 @@ def trained(tmp_path_factory):
     save_bundle(work, "full_unfrozen", vol)
     extract_fossils(vol, work, np.asarray(vol.labels), min_voxels=20)
     split = learn.dls.split
+    model, _ = load_model(work, "full_unfrozen", torch.device("cpu"))  # 05's prediction: its fossil threshold is
+    predict_volume(model, vol, work / "predictions", 4, torch.device("cpu"), context_slices=3,  # chosen on the
+                   checkpoint=read_bundle(work / "bundle")["checkpoint"], calibrate_on=split.train)  # training block
     classify_specimens(work, split)
     update_bundle(work)
     return root, work, vol
@@ -62,6 +66,9 @@ def test_the_bundle_holds_the_model_what_it_expects_and_the_classifier_examples(
     assert len(ex) >= 4 and {"label", "source", "origin"} <= set(ex.columns) and ex["origin"].eq("run_a").all()
     assert set(ex["label"]) >= {"foraminifera", "ostracod"}
     assert update_bundle(work)["version"] == 2  # the same examples again: no new version
+    chosen = json.loads((work / "predictions" / "prediction.json").read_text())
+    assert chosen["fossil_threshold_chosen_on"] and info["fossil_threshold"] == chosen["fossil_threshold"]
+    assert info["fossil_threshold"] in FOSSIL_THRESHOLDS  # the threshold 05 chose travels with the model
     assert resolve_model(work) == ("bundle", work / "bundle") == resolve_model(work / "bundle")
 
 
@@ -88,6 +95,8 @@ def test_05_predicts_a_new_unlabelled_core_with_the_bundle_and_leaves_the_traini
     assert clf["from_bundle"] == len(bundle_examples(read_bundle(work / "bundle"))) and clf["from_truth"] == 0
     record = json.loads((out / "predictions" / "prediction.json").read_text())
     assert record["checkpoint"]["bundle"] == "run_a v2" and record["checkpoint"]["source"] == str(work / "bundle")
+    bundle = read_bundle(work / "bundle")  # the new core has no masks: the threshold is the training run's
+    assert record["fossil_threshold"] == bundle["fossil_threshold"] and record["fossil_threshold_chosen_on"] is None
 
 
 def test_reviews_of_the_new_core_make_a_new_bundle_version_with_its_examples(trained, tmp_path):
@@ -99,6 +108,7 @@ def test_reviews_of_the_new_core_make_a_new_bundle_version_with_its_examples(tra
     mine.to_csv(run / "exports" / EXAMPLES, index=False)
     info = update_bundle(run, src)
     assert info["version"] == src["version"] + 1 and info["based_on"]["name"] == "run_a"
+    assert info["fossil_threshold"] == src["fossil_threshold"]  # the training run's threshold goes on with the model
     ex = bundle_examples(read_bundle(run / "bundle"))
     assert len(ex) == len(bundle_examples(src)) + 3 and (ex["origin"] == "run_c").sum() == 3
     assert (run / "bundle" / "model.pth").read_bytes() == (work / "bundle" / "model.pth").read_bytes()

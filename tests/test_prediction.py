@@ -13,8 +13,9 @@ from conftest import volume_of
 from microfossil.evaluation import save_metrics
 from microfossil.learner import build_learner, encoder
 from microfossil.loaders import batch_tfms, make_dls, n_input_channels
-from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context, load_model,
-                                    predict_volume, voxel_labels)
+from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context,
+                                    choose_fossil_threshold, load_model, predict_volume, threshold_counts,
+                                    threshold_plan, voxel_labels)
 from microfossil.io import file_stamp
 from microfossil.split import split_volume
 from microfossil.training import PhaseCheckpoint, weights_sha256
@@ -57,6 +58,61 @@ def test_a_voxel_the_fossil_classes_share_stays_fossil():
     assert voxel_labels(u8, 255).ravel().tolist() == [1, 2, 0, 0, 1]
     two = np.array([[0.4, 0.6], [0.7, 0.3]]).reshape(2, 2, 1)  # one fossil class: the arg-max
     assert voxel_labels(two).ravel().tolist() == [1, 0]
+    # another threshold: fossil where the fossil classes together pass it
+    assert voxel_labels(p, 1.0, 0.7).ravel().tolist() == [0, 0, 0, 0, 1]
+    assert voxel_labels(p, 1.0, 0.3).ravel().tolist() == [1, 2, 1, 0, 1]
+    assert voxel_labels(u8, 255, 0.3).ravel().tolist() == [1, 2, 1, 0, 1]
+    assert voxel_labels(torch.from_numpy(p), 1.0, 0.3).ravel().tolist() == [1, 2, 1, 0, 1]
+    assert voxel_labels(two, 1.0, 0.65).ravel().tolist() == [0, 0]
+
+
+def test_the_fossil_threshold_with_the_best_foreground_iou_is_chosen():
+    bg = np.array([0.9, 0.6, 0.45, 0.3, 0.1])  # background probabilities; fossil truly where it is 0.6 or less
+    truth = np.array([False, True, True, True, True])
+    t, iou = choose_fossil_threshold(threshold_counts(torch.from_numpy(bg), truth))
+    # 0.2-0.35 call the 0.6 fossil and not the 0.9 (IoU 1); 0.4 and above miss the 0.6 (3 of 4)
+    assert [iou[x] for x in (0.2, 0.35, 0.4, 0.5)] == [1.0, 1.0, 0.75, 0.75]
+    assert t == 0.35  # of the equals, the nearest 0.5
+    u8 = (bg * 255).round().astype(np.uint8)
+    assert choose_fossil_threshold(threshold_counts(u8, truth, 255))[0] == 0.35
+    assert choose_fossil_threshold(threshold_counts(bg, np.zeros(5, bool)) * 0) == (0.5, {})  # nothing to match
+
+
+def test_the_fossil_threshold_is_chosen_on_the_training_slices_and_used_for_the_labels(tmp_path):
+    """A model whose every voxel's fossil probability is its own (a 1x1 convolution): masks drawn at 0.7 make 0.7
+    the threshold chosen on the slices given, axial and tri-planar; the labels are the probabilities' at 0.7."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (10, 24, 20), dtype=np.uint8)
+    m, dev = _pointwise_model(), torch.device("cpu")
+    free = predict_volume(m, volume_of(images, None, tmp_path), tmp_path / "free", 4, dev, True)
+    probs = np.load(tmp_path / "free" / "probs.npy")
+    assert json.loads((tmp_path / "free" / "prediction.json").read_text())["fossil_threshold"] == 0.5
+    assert (free == voxel_labels(probs, 255)).mean() > 0.99  # (near-ties of two classes flip with the uint8 rounding)
+    labels = voxel_labels(probs, 255, 0.7).astype(np.uint8)  # the "truth": what the model says at 0.7
+    assert 0.05 < (labels > 0).mean() < (free > 0).mean()
+    vol = volume_of(images, labels, tmp_path)
+    for tri in (False, True):
+        out = tmp_path / f"cal{tri}"
+        pred = predict_volume(m, vol, out, 4, dev, True, triplanar=tri, calibrate_on=np.arange(6))
+        record = json.loads((out / "prediction.json").read_text())
+        assert record["fossil_threshold"] == 0.7 and record["fossil_threshold_chosen_on"]["slices"] == list(range(6))
+        assert record["fossil_threshold_chosen_on"]["foreground_iou"]["0.7"] > 0.99
+        assert ((pred > 0) == (labels > 0)).mean() > 0.99 and (pred == voxel_labels(np.load(out / "probs.npy"), 255, 0.7)).mean() > 0.99
+    vol.labels[:] = 0  # no fossil in the slices: 0.5
+    predict_volume(m, vol, tmp_path / "none", 4, dev, True, calibrate_on=np.arange(6))
+    assert json.loads((tmp_path / "none" / "prediction.json").read_text())["fossil_threshold"] == 0.5
+
+
+def test_the_threshold_plan_of_05():
+    vol = type("V", (), {"labels": np.zeros((5, 2, 2), np.uint8)})()
+    split = type("S", (), {"train": np.arange(3)})()
+    assert threshold_plan(0.4, vol, split) == (0.4, None)  # a number is used as it is
+    t, on = threshold_plan("auto", vol, split)
+    assert t == 0.5 and on.tolist() == [0, 1, 2]  # this run's model and masks: chosen on the training block
+    assert threshold_plan("auto", vol, split, bundle={"fossil_threshold": 0.35}) == (0.35, None)
+    assert threshold_plan("auto", vol, split, bundle={}) == (0.5, None)  # a bundle from before the threshold
+    assert threshold_plan("auto", vol, None) == (0.5, None)  # no masks, no split: nothing to choose on
+    assert threshold_plan("auto", vol, split, model_path="elsewhere") == (0.5, None)
 
 
 def test_outputs_record_the_checkpoint_and_a_stale_probs_file_goes(odd_vol, tmp_path):
