@@ -31,7 +31,7 @@ import numpy as np
 
 from .io import PREDICTION_RECORD, link_or_copy, read_json, replacing, write_json
 from .paths import data_home, fetch_dataset
-from .volume import DatasetError
+from .volume import DatasetError, evenly_spaced
 
 BUNDLE_DIR, BUNDLE_FILE = "bundle", "bundle.json"
 WEIGHTS, EXAMPLES = "model.pth", "classifier_examples.csv"
@@ -43,9 +43,8 @@ SHIFT_WARNING = 12.0  # grey levels of earth mover's distance between two scans'
 def intensity_histogram(vol, bins=64, n_slices=32):
     """The share of voxels in each of `bins` grey-level bins of `vol.images` (after windowing), from about
     `n_slices` slices spread over z, every 4th pixel."""
-    zs = np.linspace(0, len(vol.images) - 1, min(n_slices, len(vol.images))).round().astype(int)
     counts = sum(np.bincount(np.asarray(vol.images[z])[::4, ::4].ravel() // (256 // bins), minlength=bins)
-                 for z in np.unique(zs))
+                 for z in evenly_spaced(len(vol.images), n_slices))
     return (counts / counts.sum()).round(6).tolist()
 
 

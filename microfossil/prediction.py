@@ -28,6 +28,7 @@ from .loaders import batch_tfms, get_device, n_input_channels
 from .plots import get_class_colours
 from .runtime import Progress, local_dir, on_drive, require_mounted
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
+from .volume import evenly_spaced
 
 
 def voxel_labels(probs, scale=1.0, fossil_threshold=0.5):
@@ -89,15 +90,10 @@ def threshold_plan(fossil_threshold, vol, split, bundle=None, model_path=None):
     return 0.5, None
 
 
-def _calibration_slices(idx):
-    idx = np.asarray(idx)
-    return idx[np.unique(np.linspace(0, len(idx) - 1, min(CALIBRATION_SLICES, len(idx))).round().astype(int))]
-
-
 def _calibrate(vol, idx, bs, background_of, calib):
     """Choose `calib["threshold"]` on the slices `idx` of `vol` (which has masks): `background_of(zs)` gives the
     predicted background probability of slices `zs` and its scale."""
-    zs, counts = _calibration_slices(idx), 0
+    zs, counts = np.asarray(idx)[evenly_spaced(len(idx), CALIBRATION_SLICES)], 0
     for i0 in range(0, len(zs), bs):
         z = zs[i0:i0 + bs]
         background, scale = background_of(z)
@@ -338,7 +334,7 @@ def _write_previews(vol, pred, folder):
     from PIL import Image
     folder.mkdir(exist_ok=True)
     colours = (get_class_colours(max(len(vol.codes or []), int(pred.max()) + 1))[:, :3] * 255).astype(np.float32)
-    for z in sorted(set(np.linspace(0, len(pred) - 1, min(PREVIEWS, len(pred))).round().astype(int))):
+    for z in evenly_spaced(len(pred), PREVIEWS):
         grey = np.repeat(np.asarray(vol.images[z], np.float32)[..., None], 3, axis=2)
         lab = pred[z]
         rgb = np.where(lab[..., None] > 0, 0.5 * grey + 0.5 * colours[lab], grey)

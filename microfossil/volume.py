@@ -30,6 +30,12 @@ VOXEL_SIZE_FILE = "voxel_size.txt"
 CACHE_FORMAT = 2  # raised when decoding changes (2: NaN/Inf voxels, colour kept at its bit depth); older caches rebuild
 
 
+def evenly_spaced(length, n):
+    """About `n` indices of `range(length)`, evenly spaced from the first to the last (all of them when `length` is
+    `n` or less), ascending, each once: the slices a preview, a histogram or a calibration looks at."""
+    return np.unique(np.linspace(0, length - 1, min(n, length)).round().astype(int))
+
+
 class DatasetError(ValueError):
     """A problem with the user's dataset; the message names the file and the fix."""
 

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import snapshot
 from microfossil import volume
 from microfossil.sample import make_sample
-from microfossil.volume import DatasetError, describe_volume, load_volume, read_codes, read_voxel_size
+from microfossil.volume import DatasetError, describe_volume, evenly_spaced, load_volume, read_codes, read_voxel_size
 
 
 def _copy(src, tmp_path):
@@ -382,3 +382,11 @@ def test_a_float_scan_with_a_range_below_one_keeps_its_contrast(tmp_path):
     images = np.random.default_rng(3).uniform(0.01, 0.03, (3, 16, 16)).astype(np.float32)
     vol = load_volume(_dataset(tmp_path, images), require_labels=False)
     assert vol.window[1] - vol.window[0] < 0.03 and vol.images.min() <= 5 and vol.images.max() >= 250
+
+
+def test_evenly_spaced_slices_span_the_range_once_each():
+    assert evenly_spaced(100, 5).tolist() == [0, 25, 50, 74, 99]  # first and last included
+    assert evenly_spaced(4, 16).tolist() == [0, 1, 2, 3]  # fewer than asked: every one, once
+    assert evenly_spaced(0, 16).tolist() == []
+    z = evenly_spaced(983, 32)
+    assert len(z) == 32 and (np.diff(z) > 0).all() and z[0] == 0 and z[-1] == 982
