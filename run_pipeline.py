@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # What the training notebooks' quick cell sets (and 05's tta): with --quick, a -p for one of them would be overridden.
-QUICK_SETS = {"size_frac", "crop_size", "context_slices", "bs", "run_lr_find", "epochs_frozen", "lr_frozen", "pct_frozen",
-              "epochs_unfrozen", "lr_unfrozen_lo", "lr_unfrozen_hi", "pct_unfrozen", "tta"}
+QUICK_SETS = {"size_frac", "crop_size", "triplanar", "context_slices", "bs", "run_lr_find", "epochs_frozen", "lr_frozen",
+              "pct_frozen", "epochs_unfrozen", "lr_unfrozen_lo", "lr_unfrozen_hi", "pct_unfrozen", "tta"}
 
 
 def _value(text):

@@ -18,6 +18,10 @@ For whole-volume inference: `predict_and_write_s` (`predict_volume`: every slice
 resolution, label PNGs, label TIFF and probabilities written) against `raw_forward_s` (forward
 passes alone on device tensors of the same padded size), and their ratio; without flip TTA, which
 runs the forward pass four times by design.
+`--triplanar` measures the notebooks' default: training epochs that also hold XZ and YZ slices of the
+training block (the volume held at full size, each batch resized to the stage's factor) and a prediction
+of the three planes, averaged (three passes over the volume by design; the raw forward figure stays one
+axial pass). Without it, axial slices only: the published recipe.
 The volume is synthetic random data held in memory: speed does not depend on the content.
 """
 import argparse
@@ -158,12 +162,12 @@ def _batches_alone(dl, warmup, iters, device):
     return dl.bs * iters / (time.perf_counter() - t0)
 
 
-def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1):
+def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1, triplanar=False):
     """Data-path and raw-model training throughput at `frac` of full resolution."""
     _reset_gpu(device)
     with _PeakRSS() as rss:
         t0 = time.perf_counter()
-        dls = make_dls(vol, frac, bs, valid_pct=0.2, device=device, context_slices=context)
+        dls = make_dls(vol, frac, bs, valid_pct=0.2, device=device, context_slices=context, triplanar=triplanar)
         _sync(device)
         setup = time.perf_counter() - t0
         batches = _batches_alone(dls.train, warmup, iters, device)
@@ -184,7 +188,7 @@ def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1):
             "peak_rss_gb": round(rss.peak / 2**30, 2), "peak_gpu_gb": _round(_gpu_peak(device))}
 
 
-def bench_inference(vol, bs, device, work, context=1):
+def bench_inference(vol, bs, device, work, context=1, triplanar=False):
     """`predict_volume` (predict and write) against raw forward passes over the same slices."""
     n_in = n_input_channels(context)
     model = create_unet_model(encoder("resnet34"), len(vol.codes), vol.shape[1:], pretrained=False, n_in=n_in)
@@ -192,10 +196,11 @@ def bench_inference(vol, bs, device, work, context=1):
     _reset_gpu(device)
     with _PeakRSS() as rss:
         head = Volume(images=vol.images[:bs], labels=None, codes=vol.codes, stems=vol.stems[:bs], source=vol.source)
-        predict_volume(model, head, work / "pred_warmup", bs, device, context_slices=context)  # warm-up (kernels)
+        predict_volume(model, head, work / "pred_warmup", bs, device, context_slices=context,  # warm-up (kernels)
+                       triplanar=triplanar)
         _sync(device)
         t0 = time.perf_counter()
-        predict_volume(model, vol, work / "pred", bs, device, context_slices=context)
+        predict_volume(model, vol, work / "pred", bs, device, context_slices=context, triplanar=triplanar)
         _sync(device)
         predict = time.perf_counter() - t0
     peak_gpu = _gpu_peak(device)
@@ -235,6 +240,8 @@ def main(argv=None):
     ap.add_argument("--stages", type=float, nargs="*", default=[0.25, 0.5, 1.0], help="training stages (none: inference only)")
     ap.add_argument("--classes", type=int, default=3)
     ap.add_argument("--context-slices", type=int, default=3, help="slices per input (the notebooks' default: 3)")
+    ap.add_argument("--triplanar", action="store_true",
+                    help="also XZ and YZ training slices and a three-plane prediction (the notebooks' default)")
     ap.add_argument("--out", help="also write the JSON to this file")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -245,13 +252,13 @@ def main(argv=None):
     vol = _synthetic_volume(*shape, args.classes)
     res = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "precision": str(amp_dtype(device) or "float32"),
-           "volume": shape, "context_slices": args.context_slices, "cpu_count": os.cpu_count(), "stages": {}}
+           "volume": shape, "context_slices": args.context_slices, "triplanar": args.triplanar, "cpu_count": os.cpu_count(), "stages": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for frac, bs in zip(args.stages, args.bs):
             res["stages"][str(frac)] = bench_stage(vol, frac, bs, device, args.warmup, args.iters, Path(tmp),
-                                                   args.context_slices)
+                                                   args.context_slices, args.triplanar)
             print(f"stage {frac}: {res['stages'][str(frac)]}", file=sys.stderr, flush=True)
-        res["inference"] = bench_inference(vol, args.infer_bs, device, Path(tmp), args.context_slices)
+        res["inference"] = bench_inference(vol, args.infer_bs, device, Path(tmp), args.context_slices, args.triplanar)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

@@ -142,6 +142,9 @@ def check_params(values):
     if not bad and lo is not None and hi is not None and lo > hi:
         bad.append(f"lr_unfrozen_lo={lo!r} is above lr_unfrozen_hi={hi!r}: slice(lo, hi) gives the first layers lo "
                    "and the last hi, so lo must not exceed hi")
+    if not bad and values.get("crop_size") is not None and values.get("triplanar"):
+        bad.append(f"crop_size={values['crop_size']!r} with triplanar=True: crops are cut from axial slices only; set "
+                   "triplanar=False to train on crops, or crop_size=None (the default) for tri-planar training")
     if bad:
         raise ParameterError("Bad parameter value" + ("s" if len(bad) > 1 else "") + ", fix it in the parameters cell "
                              "(or the -p option):\n  " + "\n  ".join(bad))

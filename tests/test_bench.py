@@ -27,7 +27,19 @@ def test_benchmark_tiny_produces_all_figures(tmp_path):
     for k in ("predict_and_write_s", "raw_forward_s", "ratio", "peak_rss_gb"):
         assert inf[k] > 0, k
     assert inf["slices"] == res["volume"][0]
-    assert res["context_slices"] == 3  # the notebooks' default
+    assert res["context_slices"] == 3 and res["triplanar"] is False  # axial slices unless --triplanar
+
+
+def test_benchmark_tiny_triplanar(tmp_path):
+    """--triplanar (the notebooks' default): XZ and YZ training slices and a three-plane prediction, every figure."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--tiny", "--triplanar", "--stages", "1.0",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["triplanar"] is True and set(res["stages"]) == {"1.0"}
+    for k in ("setup_s", "batches_alone_slices_per_s", "data_path_slices_per_s", "raw_model_slices_per_s"):
+        assert res["stages"]["1.0"][k] > 0, k
+    assert res["inference"]["predict_and_write_s"] > 0 and res["inference"]["slices"] == res["volume"][0]
 
 
 def test_extraction_benchmark_tiny_produces_all_figures(tmp_path):

@@ -147,7 +147,7 @@ def test_pipeline_smoke_on_png_sample(tiny, tmp_path, capfd):
     work = tmp_path / "run"
     assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--smoke",
                               "-p", "pretrained", "False"]) == 0
-    _check_run(tiny, work, 3, variant="k=3, flip TTA")  # the defaults
+    _check_run(tiny, work, 3, variant="k=3, tri-planar, flip TTA")  # the defaults (quick mode: axial crops, test_colab)
     out, err = capfd.readouterr()  # the summary a person reads at the end, and no kernel chatter (the kernels' too)
     assert "All done in" in out and "Specimens found:" in out and "Held-out block" in out
     assert f"Gallery:    {work / 'exports' / 'gallery.png'}" in out or not (work / "exports" / "gallery.png").exists()

@@ -61,6 +61,19 @@ def test_good_values_of_other_types_pass_and_unknown_names_are_left_alone():
         check_params({"bs": 0, "tta": "no"})
 
 
+def test_crops_with_tri_planar_training_stop_with_the_fix(tiny, tmp_path, capsys):
+    """Tri-planar training is the default of 02-04 and crops are cut from axial slices only: crop_size alone stops
+    before any notebook starts, saying which of the two to change, instead of in make_dls after 01 has run."""
+    with pytest.raises(ParameterError, match="crop_size=48 with triplanar=True.*set triplanar=False"):
+        check_params({"crop_size": 48, "triplanar": True})
+    check_params({"crop_size": 48, "triplanar": False})
+    check_params({"crop_size": None, "triplanar": True})
+    with pytest.raises(SystemExit):
+        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "-p", "crop_size", "48"])
+    assert "02_train_256.ipynb: Bad parameter value" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_runner_stops_a_bad_parameter_before_any_notebook(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--smoke", "-p", "bs", "0"])
