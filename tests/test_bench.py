@@ -147,7 +147,7 @@ def test_variants_over_samples_and_training_seeds(tmp_path, capsys, monkeypatch)
     assert calls == []
     with pytest.raises(SystemExit):  # --quick sets the context slices itself: a variant of them is refused, not ignored
         variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "k1"])
-    assert "variant k1 sets context_slices, tta, which --quick sets itself" in capsys.readouterr().err
+    assert "variant k1 sets context_slices, triplanar, tta, which --quick sets itself" in capsys.readouterr().err
     variants.main(["--work-root", str(tmp_path / "q"), "--quick", "--variants", "quick", "ce_dice", "--sample-seeds", "0",
                    "--seeds", "3"])  # the loss is the notebooks' parameter in quick mode too
     assert len(calls) == 2 and all("--quick" in c for c in calls) and "loss" not in calls[0]
