@@ -5,7 +5,7 @@
         -p init_from None -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 9 \\
         -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 4      # docs/evaluation.md's CPU table (full resolution)
     python bench/variants.py --work-root runs/variants --collect       # only gather the tables of finished runs
-    python bench/variants.py --work-root runs/losses --variants ce ce_dice focal ce_weighted ce_dice_rare \
+    python bench/variants.py --work-root runs/losses --variants ce ce_dice focal ce_weighted ce_balanced ce_dice_rare \
         --sample-seeds 0 1 2 --seeds 0 1 2 -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 \
         -p epochs_unfrozen 6 -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 8   # the loss table (docs/evaluation.md)
     python bench/variants.py --work-root runs/quick --quick --variants quick --sample-seeds 0 1 2 --seeds 0 1 2
@@ -48,6 +48,7 @@ VARIANTS = {
     "ce_dice": ({"loss": "ce_dice", "class_weights": None, "oversample_rare": 1.0}, None),
     "focal": ({"loss": "focal", "class_weights": None, "oversample_rare": 1.0}, None),
     "ce_weighted": ({"loss": "cross_entropy", "class_weights": "inverse_sqrt", "oversample_rare": 1.0}, None),
+    "ce_balanced": ({"loss": "cross_entropy", "class_weights": "balance_fossils", "oversample_rare": 1.0}, None),
     "ce_dice_rare": ({"loss": "ce_dice", "class_weights": None, "oversample_rare": 4.0}, None),
     "quick": ({}, None),  # the notebooks' own settings: with --quick, README's first command
 }

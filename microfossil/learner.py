@@ -179,9 +179,11 @@ LOSSES = {  # name: the loss, given the class weights (a tensor, or None)
 
 def class_weights_of(counts, how):
     """Per-class loss weights from the training block's pixel `counts`: None (no weights), "inverse_sqrt" or "inverse"
-    (1 / frequency to that power), or one number per class. Scaled so that the mean weight over the training pixels
-    is 1 (the loss keeps its scale, and the learning rates theirs); a class absent from the training block gets the
-    largest weight of the others. Returns a float list, or None."""
+    (1 / frequency to that power), "balance_fossils" (the background 1, each fossil class the commonest fossil
+    class's pixels over its own: the fossil classes weigh alike among themselves, and no more against the
+    background than the commonest does), or one number per class. Scaled so that the mean weight over the training
+    pixels is 1 (the loss keeps its scale, and the learning rates theirs); a class absent from the training block
+    gets the largest weight of the others. Returns a float list, or None."""
     if how is None:
         return None
     counts = np.asarray(counts, np.float64)
@@ -191,7 +193,12 @@ def class_weights_of(counts, how):
                              f"per class ({len(counts)})")
         seen = counts > 0
         w = np.zeros(len(counts))
-        w[seen] = (counts.sum() / counts[seen]) ** CLASS_WEIGHTS[how]
+        if CLASS_WEIGHTS[how] is None:  # balance_fossils: class 0 is the background, weight 1
+            fossil = counts[1:][seen[1:]]
+            w[0], seen[0] = 1.0, True
+            w[1:][seen[1:]] = fossil.max() / fossil if fossil.size else 1.0
+        else:
+            w[seen] = (counts.sum() / counts[seen]) ** CLASS_WEIGHTS[how]
         w[~seen] = w[seen].max() if seen.any() else 1.0
     else:
         w = np.asarray(list(how), np.float64)
@@ -223,7 +230,7 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     With `dls.context_slices` = k other than 1 or 3 the first convolution takes k channels
     (fastai adapts the pretrained filters to them); k = 3 uses the ImageNet RGB filters as they are.
     `loss`: "cross_entropy" (the published recipe), "ce_dice" (`CrossEntropyDiceLoss`) or "focal" (fastai's
-    `FocalLossFlat`, gamma 2). `class_weights`: None, "inverse_sqrt", "inverse" or one number per class
+    `FocalLossFlat`, gamma 2). `class_weights`: None, "balance_fossils", "inverse_sqrt", "inverse" or one number per class
     (see `class_weights_of`; they weigh the cross-entropy or focal term). Prints each class's share of the training
     block and its weight.
     """

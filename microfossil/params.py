@@ -60,11 +60,13 @@ def _odd(v):
     return ok and v % 2 == 1, "an odd whole number >= 1 (the slice and as many neighbours above as below)"
 
 
-CLASS_WEIGHTS = {"inverse_sqrt": 0.5, "inverse": 1.0}  # class_weights by name: the power of 1 / frequency (learner)
+CLASS_WEIGHTS = {"inverse_sqrt": 0.5, "inverse": 1.0,  # class_weights by name: the power of 1 / frequency (learner),
+                 "balance_fossils": None}            # or (None) the fossil classes evened out among themselves
 
 
 def _class_weights(v):
-    what = "None, \"inverse_sqrt\", \"inverse\" or a list of positive numbers, one per class of codes.txt"
+    what = ("None, \"balance_fossils\", \"inverse_sqrt\", \"inverse\" or a list of positive numbers, one per class "
+            "of codes.txt")
     if v is None or (isinstance(v, str) and v in CLASS_WEIGHTS):
         return True, what
     return (isinstance(v, (list, tuple)) and len(v) > 0
