@@ -193,7 +193,7 @@ def class_weights_of(counts, how):
                              f"per class ({len(counts)})")
         seen = counts > 0
         w = np.zeros(len(counts))
-        if CLASS_WEIGHTS[how] is None:  # balance_fossils: class 0 is the background, weight 1
+        if how == "balance_fossils":  # not a power of 1 / frequency: class 0 is the background, weight 1
             fossil = counts[1:][seen[1:]]
             w[0], seen[0] = 1.0, True
             w[1:][seen[1:]] = fossil.max() / fossil if fossil.size else 1.0

@@ -61,7 +61,7 @@ def _odd(v):
 
 
 CLASS_WEIGHTS = {"inverse_sqrt": 0.5, "inverse": 1.0,  # class_weights by name: the power of 1 / frequency (learner),
-                 "balance_fossils": None}            # or (None) the fossil classes evened out among themselves
+                 "balance_fossils": None}            # or no power: the learner's own rule (fossil classes evened out)
 
 
 def _class_weights(v):
