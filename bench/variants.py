@@ -50,6 +50,8 @@ VARIANTS = {
     "ce_weighted": ({"loss": "cross_entropy", "class_weights": "inverse_sqrt", "oversample_rare": 1.0}, None),
     "ce_balanced": ({"loss": "cross_entropy", "class_weights": "balance_fossils", "oversample_rare": 1.0}, None),
     "ce_dice_rare": ({"loss": "ce_dice", "class_weights": None, "oversample_rare": 4.0}, None),
+    "ce_balanced_infill": ({"loss": "cross_entropy", "class_weights": "balance_fossils", "oversample_rare": 1.0,
+                            "infill_augment": 0.5}, None),  # + insides refilled at random (augment.Infill)
     "quick": ({}, None),  # the notebooks' own settings: with --quick, README's first command
 }
 

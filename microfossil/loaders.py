@@ -7,7 +7,6 @@ indexing op into it, then fastai's batch transforms run on the device.
 """
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
@@ -16,8 +15,8 @@ import torch.nn.functional as F
 
 from fastai.data.core import TfmdDL, explode_types  # (explode_types: fastcore or fasttransform, by version)
 from fastai.vision.all import DataLoaders, Normalize, TensorImage, TensorMask, Transform, imagenet_stats
-from fastai.vision.augment import RandTransform
 
+from .augment import Augment, Infill
 from .runtime import check_gpu
 from .split import split_volume
 from .volume import DatasetError
@@ -309,46 +308,6 @@ def _normalize(context, cuda):
     return Normalize.from_stats([m] * n, [sd] * n, cuda=cuda)
 
 
-class _Augment(RandTransform):
-    """Training augmentation for a whole batch in a few tensor ops on its device; masks follow their image.
-
-    Per slice: horizontal and vertical flips, rotation up to `max_rotate` degrees and zoom
-    up to `max_zoom` (one affine `grid_sample`, with probability `p_affine`), and
-    brightness/contrast up to `max_lighting` (probability `p_lighting`). It replaces
-    fastai's `aug_transforms`, which cost more GPU time than a 1/4-size training step.
-    """
-    split_idx, order = 0, 20
-
-    def __init__(self, max_rotate=10.0, max_zoom=1.1, max_lighting=0.2, p_affine=0.75, p_lighting=0.75):
-        super().__init__(p=1.0)
-        self.max_rotate, self.max_zoom, self.max_lighting = max_rotate, max_zoom, max_lighting
-        self.p_affine, self.p_lighting = p_affine, p_lighting
-
-    def before_call(self, b, split_idx):
-        super().before_call(b, split_idx)
-        x = b[0] if isinstance(b, tuple) else b
-        n, dev = x.shape[0], x.device
-        u = lambda: torch.rand(n, device=dev)  # noqa: E731
-        on = u() < self.p_affine
-        ang = torch.where(on, (2 * u() - 1) * math.radians(self.max_rotate), 0.0)
-        inv_zoom = torch.where(on, 1 / (1 + u() * (self.max_zoom - 1)), 1.0)
-        fx, fy = torch.where(u() < 0.5, -1.0, 1.0), torch.where(u() < 0.5, -1.0, 1.0)
-        c, s, z = torch.cos(ang) * inv_zoom, torch.sin(ang) * inv_zoom, torch.zeros(n, device=dev)
-        theta = torch.stack([torch.stack([c * fx, -s * fy, z], 1), torch.stack([s * fx, c * fy, z], 1)], 1)
-        self.grid = F.affine_grid(theta, (n, 1, *x.shape[-2:]), align_corners=False)
-        lit = u() < self.p_lighting
-        self.contrast = torch.where(lit, torch.exp((2 * u() - 1) * math.log1p(self.max_lighting)), 1.0).view(-1, 1, 1, 1)
-        self.brightness = torch.where(lit, (2 * u() - 1) * self.max_lighting / 2, 0.0).view(-1, 1, 1, 1)
-
-    def encodes(self, x: TensorImage):
-        x = F.grid_sample(x, self.grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
-        return TensorImage(((x - 0.5) * self.contrast + 0.5 + self.brightness).clamp_(0, 1))
-
-    def encodes(self, x: TensorMask):  # noqa: F811
-        m = F.grid_sample(x[:, None].float(), self.grid, mode="nearest", padding_mode="reflection", align_corners=False)
-        return TensorMask(m[:, 0].long())
-
-
 class _ChannelsLast(Transform):
     """Last batch transform on CUDA: channels_last images, the memory layout the mixed-precision convolutions prefer."""
     order = 100
@@ -356,12 +315,15 @@ class _ChannelsLast(Transform):
     def encodes(self, x: TensorImage): return x.contiguous(memory_format=torch.channels_last)
 
 
-def batch_tfms(size=None, augment=False, device=None, context=1, codes=None):
-    """Batch transforms run on the device: resize to `size`, to float, augment, ImageNet-normalise."""
+def batch_tfms(size=None, augment=False, device=None, context=1, codes=None, infill=0.0):
+    """Batch transforms run on the device: resize to `size`, to float, augment (refilling the fossils of a share
+    `infill` of the slices first, `augment.Infill`), ImageNet-normalise."""
     cuda = device is not None and device.type == "cuda"
     tfms = [_ResizeBatch(size), _ToFloat(codes)]
+    if augment and infill:
+        tfms.append(Infill(infill))
     if augment:
-        tfms.append(_Augment())
+        tfms.append(Augment())
     tfms.append(_normalize(context, cuda))
     return tfms + [_ChannelsLast()] if cuda else tfms
 
@@ -376,7 +338,8 @@ def _orthogonal_planes(images, labels, n_train):
 
 
 def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True, device=None, seed=0,
-             context_slices=1, triplanar=False, gap_slices=None, crop_size=None, oversample_rare=1.0):
+             context_slices=1, triplanar=False, gap_slices=None, crop_size=None, oversample_rare=1.0,
+             infill_augment=0.0):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block trains, the held-out
     block (the last `valid_pct` of z) validates, and the `gap_slices` between them do neither (see `split`).
 
@@ -401,6 +364,9 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
     oversample_rare)` times as often as one without (`draw_weights`; a slice takes the weight
     of its rarest class), and fossil-centred crops pick that class's pixels as much more
     often. `dls.class_counts` holds the training block's pixels per class at the stage size.
+
+    `infill_augment` (0: off): the share of training slices whose labelled fossils get their inside refilled at a
+    random gray (`augment.Infill`), so that hollow and sediment-filled specimens of a class look alike.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
@@ -433,6 +399,8 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
     common = dict(bs=bs, num_workers=0, device=device, context=context_slices)
     if not oversample_rare or oversample_rare < 1:
         raise ValueError(f"oversample_rare={oversample_rare!r}: use 1 (every slice as likely) or more.")
+    if not 0 <= infill_augment <= 1:
+        raise ValueError(f"infill_augment={infill_augment!r}: use a share from 0 (off) to 1 (every training slice).")
     per_slice = slice_class_counts(labels, train_idx, len(vol.codes))
     counts = per_slice.sum(0)
     class_weight = draw_weights(counts, oversample_rare) if oversample_rare != 1 else None
@@ -446,7 +414,8 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
     train = _VolumeDL(planes=planes, idx=items, shuffle=True, drop_last=len(items) >= 2 * bs,
                       extra=n_train if triplanar else 0, split=0, crop=crop, fg_points=fg_points,
                       weights=None if weights is None else weights.tolist(), fg_weights=fg_weights,
-                      after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes), **common)
+                      after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes, infill_augment),
+                      **common)
     train.rng = random.Random(seed)
     valid = _VolumeDL(planes=[(images, labels, split.valid_start, len(vol.images))],
                       idx=valid_idx, shuffle=False, split=1,
@@ -454,5 +423,5 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
     dls = DataLoaders(train, valid, device=device)
     dls.c, dls.codes, dls.size, dls.valid_idx, dls.split = len(vol.codes), vol.codes, size, valid_idx, split
     dls.context_slices, dls.triplanar, dls.seed, dls.crop_size = int(context_slices), bool(triplanar), int(seed), crop
-    dls.class_counts, dls.oversample_rare = counts, float(oversample_rare)
+    dls.class_counts, dls.oversample_rare, dls.infill_augment = counts, float(oversample_rare), float(infill_augment)
     return dls

@@ -105,6 +105,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "loss": (_one_of("cross_entropy", "ce_dice", "focal"), "the loss"),
     "class_weights": (_class_weights, "the loss's class weights"),
     "oversample_rare": (_number(1), "at most how much more often slices holding a rarer fossil class are drawn"),
+    "infill_augment": (_number(0, 1), "the share of training slices whose fossils' insides get a random gray"),
     "bs": (_whole(1), "the batch size"),
     "wd": (_number(0), "the weight decay"),
     "epochs_frozen": (_whole(1), "epochs with the encoder frozen"),

@@ -1,13 +1,13 @@
-"""DataLoaders gathered from the volume: sizes, alignment, the volume resized once, augmentation, tri-planar slices,
-and fastai's `show_batch` on them."""
+"""DataLoaders gathered from the volume: sizes, alignment, the volume resized once, tri-planar slices, and fastai's
+`show_batch` on them (the augmentations themselves: test_augment.py)."""
 import numpy as np
 import pytest
 import torch
-from fastai.vision.all import Pipeline, TensorImage, TensorMask
+from fastai.vision.all import Pipeline, TensorImage
 
 from conftest import volume_of
 from microfossil import loaders
-from microfossil.loaders import (FOSSIL_CROP_SHARE, _Augment, _normalize, _resize_images, _resize_masks, _ToFloat, make_dls,
+from microfossil.loaders import (FOSSIL_CROP_SHARE, _normalize, _resize_images, _resize_masks, make_dls,
                                  draw_weights, stage_size)
 from microfossil.split import split_slices
 
@@ -54,25 +54,6 @@ def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
                 assert torch.equal(xi, norm(TensorImage(want))[0]), f"slice {z}"
                 seen.append(z)
         assert sorted(seen) == list(range(lo, hi))
-
-
-def test_augmentation_keeps_masks_aligned():
-    """Flips, rotation, zoom: a mask drawn from its image's bright pixels still matches after augmentation."""
-    torch.manual_seed(0)
-    img = torch.zeros(8, 1, 64, 80, dtype=torch.uint8)
-    for i in range(8):  # an off-centre bright rectangle per slice, so flips and rotations are visible
-        img[i, 0, 5 + i:25 + i, 10:30 + 2 * i] = 255
-    mask = (img[:, 0] > 128).to(torch.uint8)
-    tfms = Pipeline([_ToFloat(), _Augment(p_lighting=0.0)], split_idx=0)
-    x, y = tfms((TensorImage(img), TensorMask(mask)))
-    assert x.shape == (8, 3, 64, 80) and y.shape == (8, 64, 80)
-    moved = (y.to(torch.uint8) != mask).float().mean()
-    assert moved > 0.01  # the batch really was transformed
-    agree = ((x[:, 0] > 0.5) == (y == 1)).float().mean()
-    assert agree > 0.98, f"image and mask disagree on {1 - agree:.1%} of pixels"
-    valid = Pipeline([_ToFloat(), _Augment()], split_idx=1)  # no augmentation at validation
-    xv, yv = valid((TensorImage(img), TensorMask(mask)))
-    assert torch.equal(yv, mask.long())
 
 
 @pytest.mark.parametrize("context", [1, 3])

@@ -166,7 +166,7 @@ def test_plan_is_read_off_the_fit(odd_vol, tmp_path):
     assert plan["frozen"] is False and plan["bs"] == 2 and plan["size"] == [35, 33] and plan["start"] == "random init"
     assert plan["moms"] == [0.95, 0.85, 0.95] and plan["codes"] == odd_vol.codes and plan["context_slices"] == 1
     assert plan["loss"] == "cross_entropy" and plan["crop_size"] is None
-    assert plan["class_weights"] is None and plan["oversample_rare"] == 1.0
+    assert plan["class_weights"] is None and plan["oversample_rare"] == 1.0 and plan["infill_augment"] == 0.0
 
 
 def test_another_loss_or_crop_size_is_another_plan(odd_vol, tmp_path, capsys):
@@ -177,7 +177,7 @@ def test_another_loss_or_crop_size_is_another_plan(odd_vol, tmp_path, capsys):
     learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
     rec_file = tmp_path / "models" / "t_frozen.json"
     rec = json.loads(rec_file.read_text())
-    for k in ("loss", "crop_size", "class_weights", "oversample_rare"):
+    for k in ("loss", "crop_size", "class_weights", "oversample_rare", "infill_augment"):
         del rec["plan"][k]
     rec_file.write_text(json.dumps(rec))  # as the earlier code wrote it
     capsys.readouterr()
