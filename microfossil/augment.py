@@ -94,6 +94,6 @@ class Infill(RandTransform):
         core = -F.max_pool2d(-fossil.float(), 3, 1, 1)  # a labelled pixel's outermost ring is its wall's outside
         inside = (2 * (wall - smooth) / (wall - darkest).clamp(min=1e-3)).clamp(0, 1) * core
         self.out = full.clone()
-        self.out[on] = (x + inside * (gray - darkest.clamp(max=1))).clamp(0, 1)
+        self.out[on] = (x + inside * (gray - darkest)).clamp(0, 1)  # (inside is 0 wherever darkest is the 2)
 
     def encodes(self, x: TensorImage): return x if self.out is None else TensorImage(self.out)

@@ -39,9 +39,10 @@ def _shells(n=6, filled=(False, True), seed=0):
     wall, inside = torch.zeros(96, 96, dtype=torch.bool), torch.zeros(96, 96, dtype=torch.bool)
     for (cy, cx), full, cls in zip([(30, 30), (62, 62)], filled, (1, 2)):
         r = torch.hypot(yy - cy, xx - cx)
-        wall |= (r < 12) & (r >= 9.5)
+        ring = (r < 12) & (r >= 9.5)
+        wall |= ring
         inside |= r < 8.5  # (the pixel between them is the blurred edge of a CT wall: neither)
-        img[..., (r < 12) & (r >= 9.5)] = 0.8 + 0.03 * torch.randn(n, 3, int(((r < 12) & (r >= 9.5)).sum()), generator=g)
+        img[..., ring] = 0.8 + 0.03 * torch.randn(n, 3, int(ring.sum()), generator=g)
         img[..., r < 9.5] = (0.5 if full else 0.12) + 0.03 * torch.randn(n, 3, int((r < 9.5).sum()), generator=g)
         lab[:, r < 12] = cls
     img[..., torch.hypot(yy - 20, xx - 75) < 6] = 0.1
