@@ -17,10 +17,10 @@ _NAMES = {  # module of the microfossil package: the names the notebooks take fr
     "paths": ["resolve_paths"],
     "bundle": ["check_intensity", "bundle_examples", "update_bundle", "run_bundle"],
     "volume": ["load_volume", "describe_volume"],
-    "split": ["split_volume", "describe_split", "check_split", "whole_volume_held_out"],
+    "split": ["split_volume", "describe_split", "scoring_split"],
     "loaders": ["get_device", "make_dls"],
     "learner": ["build_learner", "valley"],
-    "training": ["set_seed", "PhaseCheckpoint", "load_stage", "phase_done", "attempts", "save_bundle"],
+    "training": ["set_seed", "PhaseCheckpoint", "load_stage", "phase_done", "save_bundle"],
     "prediction": ["load_model", "predict_volume", "threshold_plan"],
     "extraction": ["extract_fossils"],
     "evaluation": ["save_metrics", "evaluate_heldout", "describe_specimen_scores", "variant_name", "evaluation_row",
@@ -29,7 +29,7 @@ _NAMES = {  # module of the microfossil package: the names the notebooks take fr
     "review": ["ReviewSession", "ReviewPanel", "has_widget_frontend", "read_review"],
     "viewers": ["browse_slices", "view_specimen", "view_specimens"],
     "plots": ["save_figure", "plot_slice", "plot_orthoviews", "plot_histogram", "plot_split", "plot_history",
-              "plot_predictions"],
+              "attempts", "plot_predictions"],
 }
 _MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -167,7 +167,7 @@ def bench_stage(vol, frac, bs, device, warmup, iters, work, context=1, triplanar
     _reset_gpu(device)
     with _PeakRSS() as rss:
         t0 = time.perf_counter()
-        dls = make_dls(vol, frac, bs, valid_pct=0.2, device=device, context_slices=context, triplanar=triplanar)
+        dls = make_dls(vol, frac, bs, device=device, context_slices=context, triplanar=triplanar)
         _sync(device)
         setup = time.perf_counter() - t0
         batches = _batches_alone(dls.train, warmup, iters, device)

@@ -9,6 +9,9 @@
         --sample-seeds 0 1 2 --seeds 0 1 2 -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 \
         -p epochs_unfrozen 6 -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 8   # the loss table (docs/evaluation.md)
     python bench/variants.py --work-root runs/quick --quick --variants quick --sample-seeds 0 1 2 --seeds 0 1 2
+    python bench/variants.py --work-root runs/cpu96 --variants defaults --sample-seeds 21 22 --sample-shape 96 192 192 \
+        --seeds 0 1 -p run_lr_find False -p epochs_frozen 1 -p lr_frozen 1e-3 -p epochs_unfrozen 6 \
+        -p lr_unfrozen_lo 1e-4 -p lr_unfrozen_hi 1e-3 -p bs 8     # every default on the CPU schedule, 96-slice samples
 
 Each variant and seed is one run folder `<work-root>/<variant>/seed<k>` made by
 `run_pipeline.py` with `-p seed k` and the same `-p` settings. With the embedded sample
@@ -22,6 +25,14 @@ classifier); this script gathers them into `<work-root>/evaluation.md` and
 `evaluation.json`, each score as the mean over the seeds with the min-max in brackets, and
 prints the markdown; `evaluation_short.md` is the same in short (raw and final IoU per class,
 specimen recall before and after the specimen classifier, F1 with the right class).
+
+Every figure says what data it comes from: `--data-role development` (the default) for volumes
+that any choice of the project has looked at (the embedded samples 0-8, 11, 21 and 22, a
+dataset you tuned on), `--data-role test` only for volumes drawn afresh after every choice was
+made; the role heads the tables and is in every row of `evaluation.json`, with each run's
+provenance (split, seeds, checkpoint, threshold, TTA, tri-planar, context slices, classifier,
+project version, scan: `microfossil.evaluation.PROVENANCE_KEYS`). All scores are on each run's
+test block, which no per-epoch score, `lr_find` or attempt of it read.
 """
 import argparse
 import json
@@ -53,6 +64,7 @@ VARIANTS = {
     "ce_balanced_infill": ({"loss": "cross_entropy", "class_weights": "balance_fossils", "oversample_rare": 1.0,
                             "infill_augment": 0.5}, None),  # + insides refilled at random (augment.Infill)
     "quick": ({}, None),  # the notebooks' own settings: with --quick, README's first command
+    "defaults": ({}, None),  # the same: every default, on the schedule the -p settings give
 }
 
 
@@ -76,6 +88,12 @@ def _run(args, name, params, model_from, seed, sample_seed=None):
     cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "--work-dir", str(work), "--only", *stages]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
+    elif sample_seed is not None and args.sample_shape:
+        from microfossil.paths import data_home
+        from microfossil.sample import ensure_sample
+        z, h, w = args.sample_shape
+        cmd += ["--data-dir", str(ensure_sample(data_home() / f"sample_{z}x{h}x{w}_seed{sample_seed}", z, h, w,
+                                                seed=sample_seed))]
     elif sample_seed is not None:
         from microfossil.paths import resolve_paths
         cmd += ["--data-dir", str(resolve_paths(None, work, seed=sample_seed, smoke=args.smoke)[0])]
@@ -93,9 +111,10 @@ def _run(args, name, params, model_from, seed, sample_seed=None):
     subprocess.run(cmd, check=True)
 
 
-def collect(work_root, names, seeds, sample_seeds=None):
+def collect(work_root, names, seeds, sample_seeds=None, data_role="development"):
     """Rows of every finished variant run under `work_root`, one per seed (and sample seed), with training and
-    prediction seconds; each row's variant is the name given here (05's own description in `model`)."""
+    prediction seconds, the `data_role` and each run's provenance; each row's variant is the name given here (05's own
+    description in `model`)."""
     rows, codes = [], None
     for name, sample_seed, seed in ((n, a, s) for n in names for a in (sample_seeds or [None]) for s in seeds):
         work = _work(work_root, name, sample_seed, seed)
@@ -110,8 +129,13 @@ def collect(work_root, names, seeds, sample_seeds=None):
                       if not p.name.endswith(".progress.json")) if VARIANTS.get(name, ({}, None))[1] is None else None
         predict_s = json.loads((work / "metrics.json").read_text()).get("predict_seconds")
         for r in e["rows"]:
+            if not r.get("provenance"):
+                print(f"{name}, {_folder(sample_seed, seed)}: {ev} was written by an earlier version (its rows say "
+                      "nothing of their split, model or settings): run it again; left out")
+                break
             rows.append({**r, "variant": name, "model": r["variant"], "run": name, "seed": seed,
-                         "sample_seed": sample_seed, "train_seconds": train_s, "predict_seconds": predict_s})
+                         "sample_seed": sample_seed, "data_role": data_role, "train_seconds": train_s,
+                         "predict_seconds": predict_s})
     return rows, codes
 
 
@@ -123,15 +147,21 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds to run each variant with")
     ap.add_argument("--sample-seeds", nargs="+", type=int,
                     help="embedded samples to run every seed on (default: each seed its own sample)")
+    ap.add_argument("--sample-shape", nargs=3, type=int, metavar=("Z", "H", "W"),
+                    help="with --sample-seeds: samples of this size (make_sample's), in data/sample_ZxHxW_seed<s>")
     ap.add_argument("--quick", action="store_true", help="run_pipeline.py's CPU demo schedule")
     ap.add_argument("--stages", nargs="+", default=["02", "03", "04"], help="training notebooks to run (e.g. 04)")
     ap.add_argument("--smoke", action="store_true", help="run_pipeline.py's smoke setting (checks the script runs)")
     ap.add_argument("--collect", action="store_true", help="do not run anything, only gather finished runs")
+    ap.add_argument("--data-role", choices=["development", "test"], default="development",
+                    help="development: volumes any choice looked at; test: volumes drawn afresh after every choice")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="notebook parameter for every variant, e.g. -p epochs_unfrozen 24")
     args = ap.parse_args(argv)
     if args.data_dir and args.sample_seeds:
         ap.error("--sample-seeds picks embedded samples: leave out --data-dir")
+    if args.sample_shape and not args.sample_seeds:
+        ap.error("--sample-shape sizes the samples of --sample-seeds: give those too")
     if args.quick:
         from run_pipeline import QUICK_SETS
         for name in args.variants:
@@ -146,17 +176,23 @@ def main(argv=None):
                     if (_work(args.work_root, name, sample_seed, seed) / "evaluation.json").exists():
                         continue  # finished earlier (delete its folder to run it again)
                     _run(args, name, *VARIANTS[name], seed, sample_seed)
-    rows, codes = collect(args.work_root, args.variants, args.seeds, args.sample_seeds)
+    rows, codes = collect(args.work_root, args.variants, args.seeds, args.sample_seeds, args.data_role)
     if not rows:
         raise SystemExit(f"no finished variant run with an evaluation under {args.work_root}")
     summary = summarize_seeds(rows)
-    md = evaluation_markdown(summary, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
+    shape = "x".join(map(str, args.sample_shape)) + " " if args.sample_shape else ""
+    samples = (f"embedded {shape}samples {args.sample_seeds}" if args.sample_seeds else args.data_dir or
+               f"embedded samples {args.seeds} (each training seed its own)")
+    head = (f"Data: {args.data_role} volumes ({samples}); training seeds {args.seeds}; scores on each run's test "
+            f"block{'' if args.data_role == 'test' else ', not an unseen figure'}.\n\n")
+    md = head + evaluation_markdown(summary, codes, extra={"train s": "train_seconds", "predict s": "predict_seconds"})
     root = Path(args.work_root)
     write_json(root / "evaluation.json", {"codes": codes, "rows": rows, "summary": summary, "seeds": args.seeds,
-                                          "sample_seeds": args.sample_seeds, "quick": args.quick,
-                                          "settings": dict(args.p)})
+                                          "sample_seeds": args.sample_seeds, "sample_shape": args.sample_shape,
+                                          "data_role": args.data_role,
+                                          "data_dir": args.data_dir, "quick": args.quick, "settings": dict(args.p)})
     (root / "evaluation.md").write_text(md)
-    short = compact_markdown(summary, codes)
+    short = head + compact_markdown(summary, codes)
     (root / "evaluation_short.md").write_text(short)
     print(md + "\nIn short (raw segmentation, final labels, the clean-up's recall):\n\n" + short)
 

@@ -5,7 +5,7 @@
 
 `gallery.png` is the top-left corner of `<work_dir>/exports/gallery.png` (the first `--rows` rows
 and `--cols` columns of specimen tiles, largest specimens first), at full size so that the labels
-stay readable. `prediction.png` is `<work_dir>/figures/predictions_valid.png` (held-out slices:
+stay readable. `prediction.png` is `<work_dir>/figures/predictions_test.png` (test slices:
 the CT slice, the ground truth and the prediction) scaled down to `--prediction-width` px.
 Both are reduced to a 256-colour palette and saved optimised. PIL only: no torch, no project import.
 """
@@ -81,7 +81,7 @@ def main(argv=None):
                  "(it is runs/sample_default_quick), or pass the run folder of another run with --work-dir.")
 
     gallery = _open(work_dir / "exports" / "gallery.png", work_dir)
-    prediction = _open(work_dir / "figures" / "predictions_valid.png", work_dir)
+    prediction = _open(work_dir / "figures" / "predictions_test.png", work_dir)
     layout = work_dir / "exports" / "gallery.json"
     tile = json.loads(layout.read_text())["layout"][1] if layout.exists() else TILE
     made = {

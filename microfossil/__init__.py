@@ -8,7 +8,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `runtime`: Colab or not: Drive and the runtime's local disk, in-place copies, the GPU check, progress bars
 - `volume`: reading and validating a dataset (`load_volume`, `Volume`, voxel size)
 - `specimens`: 3D components, measurements and descriptors of each specimen
-- `split`: the training block, the gap and the held-out block, which share no specimen (`split_volume`)
+- `split`: the validation, training and test blocks, which share no specimen (`split_volume`, `scoring_split`)
 - `sample`: the embedded synthetic micro-CT sample
 - `paths`: the dataset and run folders (`resolve_paths`, `fetch_dataset`)
 - `bundle`: the model bundle, a trained model (and its classifier's examples) that travels to the next core
@@ -21,10 +21,10 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `exports`: meshes, TIFF crops, previews, the gallery
 - `extraction`: `extract_fossils`, from predicted labels to the catalogue and the exports
 - `classifier`: the specimen classifier
-- `evaluation`: the scores of a run on its held-out block, from held-out data only, voxels and specimens
+- `evaluation`: the scores of a run on its test block, from test data only, voxels and specimens, with provenance
 - `review`: the review session and panel
 - `viewers`: the slice browser and the 3D views of the specimens (ipywidgets, plotly)
-- `plots`: figures (beside the chain: any module may use it; it uses only `io`)
+- `plots`: figures and the attempts table (beside the chain: any module may use it; it uses only `io`)
 
 Only the modules marked [torch] import torch or fastai.
 """

@@ -7,11 +7,12 @@ cite it) holding:
   threshold 05 chose on the training block (`prediction.voxel_labels`),
   the training size, the encoder, tri-planar or not, the intensity policy and the training
   volume's intensity histogram (after windowing), the project version, the checkpoint and its
-  SHA-256, the training and held-out slices of the volume it learnt from, and the bundle's
+  SHA-256, the volume it learnt from (`trained_on`: its folder, shape and a hash of sampled bytes, so
+  that 05 knows it again, and its training, validation and test slices), and the bundle's
   `version` (raised each time its classifier examples change);
 - `classifier_examples.csv`: the specimen classifier's examples, one row per specimen: its 3D
   descriptors, its `label`, its `source` (training-block ground truth, a
-  true specimen, a review) and its `origin` (the run it came from). The forest is retrained
+  true specimen, a review; never a review of a test-block specimen) and its `origin` (the run it came from). The forest is retrained
   from them where the bundle is used (no pickled model: it loads under any scikit-learn).
 
 05 with `model_path` (a bundle folder, a training run folder, or a link to a zipped bundle)
@@ -31,7 +32,7 @@ import numpy as np
 
 from .io import PREDICTION_RECORD, link_or_copy, read_json, replacing, write_json
 from .paths import data_home, fetch_dataset
-from .volume import DatasetError, evenly_spaced
+from .volume import DatasetError, evenly_spaced, volume_fingerprint
 
 BUNDLE_DIR, BUNDLE_FILE = "bundle", "bundle.json"
 WEIGHTS, EXAMPLES = "model.pth", "classifier_examples.csv"
@@ -74,8 +75,8 @@ def write_bundle(work_dir, weights, record, vol, split=None, dest=None):
             "size": list(record["size"]), "arch": record["arch"], "triplanar": bool(record.get("triplanar", False)),
             "intensity": {"policy": INTENSITY_POLICY, "raw_dtype": vol.raw_dtype, "window": list(vol.window),
                           "histogram": intensity_histogram(vol)},
-            "trained_on": {"dataset": str(vol.source), "shape": list(vol.shape),
-                           "train_slices": record.get("train_slices"), "valid_slices": record.get("valid_slices")},
+            "trained_on": {**volume_fingerprint(vol), "train_slices": record.get("train_slices"),
+                           "valid_slices": record.get("valid_slices"), "test_slices": record.get("test_slices")},
             "final": record.get("final", {}),
             "classifier": old.get("classifier") if same else None}
     if same and "fossil_threshold" in old:

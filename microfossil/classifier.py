@@ -17,11 +17,11 @@ from .exports import draw_gallery
 from .specimens import LATER_DESCRIPTORS, NOT_A_FOSSIL, SPECIMEN_FEATURES, paint_classes
 
 
-def _training_labels(cat, feats, codes, n_train, review):
+def _training_labels(cat, feats, codes, blocks, review):
     """Labels to learn from, a Series by specimen id, and where each comes from.
 
     Ground truth (when `feats` has `truth_*` columns): specimens whose bounding box lies
-    wholly in the training block (z1 <= `n_train`), labelled with their majority true
+    wholly in the training block (`blocks`, `Blocks`), labelled with their majority true
     fossil class, or `NOT_A_FOSSIL` when most of their voxels are background in the truth.
     Review (overrides the truth): accepted specimens get their taxon (their class at review
     time when no taxon was typed), rejected ones `NOT_A_FOSSIL`.
@@ -31,7 +31,8 @@ def _training_labels(cat, feats, codes, n_train, review):
     tcols = [f"truth_{c}" for c in codes]
     if all(c in feats.columns for c in tcols):
         t = feats.set_index("id")[tcols].to_numpy()
-        inside = cat.set_index("id").loc[feats["id"], "z1"].to_numpy() <= n_train
+        box = cat.set_index("id").loc[feats["id"]]
+        inside = blocks.in_train(box["z0"].to_numpy(), box["z1"].to_numpy())
         for sid, counts, ok in zip(feats["id"], t, inside):
             if ok:
                 labels[int(sid)] = NOT_A_FOSSIL if counts[0] * 2 >= counts.sum() else codes[1 + int(np.argmax(counts[1:]))]
@@ -68,11 +69,42 @@ def reject_threshold(clf, y):
     return round(float(p.max()) + 0.01, 4), "just above every fossil example's out-of-bag probability"
 
 
-def _recorded_n_train(work_dir):
-    """The training block's height from the split 05 recorded in `metrics.json`, or None."""
-    split = (read_json(Path(work_dir) / "metrics.json") or {}).get("split") or {}
-    train = split.get("train_slices")
-    return train[1] + 1 if train else None
+class Blocks:
+    """The blocks of a split the classifier needs: the training block `[train_start, train_stop)` and where the test
+    block starts (`test_start`; None: the scan has no test block, e.g. no ground truth)."""
+    def __init__(self, train_start, train_stop, test_start=None):
+        self.train_start, self.train_stop, self.test_start = train_start, train_stop, test_start
+
+    def in_train(self, z0, z1):
+        return (np.asarray(z0) >= self.train_start) & (np.asarray(z1) <= self.train_stop)
+
+    def reaches_test(self, z1):
+        return np.zeros(np.shape(z1), bool) if self.test_start is None else np.asarray(z1) > self.test_start
+
+    @classmethod
+    def of(cls, split):
+        return cls(split.train_start, split.train_stop, split.test_start if len(split.test) else None)
+
+    @classmethod
+    def recorded(cls, work_dir):
+        """The blocks of the split 05 recorded in `metrics.json` (None when it recorded none: no ground truth). A run of
+        an earlier version recorded it at the top level, its test block as `valid_slices`."""
+        m = read_json(Path(work_dir) / "metrics.json") or {}
+        split = (m.get("provenance") or {}).get("split") or m.get("split") or {}
+        if not split:
+            return None
+        train = split.get("train_slices") or []
+        test = split.get("test_slices", split.get("valid_slices")) or []
+        return cls(train[0] if train else 0, train[1] + 1 if train else 0, test[0] if test else None)
+
+
+def reviews_in_training_block(review, cat, blocks):
+    """The review decisions (a table with `id`) on specimens of catalogue `cat` that lie wholly in the training block of
+    `blocks` (`Blocks`): the decisions a scored classifier may learn from, by the rule of the ground truth."""
+    if review is None or not len(review) or blocks is None:
+        return review
+    inside = cat.loc[blocks.in_train(cat["z0"], cat["z1"]), "id"]
+    return review[review["id"].isin(set(inside))]
 
 
 def _read_run(folder):
@@ -141,11 +173,11 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             c.insert(2, "seg_class", c["class"])
     codes = extraction["codes"]
     has_truth = use_truth and all(f"truth_{c}" in feats.columns for c in codes)
-    n_train = split.n_train if split is not None else _recorded_n_train(work_dir)
-    if has_truth and n_train is None:
+    blocks = Blocks.of(split) if split is not None else Blocks.recorded(work_dir)
+    if has_truth and blocks is None:
         raise FileNotFoundError(f"No split recorded in {Path(work_dir) / 'metrics.json'}: run the scoring cell of "
                                 "05_predict_export first, so that the classifier learns from the training block only.")
-    y, source = _training_labels(cat, feats if has_truth else feats[["id"]], codes, n_train, review)
+    y, source = _training_labels(cat, feats if has_truth else feats[["id"]], codes, blocks, review)
     # The 3D descriptors only, not the segmentation's class fractions (`frac_*`): on the training block those come
     # from a U-Net trained on those very voxels, far better than on new slices, and a forest taught by them learns
     # to repeat the segmentation's class where it is wrong (measured: docs/evaluation.md, "Class imbalance").
@@ -160,7 +192,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     tf_path = Path(work_dir) / "exports" / "truth_features.csv"
     if has_truth and tf_path.exists():  # the true specimens of the training block: more (and cleaner) examples
         tf = pd.read_csv(tf_path)
-        tf = tf[tf["z1"] <= n_train]
+        tf = tf[blocks.in_train(tf["z0"], tf["z1"])]
         if len(tf):
             t = tf[[f"truth_{c}" for c in codes[1:]]].to_numpy()
             X_fit = np.concatenate([X_fit, tf[cols].fillna(0.0).to_numpy()])
@@ -168,6 +200,13 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
         n_from["true specimens"] = len(tf)
     src = [source[i] for i in y.index] + ["true specimen"] * n_from["true specimens"]
     mine = pd.DataFrame(X_fit, columns=cols).assign(label=y_fit, source=src, origin=Path(work_dir).resolve().name)
+    # The run's examples travel in its model bundle: not the reviews of specimens in the test block, which would
+    # teach the bundle's classifier the answers of the block that scores it (05 with model_path on this scan).
+    if blocks is not None and blocks.test_start is not None:
+        z1 = cat.set_index("id").loc[y.index, "z1"].to_numpy()
+        test_review = np.r_[(np.asarray([source[i] for i in y.index]) == "review") & blocks.reaches_test(z1),
+                            np.zeros(n_from["true specimens"], bool)]
+        mine = mine[~test_review].reset_index(drop=True)
     n_from["bundle"], examples_from = 0, (examples.attrs.get("source", "other examples") if examples is not None else None)
     if examples is not None and len(examples):
         absent = [c for c in cols if c not in examples.columns or examples[c].isna().any()]
@@ -215,7 +254,8 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
         class_of_id[sid] = 0 if cls == NOT_A_FOSSIL else index.get(cls, index.get(seg, 0))
     info = {"n_examples": len(y_fit), "from_truth": n_from["truth"], "true_specimens": n_from["true specimens"],
             "from_review": n_from["review"], "from_bundle": n_from["bundle"], "bundle": examples_from,
-            "training_slices": [0, n_train - 1] if n_train else None,
+            "training_slices": [blocks.train_start, blocks.train_stop - 1] if blocks and blocks.train_stop else None,
+            "seed": seed,
             "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
             "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
             "features": list(X.columns), "left_out": [c for c in SPECIMEN_FEATURES if c not in cols], "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),

@@ -1,13 +1,16 @@
-"""Honest scores of a run on its held-out block: voxels (IoU, Dice, the published metric) and specimens
+"""Honest scores of a run on its test block: voxels (IoU, Dice, the published metric) and specimens
 (detection precision, recall and F1), and the evaluation table that puts the steps of a run side by side.
 
-Every held-out figure comes from held-out data only. The held-out block is the one the model
-never trained on, with a gap before it (`split`); voxels of a specimen that still reaches the
-training block are left out. The extraction and the specimen classifier are run again on the
-held-out block alone (`evaluate_heldout`, in `work_dir/heldout/`): a specimen's class there
-comes from its held-out voxels only, and the classifier learns from the training block and
-from review decisions on specimens outside the held-out block. The ground truth is never
-filtered: a missed small fossil counts against recall.
+Every test figure comes from test data only. The test block is the one the model never trained
+on and nothing was chosen on (no per-epoch score, `lr_find` or threshold reads it), with a gap
+before it (`split`); voxels of a specimen that still reaches the training block are left out. The
+extraction and the specimen classifier are run again on the test block alone (`evaluate_heldout`,
+in `work_dir/heldout/`): a specimen's class there comes from its test voxels only, and the
+classifier learns from the training block's ground truth and from review decisions on specimens
+wholly in the training block, the same rule. The ground truth is never filtered: a missed small
+fossil counts against recall. Every record of a score (`metrics.json`, each row of the evaluation
+table) carries its provenance (`PROVENANCE_KEYS`): where the blocks were, which model, which
+settings, which scan.
 """
 from __future__ import annotations
 
@@ -16,34 +19,49 @@ from pathlib import Path
 
 import numpy as np
 
-from .classifier import classify_specimens
+from .classifier import Blocks, classify_specimens, reviews_in_training_block
 from .extraction import extract_fossils
 from .io import PREDICTION_RECORD, finish_commit, read_json, write_json, write_text
 from .metrics import confusion_matrix, scores_from_confusion
 from .specimens import label_components, majority_class
 from .split import left_out_mask
+from .volume import volume_fingerprint
 
-HELDOUT = "heldout"  # the folder, in work_dir, of the held-out block's own extraction
+HELDOUT = "heldout"  # the folder, in work_dir, of the test block's own extraction
+# What every record of a score says about where it came from (`provenance`)
+PROVENANCE_KEYS = ("split", "seed", "checkpoint", "project_version", "scan", "context_slices", "triplanar", "tta",
+                   "fossil_threshold", "fossil_threshold_chosen_on", "classifier_seed", "reject_threshold")
 
 
-def _provenance(split, info):
-    plan = split.plan()
-    return {"split": {**plan, "valid_pct": split.valid_pct, "gap_rule": split.gap_rule},
-            "left_out": split.left_out, "seed": (info or {}).get("seed"),
-            "checkpoint": (info or {}).get("checkpoint")}
+def provenance(work_dir, vol, split, info=None):
+    """Where a score of `work_dir` comes from: the split (blocks, gaps and their rules, what was left out), the training
+    seed and the checkpoint (`info` from `load_model`), the project version, the scan (`volume_fingerprint`), the
+    prediction's options (`predictions/prediction.json`) and, once it ran on the test block, the specimen classifier's
+    seed and reject threshold (`heldout/exports/classifier.json`; None before)."""
+    from microfossil import __version__
+    pred = read_json(Path(work_dir) / "predictions" / PREDICTION_RECORD) or {}
+    clf = read_json(Path(work_dir) / HELDOUT / "exports" / "classifier.json") or {}
+    chosen = pred.get("fossil_threshold_chosen_on")
+    return {"split": split.record(), "seed": (info or {}).get("seed"), "checkpoint": (info or {}).get("checkpoint"),
+            "project_version": __version__, "scan": volume_fingerprint(vol),
+            "context_slices": pred.get("context_slices"), "triplanar": pred.get("triplanar"), "tta": pred.get("tta"),
+            "fossil_threshold": pred.get("fossil_threshold"),
+            "fossil_threshold_chosen_on": (f"{len(chosen['slices'])} training-block slices" if chosen else
+                                           "given (a number, or the model bundle's)"),
+            "classifier_seed": clf.get("seed"), "reject_threshold": clf.get("reject_threshold")}
 
 
 def save_metrics(work_dir, vol, pred, split, info=None, extra=None):
-    """Score the raw prediction `pred` against `vol.labels` on the held-out block of `split` (left-out voxels aside);
-    write and return `work_dir/metrics.json`, which also records the split, what it left out, and the model's seed
-    and checkpoint (`info` from `load_model`)."""
-    v0 = split.valid_start
+    """Score the raw prediction `pred` against `vol.labels` on the test block of `split` (left-out voxels aside); write
+    and return `work_dir/metrics.json`, which also records its `provenance` (the split, what it left out, the model's
+    seed and checkpoint from `info` (`load_model`), the prediction's options, the project version and the scan)."""
+    t0 = split.test_start
     n = len(vol.codes)
     ignore = left_out_mask(vol, split)
-    cm = confusion_matrix(np.asarray(pred[v0:]), np.asarray(vol.labels[v0:]), n, ignore=ignore)
-    out = {"scores": "held-out block, full resolution, raw segmentation (predictions/labels.tif)",
-           **_provenance(split, info), "heldout_slices": split.plan()["valid_slices"],
-           "n_heldout_slices": int(len(split.valid)), **scores_from_confusion(cm, vol.codes),
+    cm = confusion_matrix(np.asarray(pred[t0:]), np.asarray(vol.labels[t0:]), n, ignore=ignore)
+    out = {"scores": "test block, full resolution, raw segmentation (predictions/labels.tif)",
+           "provenance": provenance(work_dir, vol, split, info), "test_slices": split.plan()["test_slices"],
+           "n_test_slices": int(len(split.test)), **scores_from_confusion(cm, vol.codes),
            "confusion_matrix": np.asarray(cm).tolist(), "codes": vol.codes, **(extra or {})}
     write_json(Path(work_dir) / "metrics.json", out)
     return out
@@ -66,7 +84,7 @@ def match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold=
     small fossil counts against recall. Predicted ones are the components of at least
     `min_voxels` voxels (the extraction's minimum). A predicted and a true one match when
     their IoU is at least `iou_threshold`. Voxels where `ignore` is True (specimens left out
-    of the held-out scores) are no true specimen, and a predicted one lying mostly on them
+    of the test scores) are no true specimen, and a predicted one lying mostly on them
     is left out too.
     """
     truth, pred = np.asarray(truth), np.asarray(pred)
@@ -104,7 +122,7 @@ def match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold=
 
 
 def _score_labels(folder, truth, codes, connectivity, min_voxels, ignore, iou_threshold):
-    """Specimen and voxel scores of `folder/predictions/labels_clean.tif` (the held-out block) against `truth`."""
+    """Specimen and voxel scores of `folder/predictions/labels_clean.tif` (the test block) against `truth`."""
     import tifffile
     pred = tifffile.imread(Path(folder) / "predictions" / "labels_clean.tif").reshape(truth.shape)
     return {**match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold, ignore),
@@ -113,26 +131,29 @@ def _score_labels(folder, truth, codes, connectivity, min_voxels, ignore, iou_th
 
 def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None, seed=0, iou_threshold=0.5,
                      examples=None):
-    """Object-level scores on the held-out block, from held-out data only; adds them to `work_dir/metrics.json`.
+    """Object-level scores on the test block, from test data only; adds them to `work_dir/metrics.json`.
 
     Run after 05's extraction (and classifier) of the whole volume, with its parameters
-    (`exports/extraction.json`). The prediction's held-out block is extracted again on its
+    (`exports/extraction.json`). The prediction's test block is extracted again on its
     own into `work_dir/heldout/` (so no specimen's class there depends on a prediction in
     the other slices); the result is scored (`extraction`); with `classify`, the specimen
-    classifier is trained on the training block and on `review` minus the decisions on
-    specimens that reach the held-out block, applied to the held-out specimens, and scored
-    again (`classifier`). Specimens are matched at IoU >= `iou_threshold`; each score gives
-    counts, precision, recall, F1, `class_f1` (a match counts only with the right class)
-    and `labels_clean`, the voxel scores of the cleaned labels. Returns
+    classifier is trained on the training block and on the decisions of `review` about
+    specimens wholly in the training block (the rule of the ground truth: no decision about a
+    specimen of the gaps, the validation or the test block), applied to the test specimens,
+    and scored again (`classifier`). Specimens are matched at IoU >= `iou_threshold`; each
+    score gives counts, precision, recall, F1, `class_f1` (a match counts only with the
+    right class) and `labels_clean`, the voxel scores of the cleaned labels. Returns
     `{"extraction": ..., "classifier": ... or None}`. `examples`: the classifier examples of a
     model from elsewhere (a bundle), as `classify_specimens` takes them; with a model
-    trained on another volume, `split` holds every slice out (`split.whole_volume_held_out`).
+    trained on another volume, `split` makes every slice the test block (`split.whole_volume_test`).
+    `metrics.json`'s `provenance` then gets the classifier's seed and reject threshold.
     """
+    import pandas as pd
     work_dir = Path(work_dir)
     finish_commit(work_dir)  # a prediction or an extraction a kill cut in the middle of its swap
     if vol.labels is None:
         raise ValueError(f"{vol.source} has no train_masks_labels/: nothing to evaluate against.")
-    if not len(split.valid):
+    if not len(split.test):
         return None
     params = read_json(work_dir / "exports" / "extraction.json")
     if params is None:
@@ -142,48 +163,42 @@ def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None
         raise ValueError(f"The extraction in {work_dir / 'exports'} was made from another prediction (model "
                          f"{(params.get('checkpoint') or {}).get('name')}) than predictions/labels.tif (model "
                          f"{(made_by or {}).get('name')}): re-run the extraction cell.")
-    v0, codes = split.valid_start, list(vol.codes)
+    t0, codes = split.test_start, list(vol.codes)
     held = work_dir / HELDOUT
     extract_fossils(vol, held, pred, params["voxel_size_um"], params["min_voxels_param"], params["min_volume_um3"],
                     params["connectivity"], params["split_touching"], params.get("split_min_distance_um"),
-                    margin=params["margin"], max_exports=0, slices=slice(v0, None),
+                    margin=params["margin"], max_exports=0, slices=slice(t0, None),
                     predictions=work_dir / "predictions")
-    truth = np.asarray(vol.labels[v0:])
+    truth = np.asarray(vol.labels[t0:])
     ignore = left_out_mask(vol, split)
     score = lambda: _score_labels(held, truth, codes, params["connectivity"],  # noqa: E731
                                   json.loads((held / "exports" / "extraction.json").read_text())["min_voxels"],
                                   ignore, iou_threshold)
     out = {"extraction": score(), "classifier": None}
+    (held / "exports" / "classifier.json").unlink(missing_ok=True)  # a classifier of an earlier run is no provenance
     if classify:
-        review = _outside_heldout(review, work_dir, v0)
+        review = reviews_in_training_block(review, pd.read_csv(work_dir / "exports" / "fossils.csv"), Blocks.of(split))
         if classify_specimens(work_dir, split, review=review, seed=seed, apply_to=held,
                               examples=examples) is not None:
             out["classifier"] = score()
     path = work_dir / "metrics.json"
     metrics = read_json(path, {})
-    metrics["specimens"] = {"scores": "held-out block, its own extraction", "heldout_slices": split.plan()["valid_slices"],
+    metrics["specimens"] = {"scores": "test block, its own extraction", "test_slices": split.plan()["test_slices"],
                             **out["extraction"]}
     metrics["specimens_after_classifier"] = out["classifier"] and {
-        "scores": "held-out block, its own extraction, classifier trained without held-out data",
-        "reviews_used": 0 if review is None else len(review), **out["classifier"]}
+        "scores": "test block, its own extraction, classifier trained on the training block only (ground truth and "
+                  "reviews)", "reviews_used": 0 if review is None else len(review), **out["classifier"]}
+    clf = read_json(held / "exports" / "classifier.json") or {}
+    metrics.setdefault("provenance", {}).update(classifier_seed=clf.get("seed"),
+                                                reject_threshold=clf.get("reject_threshold"))
     write_json(path, metrics)
     return out
-
-
-def _outside_heldout(review, work_dir, valid_start):
-    """The review decisions on specimens of the catalogue that lie wholly before the held-out block."""
-    if review is None or not len(review):
-        return review
-    import pandas as pd
-    cat = pd.read_csv(Path(work_dir) / "exports" / "fossils.csv")
-    before = set(cat.loc[cat["z1"] <= valid_start, "id"])
-    return review[review["id"].isin(before)]
 
 
 def describe_specimen_scores(sp):
     """One line for the object-level scores of `evaluate_heldout` (its "extraction" or "classifier" entry)."""
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    return (f"held-out block: {sp['n_true']} true specimens, {sp['n_predicted']} predicted, {sp['n_matched']} matched "
+    return (f"test block: {sp['n_true']} true specimens, {sp['n_predicted']} predicted, {sp['n_matched']} matched "
             f"(IoU >= {sp['iou_threshold']}): precision {f(sp['precision'])}, recall {f(sp['recall'])}, "
             f"F1 {f(sp['f1'])}, F1 with the right class {f(sp['class_f1'])}")
 
@@ -193,10 +208,11 @@ def variant_name(context_slices=1, triplanar=False, tta=False):
     return ", ".join([f"k={int(context_slices)}"] + (["tri-planar"] if triplanar else []) + (["flip TTA"] if tta else []))
 
 
-def evaluation_row(variant, step, scores, specimens):
-    """One row of the evaluation table: voxel `scores` (from `scores_from_confusion`) and object `specimens` scores."""
+def evaluation_row(variant, step, scores, specimens, provenance=None):
+    """One row of the evaluation table: voxel `scores` (from `scores_from_confusion`) and object `specimens` scores,
+    with their `provenance` (`write_evaluation` puts in the run's, from `metrics.json`, where it is None)."""
     sp = specimens or {}
-    return {"variant": variant, "step": step, "iou": scores["iou"], "dice": scores["dice"],
+    return {"variant": variant, "step": step, "provenance": provenance, "iou": scores["iou"], "dice": scores["dice"],
             "mean_iou_fossils": scores["mean_iou_fossils"], "pixel_acc_nonbg": scores["pixel_acc_nonbg"],
             "specimen_precision": sp.get("precision"), "specimen_recall": sp.get("recall"), "specimen_f1": sp.get("f1"),
             "specimen_class_f1": sp.get("class_f1"), "n_true": sp.get("n_true"), "n_predicted": sp.get("n_predicted")}
@@ -283,8 +299,15 @@ def compact_markdown(summary, codes):
 
 
 def write_evaluation(work_dir, rows, codes):
-    """Write this run's evaluation rows to `work_dir/evaluation.json` and `evaluation.md`; return the markdown."""
+    """Write this run's evaluation rows to `work_dir/evaluation.json` and `evaluation.md`, each row with its provenance
+    (the run's `metrics.json` one where a row has none); return the markdown."""
     work_dir = Path(work_dir)
+    run = (read_json(work_dir / "metrics.json") or {}).get("provenance")
+    rows = [{**r, "provenance": r.get("provenance") or run} for r in rows]
+    missing = [k for r in rows for k in PROVENANCE_KEYS if k not in (r["provenance"] or {})]
+    if missing:
+        raise ValueError(f"Evaluation rows without their provenance ({sorted(set(missing))}): run 05's scoring cell "
+                         f"first, so that {work_dir / 'metrics.json'} records it.")
     md = evaluation_markdown(rows, codes)
     write_json(work_dir / "evaluation.json", {"codes": list(codes), "rows": rows})
     write_text(work_dir / "evaluation.md", md)
@@ -292,7 +315,7 @@ def write_evaluation(work_dir, rows, codes):
 
 
 def describe_run(work_dir, review_notebook="notebooks/06_review.ipynb"):
-    """A few lines a person reads at the end of a run: the specimens found by class, the held-out scores of the
+    """A few lines a person reads at the end of a run: the specimens found by class, the test scores of the
     final labels (after extraction and the specimen classifier) beside the raw segmentation's, and where to look."""
     import pandas as pd
     work_dir = Path(work_dir)
@@ -314,13 +337,13 @@ def describe_run(work_dir, review_notebook="notebooks/06_review.ipynb"):
         m = read_json(work_dir / "metrics.json") or {}
         iou = lambda r: ", ".join(f"{c} {r['iou'][c]:.2f}" if r["iou"].get(c) is not None else f"{c} n/a"  # noqa: E731
                                   for c in codes[1:])
-        hs = m.get("heldout_slices") or ["?", "?"]
-        lines.append(f"Held-out block (slices {hs[0]}-{hs[1]}), final labels ({final['step']}): "
+        hs = m.get("test_slices") or m.get("heldout_slices") or ["?", "?"]
+        lines.append(f"Test block (slices {hs[0]}-{hs[1]}), final labels ({final['step']}): "
                      f"IoU {iou(final)}")
         n_true, recall = final.get("n_true"), final.get("specimen_recall")
         num = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         if n_true == 0:
-            lines.append("  no true specimen in the held-out block: no specimen scores")
+            lines.append("  no true specimen in the test block: no specimen scores")
         elif n_true is not None or final.get("specimen_f1") is not None:
             found = "?" if recall is None or n_true is None else round(recall * n_true)
             lines.append(f"  specimens found {found} of {n_true if n_true is not None else '?'}: "
@@ -328,9 +351,9 @@ def describe_run(work_dir, review_notebook="notebooks/06_review.ipynb"):
         if raw is not final:
             lines.append(f"  raw segmentation: IoU {iou(raw)}")
     elif (work_dir / "metrics.json").exists():
-        lines.append("Held-out block: see metrics.json (no evaluation table)")
+        lines.append("Test block: see metrics.json (no evaluation table)")
     else:
-        lines.append("Held-out block: no ground truth, nothing scored")
+        lines.append("Test block: no ground truth, nothing scored")
     gallery = exp / "gallery.png"
     if gallery.exists():
         lines.append(f"Gallery:    {gallery}")

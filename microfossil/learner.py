@@ -1,5 +1,6 @@
 """The fastai learner: a U-Net on a ResNet encoder, ImageNet weights when they can be had, mixed precision on
-CUDA, and the metrics shown every epoch (per-class IoU and Dice on the held-out block, and the published metric).
+CUDA, and the metrics shown every epoch (on the validation block: per-class IoU and Dice, the fossil classes'
+mean IoU, and the published metric). Every loss and score leaves out voxels labelled `metrics.IGNORE`.
 
 Two kinds of small callbacks keep the GPU busy: the training losses and the validation
 confusion matrix stay on the device until an epoch ends (fastai's own copy them to the CPU
@@ -19,13 +20,14 @@ import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley as _fastai_valley
 from fastai.learner import AvgLoss, AvgSmoothLoss, Callback, Metric
+from fastai.losses import BaseLoss
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import find_bs
-from fastai.vision.all import CrossEntropyLossFlat, FocalLossFlat, unet_learner
+from fastai.vision.all import CrossEntropyLossFlat, unet_learner
 from fastai.vision.learner import model_meta
 
 from .loaders import draw_weights, n_input_channels
-from .metrics import scores_from_confusion
+from .metrics import IGNORE, scores_from_confusion
 from .params import CLASS_WEIGHTS
 from .runtime import local_dir, on_drive
 
@@ -153,12 +155,15 @@ class CrossEntropyDiceLoss:
     """
     def __init__(self, axis=1, background=0, smooth=1.0, weight=None):
         self.axis, self.background, self.smooth = axis, background, smooth
-        self.ce = CrossEntropyLossFlat(axis=axis, weight=weight)  # `weight`: class weights of the cross-entropy term
+        # `weight`: class weights of the cross-entropy term
+        self.ce = CrossEntropyLossFlat(axis=axis, weight=weight, ignore_index=IGNORE)
 
     def __call__(self, pred, targ):
         ce = self.ce(pred, targ)
-        p = torch.softmax(pred.float(), self.axis)
-        onehot = torch.nn.functional.one_hot(targ.long(), p.shape[self.axis]).movedim(-1, self.axis).to(p.dtype)
+        counted = (targ != IGNORE).unsqueeze(self.axis)
+        p = torch.softmax(pred.float(), self.axis) * counted
+        onehot = torch.nn.functional.one_hot(torch.where(targ == IGNORE, 0, targ).long(), p.shape[self.axis])
+        onehot = onehot.movedim(-1, self.axis).to(p.dtype) * counted
         dims = [d for d in range(p.ndim) if d != self.axis]
         inter, total = (p * onehot).sum(dims), p.sum(dims) + onehot.sum(dims)
         dice = (2 * inter + self.smooth) / (total + self.smooth)
@@ -170,8 +175,34 @@ class CrossEntropyDiceLoss:
     def decodes(self, x): return x.argmax(self.axis)
 
 
-LOSSES = {  # name: the loss, given the class weights (a tensor, or None)
-    "cross_entropy": lambda w: CrossEntropyLossFlat(axis=1, weight=w),
+class _Focal(torch.nn.Module):
+    """fastai's `FocalLoss` (gamma, class `weight`), with the voxels labelled `IGNORE` left out of it and of its mean."""
+    def __init__(self, gamma=2.0, weight=None, reduction="mean"):
+        super().__init__()
+        self.gamma, self.weight, self.reduction = gamma, weight, reduction
+
+    def forward(self, inp, targ):
+        ce = torch.nn.functional.cross_entropy(inp, targ, weight=self.weight, reduction="none", ignore_index=IGNORE)
+        loss = (1 - torch.exp(-ce)) ** self.gamma * ce
+        if self.reduction == "mean":
+            return loss.sum() / (targ != IGNORE).sum().clamp(min=1)
+        return loss.sum() if self.reduction == "sum" else loss
+
+
+class FocalLossFlat(BaseLoss):
+    """fastai's `FocalLossFlat`, leaving out the voxels labelled `IGNORE` (as `CrossEntropyLossFlat(ignore_index=)`)."""
+    y_int = True
+
+    def __init__(self, *args, gamma=2.0, axis=-1, **kwargs):
+        super().__init__(_Focal, *args, gamma=gamma, axis=axis, **kwargs)
+
+    def decodes(self, x): return x.argmax(dim=self.axis)
+
+    def activation(self, x): return torch.softmax(x, dim=self.axis)
+
+
+LOSSES = {  # name: the loss, given the class weights (a tensor, or None); voxels labelled IGNORE count in none
+    "cross_entropy": lambda w: CrossEntropyLossFlat(axis=1, weight=w, ignore_index=IGNORE),
     "ce_dice": lambda w: CrossEntropyDiceLoss(weight=w),
     "focal": lambda w: FocalLossFlat(axis=1, gamma=2.0, weight=w),  # easy pixels (most background) weigh little
 }
@@ -261,7 +292,8 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
 
 
 def _confusion_on_device(pred, target, n_classes, scatter=None):
-    """The confusion matrix of `pred` and `target` (rows = truth) as an int64 tensor on `pred`'s device.
+    """The confusion matrix of `pred` and `target` (rows = truth) as an int64 tensor on `pred`'s device; voxels whose
+    target is `IGNORE` are not counted.
 
     On CUDA (or with `scatter=True`) it is counted with a scatter-add, not `torch.bincount`,
     which reads its input's min and max back to the host: a wait for the GPU at every
@@ -270,14 +302,15 @@ def _confusion_on_device(pred, target, n_classes, scatter=None):
     """
     p = torch.as_tensor(pred).reshape(-1).long()
     t = torch.as_tensor(target).reshape(-1).to(p.device).long()
-    idx = t * n_classes + p
+    bins = n_classes ** 2 + 1  # the last bin takes the ignored voxels (no boolean indexing: no wait for the GPU)
+    idx = torch.where(t == IGNORE, n_classes ** 2, t * n_classes + p)
     if not (p.device.type == "cuda" if scatter is None else scatter):
-        return torch.bincount(idx, minlength=n_classes ** 2).reshape(n_classes, n_classes)
+        return torch.bincount(idx, minlength=bins)[:-1].reshape(n_classes, n_classes)
     lanes = 256
-    idx += (torch.arange(idx.numel(), device=idx.device) % lanes) * n_classes ** 2
-    counts = torch.zeros(lanes * n_classes ** 2, dtype=torch.long, device=idx.device)
+    idx += (torch.arange(idx.numel(), device=idx.device) % lanes) * bins
+    counts = torch.zeros(lanes * bins, dtype=torch.long, device=idx.device)
     counts.index_add_(0, idx, torch.ones_like(idx))
-    return counts.view(lanes, n_classes, n_classes).sum(0)
+    return counts.view(lanes, bins)[:, :-1].sum(0).view(n_classes, n_classes)
 
 
 
@@ -305,7 +338,8 @@ class _SharedConfusion:
 
 
 def epoch_metrics(codes, background=0):
-    """fastai metrics reporting per-class IoU and Dice, mean IoU and `acc_nonbg` (the published metric) each epoch."""
+    """fastai metrics reporting, each epoch, the fossil classes' mean IoU, per-class IoU and Dice and `acc_nonbg` (the
+    published metric): on the validation block, since fastai validates there (`loaders.make_dls`)."""
     shared = _SharedConfusion(len(codes))
 
     class _M(Metric):
@@ -320,7 +354,7 @@ def epoch_metrics(codes, background=0):
         def name(self): return self._name
 
     safe = lambda c: re.sub(r"\W+", "_", c).strip("_")  # noqa: E731
-    ms = [_M("mean_iou", lambda s: s["mean_iou"])]
+    ms = [_M("mean_iou_fossils", lambda s: s["mean_iou_fossils"])]  # not a mean with the background: see metrics
     ms += [_M(f"iou_{safe(c)}", lambda s, c=c: s["iou"][c]) for c in codes]
     ms += [_M(f"dice_{safe(c)}", lambda s, c=c: s["dice"][c]) for c in codes]
     return ms + [_M("acc_nonbg", lambda s: s["pixel_acc_nonbg"])]

@@ -17,9 +17,10 @@ from fastai.data.core import TfmdDL, explode_types  # (explode_types: fastcore o
 from fastai.vision.all import DataLoaders, Normalize, TensorImage, TensorMask, Transform, imagenet_stats
 
 from .augment import Augment, Infill
+from .metrics import IGNORE
 from .runtime import check_gpu
-from .split import split_volume
-from .volume import DatasetError
+from .split import split_volume, valid_left_out_mask
+from .volume import DatasetError, volume_fingerprint
 
 FOSSIL_CROP_SHARE = 0.5  # training crops centred near a fossil (the others anywhere): fossils are rare voxels
 
@@ -288,7 +289,8 @@ class _ToFloat(Transform):
         mid = x.shape[1] // 2
         return TensorImage(x[:, mid:mid + 1].expand(-1, 3, -1, -1).clamp(0, 1))
 
-    def decodes(self, x: TensorMask): return TensorMask(x, codes=self.codes)  # noqa: F811
+    def decodes(self, x: TensorMask):  # noqa: F811  (voxels no score counts, `IGNORE`, shown as background)
+        return TensorMask(torch.where(x == IGNORE, torch.zeros_like(x), x), codes=self.codes)
 
 
 def n_input_channels(context):
@@ -328,29 +330,34 @@ def batch_tfms(size=None, augment=False, device=None, context=1, codes=None, inf
     return tfms + [_ChannelsLast()] if cuda else tfms
 
 
-def _orthogonal_planes(images, labels, n_train):
-    """XZ and YZ slices cut from the training block only (z < `n_train`): `(images, labels, lo, hi)` per plane."""
+def _orthogonal_planes(images, labels, train_start, train_stop):
+    """XZ and YZ slices cut from the training block only (`train_start <= z < train_stop`): `(images, labels, lo, hi)`
+    per plane."""
     out = []
     for perm in ((1, 0, 2), (2, 0, 1)):  # XZ: (y, z, x); YZ: (x, z, y)
-        im, lb = images[:n_train].permute(*perm), labels[:n_train].permute(*perm)
+        block = slice(train_start, train_stop)
+        im, lb = images[block].permute(*perm), labels[block].permute(*perm)
         out.append((im, lb, 0, len(im)))
     return out
 
 
-def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True, device=None, seed=0,
-             context_slices=1, triplanar=False, gap_slices=None, crop_size=None, oversample_rare=1.0,
-             infill_augment=0.0):
-    """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block trains, the held-out
-    block (the last `valid_pct` of z) validates, and the `gap_slices` between them do neither (see `split`).
+def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, device=None, seed=0,
+             context_slices=1, triplanar=False, crop_size=None, oversample_rare=1.0, infill_augment=0.0):
+    """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block of `split` (a `Split` from
+    `split.split_volume`; None: its defaults) trains and its validation block validates; the test block and the gaps
+    are never read (with `valid_pct=0`, the published recipe, the test block validates).
+
+    The validation block's voxels of a specimen that also reaches the training block (a gap capped below its height)
+    are labelled `metrics.IGNORE`: no per-epoch score and no validation loss counts them, as 05's test scores do not.
 
     The uint8 volume is resized to the stage size once and held as one tensor (on the GPU
     when it fits); batches are gathered from it, then augmented and normalised batch-wise
     on `device`: no image is decoded or resized per batch. `context_slices` (odd k) feeds
     each slice with its k-1 neighbours as input channels (clamped at the ends of its block).
-    `triplanar` also trains on XZ and YZ slices cut from the training block (never from the
-    gap or the held-out block): every epoch sees each axial training slice and as many
+    `triplanar` also trains on XZ and YZ slices cut from the training block (never from a
+    gap or another block): every epoch sees each axial training slice and as many
     random XZ and as many random YZ slices, resized by the same factor; validation stays on
-    the axial held-out block. `seed` seeds the order of the training slices (`PhaseCheckpoint`
+    the axial validation block. `seed` seeds the order of the training slices (`PhaseCheckpoint`
     seeds everything again when a phase starts training). `dls.split` is the `Split`.
 
     `crop_size` (px, at the stage size): train on `crop_size` x `crop_size` windows of the
@@ -372,7 +379,10 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
     n_input_channels(context_slices)
     device = device or get_device(verbose=False)
-    split = split_volume(vol, valid_pct, gap_slices)
+    split = split_volume(vol) if split is None else split
+    if len(split.valid) == 0:
+        raise DatasetError(f"The split of {vol.source} has no validation block and no test block to validate on: "
+                           "set test_pct above 0.")
     train_idx, valid_idx = split.train, split.valid
     size = stage_size(vol.shape, size_frac, smoke)
     crop = int(crop_size) if crop_size and int(crop_size) < min(size) else None
@@ -388,11 +398,15 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
     where = _volume_device(2 * len(vol.images) * held[0] * held[1], device)
     images = _to_tensor(vol.images, where, held, compute=device)
     labels = _to_tensor(vol.labels, where, held, mask=True, compute=device)
+    ignore = valid_left_out_mask(vol, split)  # no score counts these voxels (the test scores of 05 neither)
+    if ignore.any():
+        block = labels[split.valid_start:split.valid_stop]
+        block[_to_tensor(ignore.view(np.uint8), where, held, mask=True, compute=device).bool()] = IGNORE
     n_train = len(train_idx)
-    planes = [(images, labels, 0, n_train)]
+    planes = [(images, labels, split.train_start, split.train_stop)]
     train_size = size
     if triplanar:
-        planes += _orthogonal_planes(images, labels, n_train)
+        planes += _orthogonal_planes(images, labels, split.train_start, split.train_stop)
         (H, W), s = vol.shape[1:], size[0] / vol.shape[1]
         train_size = {(H, W): size, (n_train, W): (max(1, round(n_train * s)), size[1]),
                       (n_train, H): (max(1, round(n_train * s)), size[0])}
@@ -411,17 +425,21 @@ def make_dls(vol, size_frac=1.0, bs=8, valid_pct=0.2, smoke=False, augment=True,
         reps = max(1, round(size[0] * size[1] / crop ** 2))  # an epoch covers the area once
         items, weights = np.repeat(train_idx, reps), None if weights is None else np.repeat(weights, reps)
         fg_points, fg_weights = _fossil_points(labels, train_idx, seed=seed, class_weight=class_weight)
-    train = _VolumeDL(planes=planes, idx=items, shuffle=True, drop_last=len(items) >= 2 * bs,
+    # the last short batch is dropped when there are two or more batches, or when it would hold one slice alone
+    # (BatchNorm cannot train on a batch of one)
+    drop_last = len(items) >= 2 * bs or (len(items) > bs and len(items) % bs == 1)
+    train = _VolumeDL(planes=planes, idx=items, shuffle=True, drop_last=drop_last,
                       extra=n_train if triplanar else 0, split=0, crop=crop, fg_points=fg_points,
                       weights=None if weights is None else weights.tolist(), fg_weights=fg_weights,
                       after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes, infill_augment),
                       **common)
     train.rng = random.Random(seed)
-    valid = _VolumeDL(planes=[(images, labels, split.valid_start, len(vol.images))],
+    valid = _VolumeDL(planes=[(images, labels, split.valid_start, split.valid_stop)],
                       idx=valid_idx, shuffle=False, split=1,
                       after_batch=batch_tfms(size, False, device, context_slices, vol.codes), **common)
     dls = DataLoaders(train, valid, device=device)
     dls.c, dls.codes, dls.size, dls.valid_idx, dls.split = len(vol.codes), vol.codes, size, valid_idx, split
     dls.context_slices, dls.triplanar, dls.seed, dls.crop_size = int(context_slices), bool(triplanar), int(seed), crop
     dls.class_counts, dls.oversample_rare, dls.infill_augment = counts, float(oversample_rare), float(infill_augment)
+    dls.trained_on = volume_fingerprint(vol)  # recorded with the weights: 05 then knows its own training scan
     return dls

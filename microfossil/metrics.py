@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 
+IGNORE = 255  # a label value that no score and no loss counts (voxels of a specimen that also reaches another block)
+
 
 def confusion_matrix(pred, target, n_classes, chunk=1 << 24, ignore=None):
     """Confusion matrix (rows = true class, columns = predicted) of integer label arrays `pred` and `target`.
 
     Counted `chunk` voxels at a time, so a whole held-out block (196 M voxels for a
     full-size volume) is never widened to int64 at once. Voxels where boolean `ignore` is
-    True are left out.
+    True, or whose `target` is `IGNORE`, are left out.
     """
     p, t = np.asarray(pred).reshape(-1), np.asarray(target).reshape(-1)
     keep = None if ignore is None else ~np.asarray(ignore, bool).reshape(-1)
@@ -22,16 +24,22 @@ def confusion_matrix(pred, target, n_classes, chunk=1 << 24, ignore=None):
         pc, tc = p[i:i + chunk], t[i:i + chunk]
         if keep is not None:
             pc, tc = pc[keep[i:i + chunk]], tc[keep[i:i + chunk]]
+        counted = tc != IGNORE
+        if not counted.all():
+            pc, tc = pc[counted], tc[counted]
         idx = tc.astype(np.int64) * n_classes + pc
         cm += np.bincount(idx, minlength=n_classes ** 2).reshape(n_classes, n_classes)
     return cm
 
 
 def scores_from_confusion(cm, codes, background=0):
-    """Per-class IoU and Dice, their means, and pixel accuracy over non-`background` pixels, from confusion `cm`.
+    """Per-class IoU and Dice, the fossil classes' means, and pixel accuracy over non-`background` pixels, from
+    confusion `cm`.
 
-    A class absent from both prediction and truth has IoU/Dice None and is left
-    out of the means. `pixel_acc_nonbg` is what the published study called "IoU".
+    A class absent from both prediction and truth has IoU/Dice None and is left out of the
+    means. The means are over the classes other than `background` only: the background,
+    nearly every voxel, would lift a mean with it in to near 1 whatever the fossils score.
+    `pixel_acc_nonbg` is what the published study called "IoU".
     """
     cm = np.asarray(cm, dtype=np.float64)
     tp, true, pred = np.diag(cm), cm.sum(1), cm.sum(0)
@@ -45,9 +53,8 @@ def scores_from_confusion(cm, codes, background=0):
     return {
         "iou": {c: nan_none(v) for c, v in zip(codes, iou)},
         "dice": {c: nan_none(v) for c, v in zip(codes, dice)},
-        "mean_iou": mean(iou, list(range(len(codes)))),
         "mean_iou_fossils": mean(iou, fg),
-        "mean_dice": mean(dice, list(range(len(codes)))),
+        "mean_dice_fossils": mean(dice, fg),
         "pixel_acc": float(tp.sum() / cm.sum()) if cm.sum() else None,
         "pixel_acc_nonbg": float(tp[fg].sum() / fg_true) if fg_true else None,
     }

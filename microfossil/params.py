@@ -89,9 +89,11 @@ RULES = {  # name: (rule, what it is, for the message)
     "work_dir": (_or_none(_path), "the run folder"),
     "data_url": (_or_none(_text), "a Google Drive id/URL or HTTP URL of a zipped dataset"),
     "quick": (_flag, "the CPU demo"), "smoke": (_flag, "the smoke test"), "force": (_flag, "retrain finished phases"),
-    "valid_pct": (_number(0, 1, lo_open=True, hi_open=True),
-                  "the held-out block's share of the slices, e.g. 0.2 (0 would leave nothing to validate or score)"),
-    "gap_slices": (_or_none(_whole(0)), "slices between the training and held-out blocks (None: automatic)"),
+    "test_pct": (_number(0, 1, lo_open=True, hi_open=True),
+                 "the test block's share of the slices (the last ones), e.g. 0.2 (0 would leave nothing to score)"),
+    "valid_pct": (_number(0, 1, hi_open=True), "the validation block's share of the slices (the first ones), e.g. 0.1 "
+                  "(0: validate on the test block, the published recipe)"),
+    "gap_slices": (_or_none(_whole(0)), "slices between the training block and each of the others (None: automatic)"),
     "sample_size": (_one_of("default", "full"), "the embedded sample's size"),
     "seed": (_whole(0), "the random seed"),
     "arch": (_text, "the encoder, a torchvision ResNet name such as \"resnet34\""),
@@ -145,6 +147,10 @@ def check_params(values):
     if not bad and lo is not None and hi is not None and lo > hi:
         bad.append(f"lr_unfrozen_lo={lo!r} is above lr_unfrozen_hi={hi!r}: slice(lo, hi) gives the first layers lo "
                    "and the last hi, so lo must not exceed hi")
+    tp, vp = values.get("test_pct"), values.get("valid_pct")
+    if not bad and tp is not None and vp is not None and tp + vp >= 0.9:
+        bad.append(f"test_pct={tp!r} and valid_pct={vp!r} leave {1 - tp - vp:.0%} of the slices (less the gaps) to train "
+                   "on: lower one of them")
     if not bad and values.get("crop_size") is not None and values.get("triplanar"):
         bad.append(f"crop_size={values['crop_size']!r} with triplanar=True: crops are cut from axial slices only; set "
                    "triplanar=False to train on crops, or crop_size=None (the default) for tri-planar training")

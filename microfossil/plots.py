@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import attempt_files
+from .io import attempt_files, read_json
 
 
 def get_class_colours(n):
@@ -134,9 +134,24 @@ def _history(path):
     return h[pd.to_numeric(h["epoch"], errors="coerce").notna()]
 
 
+def _fossil_iou(h):
+    """The per-epoch mean IoU of the fossil classes of history `h` (a history written before `mean_iou_fossils`
+    existed holds `mean_iou`, with the background in it: not shown)."""
+    return h["mean_iou_fossils"].astype(float) if "mean_iou_fossils" in h else np.full(len(h), np.nan)
+
+
+def validated_on(plan):
+    """Which block the per-epoch scores of a phase with training `plan` were measured on, in words."""
+    valid, test = plan.get("valid_slices"), plan.get("test_slices", plan.get("valid_slices"))
+    if valid and valid == test:
+        return f"test block {valid[0]}-{valid[1]}, the published recipe (valid_pct=0): not an unseen score"
+    return f"validation block {valid[0]}-{valid[1]}" if valid else "no validation block"
+
+
 def plot_history(work_dir, names, path=None):
-    """Loss and mean IoU per epoch of the phases in `names`, one after the other (`history/<name>.csv`); earlier
-    attempts of a phase (`history/attempts/`) are drawn thin beside its latest one."""
+    """Loss and the fossil classes' mean IoU per epoch of the phases in `names`, one after the other
+    (`history/<name>.csv`), on the block they validated on (named on the axis); earlier attempts of a phase
+    (`history/attempts/`) are drawn thin beside its latest one."""
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(12, 4))
     off = 0
@@ -147,22 +162,47 @@ def plot_history(work_dir, names, path=None):
             x = off + np.arange(len(h))
             label = f"{n} attempt{k}"
             axs[0].plot(x, h["valid_loss"].astype(float), ":", lw=1, label=f"{label} valid")
-            axs[1].plot(x, h["mean_iou"].astype(float), ":", lw=1, label=label)
+            axs[1].plot(x, _fossil_iou(h), ":", lw=1, label=label)
         if not (hist / f"{n}.csv").exists():
             continue
         h = _history(hist / f"{n}.csv")
         x = off + np.arange(len(h))
         axs[0].plot(x, h["train_loss"].astype(float), "-", label=f"{n} train")
         axs[0].plot(x, h["valid_loss"].astype(float), "--", label=f"{n} valid")
-        axs[1].plot(x, h["mean_iou"].astype(float), "-o", ms=3, label=n)
+        axs[1].plot(x, _fossil_iou(h), "-o", ms=3, label=n)
         off += len(h)
     axs[0].set(xlabel="epoch", ylabel="loss")
-    axs[1].set(xlabel="epoch", ylabel="mean IoU (held-out block, stage size)")
+    blocks = {validated_on((read_json(Path(work_dir) / "models" / f"{n}.json") or {}).get("plan", {})) for n in names
+              if (Path(work_dir) / "models" / f"{n}.json").exists()}
+    axs[1].set(xlabel="epoch", ylabel="fossil classes' mean IoU (stage size)")
+    axs[1].set_title("; ".join(sorted(blocks)) or "validation block", fontsize=9)
     for a in axs:
         if a.get_legend_handles_labels()[0]:
             _legend_under(fig, a.get_legend_handles_labels()[0], axes=[a], ncol=2)
     save_figure(path, fig)
     return fig
+
+
+def attempts(work_dir, names):
+    """The attempts of each phase in `names` (their training records in `work_dir/models/`), earlier ones and the
+    latest, side by side: plan and final scores, and the block the scores were measured on (`validated_on`: the
+    validation block; the test block only with the published recipe's `valid_pct=0`, and then named so)."""
+    import pandas as pd
+    models = Path(work_dir) / "models"
+    rows = []
+    for name in names:
+        kept = [p for _, p in attempt_files(models / "attempts", name, ".json")]
+        for f in [*kept, models / f"{name}.json"]:
+            rec = read_json(f)
+            if rec is None:
+                continue
+            plan = rec.get("plan", rec)
+            rows.append({"phase": name, "attempt": rec.get("attempt", 1), "latest": f.parent == models,
+                         **{k: plan.get(k) for k in ("epochs", "lr", "pct_start", "wd", "bs", "size", "start")},
+                         "scores on": validated_on(plan),
+                         **{k: v for k, v in rec.get("final", {}).items() if k != "mean_iou"},  # (with background)
+                         "seconds": rec.get("seconds")})
+    return pd.DataFrame(rows)
 
 
 def plot_predictions(vol, pred, idx, path=None):
@@ -180,12 +220,16 @@ def plot_predictions(vol, pred, idx, path=None):
 
 
 def plot_split(vol, split, path=None):
-    """Where the split falls along z: the labelled voxels of each fossil class per slice, with the training block, the
-    gap and the held-out block shaded (`split`, from `split.split_volume`)."""
+    """Where the split falls along z: the labelled voxels of each fossil class per slice, with the validation block,
+    the training block, the test block and the gaps between them shaded (`split`, from `split.split_volume`)."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 3.2))
-    blocks = [(0, split.n_train, "training", "tab:green"), (split.n_train, split.valid_start, "gap", "tab:gray"),
-              (split.valid_start, split.n_slices, "held-out", "tab:orange")]
+    test = "test (also validation: the published recipe)" if split.published else "test"
+    blocks = [(split.train_start, split.train_stop, "training", "tab:green"),
+              (split.train_stop, split.test_start, "gap", "tab:gray"), (split.test_start, split.n_slices, test, "tab:red")]
+    if not split.published:
+        blocks = [(split.valid_start, split.valid_stop, "validation", "tab:blue"),
+                  (split.valid_stop, split.train_start, "gap", "tab:gray")] + blocks
     for a, b, name, colour in blocks:
         if b > a:
             ax.axvspan(a - 0.5, b - 0.5, color=colour, alpha=0.15, label=f"{name}: slices {a}-{b - 1}")
@@ -197,9 +241,10 @@ def plot_split(vol, split, path=None):
             ax.plot(np.arange(len(counts)), counts[:, k], color=cm(k), label=vol.codes[k])
     ax.set_xlabel("slice (z)")
     ax.set_ylabel("labelled voxels")
-    lo = split.left_out.get("specimens", 0)
-    ax.set_title(f"split: gap {split.valid_start - split.n_train} slices; "
-                 f"{lo} specimen(s) in both blocks, left out of the held-out scores", fontsize=9)
+    lo, lv = split.left_out.get("specimens", 0), 0 if split.published else split.valid_left_out.get("specimens", 0)
+    ax.set_title(f"split: gaps of {split.valid_stop and split.train_start - split.valid_stop} and "
+                 f"{split.test_start - split.train_stop} slices; specimens in two blocks, left out of the scores: "
+                 f"{lo} of the test block, {lv} of the validation block", fontsize=9)
     handles = ax.get_legend_handles_labels()[0]
     _legend_under(fig, handles, ncol=min(5, len(handles)))
     save_figure(path, fig)

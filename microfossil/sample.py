@@ -18,12 +18,12 @@ import numpy as np
 from .io import replacing
 
 # Sizes (slices, height, width). "default" runs the whole quick-mode demo on a 2-core CPU in
-# minutes, and is tall enough that its default held-out block (the last 13 slices) holds whole
-# specimens of each class; "full" is the size of the published LAPiX volume (983 slices of 1004 x 956).
+# minutes, and is tall enough that its default test block (the last 13 slices) holds whole specimens of each
+# class, and its validation block (the first 6) specimens of each class; "full" is the size of the published LAPiX volume (983 slices of 1004 x 956).
 SAMPLE_SIZES = {"default": (64, 192, 192), "full": (983, 1004, 956)}
 
 SAMPLE_CODES = ["background", "foraminifera", "ostracod"]
-SAMPLE_VERSION = 2  # raised when the generator draws other volumes: a sample made by an older one is made again
+SAMPLE_VERSION = 3  # raised when the generator draws other volumes: a sample made by an older one is made again
 
 
 def _rotation(rng):
@@ -71,13 +71,17 @@ def _z_half(o):
     return float(np.linalg.norm(rz * o["axes"]))
 
 
-def _make_objects(shape, seed, valid_pct=0.2):
+def _make_objects(shape, seed, test_pct=0.2, valid_pct=0.1):
     """Draw the sample's objects (fossils, pores, grains) deterministically from `seed`.
 
-    The fossils are kept apart in z as the default split (`valid_pct`, see `split`) needs it:
-    about 30 % of each class (at least one) lies wholly in the held-out block, the
-    rest wholly before it, so the held-out block holds whole specimens of every class and
-    none of them is also in training. (With a held-out block under 6 slices they go anywhere.)
+    The fossils are kept apart in z as the default split (`test_pct`, `valid_pct`, see `split`)
+    needs it: about 30 % of each class (at least one) lies wholly in the test block (the last
+    slices), about 10 % (at least one) in the validation block (the first slices, where the scan's
+    top may cut a specimen off, as any scan's does), the rest wholly in the training block between,
+    so that the automatic gaps are empty, each block holds specimens of every class and none is in
+    two blocks. Every fossil is no taller than the test block allows: one size distribution in
+    every block. (With a test block under 6 slices the fossils go anywhere; with a validation
+    block under 3 slices none is placed in it.)
     """
     Z, H, W = shape
     rng = np.random.default_rng(seed)
@@ -101,20 +105,21 @@ def _make_objects(shape, seed, valid_pct=0.2):
                 return c
         return None
 
-    n_valid = max(1, int(round(Z * valid_pct)))
-    v0 = Z - n_valid
-    apart = n_valid >= 6
+    n_test = max(1, int(round(Z * test_pct)))
+    n_valid = max(1, int(round(Z * valid_pct))) if valid_pct else 0
+    t0 = Z - n_test
+    apart = n_test >= 6
+    in_valid = apart and n_valid >= 3
+    room = (n_test - 1) / 2  # half the height a fossil may have
     n_foram = max(2, round(core_vox * 6.0e-6 / scale ** 3))
     n_ostra = max(2, round(core_vox * 4.0e-6 / scale ** 3))
     for kind, n in (("foram", n_foram), ("ostracod", n_ostra)):
-        n_held = max(1, round(0.3 * n))
+        n_test_k = max(1, round(0.3 * n))
+        n_valid_k = max(1, round(0.1 * n)) if in_valid else 0
         for i in range(n):
-            held = i < n_held
-            # the z range its centre may take: wholly in the held-out block, or wholly before it
-            lo, hi = (v0, Z - 1) if held else (None, v0 - 1)
+            block = "test" if i < n_test_k else "valid" if i < n_test_k + n_valid_k else "train"
             o = _scaled(_draw_fossil(kind, rng, scale))
-            if apart:  # every fossil no taller than the held-out block allows: one size distribution in both blocks
-                room = (n_valid - 1) / 2
+            if apart:  # every fossil no taller than the test block allows: one size distribution in every block
                 for _ in range(50):  # a smaller or flatter-lying specimen when it does not fit
                     if _z_half(o) <= room:
                         break
@@ -122,7 +127,10 @@ def _make_objects(shape, seed, valid_pct=0.2):
                 if _z_half(o) > room:
                     o = _scaled(o, room / _z_half(o))
                 zh = _z_half(o)
-                zrange = (lo + zh, hi - zh) if held else (-0.3 * zh, hi - zh)
+                # the z range its centre may take: wholly in its block, but for the scan's top, which may cut it
+                top = n_valid if in_valid else 0  # the first slice a training fossil may reach
+                zrange = {"test": (t0 + zh, Z - 1 - zh), "valid": (-0.3 * zh, max(-0.3 * zh, n_valid - 1 - zh)),
+                          "train": ((top + zh) if in_valid else -0.3 * zh, t0 - 1 - zh)}[block]
             else:
                 zrange = None
             c = place(o["extent"], zrange=zrange)

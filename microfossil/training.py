@@ -41,12 +41,13 @@ from fastai.torch_core import set_seed
 from .bundle import write_bundle
 from .io import attempt_files, read_json, replacing, write_json, write_text
 from .loaders import n_input_channels
+from .plots import validated_on
 from .runtime import copy_in_place, file_digest, local_dir, matches, on_drive, require_mounted, write_in_place
 from .split import check_split
 
 SLOTS = ("a", "b")  # the two resumable copies on Drive, overwritten in turn
 PLAN_KEYS = ("epochs", "lr", "pct_start", "div", "div_final", "moms", "wd", "bs", "size", "frozen", "context_slices",
-             "triplanar", "train_slices", "gap_slices", "valid_slices", "seed", "arch", "codes", "start", "loss",
+             "triplanar", "train_slices", "valid_slices", "test_slices", "seed", "arch", "codes", "start", "loss",
              "crop_size", "class_weights", "oversample_rare", "infill_augment")
 _PLAN_DEFAULTS = {"loss": "cross_entropy", "crop_size": None, "class_weights": None,  # what a record made before
                   "oversample_rare": 1.0, "infill_augment": 0.0}                      # these keys existed used
@@ -285,12 +286,11 @@ class PhaseCheckpoint(Callback):
         opt = learn.opt
         valid = getattr(dls, "valid_idx", [])
         split = dls.split.plan() if getattr(dls, "split", None) is not None else {
-            "valid_slices": [int(valid[0]), int(valid[-1])] if len(valid) else []}
+            "valid_slices": [int(valid[0]), int(valid[-1])] if len(valid) else [], "test_slices": None}
         return {"epochs": int(learn.n_epoch), **_lr_plan(learn, len(opt.param_lists)),
                 "wd": _sig(opt.hypers[-1].get("wd", 0.0)), "bs": int(dls.train.bs), "size": list(dls.size),
                 "frozen": bool(opt.frozen_idx), "context_slices": int(getattr(dls, "context_slices", 1)),
-                "triplanar": bool(getattr(dls, "triplanar", False)), "train_slices": None, "gap_slices": None,
-                **split, "seed": getattr(dls, "seed", None),
+                "triplanar": bool(getattr(dls, "triplanar", False)), "train_slices": None, **split, "seed": getattr(dls, "seed", None),
                 "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name(),
                 "loss": getattr(learn, "loss_name", "cross_entropy"), "crop_size": getattr(dls, "crop_size", None),
                 "class_weights": getattr(learn, "class_weights", None),
@@ -365,7 +365,7 @@ class PhaseCheckpoint(Callback):
             self._load(self._path(".pth"), with_opt=False)
             self.skipped, self.learn.at_init = True, False
             print(f"{self.phase}: already trained with this plan (attempt {done.get('attempt', 1)}), loaded "
-                  f"models/{self.phase}.pth{_scores(done.get('final', {}))}; force=True trains it again")
+                  f"models/{self.phase}.pth{_scores(done.get('final', {}), done.get('plan'))}; force=True trains it again")
             raise CancelFitException()
         if (progress and interrupted == self.plan or copy) and not self.force:
             if copy is None:
@@ -435,11 +435,12 @@ class PhaseCheckpoint(Callback):
         rec = {"name": self.phase, "attempt": self.attempt, "plan": self.plan, "final": final,
                "sha256": weights_sha256(self._path(".pth")), "file_size": self._path(".pth").stat().st_size,
                "epochs_trained": len(self.rows), "seconds": round(time.time() - self.t0, 1),
+               "trained_on": getattr(self.learn.dls, "trained_on", None),  # the scan: path, shape, sampled-bytes hash
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(self._path(".json"), rec)
         self._drop_progress()
         print(f"{self.phase}: saved models/{self.phase}.pth (attempt {self.attempt}) after {rec['seconds']:.0f}s"
-              f"{_scores(final)}")
+              f"{_scores(final, self.plan)}")
 
 
 class _Resume(SkipToEpoch):
@@ -469,9 +470,12 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def _scores(final):
-    keys = [k for k in ("mean_iou", "acc_nonbg") if final.get(k) is not None]
-    return "; held-out block at this stage's size: " + ", ".join(f"{k} {final[k]:.3f}" for k in keys) if keys else ""
+def _scores(final, plan=None):
+    """The last epoch's scores in words: the fossil classes' mean IoU, each class's IoU and the published metric, on
+    the block they were measured on."""
+    keys = [k for k in final if k == "mean_iou_fossils" or k.startswith("iou_")] + ["acc_nonbg"]
+    shown = ", ".join(f"{k} {final[k]:.3f}" for k in keys if isinstance(final.get(k), (int, float)))
+    return f"; {validated_on(plan or {})} at this stage's size: {shown}" if shown else ""
 
 
 def _read_rows(path):
@@ -479,21 +483,3 @@ def _read_rows(path):
         return []
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def attempts(work_dir, names):
-    """The attempts of each phase in `names`, earlier ones and the latest, side by side: plan and final scores."""
-    import pandas as pd
-    models = Path(work_dir) / "models"
-    rows = []
-    for name in names:
-        kept = [p for _, p in attempt_files(models / "attempts", name, ".json")]
-        for f in [*kept, models / f"{name}.json"]:
-            rec = read_json(f)
-            if rec is None:
-                continue
-            plan = rec.get("plan", rec)
-            rows.append({"phase": name, "attempt": rec.get("attempt", 1), "latest": f.parent == models,
-                         **{k: plan.get(k) for k in ("epochs", "lr", "pct_start", "wd", "bs", "size", "start")},
-                         **rec.get("final", {}), "seconds": rec.get("seconds")})
-    return pd.DataFrame(rows)

@@ -57,6 +57,29 @@ class Volume:
     def shape(self): return self.images.shape
 
 
+def volume_fingerprint(vol, n_slices=16):
+    """What identifies the scan `vol` in a record: its folder, its shape and the SHA-256 of the bytes of about
+    `n_slices` evenly spaced slices (every 4th pixel of every 4th row), after windowing. The same scan gives the same
+    fingerprint wherever its folder is moved; another scan (or another crop of it) another."""
+    import hashlib
+    h = hashlib.sha256(repr(tuple(int(d) for d in vol.shape)).encode())
+    for z in evenly_spaced(len(vol.images), n_slices):
+        h.update(np.ascontiguousarray(np.asarray(vol.images[z])[::4, ::4]).tobytes())
+    return {"dataset": str(vol.source), "shape": [int(d) for d in vol.shape], "sampled_sha256": h.hexdigest()}
+
+
+def same_scan(vol, trained_on):
+    """True when `vol` is the scan a model's record `trained_on` (`volume_fingerprint`) describes, False when it is
+    another, None when the record cannot tell (made before fingerprints were recorded) and the shapes agree."""
+    if not trained_on:
+        return None
+    if list(trained_on.get("shape") or []) != [int(d) for d in vol.shape]:
+        return False
+    if trained_on.get("sampled_sha256") is None:
+        return None
+    return volume_fingerprint(vol)["sampled_sha256"] == trained_on["sampled_sha256"]
+
+
 def _read_text(path):
     """The text of file `path`: UTF-8 (with or without BOM), UTF-16 with a BOM, else Windows-1252 (Latin-1)."""
     data = Path(path).read_bytes()

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from microfossil.evaluation import evaluation_row, write_evaluation
+from microfossil.evaluation import PROVENANCE_KEYS, evaluation_row, write_evaluation
+from microfossil.split import split_volume
 from microfossil.volume import load_volume
+
+PROVENANCE = {k: None for k in PROVENANCE_KEYS}  # a run's provenance, as 05 records it in metrics.json
 
 
 def test_benchmark_tiny_produces_all_figures(tmp_path):
@@ -61,7 +64,8 @@ def test_min_size_report(tiny, tmp_path, capsys):
     import min_size
     vol = load_volume(tiny)
     pred = np.asarray(vol.labels).copy()
-    pred[0, 0, 0] = pred[5, 90, 3] = 1  # two one-voxel specks on background
+    z = split_volume(vol).train_start
+    pred[z, 0, 0] = pred[z + 3, 90, 3] = 1  # two one-voxel specks on background, in the training block
     (tmp_path / "predictions").mkdir()
     tifffile.imwrite(tmp_path / "predictions" / "labels.tif", pred)
     assert min_size.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path)]) == 0
@@ -70,6 +74,9 @@ def test_min_size_report(tiny, tmp_path, capsys):
     assert first["voxels"] == "1-9" and first["false"] >= 2
     assert sum(b["true"] for b in res["predicted_components"]["by_size"]) == res["true_specimens"]["n"]
     assert [r["min_voxels"] for r in res["by_min_voxels"]] == min_size.THRESHOLDS
+    assert res["block"] == "training" and res["slices"][0] == z
+    assert min_size.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path), "--block", "validation"]) == 0
+    assert json.loads(capsys.readouterr().out)["slices"][0] == 0  # the validation block: the first slices
 
 
 def test_variants_table_collects_finished_runs(tmp_path, capsys):
@@ -86,12 +93,14 @@ def test_variants_table_collects_finished_runs(tmp_path, capsys):
         work = tmp_path / name / f"seed{seed}"
         (work / "models").mkdir(parents=True)
         (work / "models" / "full_unfrozen.json").write_text(json.dumps({"seconds": 100.0}))
-        (work / "metrics.json").write_text(json.dumps({"predict_seconds": 7.0 if name == "k1" else 28.0}))
+        (work / "metrics.json").write_text(json.dumps({"predict_seconds": 7.0 if name == "k1" else 28.0,
+                                                       "provenance": {**PROVENANCE, "seed": seed}}))
         rows = [evaluation_row(name, "segmentation", scores, sp),
                 evaluation_row(name, "+ specimen classifier", scores, {**sp, "class_f1": 0.9})]
         write_evaluation(work, rows, codes)
     variants.main(["--work-root", str(tmp_path), "--collect", "--variants", "k1", "k1_tta"])
     md = capsys.readouterr().out
+    assert md.startswith("Data: development volumes") and "not an unseen figure" in md
     lines = [ln for ln in md.splitlines() if ln.startswith("| k1")]
     assert len(lines) == 4 and "IoU foram" in md and "train s" in md and "| seeds |" in md
     assert lines[0].startswith("| k1 | segmentation | 3 | 0.99 | 0.50 (0.40–0.60) | 0.66 |")
@@ -99,6 +108,15 @@ def test_variants_table_collects_finished_runs(tmp_path, capsys):
     assert "| n/a | 28 |" in lines[2]  # the TTA run trained nothing: it reuses k1's model
     out = json.loads((tmp_path / "evaluation.json").read_text())
     assert len(out["rows"]) == 12 and out["summary"][0]["iou"]["foram"][:3] == pytest.approx([0.5, 0.4, 0.6])
+    assert out["data_role"] == "development" and all(r["data_role"] == "development" for r in out["rows"])
+    assert all(set(PROVENANCE_KEYS) <= set(r["provenance"]) for r in out["rows"])  # every row says where it came from
+    assert [r["provenance"]["seed"] for r in out["rows"]][:2] == [0, 0]
+    variants.main(["--work-root", str(tmp_path), "--collect", "--variants", "k1", "--data-role", "test"])
+    assert capsys.readouterr().out.startswith("Data: test volumes")
+    (tmp_path / "k1" / "seed0" / "evaluation.json").write_text(json.dumps(
+        {"codes": codes, "rows": [{**r, "provenance": None} for r in out["rows"][:2]]}))  # an earlier version's rows
+    rows, _ = variants.collect(tmp_path, ["k1"], [0, 1, 2])
+    assert len(rows) == 4 and "written by an earlier version" in capsys.readouterr().out
 
 
 
@@ -119,7 +137,7 @@ def test_variants_over_samples_and_training_seeds(tmp_path, capsys, monkeypatch)
         scores = {"iou": {"background": 0.99, "foram": 0.5 + 0.1 * seed}, "dice": {"background": 0.99, "foram": 0.6},
                   "mean_iou_fossils": 0.5, "pixel_acc_nonbg": 0.7}
         (work / "models").mkdir(parents=True)
-        (work / "metrics.json").write_text(json.dumps({"predict_seconds": 5.0}))
+        (work / "metrics.json").write_text(json.dumps({"predict_seconds": 5.0, "provenance": PROVENANCE}))
         found = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "class_f1": 0.5, "n_true": 4, "n_predicted": 4}
         write_evaluation(work, [evaluation_row("k=5", "segmentation", scores, None),
                                 evaluation_row("k=5", "extraction", scores, found),
@@ -169,3 +187,36 @@ def test_colab_requirements_sees_colabs_packages_as_installed(tmp_path):
     assert kept.returncode == 0 and "2 packages in Colab's list; pip would install 0" in kept.stdout, kept.stdout + kept.stderr
     assert "all kept" in kept.stdout
     assert run(bad).returncode != 0  # fastprogress<1.1 is not met by Colab's 1.1.6 (online, pip reports it REPLACED)
+
+
+def test_per_specimen_and_threshold_rules_read_a_finished_run(tiny, tmp_path, capsys):
+    """bench/per_specimen.py and bench/threshold_rules.py (the analyses behind docs/evaluation.md's per-specimen and
+    labelling-rule figures) on a run whose prediction is the ground truth: every specimen wholly in the block has all
+    its voxels in its class; the arg-max and the 0.5 rule reproduce the truth, a threshold so low that the background's
+    probability (200 of 255 here) no longer outweighs it paints the background as fossil."""
+    import numpy as np
+    import tifffile
+    from conftest import save_probs
+    from microfossil.evaluation import save_metrics
+    from microfossil.extraction import extract_fossils
+    sys.path.insert(0, str(ROOT / "bench"))
+    import per_specimen
+    import threshold_rules
+    vol = load_volume(tiny)
+    pred = np.asarray(vol.labels).copy()
+    (tmp_path / "predictions").mkdir()
+    save_probs(tmp_path, pred)  # predictions/probs.npy: 200 of 255 for the predicted class, and prediction.json
+    tifffile.imwrite(tmp_path / "predictions" / "labels.tif", pred)
+    extract_fossils(vol, tmp_path, pred, min_voxels=1, max_exports=0)
+    save_metrics(tmp_path, vol, pred, split_volume(vol, 0.2, 0.0, gap_slices=0))  # a training block of 10 slices
+    capsys.readouterr()
+    assert per_specimen.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path), "--block", "training"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["block"] == "training" and res["slices"] == [0, 9] and res["specimens"]
+    assert all(r["right_class_share"] == 1.0 and isinstance(r["infilled"], bool) for r in res["specimens"])
+    assert sum(v["specimens"] for v in res["summary"].values()) == len(res["specimens"])
+    assert set(res["descriptors"]) <= {"foraminifera", "ostracod", "not a fossil"} and res["descriptors"]
+    assert threshold_rules.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path), "--block", "validation"]) == 0
+    rules = json.loads(capsys.readouterr().out)["rules"]
+    assert rules["argmax"]["foreground_iou"] == rules["0.5"]["foreground_iou"] == 1.0
+    assert rules["0.2"]["foreground_iou"] < 1.0

@@ -18,8 +18,9 @@ from microfossil.learner import build_learner
 from microfossil.loaders import make_dls
 from microfossil.prediction import FOSSIL_THRESHOLDS, load_model, predict_volume
 from microfossil.sample import make_sample
+from microfossil.split import split_volume
 from microfossil.training import PhaseCheckpoint, save_bundle
-from microfossil.volume import DatasetError, load_volume
+from microfossil.volume import DatasetError, load_volume, volume_fingerprint
 
 
 def _hashes(folder):
@@ -36,8 +37,8 @@ def trained(tmp_path_factory):
     ds = make_sample(root / "core_a", n_slices=24, height=96, width=96, seed=3)
     vol = load_volume(ds)
     work = root / "run_a"
-    learn = build_learner(make_dls(vol, 1.0, bs=4, device=torch.device("cpu"), gap_slices=0, context_slices=3),
-                          pretrained=False,
+    split = split_volume(vol, 0.2, 0.0, gap_slices=0)  # the published recipe's blocks: more training slices here
+    learn = build_learner(make_dls(vol, 1.0, 4, split, device=torch.device("cpu"), context_slices=3), pretrained=False,
                           work_dir=work)
     # One epoch learns nothing; the last layer leans to a fossil class so that the new core has specimens for the
     # bundle's classifier to class (this checks where things land and who classed them, not accuracy).
@@ -70,6 +71,28 @@ def test_the_bundle_holds_the_model_what_it_expects_and_the_classifier_examples(
     assert chosen["fossil_threshold_chosen_on"] and info["fossil_threshold"] == chosen["fossil_threshold"]
     assert info["fossil_threshold"] in FOSSIL_THRESHOLDS  # the threshold 05 chose travels with the model
     assert resolve_model(work) == ("bundle", work / "bundle") == resolve_model(work / "bundle")
+    split = split_volume(vol, 0.2, 0.0, gap_slices=0)  # the scan it learnt from, known again by its fingerprint, its blocks
+    assert info["trained_on"] == {**volume_fingerprint(vol), **split.plan()}
+
+
+def test_05_on_the_models_own_training_scan_scores_its_test_block_only(trained):
+    """model_path = the bundle, data_dir = the very scan it was trained on, ground truth and all, with other split
+    parameters: 05 knows the scan again and scores only the test block the bundle recorded, never the slices the model
+    trained or was validated on."""
+    root, work, vol = trained
+    out = root / "run_self"
+    pm.execute_notebook(str(ROOT / "notebooks" / "05_predict_export.ipynb"), str(root / "05_self.ipynb"),
+                        cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+                        parameters={"data_dir": str(vol.source), "work_dir": str(out), "model_path": str(work / "bundle"),
+                                    "smoke": True, "min_voxels": 1, "test_pct": 0.5, "valid_pct": 0.1})
+    recorded = read_bundle(work / "bundle")["trained_on"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_slices"] == recorded["test_slices"] and m["n_test_slices"] == 5
+    split = m["provenance"]["split"]
+    assert split["train_slices"] == recorded["train_slices"] and "own training scan" in split["gap_rule"]
+    assert m["specimens"]["test_slices"] == recorded["test_slices"]
+    rows = json.loads((out / "evaluation.json").read_text())["rows"]
+    assert all(r["provenance"]["split"]["test_slices"] == recorded["test_slices"] for r in rows)
 
 
 def test_05_predicts_a_new_unlabelled_core_with_the_bundle_and_leaves_the_training_run_untouched(trained):

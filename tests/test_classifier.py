@@ -62,14 +62,14 @@ def test_classifier_tells_shells_from_chains(tmp_path, capsys):
     assert len(cat0) == 80 and (cat0["class"] == "shell").all()  # the segmentation confused every chain
     assert set(draw_gallery(work)["name"]) == {"shell"}
     assert (work / "exports" / "truth_features.csv").exists()
-    split = split_volume(vol, 0.2)
-    assert split.n_train == split.valid_start == 72  # the cells keep every specimen in one block: no gap
+    split = split_volume(vol, 0.2, 0.1)
+    assert split.train_stop == split.test_start == 72  # the cells keep every specimen in one block: no gap
     cat = classify_specimens(work, split)
     out = capsys.readouterr().out
     assert "Specimen classifier trained on" in out
     feats = pd.read_csv(work / "exports" / "features.csv")
     truth = np.where(feats["truth_chain"] > feats["truth_shell"], "chain", "shell")
-    held_out = (cat["z0"] >= split.valid_start).to_numpy()  # never seen by the classifier
+    held_out = (cat["z0"] >= split.test_start).to_numpy()  # never seen by the classifier
     assert held_out.sum() >= 10
     acc = (cat["class"].to_numpy()[held_out] == truth[held_out]).mean()
     assert acc >= 0.9, acc

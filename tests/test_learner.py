@@ -17,7 +17,7 @@ from fastai.torch_core import find_bs
 from microfossil.learner import (CrossEntropyDiceLoss, _confusion_on_device, _Progress, build_learner, class_weights_of,
                                  describe_classes, epoch_metrics, valley)
 from microfossil.loaders import make_dls
-from microfossil.metrics import confusion_matrix, scores_from_confusion
+from microfossil.metrics import IGNORE, confusion_matrix, scores_from_confusion
 
 
 def test_checkpoint_from_quarter_loads_strictly_at_half(odd_vol, tmp_path):
@@ -117,7 +117,8 @@ def test_no_copy_to_the_host_inside_a_batch(odd_vol, tmp_path, monkeypatch):
     with learn.no_bar():  # (fastai's no_bar puts fastai's own bar back on exit)
         learn.fit(1, 1e-3, cbs=[_InBatch(), _BatchEnd()])
     assert len(learn.recorder.losses) == len(dls.train) and reads == []
-    assert 0 <= learn.recorder.values[-1][2] <= 1  # the epoch's mean IoU was still computed
+    names = list(learn.recorder.metric_names)[1:]  # ("epoch" first, as fastai names them)
+    assert 0 <= learn.recorder.values[-1][names.index("iou_background")] <= 1  # the epoch's scores were still computed
 
 
 class _DivergeAfter(Callback):
@@ -158,6 +159,13 @@ def test_sync_free_confusion_counts_like_bincount(monkeypatch):
             got = _confusion_on_device(pred, target, n, scatter=True)
         assert got.dtype == torch.long and torch.equal(got, want), (n, numel)
         assert np.array_equal(confusion_matrix(pred.numpy(), target.numpy(), n), want.numpy())
+        ignored = target.clone()
+        ignored[::3] = IGNORE  # voxels left out of every score: counted in neither path
+        keep = ignored != IGNORE
+        want = torch.bincount(target[keep] * n + pred[keep], minlength=n * n).reshape(n, n)
+        for scatter in (True, False):
+            assert torch.equal(_confusion_on_device(pred, ignored, n, scatter=scatter), want), (n, numel, scatter)
+        assert np.array_equal(confusion_matrix(pred.numpy(), ignored.numpy().astype(np.uint8), n), want.numpy())
 
 
 def test_epoch_metrics_accumulate_over_batches():
@@ -165,7 +173,7 @@ def test_epoch_metrics_accumulate_over_batches():
     codes = ["bg", "a", "b"]
     ms = epoch_metrics(codes)
     names = [m.name for m in ms]
-    assert names == ["mean_iou", "iou_bg", "iou_a", "iou_b", "dice_bg", "dice_a", "dice_b", "acc_nonbg"]
+    assert names == ["mean_iou_fossils", "iou_bg", "iou_a", "iou_b", "dice_bg", "dice_a", "dice_b", "acc_nonbg"]
     rng = np.random.default_rng(0)
     ys = [torch.from_numpy(rng.integers(0, 3, (2, 5, 6))) for _ in range(3)]
     logits = [torch.randn(2, 3, 5, 6) for _ in range(3)]
@@ -179,7 +187,8 @@ def test_epoch_metrics_accumulate_over_batches():
     s = scores_from_confusion(confusion_matrix(allp.numpy(), torch.cat(ys).numpy(), 3), codes)
     vals = dict(zip(names, (m.value for m in ms)))
     assert math.isclose(vals["iou_a"], s["iou"]["a"]) and math.isclose(vals["dice_b"], s["dice"]["b"])
-    assert math.isclose(vals["acc_nonbg"], s["pixel_acc_nonbg"]) and math.isclose(vals["mean_iou"], s["mean_iou"])
+    assert math.isclose(vals["acc_nonbg"], s["pixel_acc_nonbg"])
+    assert math.isclose(vals["mean_iou_fossils"], (s["iou"]["a"] + s["iou"]["b"]) / 2)  # no background in the mean
 
 
 def test_ce_dice_loss_adds_the_batch_dice_of_the_fossil_classes(odd_vol, tmp_path):
@@ -254,6 +263,10 @@ def test_losses_take_the_class_weights_and_print_them(odd_vol, tmp_path, capsys,
     else:  # fastai's focal loss: (1 - p_t) ** 2 times the (weighted) per-pixel cross-entropy, averaged
         ce_px = F.cross_entropy(logits, targ, weight=w.float(), reduction="none")
         assert torch.allclose(learn.loss_func(logits, targ), ((1 - torch.exp(-ce_px)) ** 2 * ce_px).mean(), atol=1e-5)
+    left_out = targ.clone()
+    left_out[:, :2] = IGNORE  # voxels no score counts: the loss is that of the other voxels alone
+    sub = (logits[:, :, 2:].contiguous(), targ[:, 2:].contiguous())
+    assert torch.allclose(learn.loss_func(logits, left_out), learn.loss_func(*sub), atol=1e-5)
     learn.fit(1, 1e-3)  # trains
     plain = build_learner(dls, pretrained=False, work_dir=tmp_path, loss=loss)
     assert plain.class_weights is None and "loss weights" not in capsys.readouterr().out

@@ -9,7 +9,13 @@ from conftest import volume_of
 from microfossil import loaders
 from microfossil.loaders import (FOSSIL_CROP_SHARE, _normalize, _resize_images, _resize_masks, make_dls,
                                  draw_weights, stage_size)
-from microfossil.split import split_slices
+from microfossil.split import split_volume
+
+
+def _last_fifth(vol):
+    """The split these tests were written for: the last fifth of the slices validates (the published recipe's
+    layout), the rest trains, no gap."""
+    return split_volume(vol, 0.2, 0.0, gap_slices=0)
 
 
 def test_stage_sizes():
@@ -27,7 +33,7 @@ def test_batches_resized_and_aligned(odd_vol):
     assert x.shape == (1, 3, 70, 66) and x.dtype == torch.float32  # 6 slices: a 1-slice validation block
     assert y.shape == (1, 70, 66) and y.dtype == torch.int64
     assert abs(float(x.mean())) < 3  # ImageNet-normalised
-    assert set(torch.unique(y).tolist()) <= {0, 1, 2}
+    assert set(torch.unique(y).tolist()) <= {0, 1, 2, 255}  # 255: a specimen also in training, left out of scores
     xt, yt = dls.train.one_batch()  # augmented training batch keeps image and mask shapes aligned
     assert xt.shape[-2:] == yt.shape[-2:] == (70, 66)
 
@@ -36,7 +42,8 @@ def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
     """The stage-size volume held by the DataLoaders gives the same batches, bit for bit, as gathering
     full-size slices (with their context neighbours) and resizing each batch, as the data path used to."""
     cpu = torch.device("cpu")
-    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=cpu, context_slices=3, gap_slices=0)
+    dls = make_dls(odd_vol, 0.5, bs=3, split=split_volume(odd_vol, 0.5, 0.0, gap_slices=0), augment=False, device=cpu,
+                   context_slices=3)  # bs 3: no batch of one slice, which training drops (BatchNorm needs two)
     size = dls.size
     held = dls.train.planes[0][0]
     assert held.shape == (len(odd_vol.images), *size) and held.dtype == torch.uint8  # no full-size copy kept
@@ -48,7 +55,8 @@ def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
         masks = {z: _resize_masks(full_y[z:z + 1], size)[0] for z in range(lo, hi)}
         for x, y in dl:
             for xi, yi in zip(x, y):
-                z = next(z for z, m in masks.items() if torch.equal(m, yi.to(torch.uint8)))
+                yi = yi.to(torch.uint8)  # (255: a specimen also in training, left out of the validation scores)
+                z = next(z for z, m in masks.items() if bool(((yi == 255) | (yi == m)).all()))
                 zz = torch.tensor([z - 1, z, z + 1]).clamp(lo, hi - 1)
                 want = _resize_images(full_x[zz][None], size).float().div(255)
                 assert torch.equal(xi, norm(TensorImage(want))[0]), f"slice {z}"
@@ -57,19 +65,25 @@ def test_volume_resized_once_gives_the_batches_of_a_per_batch_resize(odd_vol):
 
 
 @pytest.mark.parametrize("context", [1, 3])
-def test_triplanar_training_never_sees_the_gap_or_the_held_out_block(tmp_path, context):
-    """Gap and held-out voxels are 255 / label 2, training voxels < 255 / label <= 1: no training batch (any plane,
-    any context channel) may contain either."""
+def test_training_and_validation_never_see_the_gaps_or_the_test_block(tmp_path, context):
+    """Validation voxels are 250 / label 2, gap and test voxels 255 / label 0 and 2, training voxels < 250 / label <= 1: no
+    training batch (any plane, any context channel) may contain any of them, and no validation batch a gap or test
+    voxel: only 05 reads the test block."""
     rng = np.random.default_rng(0)
     Z, H, W = 20, 40, 48
     images = rng.integers(0, 200, (Z, H, W), dtype=np.uint8)
     labels = (images > 150).astype(np.uint8)
-    n_train = len(split_slices(Z, 0.2, gap_slices=2)[0])
-    images[n_train:], labels[n_train:] = 255, 2
     vol = volume_of(images, labels, tmp_path)
-    dls = make_dls(vol, 1.0, 4, 0.2, augment=False, device=torch.device("cpu"), context_slices=context,
-                   triplanar=True, gap_slices=2)
-    assert dls.split.n_train == n_train == 14
+    split = split_volume(vol, 0.2, 0.1, gap_slices=2)
+    assert (split.valid_stop, split.train_start, split.train_stop, split.test_start) == (2, 4, 14, 16)
+    outside = np.ones(Z, bool)
+    outside[split.train] = False
+    images[outside], labels[outside] = 255, 2
+    images[split.valid] = 250
+    labels[split.valid_stop:split.train_start] = labels[split.train_stop:split.test_start] = 0  # gaps: nothing joins
+    dls = make_dls(vol, 1.0, 4, split, augment=False, device=torch.device("cpu"), context_slices=context,
+                   triplanar=True)
+    n_train = len(split.train)
     train = dls.train.new(after_batch=Pipeline([]))  # raw uint8 batches, before resizing and normalising
     shapes = set()
     n_batches = 0
@@ -77,11 +91,32 @@ def test_triplanar_training_never_sees_the_gap_or_the_held_out_block(tmp_path, c
         n_batches += 1
         shapes.add(tuple(x.shape[1:]))
         assert x.shape[1] == context
-        assert int(x.max()) < 255 and int(y.max()) <= 1
+        assert int(x.max()) < 250 and int(y.max()) <= 1
     assert n_batches == len(train)
     assert {(context, H, W), (context, n_train, W), (context, n_train, H)} <= shapes  # axial, XZ and YZ slices
-    xv, yv = next(iter(dls.valid.new(after_batch=Pipeline([]))))
-    assert int(xv.min()) == 255 and int(yv.min()) == 2  # validation stays on its own block
+    for xv, yv in dls.valid.new(after_batch=Pipeline([])):  # validation stays on its own block, context too
+        assert int(xv.min()) == int(xv.max()) == 250 and int(yv.min()) == 2
+
+
+def test_validation_scores_leave_out_a_specimen_that_also_reaches_training(tmp_path):
+    """A specimen taller than the validation gap allows: its voxels in the validation block are labelled IGNORE in the
+    validation batches (no per-epoch score or validation loss counts them, as 05's test scores do not), the others keep
+    their class; the training block keeps its labels."""
+    from conftest import ball
+    from microfossil.metrics import IGNORE
+    Z, H, W = 40, 32, 32
+    labels = np.zeros((Z, H, W), np.uint8)
+    labels[ball((Z, H, W), (2, 16, 16), 9)] = 1  # slices 0-11: the validation block (0-3) and beyond any gap (4-7)
+    labels[ball((Z, H, W), (2, 5, 27), 2)] = 2   # slices 0-4... within the validation block and its gap only
+    images = np.where(labels > 0, 200, 60).astype(np.uint8)
+    vol = volume_of(images, labels, tmp_path)
+    split = split_volume(vol, 0.2, 0.1)
+    assert split.valid_left_out["specimens"] == 1
+    dls = make_dls(vol, 1.0, 4, split, augment=False, device=torch.device("cpu"))
+    y = torch.cat([yb for _, yb in dls.valid.new(after_batch=Pipeline([]))])
+    assert y.shape[0] == len(split.valid) and set(torch.unique(y).tolist()) == {0, 2, IGNORE}
+    assert int((y == IGNORE).sum()) == int((labels[:4] == 1).sum()) and int((y == 2).sum()) == int((labels[:4] == 2).sum())
+    assert int(dls.train.planes[0][1][split.train].max()) == 1  # the training block keeps its labels
 
 
 @pytest.mark.parametrize("context", [3, 5])
@@ -90,8 +125,8 @@ def test_show_batch_shows_the_centre_slice_and_its_labels(odd_vol, context):
     [0, 1]) whatever the number of context slices, and the masks carry the class names."""
     import matplotlib
     matplotlib.use("Agg")
-    dls = make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, augment=False, device=torch.device("cpu"), context_slices=context,
-                   gap_slices=0)
+    dls = make_dls(odd_vol, 0.5, bs=2, split=split_volume(odd_vol, 0.5, 0.0, gap_slices=0), augment=False,
+                   device=torch.device("cpu"), context_slices=context)
     x, y, samples = dls.valid.show_batch(max_n=2, show=False)
     assert x.shape == (2, 3, 70, 66) and torch.equal(x[:, 0], x[:, 1]) and 0 <= float(x.min()) <= float(x.max()) <= 1
     z = dls.valid_idx[0]
@@ -128,7 +163,7 @@ def _crop_volume(tmp_path):
 def _fossil_share(vol, monkeypatch, share):
     """The share of training windows holding a fossil pixel, with `share` of them centred near one."""
     monkeypatch.setattr(loaders, "FOSSIL_CROP_SHARE", share)
-    dls = make_dls(vol, 1.0, bs=8, augment=False, device=torch.device("cpu"), gap_slices=0, crop_size=48, seed=2)
+    dls = make_dls(vol, 1.0, bs=8, augment=False, device=torch.device("cpu"), split=_last_fifth(vol), crop_size=48, seed=2)
     ys = torch.cat([y.as_subclass(torch.Tensor) for _, y in dls.train.new(after_batch=Pipeline([]))])
     return float((ys == 1).flatten(1).any(1).float().mean())
 
@@ -138,10 +173,10 @@ def test_crops_are_windows_of_the_training_slices_half_of_them_on_a_fossil(tmp_p
     place), an epoch covers the slices' area once, FOSSIL_CROP_SHARE of the windows are centred near a fossil (and
     hold it) while the others hold one by chance, and validation stays on whole held-out slices."""
     vol = _crop_volume(tmp_path)
-    dls = make_dls(vol, 1.0, bs=8, valid_pct=0.2, augment=False, device=torch.device("cpu"), gap_slices=0,
+    dls = make_dls(vol, 1.0, bs=8, augment=False, device=torch.device("cpu"), split=_last_fifth(vol),
                    crop_size=48, seed=1)
     assert dls.crop_size == 48 and dls.size == (128, 128)
-    n_train = dls.split.n_train
+    n_train = len(dls.split.train)
     assert len(dls.train.dataset) == n_train * round(128 * 128 / 48 ** 2)  # 7 windows a slice
     raw = dls.train.new(after_batch=Pipeline([]))
     full, labels = torch.from_numpy(vol.images), torch.from_numpy(vol.labels).long()
@@ -172,12 +207,12 @@ def test_crops_are_windows_of_the_training_slices_half_of_them_on_a_fossil(tmp_p
 def test_crop_as_large_as_the_slice_trains_on_whole_slices_and_bad_crops_are_refused(tmp_path):
     vol = _crop_volume(tmp_path)
     cpu = torch.device("cpu")
-    dls = make_dls(vol, 0.5, bs=4, device=cpu, gap_slices=0, crop_size=64)  # 64 px: the whole stage-size slice
+    dls = make_dls(vol, 0.5, bs=4, device=cpu, split=_last_fifth(vol), crop_size=64)  # 64 px: the whole stage-size slice
     assert dls.crop_size is None and dls.train.one_batch()[0].shape[-2:] == (64, 64)
     with pytest.raises(ValueError, match="below 32"):
-        make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, crop_size=16)
+        make_dls(vol, 1.0, bs=4, device=cpu, split=_last_fifth(vol), crop_size=16)
     with pytest.raises(ValueError, match="triplanar"):
-        make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, crop_size=48, triplanar=True)
+        make_dls(vol, 1.0, bs=4, device=cpu, split=_last_fifth(vol), crop_size=48, triplanar=True)
 
 
 def _rare_volume(tmp_path):
@@ -207,13 +242,13 @@ def test_oversample_rare_draws_slices_of_the_rare_class_more_often(tmp_path):
     block."""
     vol = _rare_volume(tmp_path)
     cpu = torch.device("cpu")
-    plain = make_dls(vol, 1.0, bs=4, valid_pct=0.2, augment=False, device=cpu, gap_slices=0, seed=3)
+    plain = make_dls(vol, 1.0, bs=4, augment=False, device=cpu, split=_last_fifth(vol), seed=3)
     assert plain.oversample_rare == 1.0 and plain.train.weights is None
     assert sorted(plain.train.dataset[plain.train.get_idxs()].tolist()) == list(range(24))
-    n_train = plain.split.n_train
+    n_train = len(plain.split.train)
     want = [int((vol.labels[:n_train] == k).sum()) for k in range(3)]
     assert plain.class_counts.tolist() == want
-    dls = make_dls(vol, 1.0, bs=4, valid_pct=0.2, augment=False, device=cpu, gap_slices=0, seed=3, oversample_rare=4.0)
+    dls = make_dls(vol, 1.0, bs=4, augment=False, device=cpu, split=_last_fifth(vol), seed=3, oversample_rare=4.0)
     zs = np.concatenate([dls.train.dataset[dls.train.get_idxs()] for _ in range(200)])
     assert len(zs) == 200 * 24
     share = float(np.isin(zs, [0, 6, 12, 18]).mean())
@@ -221,7 +256,7 @@ def test_oversample_rare_draws_slices_of_the_rare_class_more_often(tmp_path):
     x, y = dls.train.one_batch()  # batches still one gather of the drawn slices
     assert x.shape[0] == 4 and y.shape[-2:] == (128, 128)
     with pytest.raises(ValueError, match="oversample_rare"):
-        make_dls(vol, 1.0, bs=4, device=cpu, gap_slices=0, oversample_rare=0.5)
+        make_dls(vol, 1.0, bs=4, device=cpu, split=_last_fifth(vol), oversample_rare=0.5)
 
 
 def test_oversample_rare_centres_crops_on_the_rare_class_more_often(tmp_path, monkeypatch):
@@ -232,7 +267,7 @@ def test_oversample_rare_centres_crops_on_the_rare_class_more_often(tmp_path, mo
     vol = _rare_volume(tmp_path)
 
     def rare_share(k):
-        dls = make_dls(vol, 1.0, bs=8, valid_pct=0.2, augment=False, device=torch.device("cpu"), gap_slices=0,
+        dls = make_dls(vol, 1.0, bs=8, augment=False, device=torch.device("cpu"), split=_last_fifth(vol),
                        crop_size=48, seed=5, oversample_rare=k)
         ys = torch.cat([y.as_subclass(torch.Tensor) for _ in range(5) for _, y in dls.train.new(after_batch=Pipeline([]))])
         return float((ys == 2).flatten(1).any(1).float().mean())

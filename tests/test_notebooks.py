@@ -20,7 +20,8 @@ from microfossil.training import phase_done, read_record
 from microfossil.volume import load_volume
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-COMMON = {"data_dir", "work_dir", "quick", "smoke", "valid_pct", "gap_slices", "data_url", "sample_size", "seed"}
+COMMON = {"data_dir", "work_dir", "quick", "smoke", "test_pct", "valid_pct", "gap_slices", "data_url", "sample_size",
+          "seed"}
 
 
 def test_numbered_notebooks():
@@ -110,17 +111,24 @@ def _check_run(ds, work, n_classes, variant="k=1"):
     labels = tifffile.imread(pred_dir / "labels.tif")  # the label volume: values = class index
     assert labels.shape == vol.shape and labels.max() < n_classes
     m = json.loads((work / "metrics.json").read_text())
-    assert set(m["iou"]) == set(vol.codes) and 0 <= m["mean_iou"] <= 1
+    assert set(m["iou"]) == set(vol.codes) and "mean_iou" not in m
     assert m["pixel_acc_nonbg"] is None or 0 <= m["pixel_acc_nonbg"] <= 1
-    split = split_volume(vol, 0.2)
-    assert m["n_heldout_slices"] == len(split.valid) and m["split"]["train_slices"] == split.plan()["train_slices"]
-    assert m["seed"] == 0 and m["checkpoint"]["name"] == "full_unfrozen.attempt1" and "left_out" in m
-    assert json.loads((pred_dir / "prediction.json").read_text())["checkpoint"] == m["checkpoint"]
+    split = split_volume(vol)  # the notebooks' defaults: a validation block, and only 05 scores the test block
+    prov = m["provenance"]
+    assert m["n_test_slices"] == len(split.test) and {k: prov["split"][k] for k in split.plan()} == split.plan()
+    assert prov["seed"] == 0 and prov["checkpoint"]["name"] == "full_unfrozen.attempt1" and "left_out" in prov["split"]
+    assert prov["tta"] is True and prov["fossil_threshold"] and prov["classifier_seed"] in (0, None)
+    for phase in ("256_frozen", "full_unfrozen"):  # every per-epoch score was on the validation block, and says so
+        rec = read_record(work, phase)
+        assert rec["valid_slices"] == split.plan()["valid_slices"] and rec["test_slices"] == split.plan()["test_slices"]
+        assert "mean_iou_fossils" in rec["final"] and "mean_iou" not in rec["final"]
+    assert "validation block" in _printed(work / "notebooks" / "02_train_256.ipynb")
+    assert json.loads((pred_dir / "prediction.json").read_text())["checkpoint"] == prov["checkpoint"]
     assert set(json.loads((work / "run_times.json").read_text())) == {n.stem for n in NOTEBOOKS}
     for nb in NOTEBOOKS:
         assert (work / "notebooks" / nb.name).exists()
     for fig in ("slice", "orthoviews", "histogram", "split", "lr_find_256_frozen", "lr_find_full_unfrozen",
-                "results_256", "history_full", "predictions_valid", "slices_truth", "slices_pred"):
+                "results_256", "history_full", "predictions_test", "slices_truth", "slices_pred"):
         assert (work / "figures" / f"{fig}.png").exists(), fig
     assert (work / "figures" / "specimens_3d.html").exists()  # headless, the 3D views are HTML pages
     for name in ("256", "512", "full"):
@@ -137,6 +145,7 @@ def _check_run(ds, work, n_classes, variant="k=1"):
     # the evaluation table of the run: segmentation (and + specimen classifier when it could be trained)
     ev = json.loads((work / "evaluation.json").read_text())
     assert ev["rows"][0]["variant"] == variant and ev["rows"][0]["step"] == "segmentation"
+    assert all(r["provenance"]["split"]["test_slices"] == split.plan()["test_slices"] for r in ev["rows"])
     assert ev["rows"][0]["iou"] == m["iou"] and "| variant | step |" in (work / "evaluation.md").read_text()
     text = _printed(work / "notebooks" / "06_review.ipynb")
     assert "review panel skipped" in text and "No decision in review.csv yet" in text
@@ -151,7 +160,7 @@ def test_pipeline_smoke_on_png_sample(tiny, tmp_path, capfd):
                               "-p", "pretrained", "False", "-p", "triplanar", "False"]) == 0
     _check_run(tiny, work, 3, variant="k=3, flip TTA")
     out, err = capfd.readouterr()  # the summary a person reads at the end, and no kernel chatter (the kernels' too)
-    assert "All done in" in out and "Specimens found:" in out and "Held-out block" in out
+    assert "All done in" in out and "Specimens found:" in out and "Test block" in out
     assert f"Gallery:    {work / 'exports' / 'gallery.png'}" in out or not (work / "exports" / "gallery.png").exists()
     assert f"Catalogue:  {work / 'exports' / 'fossils.csv'}" in out and "06_review.ipynb" in out
     assert "TCP" not in out + err and "WARNING" not in out + err

@@ -20,12 +20,15 @@ def test_volume_figures_are_saved(tmp_path):
             "ortho": plots.plot_orthoviews(vol, path=tmp_path / "f" / "ortho.png"),
             "hist": plots.plot_histogram(vol, path=tmp_path / "f" / "hist.png"),
             "pred": plots.plot_predictions(vol, vol.labels, [0, 20], path=tmp_path / "f" / "pred.png"),
-            "split": plots.plot_split(vol, split_volume(vol, 0.2), path=tmp_path / "f" / "split.png")}
+            "split": plots.plot_split(vol, split_volume(vol, 0.2, 0.1), path=tmp_path / "f" / "split.png")}
     assert all(f.axes for f in figs.values())
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["hist.png", "ortho.png", "pred.png", "slice.png",
                                                                    "split.png"]
     labels = [t.get_text() for t in figs["split"].legends[0].get_texts()]
-    assert labels[0].startswith("training: slices 0-") and any(t.startswith("held-out: slices") for t in labels)
+    assert labels[0].startswith("validation: slices 0-") and any(t.startswith("training: slices") for t in labels)
+    assert any(t.startswith("test: slices") for t in labels)
+    published = plots.plot_split(vol, split_volume(vol, 0.2, 0.0))  # validation on the test block: it says so
+    assert any("published recipe" in t.get_text() for t in published.legends[0].get_texts())
     vol.labels = None  # a new scan: no labels to overlay
     assert len(plots.plot_orthoviews(vol).axes) == 3 and plots.plot_histogram(vol).axes
 

@@ -41,8 +41,8 @@ def test_predict_volume_writes_every_slice(odd_vol, tmp_path):
     assert np.abs(probs.astype(int).sum(1) - 255).max() <= 3  # uint8 probabilities sum to ~1
     assert (voxel_labels(probs, 255) != pred).mean() <= 0.01  # quantised probabilities agree with the labels
     m = save_metrics(tmp_path, odd_vol, pred, split_volume(odd_vol, 0.2), info)
-    assert m["n_heldout_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]
-    assert m["checkpoint"] == info["checkpoint"] is not None
+    assert m["n_test_slices"] == 1 and json.loads((tmp_path / "metrics.json").read_text())["codes"] == info["codes"]
+    assert m["provenance"]["checkpoint"] == info["checkpoint"] is not None
 
 
 def test_a_voxel_the_fossil_classes_share_stays_fossil():

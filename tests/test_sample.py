@@ -22,8 +22,8 @@ def test_sample_is_deterministic(tmp_path):
 
 def test_sample_content(tiny):
     vol = load_volume(tiny)
-    tr, va = split_slices(len(vol.images), 0.2)
-    for block in (tr, va):  # every fossil class appears in both the training and the validation block
+    tr, _, te = split_slices(len(vol.images), 0.2)
+    for block in (tr, te):  # every fossil class appears in both the training and the test block
         assert set(np.unique(vol.labels[block])) == {0, 1, 2}
     assert vol.images[:, :3, :3].mean() < 40  # air around the cylindrical core is dark
     img, lab = vol.images.astype(float), vol.labels
@@ -32,19 +32,22 @@ def test_sample_content(tiny):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_sample_holds_whole_specimens_of_every_class_in_the_held_out_block(tmp_path, seed):
-    """The default split of the default sample: no gap needed, nothing left out, and whole specimens of each class on
-    both sides (so its held-out scores are scores on specimens the model never saw)."""
+def test_default_sample_holds_specimens_of_every_class_in_every_block(tmp_path, seed):
+    """The default split of the default sample: no gap needed, nothing left out, whole specimens of each class in the
+    training and the test blocks (so its test scores are scores on specimens the model never saw) and specimens of each
+    class in the validation block (the scan's top may cut them)."""
     vol = load_volume(make_sample(tmp_path / "s", *SAMPLE_SIZES["default"], seed=seed))
-    s = split_volume(vol, 0.2)
-    assert s.n_train == s.valid_start and s.left_out["specimens"] == 0
+    s = split_volume(vol)
+    assert (s.valid_stop, s.train_start, s.train_stop, s.test_start) == (6, 6, 51, 51)
+    assert s.left_out["specimens"] == s.valid_left_out["specimens"] == 0
     cc, n, counts, boxes = label_components(vol.labels > 0)
     cls = majority_class(cc, vol.labels, n, 3)
-    held = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].start >= s.valid_start}
-    train = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].stop <= s.n_train}
-    assert held == train == {1, 2}
-    sizes = [counts[i] for i in range(1, n + 1) if boxes[i][0].start >= s.valid_start]
-    assert min(sizes) >= MIN_VOXELS, f"a held-out specimen smaller than the extraction keeps: {sizes}"
+    test = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].start >= s.test_start}
+    train = {int(cls[i]) for i in range(1, n + 1) if s.in_train(boxes[i][0].start, boxes[i][0].stop)}
+    valid = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].stop <= s.valid_stop}
+    assert test == train == valid == {1, 2}
+    sizes = [counts[i] for i in range(1, n + 1) if boxes[i][0].start >= s.test_start]
+    assert min(sizes) >= MIN_VOXELS, f"a test specimen smaller than the extraction keeps: {sizes}"
 
 
 def test_sample_slabs_are_seamless(tmp_path):

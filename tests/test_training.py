@@ -13,7 +13,8 @@ from fastai.callback.core import Callback
 from microfossil.learner import build_learner
 from microfossil.loaders import make_dls
 from microfossil.split import split_volume
-from microfossil.training import PhaseCheckpoint, attempts, load_stage, phase_done, read_record, set_seed, weights_sha256
+from microfossil.plots import attempts
+from microfossil.training import PhaseCheckpoint, load_stage, phase_done, read_record, set_seed, weights_sha256
 
 
 class _Disconnect(Callback):
@@ -66,9 +67,11 @@ def test_phase_resumes_after_a_disconnect_then_skips(odd_vol, tmp_path, capsys):
     assert watch.trained == [2] and "resuming after epoch 2 of 3" in capsys.readouterr().out
     assert phase_done(tmp_path, "t_frozen") and not (models / "t_frozen.progress.pth").exists()
     rec = read_record(tmp_path, "t_frozen")
-    assert rec["epochs"] == 3 and rec["lr"] == 0.001 and rec["attempt"] == 1 and 0 <= rec["final"]["mean_iou"] <= 1
+    assert rec["epochs"] == 3 and rec["lr"] == 0.001 and rec["attempt"] == 1 and 0 <= rec["final"]["iou_background"] <= 1
+    assert "mean_iou_fossils" in rec["final"] and "mean_iou" not in rec["final"]  # no mean with the background in it
+    assert rec["trained_on"]["shape"] == list(odd_vol.shape) and rec["trained_on"]["sampled_sha256"]
     rows = _history(tmp_path, "t_frozen")  # one header, one row per epoch: the resume appended no skipped epoch
-    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and all(r["mean_iou"] for r in rows)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and all(r["mean_iou_fossils"] for r in rows)
 
     watch = _Watch()  # finished, same plan: nothing is trained, the saved weights are loaded
     learn2.fit_one_cycle(3, 1e-3, pct_start=0.5, cbs=[PhaseCheckpoint("t_frozen"), watch])
@@ -246,9 +249,9 @@ def test_two_runs_of_a_phase_with_the_same_seed_give_the_same_weights(odd_vol, t
 def test_the_next_stage_stops_on_another_split(odd_vol, tmp_path):
     learn = _learner(odd_vol, tmp_path)
     learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("256_unfrozen"))
-    other = build_learner(make_dls(odd_vol, 0.5, bs=2, valid_pct=0.5, device=torch.device("cpu")), pretrained=False,
-                          work_dir=tmp_path)
-    with pytest.raises(ValueError, match="valid_pct and gap_slices of the training notebooks"):
+    other = build_learner(make_dls(odd_vol, 0.5, bs=2, split=split_volume(odd_vol, 0.5, 0.0), device=torch.device("cpu")),
+                          pretrained=False, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="test_pct, valid_pct and gap_slices of the training notebooks"):
         load_stage(other, "256_unfrozen")
 
 
@@ -300,7 +303,7 @@ def test_a_phase_killed_at_a_random_epoch_resumes_to_the_same_history(tiny, tmp_
     assert again.returncode == 0 and f"resuming after epoch {at} of 4" in again.stdout, (at, again.stdout, again.stderr[-2000:])
     rows, want = _history(tmp_path / "killed", "k_frozen"), _history(tmp_path / "whole", "k_frozen")
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in want] == ["0", "1", "2", "3"], at
-    assert all(float(r["train_loss"]) > 0 and 0 <= float(r["mean_iou"]) <= 1 for r in rows)
+    assert all(float(r["train_loss"]) > 0 and 0 <= float(r["iou_background"]) <= 1 for r in rows)
     assert read_record(tmp_path / "killed", "k_frozen")["epochs_trained"] == 4
     fig = plot_history(tmp_path / "killed", ["k_frozen"], path=tmp_path / "h.png")
     assert len(fig.axes[0].lines[0].get_xdata()) == 4 and (tmp_path / "h.png").stat().st_size > 0
