@@ -8,7 +8,7 @@ volume (here the embedded sample's ground truth at that size, rendered without i
 `--specks` random cubic specks of 1 to 125 voxels, like those of a slice-by-slice prediction), a CT volume
 as a memory-mapped `.npy` (as the volume cache is) and `predictions/probs.npy`.
 Step 2 runs in a fresh process, so that its peak RSS is the extraction's own: it holds the labels in
-RAM (as 05 does), runs `extract_fossils` and `evaluate_heldout` (the split, then the held-out block's own
+RAM (as 05 does), runs `extract_fossils` and `evaluate_heldout` (the split, then the test block's own
 extraction and its scores), and reports their
 seconds, the counts, and the process's peak RSS sampled from /proc every 50 ms: `peak_rss_gb` (all
 resident pages, including the memory-mapped CT and probabilities, which the kernel can drop) and

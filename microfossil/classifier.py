@@ -76,13 +76,16 @@ class Blocks:
         self.train_start, self.train_stop, self.test_start = train_start, train_stop, test_start
 
     def in_train(self, z0, z1):
+        """True where a box `[z0, z1)` along z (numbers or arrays) lies wholly in the training block."""
         return (np.asarray(z0) >= self.train_start) & (np.asarray(z1) <= self.train_stop)
 
     def reaches_test(self, z1):
+        """True where a box ending before slice `z1` reaches into the test block."""
         return np.zeros(np.shape(z1), bool) if self.test_start is None else np.asarray(z1) > self.test_start
 
     @classmethod
     def of(cls, split):
+        """The blocks of a `split.Split`."""
         return cls(split.train_start, split.train_stop, split.test_start if len(split.test) else None)
 
     @classmethod

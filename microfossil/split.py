@@ -24,10 +24,9 @@ random split would score the model on slices it has as good as seen. From the to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-
-from pathlib import Path
 
 from .specimens import label_components
 from .volume import DatasetError, same_scan
@@ -53,6 +52,7 @@ class Split:
     valid_gap_rule: str = ""  # the gap after the validation block
     left_out: dict = field(default_factory=dict)  # test: specimens also on the training side, their voxels, by class
     valid_left_out: dict = field(default_factory=dict)  # validation: specimens also in the training block
+    class_voxels: dict = field(default_factory=dict)  # {"validation": {class: voxels}, "test": {...}}, with labels
 
     @property
     def published(self): return self.valid_stop > self.valid_start and self.valid_start == self.test_start
@@ -66,10 +66,6 @@ class Split:
     @property
     def test(self): return np.arange(self.test_start, self.n_slices)
 
-    def in_train(self, z0, z1):
-        """True where a box `[z0, z1)` along z (arrays or numbers) lies wholly in the training block."""
-        return (np.asarray(z0) >= self.train_start) & (np.asarray(z1) <= self.train_stop)
-
     def plan(self):
         """The blocks as a training plan and `metrics.json` record them (inclusive slice ranges; [] for none)."""
         return {"train_slices": _rng(self.train_start, self.train_stop),
@@ -82,7 +78,7 @@ class Split:
                 "gap_before_test": _rng(self.train_stop, self.test_start), "test_pct": self.test_pct,
                 "valid_pct": self.valid_pct, "validation": PUBLISHED_VALIDATION if self.published else "its own block",
                 "gap_rule": self.gap_rule, "valid_gap_rule": self.valid_gap_rule, "left_out": self.left_out,
-                "valid_left_out": self.valid_left_out}
+                "valid_left_out": self.valid_left_out, "class_voxels": self.class_voxels}
 
 
 def _slices(n):
@@ -177,12 +173,24 @@ def _left_out(vol, a, b, z, connectivity):
     return left
 
 
+def _class_voxels(vol, a, b):
+    """{class: labelled voxels} of slices `[a, b)`, or {} without labels or codes."""
+    if vol.labels is None or not vol.codes or b <= a:
+        return {}
+    counts = sum(np.bincount(np.asarray(vol.labels[z:min(b, z + 16)]).ravel(), minlength=len(vol.codes))
+                 for z in range(a, b, 16))
+    return {str(c): int(v) for c, v in zip(vol.codes, counts)}
+
+
 def _measured(vol, split, connectivity=CONNECTIVITY):
-    """`split` with what each block's scores leave out measured on `vol.labels`."""
+    """`split` with what each block's scores leave out, and each scored block's voxels per class, measured on
+    `vol.labels`."""
     left_t = _left_out(vol, split.test_start, split.n_slices, split.train_stop - 1, connectivity)
     left_v = left_t if split.published else _left_out(vol, split.valid_start, split.valid_stop, split.train_start,
                                                       connectivity)
-    return Split(**{**split.__dict__, "left_out": left_t, "valid_left_out": left_v})
+    counts = {"validation": _class_voxels(vol, split.valid_start, split.valid_stop),
+              "test": _class_voxels(vol, split.test_start, split.n_slices)}
+    return Split(**{**split.__dict__, "left_out": left_t, "valid_left_out": left_v, "class_voxels": counts})
 
 
 def split_volume(vol, test_pct=0.2, valid_pct=0.1, gap_slices=None, connectivity=CONNECTIVITY):
@@ -323,6 +331,15 @@ def describe_split(split):
                          f"{lo['voxels']} voxels ({', '.join(f'{c} {v}' for c, v in lo['by_class'].items())})")
     if not any(lo.get("specimens") for _, lo in shown):
         lines.append("no labelled specimen lies in two blocks")
+    for name, counts in (split.class_voxels or {}).items():
+        if name == "validation" and split.published or not counts:
+            continue
+        lines.append(f"{name} block, labelled voxels: " + ", ".join(f"{c} {v}" for c, v in list(counts.items())[1:]))
+        absent = [c for c, v in list(counts.items())[1:] if not v]
+        if absent:
+            fix = "valid_pct" if name == "validation" else "test_pct"
+            lines.append(f"the {name} block holds no voxel of {', '.join(absent)}: its IoU there is undefined (n/a); "
+                         f"a larger {fix} may take some in")
     return "\n".join(lines)
 
 

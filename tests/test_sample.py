@@ -43,7 +43,7 @@ def test_default_sample_holds_specimens_of_every_class_in_every_block(tmp_path, 
     cc, n, counts, boxes = label_components(vol.labels > 0)
     cls = majority_class(cc, vol.labels, n, 3)
     test = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].start >= s.test_start}
-    train = {int(cls[i]) for i in range(1, n + 1) if s.in_train(boxes[i][0].start, boxes[i][0].stop)}
+    train = {int(cls[i]) for i in range(1, n + 1) if s.train_start <= boxes[i][0].start < boxes[i][0].stop <= s.train_stop}
     valid = {int(cls[i]) for i in range(1, n + 1) if boxes[i][0].stop <= s.valid_stop}
     assert test == train == valid == {1, 2}
     sizes = [counts[i] for i in range(1, n + 1) if boxes[i][0].start >= s.test_start]

@@ -131,3 +131,15 @@ def test_recorded_split_of_an_old_record_is_the_published_layout(tmp_path):
     vol = _volume(tmp_path, [((31, 16, 16), 4, 2)])
     s = recorded_split(vol, {"train_slices": [0, 26], "valid_slices": [32, 39]})
     assert s.published and s.plan()["test_slices"] == [32, 39] and s.left_out["specimens"] == 0
+
+
+def test_a_block_without_a_class_says_so(tmp_path):
+    """A class absent from the validation or test block has no IoU there: the split counts each block's labelled
+    voxels and says which class is missing, and which parameter may take some in."""
+    vol = _volume(tmp_path, [((18, 16, 16), 4, 1), ((36, 8, 8), 3, 1)])  # no chain anywhere, the validation block empty
+    s = split_volume(vol, 0.2, 0.1)
+    assert s.class_voxels["validation"] == {"background": 4 * 32 * 32, "shell": 0, "chain": 0}
+    assert s.class_voxels["test"]["shell"] > 0 and s.record()["class_voxels"] == s.class_voxels
+    text = describe_split(s)
+    assert "the validation block holds no voxel of shell, chain" in text and "larger valid_pct" in text
+    assert "the test block holds no voxel of chain" in text and "larger test_pct" in text

@@ -107,6 +107,9 @@ def test_changed_plan_retrains_from_the_phase_start_and_keeps_the_attempt(odd_vo
     assert table[["phase", "attempt", "latest"]].values.tolist() == [
         ["t_frozen", 1, False], ["t_frozen", 2, True], ["t_unfrozen", 1, False], ["t_unfrozen", 2, True]]
     assert table["lr"].tolist()[:2] == [0.001, 0.002] and table["lr"].tolist()[3] == [1e-05, 0.001]
+    valid = split_volume(odd_vol).plan()["valid_slices"]  # every attempt's scores are on the validation block
+    assert (table["scores on"] == f"validation block {valid[0]}-{valid[1]}").all() and "mean_iou" not in table
+    assert "mean_iou_fossils" in table
 
 
 def test_a_retrain_in_a_new_session_starts_from_the_same_initial_weights(odd_vol, tmp_path, capsys):
