@@ -24,7 +24,8 @@ its `evaluation.json` (all on the held-out block: segmentation, extraction, + sp
 classifier); this script gathers them into `<work-root>/evaluation.md` and
 `evaluation.json`, each score as the mean over the seeds with the min-max in brackets, and
 prints the markdown; `evaluation_short.md` is the same in short (raw and final IoU per class,
-specimen recall before and after the specimen classifier, F1 with the right class).
+specimen recall before and after the specimen classifier, F1 with the right class), and
+`evaluation_runs.md` one line per run (its specimens found and in their right class, the fossil threshold).
 
 Every figure says what data it comes from: `--data-role development` (the default) for volumes
 that any choice of the project has looked at (the embedded samples 0-8, 11, 21 and 22, a
@@ -127,8 +128,12 @@ def collect(work_root, names, seeds, sample_seeds=None, data_role="development")
         models = work / "models"
         train_s = sum(json.loads(p.read_text()).get("seconds", 0) for p in models.glob("*.json")
                       if not p.name.endswith(".progress.json")) if VARIANTS.get(name, ({}, None))[1] is None else None
-        predict_s = json.loads((work / "metrics.json").read_text()).get("predict_seconds")
+        metrics = json.loads((work / "metrics.json").read_text())
+        predict_s = metrics.get("predict_seconds")
+        specimens = {"extraction": metrics.get("specimens"), "+ specimen classifier": metrics.get("specimens_after_classifier")}
         for r in e["rows"]:
+            if r.get("n_matched_same_class") is None and specimens.get(r["step"]):  # (rows written before it was kept)
+                r["n_matched_same_class"] = specimens[r["step"]].get("n_matched_same_class")
             if not r.get("provenance"):
                 print(f"{name}, {_folder(sample_seed, seed)}: {ev} was written by an earlier version (its rows say "
                       "nothing of their split, model or settings): run it again; left out")
@@ -137,6 +142,33 @@ def collect(work_root, names, seeds, sample_seeds=None, data_role="development")
                          "sample_seed": sample_seed, "data_role": data_role, "train_seconds": train_s,
                          "predict_seconds": predict_s})
     return rows, codes
+
+
+def runs_markdown(rows, codes):
+    """One line per run: its raw and final IoU of each fossil class, the test specimens found after the extraction and
+    after the clean-up (recall times their number), those matched with their right class, and the fossil threshold
+    05 used (from the run's provenance)."""
+    fossil, f = codes[1:], lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    head = (["run"] + [f"raw IoU {c}" for c in fossil] + [f"final IoU {c}" for c in fossil]
+            + ["test specimens", "found: extraction", "final", "right class", "threshold"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["variant"], r["sample_seed"], r["seed"]), {})[r["step"]] = r
+    for (variant, sample_seed, seed), steps in runs.items():
+        raw, ext = steps.get("segmentation"), steps.get("extraction")
+        final = steps.get("+ specimen classifier") or ext
+        if raw is None or ext is None:
+            continue
+        n = final.get("n_true")
+        count = lambda r, k: "n/a" if r.get(k) is None or n is None else str(round(r[k] * n))  # noqa: E731
+        right = final.get("n_matched_same_class")
+        cells = ([f"{variant}, {_folder(sample_seed, seed)}"] + [f(raw["iou"].get(c)) for c in fossil]
+                 + [f(final["iou"].get(c)) for c in fossil]
+                 + [str(n), count(ext, "specimen_recall"), count(final, "specimen_recall"),
+                    "n/a" if right is None else str(right), str((raw.get("provenance") or {}).get("fossil_threshold"))])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -194,7 +226,10 @@ def main(argv=None):
     (root / "evaluation.md").write_text(md)
     short = head + compact_markdown(summary, codes)
     (root / "evaluation_short.md").write_text(short)
-    print(md + "\nIn short (raw segmentation, final labels, the clean-up's recall):\n\n" + short)
+    each = head + runs_markdown(rows, codes)
+    (root / "evaluation_runs.md").write_text(each)
+    print(md + "\nIn short (raw segmentation, final labels, the clean-up's recall):\n\n" + short
+          + "\nRun by run:\n\n" + each)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,30 @@ from .volume import volume_fingerprint
 
 HELDOUT = "heldout"  # the folder, in work_dir, of the test block's own extraction
 # What every record of a score says about where it came from (`provenance`)
-PROVENANCE_KEYS = ("split", "seed", "checkpoint", "project_version", "scan", "context_slices", "triplanar", "tta",
-                   "fossil_threshold", "fossil_threshold_chosen_on", "classifier_seed", "reject_threshold")
+PROVENANCE_KEYS = ("split", "seed", "checkpoint", "project_version", "project_commit", "scan", "context_slices",
+                   "triplanar", "tta", "fossil_threshold", "fossil_threshold_chosen_on", "classifier_seed",
+                   "reject_threshold")
+
+
+def _commit():
+    """The git commit of the project's code when it runs from a git checkout (with "+changes" when files differ from
+    it), else None (a Drive copy, an installed package)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def provenance(work_dir, vol, split, info=None):
     """Where a score of `work_dir` comes from: the split (blocks, gaps and their rules, what was left out), the training
-    seed and the checkpoint (`info` from `load_model`), the project version, the scan (`volume_fingerprint`), the
+    seed and the checkpoint (`info` from `load_model`), the project version (and git commit), the scan (`volume_fingerprint`), the
     prediction's options (`predictions/prediction.json`) and, once it ran on the test block, the specimen classifier's
     seed and reject threshold (`heldout/exports/classifier.json`; None before)."""
     from microfossil import __version__
@@ -43,7 +60,7 @@ def provenance(work_dir, vol, split, info=None):
     clf = read_json(Path(work_dir) / HELDOUT / "exports" / "classifier.json") or {}
     chosen = pred.get("fossil_threshold_chosen_on")
     return {"split": split.record(), "seed": (info or {}).get("seed"), "checkpoint": (info or {}).get("checkpoint"),
-            "project_version": __version__, "scan": volume_fingerprint(vol),
+            "project_version": __version__, "project_commit": _commit(), "scan": volume_fingerprint(vol),
             "context_slices": pred.get("context_slices"), "triplanar": pred.get("triplanar"), "tta": pred.get("tta"),
             "fossil_threshold": pred.get("fossil_threshold"),
             "fossil_threshold_chosen_on": (f"{len(chosen['slices'])} training-block slices" if chosen else
@@ -215,7 +232,8 @@ def evaluation_row(variant, step, scores, specimens, provenance=None):
     return {"variant": variant, "step": step, "provenance": provenance, "iou": scores["iou"], "dice": scores["dice"],
             "mean_iou_fossils": scores["mean_iou_fossils"], "pixel_acc_nonbg": scores["pixel_acc_nonbg"],
             "specimen_precision": sp.get("precision"), "specimen_recall": sp.get("recall"), "specimen_f1": sp.get("f1"),
-            "specimen_class_f1": sp.get("class_f1"), "n_true": sp.get("n_true"), "n_predicted": sp.get("n_predicted")}
+            "specimen_class_f1": sp.get("class_f1"), "n_true": sp.get("n_true"), "n_predicted": sp.get("n_predicted"),
+            "n_matched": sp.get("n_matched"), "n_matched_same_class": sp.get("n_matched_same_class")}
 
 
 SCORE_KEYS = ("mean_iou_fossils", "pixel_acc_nonbg", "specimen_precision", "specimen_recall", "specimen_f1",

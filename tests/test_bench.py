@@ -138,7 +138,8 @@ def test_variants_over_samples_and_training_seeds(tmp_path, capsys, monkeypatch)
                   "mean_iou_fossils": 0.5, "pixel_acc_nonbg": 0.7}
         (work / "models").mkdir(parents=True)
         (work / "metrics.json").write_text(json.dumps({"predict_seconds": 5.0, "provenance": PROVENANCE}))
-        found = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "class_f1": 0.5, "n_true": 4, "n_predicted": 4}
+        found = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "class_f1": 0.5, "n_true": 4, "n_predicted": 4,
+                 "n_matched_same_class": 2}
         write_evaluation(work, [evaluation_row("k=5", "segmentation", scores, None),
                                 evaluation_row("k=5", "extraction", scores, found),
                                 evaluation_row("k=5", "+ specimen classifier", {**scores, "iou": {"foram": 0.9}},
@@ -157,6 +158,8 @@ def test_variants_over_samples_and_training_seeds(tmp_path, capsys, monkeypatch)
     assert "| ce_dice_rare | segmentation | 4 | 0.99 | 0.55 (0.50–0.60) |" in md
     short = "| ce_dice_rare | 4 | 0.55 (0.50–0.60) | 0.90 | 1.00 | 0.75 | 0.80 |"  # raw, final IoU; recall before, after
     assert short in md and short in (tmp_path / "r" / "evaluation_short.md").read_text()
+    each = (tmp_path / "r" / "evaluation_runs.md").read_text()  # one line per run: 4 found, 3 after the clean-up
+    assert "| ce_dice_rare, sample1_seed0 | 0.50 | 0.90 | 4 | 4 | 3 | 2 | None |" in each and each in md
     out = json.loads((tmp_path / "r" / "evaluation.json").read_text())
     assert out["sample_seeds"] == [1, 2] and {(r["sample_seed"], r["seed"]) for r in out["rows"]} == {(1, 0), (1, 1), (2, 0), (2, 1)}
     assert {r["model"] for r in out["rows"]} == {"k=5"}
@@ -220,3 +223,14 @@ def test_per_specimen_and_threshold_rules_read_a_finished_run(tiny, tmp_path, ca
     rules = json.loads(capsys.readouterr().out)["rules"]
     assert rules["argmax"]["foreground_iou"] == rules["0.5"]["foreground_iou"] == 1.0
     assert rules["0.2"]["foreground_iou"] < 1.0
+
+
+def test_split_blocks_prints_what_each_block_holds(tiny, capsys):
+    """bench/split_blocks.py: the blocks of the split and their labelled voxels, on a dataset, before any training."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import split_blocks
+    assert split_blocks.main(["--data-dir", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert f"== {tiny}" in out and "validation slices 0-" in out and "test block, labelled voxels:" in out
+    assert split_blocks.main(["--data-dir", str(tiny), "--valid-pct", "0"]) == 0
+    assert "the published recipe" in capsys.readouterr().out
