@@ -258,3 +258,22 @@ def test_examples_and_extractions_from_before_a_descriptor(tmp_path, capsys):
     feats.drop(columns="inner_walls").to_csv(work / "exports" / "features.csv", index=False)
     with pytest.raises(ValueError, match=r"features.csv lacks the descriptor\(s\) \['inner_walls'\].*Re-run the extraction"):
         classify_specimens(work, split)
+
+
+def test_without_a_split_the_classifier_learns_from_the_training_block_05_recorded(tmp_path):
+    """06's retrain cell passes no split: the classifier reads the training block from the split 05 recorded in
+    metrics.json (its provenance; a run of an earlier version recorded it at the top level, its test block as
+    `valid_slices`), and stops, naming the cell to run, when there is none."""
+    vol, pred = shells_and_chains(tmp_path)
+    work = tmp_path / "run"
+    extract_fossils(vol, work, pred, min_voxels=50, max_exports=0)
+    with pytest.raises(FileNotFoundError, match="run the scoring cell of 05_predict_export first"):
+        classify_specimens(work)
+    split = split_volume(vol, 0.2, 0.1)
+    save_metrics(work, vol, pred, split)
+    classify_specimens(work)
+    js = json.loads((work / "exports" / "classifier.json").read_text())
+    assert js["training_slices"] == split.plan()["train_slices"]
+    (work / "metrics.json").write_text(json.dumps({"split": {"train_slices": [0, 71], "valid_slices": [72, 89]}}))
+    classify_specimens(work)  # the earlier two-block record: training 0-71, its test block 72-89
+    assert json.loads((work / "exports" / "classifier.json").read_text())["training_slices"] == [0, 71]
