@@ -249,6 +249,9 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     cat["class"] = np.where(reject, NOT_A_FOSSIL, clf.classes_[best])
     cat["class_probability"] = np.where(reject, p_not, p_best)
     cat["flagged"] = reject
+    cat.drop(columns=[c for c in cat.columns if c.startswith("prob_")], inplace=True)  # an earlier round's labels
+    for k, label in enumerate(labels):  # every label's probability, for the review and for bench/class_rules.py
+        cat[f"prob_{label}"] = proba[:, k]
     cat["classified_by"] = " + ".join(([str(examples_from)] if n_from["bundle"] else [])
                                       + ([f"this run ({len(mine)} examples)"] if len(mine) else []))
     index = {c: k for k, c in enumerate(codes)}

@@ -234,3 +234,91 @@ def test_split_blocks_prints_what_each_block_holds(tiny, capsys):
     assert f"== {tiny}" in out and "validation slices 0-" in out and "test block, labelled voxels:" in out
     assert split_blocks.main(["--data-dir", str(tiny), "--valid-pct", "0"]) == 0
     assert "the published recipe" in capsys.readouterr().out
+
+
+def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, capsys, monkeypatch):
+    """bench/robustness.py --collect on two finished runs of a cell (their raw segmentation the ground truth less one
+    test specimen): the raw foreground IoU from the confusion matrix, the test specimens the raw segmentation found
+    (matched however small), those the clean-up lost, the training block's fossil ratio; the worst line takes each
+    column's worst run, and the worst cell is the run with the lowest final IoU of a class."""
+    import numpy as np
+    import tifffile
+    from microfossil.evaluation import match_specimens, save_metrics
+    from microfossil.specimens import label_components
+    sys.path.insert(0, str(ROOT / "bench"))
+    import robustness
+    from microfossil.sample import make_sample
+    data = make_sample(tmp_path / "ds", 24, 96, 96, seed=0)  # whole specimens of both classes in its test block
+    vol = load_volume(data)
+    split = split_volume(vol, 0.25, 0.0)
+    truth = np.asarray(vol.labels)
+    cc, n, _, boxes = label_components(truth[split.test_start:] > 0)
+    assert n >= 2
+    pred = truth.copy()
+    pred[split.test_start:][cc == 1] = 0  # the raw segmentation misses one test specimen
+    n_true = match_specimens(truth[split.test_start:], truth[split.test_start:], list(vol.codes), 26, 1)["n_true"]
+    for seed, final_iou, found in ((0, 0.9, n_true - 1), (1, 0.6, n_true - 2)):
+        work = tmp_path / "r" / "defaults" / f"base_seed{seed}"
+        (work / "predictions").mkdir(parents=True)
+        tifffile.imwrite(work / "predictions" / "labels.tif", pred)
+        metrics = save_metrics(work, vol, pred, split)
+        final = {"iou": {"background": 1.0, "foraminifera": final_iou, "ostracod": 0.95}, "dice": {},
+                 "mean_iou_fossils": 0.0, "pixel_acc_nonbg": 0.0}
+        sp = {"recall": found / n_true, "n_true": n_true, "n_matched_same_class": found - seed}
+        write_evaluation(work, [evaluation_row("k3", "segmentation", metrics, None),
+                                evaluation_row("k3", "extraction", final, sp),
+                                evaluation_row("k3", "+ specimen classifier", final, sp)], vol.codes)
+    monkeypatch.setattr(robustness, "volume_dir", lambda *a, **k: data)
+    robustness.main(["--work-root", str(tmp_path / "r"), "--collect", "--cells", "base"])
+    out = json.loads((tmp_path / "r" / "defaults" / "robustness.json").read_text())
+    r0, r1 = out["rows"]
+    assert r0["found_raw"] == n_true - 1 and r0["lost_by_cleanup"] == 0 and r1["lost_by_cleanup"] == 1
+    assert 0 < r0["raw_foreground_iou"] < 1 and r0["raw_iou"]["foraminifera"] == metrics["iou"]["foraminifera"]
+    lab = truth[split.train_start: split.train_stop]
+    counts = np.bincount(lab.ravel(), minlength=3)[1:]
+    assert r0["ratio"] == pytest.approx(counts.max() / counts.min())
+    w = out["worst"]
+    assert w["final_iou"]["foraminifera"] == 0.6 and w["lost_by_cleanup"] == 1 and w["cell_seed"] == 1
+    assert w["right_class_share"] == pytest.approx((n_true - 3) / n_true)
+    md = capsys.readouterr().out
+    assert md.startswith("Data: development volumes") and "| **worst** |" in md and "Worst cell" in md
+
+
+def test_class_rules_counts_right_classes_per_rule(tmp_path, capsys):
+    """bench/class_rules.py on a run whose segmentation is the truth but for one true foraminifer its voxels lean to
+    ostracod (0.71 against 0.24): every rule gives every other specimen its class; that one is an ostracod by the mean
+    probability, and a foraminifer once the model's loss weights (ostracod x4) are undone."""
+    import numpy as np
+    import tifffile
+    from conftest import save_probs
+    from microfossil.evaluation import save_metrics
+    from microfossil.extraction import extract_fossils
+    from microfossil.sample import make_sample
+    from microfossil.specimens import label_components, majority_class
+    sys.path.insert(0, str(ROOT / "bench"))
+    import class_rules
+    data = make_sample(tmp_path / "ds", 24, 96, 96, seed=0)
+    vol = load_volume(data)
+    split = split_volume(vol, 0.25, 0.0)
+    t0, truth = split.test_start, np.asarray(vol.labels)
+    cc, n, _, _ = label_components(truth[t0:] > 0)
+    cls = majority_class(cc, truth[t0:], n, 3)
+    foram = next(i for i in range(1, n + 1) if cls[i] == 1)
+    mixed = np.zeros(truth.shape, bool)
+    mixed[t0:] = cc == foram
+    work = tmp_path / "run"
+    (work / "predictions").mkdir(parents=True)
+    (work / "models").mkdir()
+    (work / "models" / "full_unfrozen.json").write_text(json.dumps({"plan": {"class_weights": [1.0, 1.0, 4.0]}}))
+    save_probs(work, truth, mixed)
+    tifffile.imwrite(work / "predictions" / "labels.tif", truth)
+    save_metrics(work, vol, truth, split)
+    extract_fossils(vol, work / "heldout", truth, min_voxels=1, max_exports=0, slices=slice(t0, None),
+                    predictions=work / "predictions")
+    assert class_rules.main([str(work), "--json"]) == 0
+    out = capsys.readouterr().out
+    runs = json.loads(out.splitlines()[-1])["runs"][str(work)]
+    n_test = len({int(i) for i in np.unique(cc) if i})
+    assert runs["segmentation: mean probability"]["right"] == runs["segmentation: mean log probability"]["right"] == n_test - 1
+    assert runs["segmentation: loss weights undone"]["right"] == n_test
+    assert "| segmentation: balanced |" in out and "classifier" not in out  # no classifier ran: no rule of it

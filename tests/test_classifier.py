@@ -74,6 +74,9 @@ def test_classifier_tells_shells_from_chains(tmp_path, capsys):
     acc = (cat["class"].to_numpy()[held_out] == truth[held_out]).mean()
     assert acc >= 0.9, acc
     assert (cat["seg_class"] == "shell").all() and cat["class_probability"].between(0, 1).all()
+    p = cat[[c for c in cat.columns if c.startswith("prob_")]]  # every label's probability, the class's among them
+    assert {"prob_shell", "prob_chain"} <= set(p.columns) and np.allclose(p.sum(1), 1)
+    np.testing.assert_allclose(cat["class_probability"], [r[f"prob_{c}"] for _, r in cat.iterrows() for c in [r["class"]]])
     tiles = draw_gallery(work).set_index("id")  # classify_specimens drew them again: nothing left to draw
     assert not tiles["redrawn"].any() and len(tiles) == 12
     now = cat.set_index("id").loc[tiles.index, "class"]

@@ -64,3 +64,53 @@ def test_ensure_sample_reuses(tmp_path):
     before = snapshot(p)
     ensure_sample(tmp_path / "s", 4, 48, 48, seed=1)
     assert snapshot(p) == before
+
+
+def _objects_and_labels(seed, style, shape=(48, 128, 128)):
+    from microfossil.sample import _make_objects, _sample_slabs
+    objs = _make_objects(shape, seed, style=style)
+    slabs = list(_sample_slabs(shape, seed, 8, 0, shape[0], objs, style))
+    return objs, np.stack([s[1] for s in slabs]), np.stack([s[2] for s in slabs])
+
+
+def test_style_knobs_draw_a_family_of_volumes():
+    """make_sample's style: a scanner knob changes the image only (the same specimens, labelled the same); the class
+    densities and sizes move the class ratio; an infill mix of spar fills the insides bright; broken shells lose
+    labelled voxels; touching fossils meet; an unknown knob or a mix not summing to 1 is an error that names it."""
+    from microfossil.sample import STYLE_DEFAULTS, sample_style
+    objs0, img0, lab0 = _objects_and_labels(7, None)
+    assert sample_style({"noise": 0.1})["noise"] == 0.1 and sample_style(None) == {
+        k: tuple(v) if isinstance(v, tuple) else v for k, v in STYLE_DEFAULTS.items()}
+    _, img, lab = _objects_and_labels(7, {"contrast": 0.8, "gamma": 0.8, "offset": 0.05, "noise": 0.06, "rings": 0.1})
+    np.testing.assert_array_equal(lab, lab0)
+    assert abs(img.astype(float) - img0).mean() > 5
+    ratio = lambda lab: (lab == 1).sum() / (lab == 2).sum()  # noqa: E731
+    _, _, rare = _objects_and_labels(7, {"ostracod_density": 0.3, "ostracod_size": 0.7})
+    assert ratio(rare) > 4 * ratio(lab0)
+    spar = {"foram_infill": (0, 0, 1), "ostracod_infill": (0, 0, 1)}
+    objs, img, lab = _objects_and_labels(7, spar)
+    assert {o["infill"] for o in objs if o["kind"] in ("foram", "ostracod")} == {"spar"}
+    matrix = np.median(img[(lab == 0) & (img > 60)])
+    assert np.median(img[lab > 0]) > matrix + 30  # bright inside as well as the shell
+    assert {o["infill"] for o in objs0 if o["kind"] in ("foram", "ostracod")} <= {"hollow", "sediment"}
+    objs, _, lab = _objects_and_labels(7, {"broken": 1.0})
+    assert all("cut" in o for o in objs if o["kind"] in ("foram", "ostracod"))
+    assert (lab > 0).sum() < (lab0 > 0).sum()
+    objs, _, _ = _objects_and_labels(7, {"touching": 1.0})
+    fossils = [o for o in objs if o["kind"] in ("foram", "ostracod")]
+    close = [np.linalg.norm(a["center"] - b["center"]) < a["extent"] + b["extent"]
+             for i, a in enumerate(fossils) for b in fossils[i + 1:]]
+    assert sum(close) >= len(fossils) // 3
+    with pytest.raises(ValueError, match="brightness"):
+        sample_style({"brightness": 2})
+    with pytest.raises(ValueError, match="foram_infill"):
+        sample_style({"foram_infill": (0.5, 0.4, 0.3)})
+
+
+def test_ensure_sample_records_only_the_knobs_a_style_changes(tmp_path):
+    import json
+    p = ensure_sample(tmp_path / "s", 4, 48, 48, seed=1, style={"noise": 0.035, "broken": 0.5})
+    assert json.loads((p / "sample.json").read_text())["style"] == {"broken": 0.5}
+    q = ensure_sample(tmp_path / "t", 4, 48, 48, seed=1, style={})
+    assert "style" not in json.loads((q / "sample.json").read_text())
+    np.testing.assert_array_equal(load_volume(q).images, load_volume(make_sample(tmp_path / "u", 4, 48, 48, seed=1)).images)

@@ -1,0 +1,173 @@
+"""How each rule for a specimen's class would have done, on finished runs, without training anything again.
+
+    python bench/class_rules.py runs/robustness/defaults/*_seed0 runs/robustness/no_weights/*_seed0
+
+For every specimen of each run's test-block extraction (`heldout/`, extracted from the test
+slices alone) that lies mostly on a true fossil, its true class (the majority of the truth under
+it) against the class each rule gives it:
+- `segmentation: mean probability`: today's extraction (the fossil class of highest mean
+  probability over the specimen's voxels, `predictions/probs.npy`);
+- `segmentation: mean log probability`: the same on log probabilities (a per-voxel vote that a
+  few very sure voxels do not decide);
+- `segmentation: loss weights undone`: mean log probability less the log of the class weight
+  the model was trained with (`class_weights` in its record): the class the training block's own
+  class ratio would give;
+- `segmentation: balanced`: less also the log of each fossil class's share of the training
+  block's fossil voxels: every fossil class equally likely before the voxels are seen, whatever
+  the training block's ratio;
+- `classifier`: today's specimen classifier (`prob_<class>` in the catalogue); `classifier refit`: a forest
+  fitted as it is, on the examples it learnt from (`heldout/exports/classifier_examples.csv`; the
+  same forest but for the "not a fossil" examples' share of the probability); `classifier, shape
+  only`: the same without the intensity descriptors (the infill's grey);
+- `classifier x segmentation (...)`: the classifier's probabilities times the segmentation's
+  (normalised over the fossil classes; the segmentation's as the rule named gives them).
+Counts the specimens given their right class, and the share of their voxels so (a large
+specimen moves a class's IoU more). For choosing on development volumes: never on a volume whose
+figures are to be called unseen.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from microfossil.volume import load_volume  # noqa: E402
+
+EPS = 1 / 255  # probs.npy holds probabilities in 1/255 steps: a 0 is "below 1/255"
+
+
+def _model_weights(work):
+    """The class weights the run's last model trained with (all 1 when it had none)."""
+    from ast import literal_eval
+    rec = json.loads((work / "models" / "full_unfrozen.json").read_text())
+    plan = literal_eval(rec["plan"]) if isinstance(rec["plan"], str) else rec["plan"]
+    w = plan.get("class_weights")
+    return None if w is None else np.asarray(w, float)
+
+
+def specimens(work):
+    """One dict per test-block specimen of run `work` lying mostly on a true fossil: its true class, voxels, the
+    segmentation's mean probability and mean log probability of each class, and the classifier's probabilities."""
+    import pandas as pd
+    import tifffile
+    metrics = json.loads((work / "metrics.json").read_text())
+    prov = metrics["provenance"]
+    vol = load_volume(prov["scan"]["dataset"])
+    codes, K = list(vol.codes), len(vol.codes)
+    t0 = prov["split"]["test_slices"][0]
+    tr = prov["split"]["train_slices"]
+    held = work / "heldout"
+    ids = tifffile.imread(held / "predictions" / "specimens.tif").reshape(vol.labels[t0:].shape)
+    truth = np.asarray(vol.labels[t0:])
+    probs = np.load(work / "predictions" / "probs.npy", mmap_mode="r")[t0:]
+    cat = pd.read_csv(held / "exports" / "fossils.csv").set_index("id")
+    train_counts = np.bincount(np.asarray(vol.labels[tr[0]: tr[1] + 1]).ravel(), minlength=K).astype(float)
+    prior = train_counts[1:] / train_counts[1:].sum()
+    weights = _model_weights(work)
+    out = []
+    for sid in cat.index:
+        m = ids == sid
+        t = np.bincount(truth[m], minlength=K)
+        if t[0] * 2 >= t.sum():
+            continue  # mostly background: no true class to get right
+        p = np.stack([probs[:, k][m] for k in range(K)]).astype(float) / 255  # (K, voxels)
+        row = {"id": int(sid), "true": codes[1 + int(np.argmax(t[1:]))], "voxels": int(m.sum()),
+               "mean_p": p[1:].mean(1), "mean_logp": np.log(np.maximum(p[1:], EPS)).mean(1)}
+        clf = [f"prob_{c}" for c in codes[1:]]
+        row["clf"] = (cat.loc[sid, clf].to_numpy(float) if all(c in cat.columns for c in clf) else None)
+        out.append(row)
+    if (held / "exports" / "classifier_examples.csv").exists() and out:
+        seed = prov.get("classifier_seed") or 0
+        for name, leave_out in (("refit", ()), ("shape only", INTENSITY)):
+            probs_of = refit(work, codes, leave_out, seed)
+            for row in out:
+                row[f"clf {name}"] = probs_of[row["id"]]
+    return out, codes, prior, weights
+
+
+INTENSITY = ("intensity_p10", "intensity_p50", "intensity_p90", "intensity_std")
+
+
+def refit(work, codes, leave_out=(), seed=0):
+    """{specimen id: probabilities of the fossil classes} from a forest fitted as 05's classifier is, on the examples
+    the run's test-block evaluation learnt from (`heldout/exports/classifier_examples.csv`: the training block's),
+    without the descriptors `leave_out`; applied to the test-block specimens' descriptors."""
+    import pandas as pd
+    from sklearn.ensemble import RandomForestClassifier
+    from microfossil.specimens import SPECIMEN_FEATURES
+    ex = pd.read_csv(work / "heldout" / "exports" / "classifier_examples.csv")
+    feats = pd.read_csv(work / "heldout" / "exports" / "features.csv").set_index("id")
+    cols = [c for c in SPECIMEN_FEATURES if c not in leave_out]
+    clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1)
+    clf.fit(ex[cols].fillna(0.0).to_numpy(), ex["label"].astype(str).to_numpy())
+    proba = clf.predict_proba(feats[cols].fillna(0.0).to_numpy())
+    labels = list(clf.classes_)
+    fossil = np.stack([proba[:, labels.index(c)] if c in labels else np.zeros(len(proba)) for c in codes[1:]], 1)
+    return dict(zip(feats.index.astype(int), fossil))
+
+
+def _norm(logits):
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def rules(row, prior, weights):
+    """{rule: class index among the fossil classes} for one specimen."""
+    w = np.ones(len(prior)) if weights is None else weights[1:]
+    seg = {"mean probability": np.log(np.maximum(row["mean_p"], EPS)), "mean log probability": row["mean_logp"],
+           "loss weights undone": row["mean_logp"] - np.log(w),
+           "balanced": row["mean_logp"] - np.log(w) - np.log(np.maximum(prior, 1e-9))}
+    out = {f"segmentation: {k}": int(np.argmax(v)) for k, v in seg.items()}
+    for key, name in (("clf", "classifier"), ("clf refit", "classifier refit"), ("clf shape only", "classifier, shape only")):
+        if row.get(key) is None:
+            continue
+        c = row[key] / max(row[key].sum(), 1e-9)  # over the fossil classes ("not a fossil" aside)
+        out[name] = int(np.argmax(c))
+        for k in ("mean probability", "loss weights undone", "balanced"):
+            out[f"{name} x segmentation ({k})"] = int(np.argmax(np.log(np.maximum(c, 1e-3)) + np.log(_norm(seg[k]))))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work_dirs", nargs="+", help="finished run folders (05 run with ground truth and save_probs)")
+    ap.add_argument("--json", action="store_true", help="also print every run's counts as one JSON")
+    args = ap.parse_args(argv)
+    table, total = {}, {}
+    for work in map(Path, args.work_dirs):
+        rows, codes, prior, weights = specimens(work)
+        fossil = codes[1:]
+        per = {}
+        for r in rows:
+            for rule, k in rules(r, prior, weights).items():
+                a = per.setdefault(rule, [0, 0, 0, 0])
+                right = fossil[k] == r["true"]
+                a[0] += right
+                a[1] += 1
+                a[2] += r["voxels"] * right
+                a[3] += r["voxels"]
+        table[str(work)] = {rule: {"right": a[0], "of": a[1], "voxel_share": a[2] / max(a[3], 1)}
+                            for rule, a in per.items()}
+        for rule, a in per.items():
+            t = total.setdefault(rule, [0, 0, 1.0])
+            t[0] += a[0]
+            t[1] += a[1]
+            t[2] = min(t[2], a[2] / max(a[3], 1))
+    runs = list(table)
+    head = ["rule"] + [Path(r).parent.name + "/" + Path(r).name for r in runs] + ["all runs", "worst voxel share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rule, (right, n, worst) in total.items():
+        cells = [f"{table[r][rule]['right']}/{table[r][rule]['of']} ({table[r][rule]['voxel_share']:.2f})"
+                 if rule in table[r] else "n/a" for r in runs]
+        lines.append("| " + " | ".join([rule, *cells, f"{right}/{n}", f"{worst:.2f}"]) + " |")
+    print("Right class: specimens (share of their voxels), test blocks of development runs.\n")
+    print("\n".join(lines))
+    if args.json:
+        print(json.dumps({"runs": table}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
