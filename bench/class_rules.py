@@ -20,7 +20,9 @@ it) against the class each rule gives it:
   same forest but for the "not a fossil" examples' share of the probability); `classifier, shape
   only`: the same without the intensity descriptors (the infill's grey);
 - `classifier x segmentation (...)`: the classifier's probabilities times the segmentation's
-  (normalised over the fossil classes; the segmentation's as the rule named gives them).
+  (normalised over the fossil classes; the segmentation's as the rule named gives them);
+- `classifier, the segmentation's (balanced) where it is unsure`: the classifier's class unless its
+  likeliest fossil class has a probability under `UNSURE`.
 Counts the specimens given their right class, and the share of their voxels so (a large
 specimen moves a class's IoU more). For choosing on development volumes: never on a volume whose
 figures are to be called unseen.
@@ -127,7 +129,12 @@ def rules(row, prior, weights):
         out[name] = int(np.argmax(c))
         for k in ("mean probability", "loss weights undone", "balanced"):
             out[f"{name} x segmentation ({k})"] = int(np.argmax(np.log(np.maximum(c, 1e-3)) + np.log(_norm(seg[k]))))
+        out[f"{name}, the segmentation's (balanced) where it is unsure"] = (
+            int(np.argmax(c)) if c.max() >= UNSURE else int(np.argmax(seg["balanced"])))
     return out
+
+
+UNSURE = 0.6  # below this probability of its likeliest fossil class, the classifier is "unsure"
 
 
 def main(argv=None):

@@ -54,7 +54,9 @@ GRID = {
     "spar_infill": {"foram_infill": (0.2, 0.2, 0.6), "ostracod_infill": (0.2, 0.2, 0.6)},
     "broken_touching": {"broken": 0.5, "touching": 0.5},
     "other_scanner": {"noise": 0.06, "blur": 1.3, "rings": 0.1, "contrast": 0.8, "gamma": 0.8, "offset": 0.05},
-}
+    "all_hollow_1to7": {"foram_size": 1.3, "foram_infill": (1.0, 0.0, 0.0), "ostracod_infill": (1.0, 0.0, 0.0),
+                        "ostracod_density": 0.5, "ostracod_size": 0.85},  # big forams, every inside empty, ~1:7
+}  # (a new cell goes at the end: a cell's volume seed is its place)
 SHAPE = (96, 192, 192)  # slices, height, width: the size of the independent volume
 CPU_SCHEDULE = {"run_lr_find": "False", "epochs_frozen": "1", "lr_frozen": "1e-3", "epochs_unfrozen": "6",
                 "lr_unfrozen_lo": "1e-4", "lr_unfrozen_hi": "1e-3", "bs": "8"}
