@@ -41,7 +41,7 @@ EPS = 1 / 255  # probs.npy holds probabilities in 1/255 steps: a 0 is "below 1/2
 
 
 def _model_weights(work):
-    """The class weights the run's last model trained with (all 1 when it had none)."""
+    """The class weights the run's last model trained with (None when it had none)."""
     from ast import literal_eval
     rec = json.loads((work / "models" / "full_unfrozen.json").read_text())
     plan = literal_eval(rec["plan"]) if isinstance(rec["plan"], str) else rec["plan"]

@@ -116,35 +116,35 @@ def _final(ev):
     return rows.get("+ specimen classifier") or rows["extraction"]
 
 
-def raw_found(work, data_dir):
+def raw_found(work, vol, split, connectivity):
     """How many test specimens the raw segmentation (`predictions/labels.tif`) found, matched at IoU >= 0.5 whatever
     their size or class, as the evaluation matches the final labels (left-out voxels aside)."""
     import tifffile
     from microfossil.evaluation import match_specimens
-    from microfossil.split import left_out_mask, recorded_split
-    from microfossil.volume import load_volume
-    metrics = json.loads((work / "metrics.json").read_text())
-    vol = load_volume(data_dir)
-    split = recorded_split(vol, metrics["provenance"]["split"])
+    from microfossil.split import left_out_mask
     t0 = split.test_start
     raw = tifffile.imread(work / "predictions" / "labels.tif").reshape(np.asarray(vol.labels).shape)
-    m = match_specimens(np.asarray(vol.labels[t0:]), raw[t0:], list(vol.codes), 26, 1, ignore=left_out_mask(vol, split))
+    m = match_specimens(np.asarray(vol.labels[t0:]), raw[t0:], list(vol.codes), connectivity, 1,
+                        ignore=left_out_mask(vol, split))
     return m["n_matched"]
 
 
 def run_row(work, data_dir, cell, seed):
     """One line of the table: what run folder `work` (trained and scored on `data_dir`) measured."""
+    from microfossil.split import recorded_split
+    from microfossil.volume import load_volume
     ev = json.loads((work / "evaluation.json").read_text())
     metrics = json.loads((work / "metrics.json").read_text())
     codes, cm = ev["codes"], np.asarray(metrics["confusion_matrix"])  # rows: truth, columns: prediction
     fg = cm[1:, 1:].sum() / max(1, cm[1:, 1:].sum() + cm[1:, 0].sum() + cm[0, 1:].sum())
-    train = metrics["provenance"]["split"]
+    vol = load_volume(data_dir)
+    split = recorded_split(vol, metrics["provenance"]["split"])
     raw = {r["step"]: r for r in ev["rows"]}["segmentation"]
     final = _final(ev)
     n = final["n_true"]
     found = round(final["specimen_recall"] * n) if final.get("specimen_recall") is not None else None
-    raw_n = raw_found(work, data_dir)
-    row = {"cell": cell, "seed": seed, "ratio": training_ratio(data_dir, train["train_slices"], codes),
+    raw_n = raw_found(work, vol, split, (metrics.get("specimens") or {}).get("connectivity", 26))
+    row = {"cell": cell, "seed": seed, "ratio": training_ratio(vol, split),
            "raw_foreground_iou": float(fg), "raw_iou": raw["iou"], "final_iou": final["iou"], "n_true": n,
            "found_raw": raw_n, "found": found, "right_class": final.get("n_matched_same_class"),
            "lost_by_cleanup": None if found is None else max(0, raw_n - found),
@@ -156,11 +156,11 @@ def run_row(work, data_dir, cell, seed):
     return row
 
 
-def training_ratio(data_dir, train_slices, codes):
-    """The commonest fossil class's voxels over the rarest's in the training block (inf when one is absent)."""
-    from microfossil.volume import load_volume
-    lab = np.asarray(load_volume(data_dir).labels[train_slices[0]: train_slices[1] + 1])
-    counts = np.bincount(lab.ravel(), minlength=len(codes))[1:]
+def training_ratio(vol, split):
+    """The commonest fossil class's voxels over the rarest's in the training block of `split` (inf when one is
+    absent)."""
+    lab = np.asarray(vol.labels[split.train_start: split.train_stop])
+    counts = np.bincount(lab.ravel(), minlength=len(vol.codes))[1:]
     return float(counts.max() / counts.min()) if counts.min() else float("inf")
 
 

@@ -23,6 +23,7 @@ from .io import replacing
 SAMPLE_SIZES = {"default": (64, 192, 192), "full": (983, 1004, 956)}
 
 SAMPLE_CODES = ["background", "foraminifera", "ostracod"]
+SAMPLE_VERSION = 3  # raised when the generator draws other volumes: a sample made by an older one is made again
 
 # The knobs real cores vary, for a family of development volumes (`make_sample(style=...)`, bench/robustness.py).
 # The defaults draw the embedded sample; a style names only the knobs it changes.
@@ -53,7 +54,6 @@ def sample_style(style=None):
             raise ValueError(f"style {k}={out[k]!r}: three shares (hollow, sediment-filled, spar-filled) summing to 1")
         out[k] = mix
     return out
-SAMPLE_VERSION = 3  # raised when the generator draws other volumes: a sample made by an older one is made again
 
 
 def _rotation(rng):
@@ -153,9 +153,8 @@ def _make_objects(shape, seed, test_pct=0.2, valid_pct=0.1, style=None):
             j = partners[rng_extra.integers(len(partners))]
             u = rng_extra.normal(size=3)
             c = objs[j]["center"] + u / np.linalg.norm(u) * (objs[j]["extent"] + o["extent"]) * rng_extra.uniform(0.55, 0.8)
-            k = int(np.flatnonzero(np.all(taken_c == objs[j]["center"], axis=1))[0])
-            others = np.ones(len(taken_r), bool)
-            others[k] = False
+            others = np.ones(len(taken_r), bool)  # taken_c holds the placed objects in the order of objs
+            others[j] = False
             if (zrange and not zrange[0] <= c[0] <= zrange[1]) or math.hypot(c[1] - H / 2, c[2] - W / 2) > core_r - o["extent"] - 2:
                 continue
             if np.all(np.linalg.norm(taken_c[others] - c, axis=1) > taken_r[others] + o["extent"] + 2):
