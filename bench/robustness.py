@@ -103,7 +103,7 @@ def run_cell(args, cell, seed):
             out = work / ("shifted" if shifted else "second")
             if not (out / "evaluation.json").exists():
                 _pipeline(out, cell_volume(cell, args.volume_seed, args.shape, True, shifted),
-                          {**predict, "model_path": str(work)}, ["05"], args.smoke)
+                          {**predict, "model_path": str(work.resolve())}, ["05"], args.smoke)
 
 
 # 05's parameters a -p may set for the --shift runs (the training ones do not apply to a model from elsewhere)

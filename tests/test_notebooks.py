@@ -233,3 +233,17 @@ def test_only_takes_numbers_and_names_and_refuses_what_matches_nothing(tiny, tmp
         run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--smoke", "--only", "4", "9"])
     assert "--only 9: no such notebook" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_runner_passes_a_relative_model_path_as_the_folder_it_names_from_here(tiny, tmp_path, monkeypatch):
+    """The notebooks run in notebooks/: `-p model_path runs/x` typed in the repository (or any folder) must reach 05
+    as that folder, not as notebooks/runs/x; a link is passed as it is."""
+    seen = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda nb, out, parameters, **kw: seen.append(parameters))
+    (tmp_path / "runs" / "trained").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for given, reaches in (("runs/trained", str(tmp_path / "runs" / "trained")),
+                           ("https://example.org/bundle.zip", "https://example.org/bundle.zip")):
+        assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--only", "05",
+                                  "-p", "model_path", given]) == 0
+        assert seen[-1]["model_path"] == reaches
