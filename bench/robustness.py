@@ -1,8 +1,8 @@
 """Defaults judged by their worst case: the pipeline over a grid of volumes that vary as real cores do.
 
     python bench/robustness.py --work-root runs/robustness                  # every cell x training seeds 0 1
-    python bench/robustness.py --work-root runs/robustness --cells ratio_1to30 scanner --seeds 0
-    python bench/robustness.py --work-root runs/robustness --variant no_weights -p class_weights None
+    python bench/robustness.py --work-root runs/robustness --cells ratio_1to30 other_scanner --seeds 0
+    python bench/robustness.py --work-root runs/robustness --variant balance_fossils -p class_weights balance_fossils
     python bench/robustness.py --work-root runs/robustness --shift          # + each model on a second volume, as
                                                                             #   it is and through another scanner
     python bench/robustness.py --work-root runs/robustness --collect        # only the table of finished runs
@@ -192,10 +192,14 @@ def table(rows):
         [f"**{f(w['raw_foreground_iou'])}**"] + [f"**{f(w['raw_iou'][c])}**" for c in fossil]
         + [f"**{f(w['final_iou'][c])}**" for c in fossil]
         + ["", "", "", f"**{w['right_class_share']:.0%} right class**", f"**{w['lost_by_cleanup']}**", ""]
-        + ([""] * len(fossil) + [f"**{f(w['shift_drop'][c])} lower**" if w["shift_drop"].get(c) is not None
-                                  else "n/a" for c in fossil] if shift else [])) + " |")
+        + ([""] * len(fossil) + [_drop(w["shift_drop"].get(c)) for c in fossil] if shift else [])) + " |")
     return ("\n".join(lines) + f"\n\nWorst cell (lowest final IoU of a class): **{w['cell']}** (training seed "
             f"{w['cell_seed']}, {w['cell_final']:.2f}).\n")
+
+
+def _drop(d):
+    """The worst cell's change of final IoU on the other scanner, as words: "0.06 lower", "0.11 higher", "n/a"."""
+    return "n/a" if d is None else f"**{abs(d):.2f} {'lower' if d >= 0 else 'higher'}**"
 
 
 def worst(rows):
