@@ -144,7 +144,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     table, total = {}, {}
     for work in map(Path, args.work_dirs):
-        if not (work / "evaluation.json").exists():  # a run still training (a glob catches it): not one to count
+        if not (work / "metrics.json").exists():  # a run still training (a glob catches it): not one to count
             print(f"{work}: not finished, left out", file=sys.stderr)
             continue
         rows, codes, prior, weights = specimens(work)

@@ -315,8 +315,11 @@ def test_class_rules_counts_right_classes_per_rule(tmp_path, capsys):
     save_metrics(work, vol, truth, split)
     extract_fossils(vol, work / "heldout", truth, min_voxels=1, max_exports=0, slices=slice(t0, None),
                     predictions=work / "predictions")
-    assert class_rules.main([str(work), "--json"]) == 0
-    out = capsys.readouterr().out
+    training = tmp_path / "still_training"  # a glob of run folders catches one whose 05 has not run: left out, said
+    (training / "models").mkdir(parents=True)
+    assert class_rules.main([str(work), str(training), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{training}: not finished, left out" in err and str(training) not in out
     runs = json.loads(out.splitlines()[-1])["runs"][str(work)]
     n_test = len({int(i) for i in np.unique(cc) if i})
     assert runs["segmentation: mean probability"]["right"] == runs["segmentation: mean log probability"]["right"] == n_test - 1
