@@ -85,8 +85,8 @@ def main(argv=None):
                                              params.get("sample_size", "default"), params.get("seed", 0), args.smoke)
     params.update(data_dir=str(data_dir), work_dir=str(work_dir), quick=args.quick, smoke=args.smoke)
     mp = params.get("model_path")  # the notebooks run in notebooks/: a relative folder means one from here
-    if isinstance(mp, str) and "://" not in mp and not Path(mp).is_absolute() and Path(mp).exists():
-        params["model_path"] = str(Path(mp).resolve())
+    if isinstance(mp, str) and Path(mp).exists():  # (a link or a Drive id names no folder: passed as it is)
+        params["model_path"] = str(Path(mp).absolute())
     if args.force:
         params["force"] = True
     out_dir = work_dir / "notebooks"
