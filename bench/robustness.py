@@ -103,7 +103,7 @@ def run_cell(args, cell, seed):
             out = work / ("shifted" if shifted else "second")
             if not (out / "evaluation.json").exists():
                 _pipeline(out, cell_volume(cell, args.volume_seed, args.shape, True, shifted),
-                          {**predict, "model_path": str(work.resolve())}, ["05"], args.smoke)
+                          {**predict, "model_path": str(work)}, ["05"], args.smoke)
 
 
 # 05's parameters a -p may set for the --shift runs (the training ones do not apply to a model from elsewhere)
@@ -191,8 +191,11 @@ def table(rows):
     lines.append("| **worst** | | | " + " | ".join(
         [f"**{f(w['raw_foreground_iou'])}**"] + [f"**{f(w['raw_iou'][c])}**" for c in fossil]
         + [f"**{f(w['final_iou'][c])}**" for c in fossil]
-        + ["", "", "", f"**{w['right_class_share']:.0%} right class**", f"**{w['lost_by_cleanup']}**", ""]
+        + ["", "", "", "n/a" if w["right_class_share"] is None else f"**{w['right_class_share']:.0%} right class**",
+           f"**{w['lost_by_cleanup']}**", ""]
         + ([""] * len(fossil) + [_drop(w["shift_drop"].get(c)) for c in fossil] if shift else [])) + " |")
+    if w["cell"] is None:
+        return "\n".join(lines) + "\n\nNo fossil in any run's test block: no worst cell.\n"
     return ("\n".join(lines) + f"\n\nWorst cell (lowest final IoU of a class): **{w['cell']}** (training seed "
             f"{w['cell_seed']}, {w['cell_final']:.2f}).\n")
 
@@ -211,14 +214,16 @@ def worst(rows):
     drops = {c: [r["second_final_iou"][c] - r["shifted_final_iou"][c] for r in rows
                  if r.get("second_final_iou") and r.get("shifted_final_iou")
                  and None not in (r["second_final_iou"].get(c), r["shifted_final_iou"].get(c))] for c in fossil}
-    by_final = min(rows, key=lambda r: min(v for c, v in r["final_iou"].items() if c in fossil and v is not None))
+    lowest = {id(r): min((v for c, v in r["final_iou"].items() if c in fossil and v is not None), default=None)
+              for r in rows}  # each run's lowest final IoU of a fossil class (None: no fossil in its test block)
+    by_final = min((r for r in rows if lowest[id(r)] is not None), key=lambda r: lowest[id(r)], default=None)
     return {"raw_foreground_iou": min(r["raw_foreground_iou"] for r in rows),
             "raw_iou": {c: low("raw_iou", c) for c in fossil}, "final_iou": {c: low("final_iou", c) for c in fossil},
-            "right_class_share": min((r["right_class"] or 0) / r["n_true"] for r in rows if r["n_true"]),
+            "right_class_share": min(((r["right_class"] or 0) / r["n_true"] for r in rows if r["n_true"]), default=None),
             "lost_by_cleanup": max(r["lost_by_cleanup"] or 0 for r in rows),
             "shift_drop": {c: max(d) if d else None for c, d in drops.items()},
-            "cell": by_final["cell"], "cell_seed": by_final["seed"],
-            "cell_final": min(v for c, v in by_final["final_iou"].items() if c in fossil and v is not None)}
+            "cell": by_final and by_final["cell"], "cell_seed": by_final and by_final["seed"],
+            "cell_final": by_final and lowest[id(by_final)]}
 
 
 def main(argv=None):
