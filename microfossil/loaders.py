@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastai.data.core import TfmdDL, explode_types  # (explode_types: fastcore or fasttransform, by version)
 from fastai.vision.all import DataLoaders, Normalize, TensorImage, TensorMask, Transform, imagenet_stats
 
-from .augment import Augment, Infill
+from .augment import Augment, Infill, Scanner
 from .metrics import IGNORE
 from .runtime import check_gpu
 from .split import split_volume, valid_left_out_mask
@@ -317,15 +317,18 @@ class _ChannelsLast(Transform):
     def encodes(self, x: TensorImage): return x.contiguous(memory_format=torch.channels_last)
 
 
-def batch_tfms(size=None, augment=False, device=None, context=1, codes=None, infill=0.0):
+def batch_tfms(size=None, augment=False, device=None, context=1, codes=None, infill=0.0, scanner=0.0):
     """Batch transforms run on the device: resize to `size`, to float, augment (refilling the fossils of a share
-    `infill` of the slices first, `augment.Infill`), ImageNet-normalise."""
+    `infill` of the slices first, `augment.Infill`; then showing a share `scanner` as another scanner would,
+    `augment.Scanner`), ImageNet-normalise."""
     cuda = device is not None and device.type == "cuda"
     tfms = [_ResizeBatch(size), _ToFloat(codes)]
     if augment and infill:
         tfms.append(Infill(infill))
     if augment:
         tfms.append(Augment())
+    if augment and scanner:
+        tfms.append(Scanner(scanner))
     tfms.append(_normalize(context, cuda))
     return tfms + [_ChannelsLast()] if cuda else tfms
 
@@ -342,7 +345,8 @@ def _orthogonal_planes(images, labels, train_start, train_stop):
 
 
 def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, device=None, seed=0,
-             context_slices=1, triplanar=False, crop_size=None, oversample_rare=1.0, infill_augment=0.0):
+             context_slices=1, triplanar=False, crop_size=None, oversample_rare=1.0, infill_augment=0.0,
+             scanner_augment=0.0):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block of `split` (a `Split` from
     `split.split_volume`; None: its defaults) trains and its validation block validates; the test block and the gaps
     are never read (with `valid_pct=0`, the published recipe, the test block validates).
@@ -374,6 +378,9 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
 
     `infill_augment` (0: off): the share of training slices whose labelled fossils get their inside refilled at a
     random gray (`augment.Infill`), so that hollow and sediment-filled specimens of a class look alike.
+
+    `scanner_augment` (0: off): the share of training slices shown as another scanner would give them (a random
+    gamma, blur and noise, `augment.Scanner`), so that the model holds on a scan with other contrast and noise.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
@@ -415,6 +422,8 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
         raise ValueError(f"oversample_rare={oversample_rare!r}: use 1 (every slice as likely) or more.")
     if not 0 <= infill_augment <= 1:
         raise ValueError(f"infill_augment={infill_augment!r}: use a share from 0 (off) to 1 (every training slice).")
+    if not 0 <= scanner_augment <= 1:
+        raise ValueError(f"scanner_augment={scanner_augment!r}: use a share from 0 (off) to 1 (every training slice).")
     per_slice = slice_class_counts(labels, train_idx, len(vol.codes))
     counts = per_slice.sum(0)
     class_weight = draw_weights(counts, oversample_rare) if oversample_rare != 1 else None
@@ -431,7 +440,8 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     train = _VolumeDL(planes=planes, idx=items, shuffle=True, drop_last=drop_last,
                       extra=n_train if triplanar else 0, split=0, crop=crop, fg_points=fg_points,
                       weights=None if weights is None else weights.tolist(), fg_weights=fg_weights,
-                      after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes, infill_augment),
+                      after_batch=batch_tfms(train_size, augment, device, context_slices, vol.codes, infill_augment,
+                                             scanner_augment),
                       **common)
     train.rng = random.Random(seed)
     valid = _VolumeDL(planes=[(images, labels, split.valid_start, split.valid_stop)],
@@ -441,5 +451,6 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     dls.c, dls.codes, dls.size, dls.valid_idx, dls.split = len(vol.codes), vol.codes, size, valid_idx, split
     dls.context_slices, dls.triplanar, dls.seed, dls.crop_size = int(context_slices), bool(triplanar), int(seed), crop
     dls.class_counts, dls.oversample_rare, dls.infill_augment = counts, float(oversample_rare), float(infill_augment)
+    dls.scanner_augment = float(scanner_augment)
     dls.trained_on = volume_fingerprint(vol)  # recorded with the weights: 05 then knows its own training scan
     return dls

@@ -108,6 +108,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "class_weights": (_class_weights, "the loss's class weights"),
     "oversample_rare": (_number(1), "at most how much more often slices holding a rarer fossil class are drawn"),
     "infill_augment": (_number(0, 1), "the share of training slices whose fossils' insides get a random gray"),
+    "scanner_augment": (_number(0, 1), "the share of training slices shown as another scanner would give them"),
     "bs": (_whole(1), "the batch size"),
     "wd": (_number(0), "the weight decay"),
     "epochs_frozen": (_whole(1), "epochs with the encoder frozen"),

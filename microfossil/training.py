@@ -48,9 +48,9 @@ from .split import check_split
 SLOTS = ("a", "b")  # the two resumable copies on Drive, overwritten in turn
 PLAN_KEYS = ("epochs", "lr", "pct_start", "div", "div_final", "moms", "wd", "bs", "size", "frozen", "context_slices",
              "triplanar", "train_slices", "valid_slices", "test_slices", "seed", "arch", "codes", "start", "loss",
-             "crop_size", "class_weights", "oversample_rare", "infill_augment")
+             "crop_size", "class_weights", "oversample_rare", "infill_augment", "scanner_augment")
 _PLAN_DEFAULTS = {"loss": "cross_entropy", "crop_size": None, "class_weights": None,  # what a record made before
-                  "oversample_rare": 1.0, "infill_augment": 0.0}                      # these keys existed used
+                  "oversample_rare": 1.0, "infill_augment": 0.0, "scanner_augment": 0.0}  # these keys existed used
 
 
 def checkpoint_files(work_dir, name):
@@ -295,7 +295,8 @@ class PhaseCheckpoint(Callback):
                 "loss": getattr(learn, "loss_name", "cross_entropy"), "crop_size": getattr(dls, "crop_size", None),
                 "class_weights": getattr(learn, "class_weights", None),
                 "oversample_rare": getattr(dls, "oversample_rare", 1.0),
-                "infill_augment": getattr(dls, "infill_augment", 0.0)}
+                "infill_augment": getattr(dls, "infill_augment", 0.0),
+                "scanner_augment": getattr(dls, "scanner_augment", 0.0)}
 
     # --- attempts ---
     def _attempt_numbers(self):

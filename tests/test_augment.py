@@ -5,7 +5,7 @@ import pytest
 import torch
 from fastai.vision.all import Pipeline, TensorImage, TensorMask
 
-from microfossil.augment import Augment, Infill
+from microfossil.augment import Augment, Infill, Scanner
 from microfossil.loaders import _ToFloat, batch_tfms, make_dls
 
 
@@ -94,10 +94,33 @@ def test_infill_in_the_training_batches(odd_vol):
     plain = [type(t).__name__ for t in batch_tfms(None, True, None, 3)]
     assert "Infill" not in plain and "Augment" in plain
     assert "Infill" not in [type(t).__name__ for t in batch_tfms(None, False, None, 3, infill=0.5)]
-    dls = make_dls(odd_vol, 1.0, bs=2, device=torch.device("cpu"), infill_augment=0.5)
-    assert dls.infill_augment == 0.5 and "Infill" in [type(t).__name__ for t in dls.train.after_batch.fs]
-    assert "Infill" not in [type(t).__name__ for t in dls.valid.after_batch.fs]
+    _in_the_training_batches_only(odd_vol, "infill_augment", Infill, out_of_range=1.5)
+
+
+def _in_the_training_batches_only(vol, param, tfm, out_of_range):
+    """`make_dls(<param>=0.5)` puts `tfm` in the training batches, not the validation ones, and records the share;
+    `out_of_range` stops it with an error naming the parameter."""
+    dls = make_dls(vol, 1.0, bs=2, device=torch.device("cpu"), **{param: 0.5})
+    assert getattr(dls, param) == 0.5 and tfm.__name__ in [type(t).__name__ for t in dls.train.after_batch.fs]
+    assert tfm.__name__ not in [type(t).__name__ for t in dls.valid.after_batch.fs]
     x, y = dls.train.one_batch()
     assert np.isfinite(x.numpy()).all() and y.shape[0] == 2
-    with pytest.raises(ValueError, match="infill_augment"):
-        make_dls(odd_vol, 1.0, bs=2, device=torch.device("cpu"), infill_augment=1.5)
+    with pytest.raises(ValueError, match=param):
+        make_dls(vol, 1.0, bs=2, device=torch.device("cpu"), **{param: out_of_range})
+
+
+def test_scanner_changes_the_look_not_the_labels(odd_vol):
+    """`Scanner`: the slices drawn get another gamma, blur and noise, stay in [0, 1], the others are left as they
+    were, validation batches never; `make_dls(scanner_augment=...)` puts it in the training batches only, records it,
+    and refuses a share out of range."""
+    g = torch.Generator().manual_seed(0)
+    img = TensorImage(0.2 + 0.6 * (torch.rand(64, 3, 24, 24, generator=g) > 0.5).float())
+    torch.manual_seed(0)
+    out = Scanner(0.5)(img, split_idx=0)
+    changed = (out - img).abs().flatten(1).amax(1) > 0
+    assert 0.2 < changed.float().mean() < 0.8  # about half of the slices drawn
+    assert torch.equal(out[~changed], img[~changed]) and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert (out[changed] - img[changed]).abs().mean() > 0.02  # really another look, not a rounding
+    assert torch.equal(Scanner(1.0)(img, split_idx=1), img)
+    assert "Scanner" not in [type(t).__name__ for t in batch_tfms(None, True, None, 3)]
+    _in_the_training_batches_only(odd_vol, "scanner_augment", Scanner, out_of_range=-0.1)

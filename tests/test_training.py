@@ -173,6 +173,7 @@ def test_plan_is_read_off_the_fit(odd_vol, tmp_path):
     assert plan["moms"] == [0.95, 0.85, 0.95] and plan["codes"] == odd_vol.codes and plan["context_slices"] == 1
     assert plan["loss"] == "cross_entropy" and plan["crop_size"] is None
     assert plan["class_weights"] is None and plan["oversample_rare"] == 1.0 and plan["infill_augment"] == 0.0
+    assert plan["scanner_augment"] == 0.0
 
 
 def test_another_loss_or_crop_size_is_another_plan(odd_vol, tmp_path, capsys):
@@ -183,7 +184,7 @@ def test_another_loss_or_crop_size_is_another_plan(odd_vol, tmp_path, capsys):
     learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
     rec_file = tmp_path / "models" / "t_frozen.json"
     rec = json.loads(rec_file.read_text())
-    for k in ("loss", "crop_size", "class_weights", "oversample_rare", "infill_augment"):
+    for k in ("loss", "crop_size", "class_weights", "oversample_rare", "infill_augment", "scanner_augment"):
         del rec["plan"][k]
     rec_file.write_text(json.dumps(rec))  # as the earlier code wrote it
     capsys.readouterr()
@@ -202,6 +203,12 @@ def test_another_loss_or_crop_size_is_another_plan(odd_vol, tmp_path, capsys):
     assert "oversample_rare 1.0 -> 3.0" in out and "class_weights None -> [" in out
     rec = read_record(tmp_path, "t_frozen")
     assert rec["attempt"] == 3 and rec["class_weights"] == rare.class_weights and rec["oversample_rare"] == 3.0
+    seen = build_learner(make_dls(odd_vol, 1.0, bs=2, device=torch.device("cpu"), crop_size=64, oversample_rare=3,
+                                  scanner_augment=0.5), pretrained=False, work_dir=tmp_path, loss="ce_dice",
+                         class_weights="inverse_sqrt")
+    seen.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+    assert "scanner_augment 0.0 -> 0.5" in capsys.readouterr().out
+    assert read_record(tmp_path, "t_frozen")["scanner_augment"] == 0.5
 
 
 def test_next_stage_loads_the_latest_or_a_named_attempt(odd_vol, tmp_path, capsys):
