@@ -26,6 +26,11 @@ it) against the class each rule gives it:
 Counts the specimens given their right class, and the share of their voxels so (a large
 specimen moves a class's IoU more). For choosing on development volumes: never on a volume whose
 figures are to be called unseen.
+
+A run of 05 with `model_path` (another scan, every slice its test block; `bench/robustness.py --shift`) is read the
+same way: the training block whose class ratio the balanced rule undoes, the loss weights and the forest's examples
+are those of the model bundle it predicted with (`bundle.json`'s `trained_on`, the record of the run that made the
+bundle when it sits in that run's folder, and the bundle's `classifier_examples.csv`).
 """
 import argparse
 import json
@@ -41,9 +46,14 @@ EPS = 1 / 255  # probs.npy holds probabilities in 1/255 steps: a 0 is "below 1/2
 
 
 def _model_weights(work):
-    """The class weights the run's last model trained with (None when it had none)."""
+    """The class weights the run's last model trained with (None when it had none, or when no record of its training
+    is found: said on stderr)."""
     from ast import literal_eval
-    rec = json.loads((work / "models" / "full_unfrozen.json").read_text())
+    record = work / "models" / "full_unfrozen.json"
+    if not record.exists():
+        print(f"{record} not found: the rules that undo the loss weights read the model as unweighted", file=sys.stderr)
+        return None
+    rec = json.loads(record.read_text())
     plan = literal_eval(rec["plan"]) if isinstance(rec["plan"], str) else rec["plan"]
     w = plan.get("class_weights")
     return None if w is None else np.asarray(w, float)
@@ -59,15 +69,19 @@ def specimens(work):
     vol = load_volume(prov["scan"]["dataset"])
     codes, K = list(vol.codes), len(vol.codes)
     t0 = prov["split"]["test_slices"][0]
-    tr = prov["split"]["train_slices"]
+    tr, train_labels, weights, bundle = prov["split"]["train_slices"], vol.labels, _model_weights(work), None
+    if not tr:  # 05 with model_path: the model, its training block and its classifier's examples are the bundle's
+        bundle = Path(prov["checkpoint"]["source"])
+        trained_on = json.loads((bundle / "bundle.json").read_text())["trained_on"]
+        tr, train_labels = trained_on["train_slices"], load_volume(trained_on["dataset"]).labels
+        weights = _model_weights(bundle.parent)  # the run that made the bundle, where it is still beside it
     held = work / "heldout"
     ids = tifffile.imread(held / "predictions" / "specimens.tif").reshape(vol.labels[t0:].shape)
     truth = np.asarray(vol.labels[t0:])
     probs = np.load(work / "predictions" / "probs.npy", mmap_mode="r")[t0:]
     cat = pd.read_csv(held / "exports" / "fossils.csv").set_index("id")
-    train_counts = np.bincount(np.asarray(vol.labels[tr[0]: tr[1] + 1]).ravel(), minlength=K).astype(float)
+    train_counts = np.bincount(np.asarray(train_labels[tr[0]: tr[1] + 1]).ravel(), minlength=K).astype(float)
     prior = train_counts[1:] / train_counts[1:].sum()
-    weights = _model_weights(work)
     out = []
     for sid in cat.index:
         m = ids == sid
@@ -83,7 +97,7 @@ def specimens(work):
     if (held / "exports" / "classifier_examples.csv").exists() and out:
         seed = prov.get("classifier_seed") or 0
         for name, leave_out in (("refit", ()), ("shape only", INTENSITY)):
-            probs_of = refit(work, codes, leave_out, seed)
+            probs_of = refit(work, codes, leave_out, seed, bundle)
             for row in out:
                 row[f"clf {name}"] = probs_of[row["id"]]
     return out, codes, prior, weights
@@ -92,14 +106,17 @@ def specimens(work):
 INTENSITY = ("intensity_p10", "intensity_p50", "intensity_p90", "intensity_std")
 
 
-def refit(work, codes, leave_out=(), seed=0):
+def refit(work, codes, leave_out=(), seed=0, bundle=None):
     """{specimen id: probabilities of the fossil classes} from a forest fitted as 05's classifier is, on the examples
-    the run's test-block evaluation learnt from (`heldout/exports/classifier_examples.csv`: the training block's),
-    without the descriptors `leave_out`; applied to the test-block specimens' descriptors."""
+    the run's test-block evaluation learnt from (`heldout/exports/classifier_examples.csv`: the training block's;
+    and the model bundle's, `bundle/classifier_examples.csv`, for a run of 05 with `model_path`), without the
+    descriptors `leave_out`; applied to the test-block specimens' descriptors."""
     import pandas as pd
     from sklearn.ensemble import RandomForestClassifier
     from microfossil.specimens import SPECIMEN_FEATURES
-    ex = pd.read_csv(work / "heldout" / "exports" / "classifier_examples.csv")
+    ex = pd.concat([pd.read_csv(f) for f in (work / "heldout" / "exports" / "classifier_examples.csv",
+                                             None if bundle is None else bundle / "classifier_examples.csv")
+                    if f is not None and f.exists()])
     feats = pd.read_csv(work / "heldout" / "exports" / "features.csv").set_index("id")
     cols = [c for c in SPECIMEN_FEATURES if c not in leave_out]
     clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1)

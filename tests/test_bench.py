@@ -325,3 +325,20 @@ def test_class_rules_counts_right_classes_per_rule(tmp_path, capsys):
     assert runs["segmentation: mean probability"]["right"] == runs["segmentation: mean log probability"]["right"] == n_test - 1
     assert runs["segmentation: loss weights undone"]["right"] == n_test
     assert "| segmentation: balanced |" in out and "classifier" not in out  # no classifier ran: no rule of it
+    # The same run as 05 with model_path gives it (no training block of its own; bench/robustness.py --shift): the
+    # training block and the loss weights are read from the model bundle's run, so the weights are still undone.
+    import shutil
+    bundle = work / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({"trained_on": {
+        "dataset": str(data), "train_slices": [split.train_start, split.train_stop - 1]}}))
+    shifted = tmp_path / "shifted"
+    shutil.copytree(work, shifted, ignore=shutil.ignore_patterns("models", "bundle"))
+    metrics = json.loads((shifted / "metrics.json").read_text())
+    metrics["provenance"]["split"]["train_slices"] = []
+    metrics["provenance"]["checkpoint"] = {"source": str(bundle)}
+    (shifted / "metrics.json").write_text(json.dumps(metrics))
+    assert class_rules.main([str(shifted), "--json"]) == 0
+    other = json.loads(capsys.readouterr().out.splitlines()[-1])["runs"][str(shifted)]
+    assert other["segmentation: mean probability"]["right"] == n_test - 1
+    assert other["segmentation: loss weights undone"]["right"] == n_test
