@@ -212,7 +212,8 @@ def class_weights_of(counts, how):
     """Per-class loss weights from the training block's pixel `counts`: None (no weights), "inverse_sqrt" or "inverse"
     (1 / frequency to that power), "balance_fossils" (the background 1, each fossil class the commonest fossil
     class's pixels over its own: the fossil classes weigh alike among themselves, and no more against the
-    background than the commonest does), or one number per class. Scaled so that the mean weight over the training
+    background than the commonest does), "balance_fossils_sqrt" (the square root of those: a class 9 times rarer
+    weighs 3), or one number per class. Scaled so that the mean weight over the training
     pixels is 1 (the loss keeps its scale, and the learning rates theirs); a class absent from the training block
     gets the largest weight of the others. Returns a float list, or None."""
     if how is None:
@@ -224,10 +225,10 @@ def class_weights_of(counts, how):
                              f"per class ({len(counts)})")
         seen = counts > 0
         w = np.zeros(len(counts))
-        if how == "balance_fossils":  # not a power of 1 / frequency: class 0 is the background, weight 1
+        if how.startswith("balance_fossils"):  # not a power of 1 / frequency: class 0 is the background, weight 1
             fossil = counts[1:][seen[1:]]
             w[0], seen[0] = 1.0, True
-            w[1:][seen[1:]] = fossil.max() / fossil if fossil.size else 1.0
+            w[1:][seen[1:]] = (fossil.max() / fossil) ** (0.5 if how.endswith("_sqrt") else 1.0) if fossil.size else 1.0
         else:
             w[seen] = (counts.sum() / counts[seen]) ** CLASS_WEIGHTS[how]
         w[~seen] = w[seen].max() if seen.any() else 1.0
@@ -261,7 +262,7 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     With `dls.context_slices` = k other than 1 or 3 the first convolution takes k channels
     (fastai adapts the pretrained filters to them); k = 3 uses the ImageNet RGB filters as they are.
     `loss`: "cross_entropy" (the published recipe), "ce_dice" (`CrossEntropyDiceLoss`) or "focal" (fastai's
-    `FocalLossFlat`, gamma 2). `class_weights`: None, "balance_fossils", "inverse_sqrt", "inverse" or one number per class
+    `FocalLossFlat`, gamma 2). `class_weights`: None, "balance_fossils", "balance_fossils_sqrt", "inverse_sqrt", "inverse" or one number per class
     (see `class_weights_of`; they weigh the cross-entropy or focal term). Prints each class's share of the training
     block and its weight.
     """

@@ -61,11 +61,12 @@ def _odd(v):
 
 
 CLASS_WEIGHTS = {"inverse_sqrt": 0.5, "inverse": 1.0,  # class_weights by name: the power of 1 / frequency (learner),
-                 "balance_fossils": None}            # or no power: the learner's own rule (fossil classes evened out)
+                 "balance_fossils": None,            # or no power: the learner's own rule (fossil classes evened out,
+                 "balance_fossils_sqrt": None}       # or halfway: the square root of that weight)
 
 
 def _class_weights(v):
-    what = ("None, \"balance_fossils\", \"inverse_sqrt\", \"inverse\" or a list of positive numbers, one per class "
+    what = ("None, \"balance_fossils\", \"balance_fossils_sqrt\", \"inverse_sqrt\", \"inverse\" or a list of positive numbers, one per class "
             "of codes.txt")
     if v is None or (isinstance(v, str) and v in CLASS_WEIGHTS):
         return True, what

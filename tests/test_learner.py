@@ -237,6 +237,8 @@ def test_class_weights_from_the_training_block_frequencies():
     assert math.isclose(w[0], w[1]) and math.isclose(w[3] / w[1], 4) and w[2] == w[3]
     assert math.isclose((w * [9900, 80, 0, 20]).sum(), 10000)
     assert class_weights_of([9900, 0, 0], "balance_fossils") == [1.0, 1.0, 1.0]
+    w = np.array(class_weights_of([9900, 80, 0, 20], "balance_fossils_sqrt"))  # halfway: the 4 times rarer weighs 2
+    assert math.isclose(w[0], w[1]) and math.isclose(w[3] / w[1], 2) and w[2] == w[3]
     text = describe_classes(["background", "shell", "chain"], counts, class_weights_of(counts, "inverse"), 4.0)
     assert "shell                  0.800%" in text and "chain                  0.200%" in text
     assert "slices x1" in text.splitlines()[2] and "slices x4" in text.splitlines()[3]  # the rarer one: 4 times

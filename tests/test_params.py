@@ -34,7 +34,7 @@ def test_every_notebook_parameter_has_a_rule_and_the_defaults_pass():
     ("context_slices", 2, "odd whole number"),
     ("connectivity", 8, "one of 6, 18, 26"),
     ("loss", "dice", "one of 'cross_entropy', 'ce_dice', 'focal'"),
-    ("class_weights", "balanced", "\"balance_fossils\", \"inverse_sqrt\", \"inverse\" or a list of positive numbers"),
+    ("class_weights", "balanced", "\"balance_fossils\", \"balance_fossils_sqrt\", \"inverse_sqrt\", \"inverse\" or a list of positive numbers"),
     ("class_weights", [1, 0, 2], "a list of positive numbers, one per class"),
     ("oversample_rare", 0.5, "a number at least 1"),
     ("tta", "yes", "True or False"),
