@@ -69,12 +69,12 @@ def specimens(work):
     vol = load_volume(prov["scan"]["dataset"])
     codes, K = list(vol.codes), len(vol.codes)
     t0 = prov["split"]["test_slices"][0]
-    tr, train_labels, weights, bundle = prov["split"]["train_slices"], vol.labels, _model_weights(work), None
+    tr, train_labels, bundle = prov["split"]["train_slices"], vol.labels, None
     if not tr:  # 05 with model_path: the model, its training block and its classifier's examples are the bundle's
         bundle = Path(prov["checkpoint"]["source"])
         trained_on = json.loads((bundle / "bundle.json").read_text())["trained_on"]
         tr, train_labels = trained_on["train_slices"], load_volume(trained_on["dataset"]).labels
-        weights = _model_weights(bundle.parent)  # the run that made the bundle, where it is still beside it
+    weights = _model_weights(work if bundle is None else bundle.parent)  # (the run that made the bundle, beside it)
     held = work / "heldout"
     ids = tifffile.imread(held / "predictions" / "specimens.tif").reshape(vol.labels[t0:].shape)
     truth = np.asarray(vol.labels[t0:])
@@ -114,9 +114,9 @@ def refit(work, codes, leave_out=(), seed=0, bundle=None):
     import pandas as pd
     from sklearn.ensemble import RandomForestClassifier
     from microfossil.specimens import SPECIMEN_FEATURES
-    ex = pd.concat([pd.read_csv(f) for f in (work / "heldout" / "exports" / "classifier_examples.csv",
-                                             None if bundle is None else bundle / "classifier_examples.csv")
-                    if f is not None and f.exists()])
+    files = [work / "heldout" / "exports" / "classifier_examples.csv"]
+    files += [] if bundle is None else [bundle / "classifier_examples.csv"]
+    ex = pd.concat([pd.read_csv(f) for f in files if f.exists()])
     feats = pd.read_csv(work / "heldout" / "exports" / "features.csv").set_index("id")
     cols = [c for c in SPECIMEN_FEATURES if c not in leave_out]
     clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1)

@@ -208,6 +208,10 @@ LOSSES = {  # name: the loss, given the class weights (a tensor, or None); voxel
 }
 
 
+FOSSIL_BALANCE = {"balance_fossils": 1.0, "balance_fossils_sqrt": 0.5}  # the power of the commonest fossil class's
+                                                                       # pixels over each fossil class's
+
+
 def class_weights_of(counts, how):
     """Per-class loss weights from the training block's pixel `counts`: None (no weights), "inverse_sqrt" or "inverse"
     (1 / frequency to that power), "balance_fossils" (the background 1, each fossil class the commonest fossil
@@ -225,10 +229,10 @@ def class_weights_of(counts, how):
                              f"per class ({len(counts)})")
         seen = counts > 0
         w = np.zeros(len(counts))
-        if how.startswith("balance_fossils"):  # not a power of 1 / frequency: class 0 is the background, weight 1
+        if how in FOSSIL_BALANCE:  # not a power of 1 / frequency: class 0 is the background, weight 1
             fossil = counts[1:][seen[1:]]
             w[0], seen[0] = 1.0, True
-            w[1:][seen[1:]] = (fossil.max() / fossil) ** (0.5 if how.endswith("_sqrt") else 1.0) if fossil.size else 1.0
+            w[1:][seen[1:]] = (fossil.max() / fossil) ** FOSSIL_BALANCE[how] if fossil.size else 1.0
         else:
             w[seen] = (counts.sum() / counts[seen]) ** CLASS_WEIGHTS[how]
         w[~seen] = w[seen].max() if seen.any() else 1.0

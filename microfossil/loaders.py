@@ -420,10 +420,9 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     common = dict(bs=bs, num_workers=0, device=device, context=context_slices)
     if not oversample_rare or oversample_rare < 1:
         raise ValueError(f"oversample_rare={oversample_rare!r}: use 1 (every slice as likely) or more.")
-    if not 0 <= infill_augment <= 1:
-        raise ValueError(f"infill_augment={infill_augment!r}: use a share from 0 (off) to 1 (every training slice).")
-    if not 0 <= scanner_augment <= 1:
-        raise ValueError(f"scanner_augment={scanner_augment!r}: use a share from 0 (off) to 1 (every training slice).")
+    for name, share in (("infill_augment", infill_augment), ("scanner_augment", scanner_augment)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name}={share!r}: use a share from 0 (off) to 1 (every training slice).")
     per_slice = slice_class_counts(labels, train_idx, len(vol.codes))
     counts = per_slice.sum(0)
     class_weight = draw_weights(counts, oversample_rare) if oversample_rare != 1 else None

@@ -292,11 +292,9 @@ class PhaseCheckpoint(Callback):
                 "frozen": bool(opt.frozen_idx), "context_slices": int(getattr(dls, "context_slices", 1)),
                 "triplanar": bool(getattr(dls, "triplanar", False)), "train_slices": None, **split, "seed": getattr(dls, "seed", None),
                 "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name(),
-                "loss": getattr(learn, "loss_name", "cross_entropy"), "crop_size": getattr(dls, "crop_size", None),
-                "class_weights": getattr(learn, "class_weights", None),
-                "oversample_rare": getattr(dls, "oversample_rare", 1.0),
-                "infill_augment": getattr(dls, "infill_augment", 0.0),
-                "scanner_augment": getattr(dls, "scanner_augment", 0.0)}
+                "loss": getattr(learn, "loss_name", "cross_entropy"), "class_weights": getattr(learn, "class_weights", None),
+                **{k: getattr(dls, k, _PLAN_DEFAULTS[k])  # (DataLoaders made elsewhere: the published recipe's)
+                   for k in ("crop_size", "oversample_rare", "infill_augment", "scanner_augment")}}
 
     # --- attempts ---
     def _attempt_numbers(self):
