@@ -17,7 +17,8 @@ says otherwise, in `<work-root>/<variant>/<cell>_seed<k>`.
 
 The table (`<work-root>/<variant>/robustness.md` and `.json`) has one line per run: the training
 block's fossil pixel ratio, the raw segmentation's foreground IoU and IoU per class, the final
-labels' IoU per class, the test specimens, those the raw segmentation found, those found after
+labels' IoU per class, the same had every specimen its right class (the gap between the two is the
+classes named wrong; what stays below 1 is the outline and the clean-up), the test specimens, those the raw segmentation found, those found after
 the clean-up (extraction and specimen classifier) and with their right class, and those the
 clean-up lost. Then the worst over all runs of each column, and the worst cell: the figure that
 decides whether a default holds is the worst line, not a mean. All on each run's test block.
@@ -129,6 +130,32 @@ def raw_found(work, vol, split, connectivity):
     return m["n_matched"]
 
 
+def right_class_iou(work, vol, split):
+    """The final labels' IoU per class had the classifier named every specimen right: each specimen of the test
+    block's final labels (`heldout/predictions/labels_clean.tif`, its ids in `specimens.tif`) painted with the
+    commonest true fossil class under it (one on no true fossil keeps its class). What stays below 1 is the outline
+    and the clean-up's; the rest of the gap down to the final IoU is the classes named wrong. None when the run has
+    no such files (an evaluation without the held-out extraction)."""
+    import tifffile
+    from microfossil.metrics import confusion_matrix, scores_from_confusion
+    from microfossil.specimens import majority_class
+    from microfossil.split import left_out_mask
+    held = work / "heldout" / "predictions"
+    if not (held / "labels_clean.tif").exists() or not (held / "specimens.tif").exists():
+        return None
+    t0, codes = split.test_start, list(vol.codes)
+    truth = np.asarray(vol.labels[t0:])
+    final = tifffile.imread(held / "labels_clean.tif").reshape(truth.shape)
+    ids = np.where(final > 0, tifffile.imread(held / "specimens.tif").reshape(truth.shape), 0).astype(np.int64)
+    n = int(ids.max())
+    right = majority_class(ids, truth, n, len(codes))
+    own = np.zeros(n + 1, final.dtype)
+    own[ids[final > 0]] = final[final > 0]
+    cls = np.where(right > 0, right, own).astype(final.dtype)
+    cm = confusion_matrix(cls[ids], truth, len(codes), ignore=left_out_mask(vol, split))
+    return scores_from_confusion(cm, codes)["iou"]
+
+
 def run_row(work, data_dir, cell, seed):
     """One line of the table: what run folder `work` (trained and scored on `data_dir`) measured."""
     from microfossil.split import recorded_split
@@ -148,7 +175,8 @@ def run_row(work, data_dir, cell, seed):
            "raw_foreground_iou": float(fg), "raw_iou": raw["iou"], "final_iou": final["iou"], "n_true": n,
            "found_raw": raw_n, "found": found, "right_class": final.get("n_matched_same_class"),
            "lost_by_cleanup": None if found is None else max(0, raw_n - found),
-           "threshold": (raw.get("provenance") or {}).get("fossil_threshold"), "codes": codes}
+           "threshold": (raw.get("provenance") or {}).get("fossil_threshold"), "codes": codes,
+           "right_class_iou": right_class_iou(work, vol, split)}
     for name in ("second", "shifted"):
         ev2 = work / name / "evaluation.json"
         if ev2.exists():
@@ -171,7 +199,7 @@ def table(rows):
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     shift = any("shifted_final_iou" in r for r in rows)
     head = (["cell", "seed", "fossil ratio (training)", "raw foreground IoU"] + [f"raw IoU {c}" for c in fossil]
-            + [f"final IoU {c}" for c in fossil]
+            + [f"final IoU {c}" for c in fossil] + [f"final IoU {c}, every class right" for c in fossil]
             + ["test specimens", "found raw", "found final", "right class", "lost by clean-up", "threshold"]
             + ([f"second volume: final IoU {c}" for c in fossil] + [f"other scanner: final IoU {c}" for c in fossil]
                if shift else []))
@@ -180,6 +208,7 @@ def table(rows):
     def cells(r):
         out = [r["cell"], str(r["seed"]), f"{r['ratio']:.1f}", f(r["raw_foreground_iou"])]
         out += [f(r["raw_iou"].get(c)) for c in fossil] + [f(r["final_iou"].get(c)) for c in fossil]
+        out += [f((r.get("right_class_iou") or {}).get(c)) for c in fossil]
         out += [str(r[k]) for k in ("n_true", "found_raw", "found", "right_class", "lost_by_cleanup", "threshold")]
         if shift:
             out += [f((r.get("second_final_iou") or {}).get(c)) for c in fossil]
@@ -190,7 +219,7 @@ def table(rows):
     w = worst(rows)
     lines.append("| **worst** | | | " + " | ".join(
         [f"**{f(w['raw_foreground_iou'])}**"] + [f"**{f(w['raw_iou'][c])}**" for c in fossil]
-        + [f"**{f(w['final_iou'][c])}**" for c in fossil]
+        + [f"**{f(w['final_iou'][c])}**" for c in fossil] + [f"**{f(w['right_class_iou'][c])}**" for c in fossil]
         + ["", "", "", "n/a" if w["right_class_share"] is None else f"**{w['right_class_share']:.0%} right class**",
            f"**{w['lost_by_cleanup']}**", ""]
         + ([""] * len(fossil) + [_drop(w["shift_drop"].get(c)) for c in fossil] if shift else [])) + " |")
@@ -210,7 +239,8 @@ def worst(rows):
     specimens lost by the clean-up, largest drop of final IoU on the other scanner), and the run with the lowest
     final IoU of a class."""
     fossil = rows[0]["codes"][1:]
-    low = lambda key, c: min((r[key].get(c) for r in rows if r[key].get(c) is not None), default=None)  # noqa: E731
+    low = lambda key, c: min((r[key].get(c) for r in rows if (r.get(key) or {}).get(c) is not None),  # noqa: E731
+                             default=None)
     drops = {c: [r["second_final_iou"][c] - r["shifted_final_iou"][c] for r in rows
                  if r.get("second_final_iou") and r.get("shifted_final_iou")
                  and None not in (r["second_final_iou"].get(c), r["shifted_final_iou"].get(c))] for c in fossil}
@@ -219,6 +249,7 @@ def worst(rows):
     by_final = min((r for r in rows if lowest[id(r)] is not None), key=lambda r: lowest[id(r)], default=None)
     return {"raw_foreground_iou": min(r["raw_foreground_iou"] for r in rows),
             "raw_iou": {c: low("raw_iou", c) for c in fossil}, "final_iou": {c: low("final_iou", c) for c in fossil},
+            "right_class_iou": {c: low("right_class_iou", c) for c in fossil},
             "right_class_share": min(((r["right_class"] or 0) / r["n_true"] for r in rows if r["n_true"]), default=None),
             "lost_by_cleanup": max(r["lost_by_cleanup"] or 0 for r in rows),
             "shift_drop": {c: max(d) if d else None for c, d in drops.items()},

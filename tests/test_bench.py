@@ -240,7 +240,8 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
     """bench/robustness.py --collect on two finished runs of a cell (their raw segmentation the ground truth less one
     test specimen): the raw foreground IoU from the confusion matrix, the test specimens the raw segmentation found
     (matched however small), those the clean-up lost, the training block's fossil ratio; the worst line takes each
-    column's worst run, and the worst cell is the run with the lowest final IoU of a class."""
+    column's worst run, and the worst cell is the run with the lowest final IoU of a class; with every specimen given
+    its right class (one is named wrong in run 0's held-out final labels), run 0's final labels are the truth."""
     import numpy as np
     import tifffile
     from microfossil.evaluation import match_specimens, save_metrics
@@ -268,6 +269,17 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
         write_evaluation(work, [evaluation_row("k3", "segmentation", metrics, None),
                                 evaluation_row("k3", "extraction", final, sp),
                                 evaluation_row("k3", "+ specimen classifier", final, sp)], vol.codes)
+    # Run 0's final labels name one test foraminifer ostracod; run 1 has no held-out extraction (no such column)
+    held = tmp_path / "r" / "defaults" / "base_seed0" / "heldout" / "predictions"
+    held.mkdir(parents=True)
+    cls = np.zeros(n + 1, np.uint8)
+    for i in range(1, n + 1):
+        cls[i] = np.bincount(truth[split.test_start:][cc == i], minlength=3)[1:].argmax() + 1
+    foram = int(np.flatnonzero(cls == 1)[0])
+    wrong = cls.copy()
+    wrong[foram] = 2
+    tifffile.imwrite(held / "labels_clean.tif", wrong[cc])
+    tifffile.imwrite(held / "specimens.tif", cc.astype(np.uint16))
     monkeypatch.setattr(robustness, "volume_dir", lambda *a, **k: data)
     robustness.main(["--work-root", str(tmp_path / "r"), "--collect", "--cells", "base"])
     out = json.loads((tmp_path / "r" / "defaults" / "robustness.json").read_text())
@@ -277,7 +289,11 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
     lab = truth[split.train_start: split.train_stop]
     counts = np.bincount(lab.ravel(), minlength=3)[1:]
     assert r0["ratio"] == pytest.approx(counts.max() / counts.min())
+    # every specimen given its right class, run 0's final labels are the truth (left-out voxels aside)
+    assert r0["right_class_iou"]["foraminifera"] == r0["right_class_iou"]["ostracod"] == 1.0
+    assert r1["right_class_iou"] is None
     w = out["worst"]
+    assert w["right_class_iou"] == {"foraminifera": 1.0, "ostracod": 1.0}
     assert w["final_iou"]["foraminifera"] == 0.6 and w["lost_by_cleanup"] == 1 and w["cell_seed"] == 1
     assert w["right_class_share"] == pytest.approx((n_true - 3) / n_true)
     md = capsys.readouterr().out
