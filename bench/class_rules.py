@@ -18,7 +18,9 @@ it) against the class each rule gives it:
 - `classifier`: today's specimen classifier (`prob_<class>` in the catalogue); `classifier refit`: a forest
   fitted as it is, on the examples it learnt from (`heldout/exports/classifier_examples.csv`; the
   same forest but for the "not a fossil" examples' share of the probability); `classifier, shape
-  only`: the same without the intensity descriptors (the infill's grey);
+  only`: the same without the intensity descriptors (the infill's grey); `classifier refit + reshaped copies`: the
+  same with more examples, reshaped copies of the training block's true specimens (broken caps, a voxel thinner
+  or thicker; `reshaped_examples`; not for a run of 05 with `model_path`);
 - `classifier x segmentation (...)`: the classifier's probabilities times the segmentation's
   (normalised over the fossil classes; the segmentation's as the rule named gives them);
 - `classifier, the segmentation's (balanced) where it is unsure`: the classifier's class unless its
@@ -96,8 +98,12 @@ def specimens(work):
         out.append(row)
     if (held / "exports" / "classifier_examples.csv").exists() and out:
         seed = prov.get("classifier_seed") or 0
-        for name, leave_out in (("refit", ()), ("shape only", INTENSITY)):
-            probs_of = refit(work, codes, leave_out, seed, bundle)
+        reshaped = None if bundle is not None else reshaped_examples(vol, tr, seed)
+        for name, leave_out, extra in (("refit", (), None), ("shape only", INTENSITY, None),
+                                       ("reshaped", (), reshaped)):
+            if name == "reshaped" and extra is None:
+                continue  # a bundle's run: its training specimens are on another scan
+            probs_of = refit(work, codes, leave_out, seed, bundle, extra)
             for row in out:
                 row[f"clf {name}"] = probs_of[row["id"]]
     return out, codes, prior, weights
@@ -106,17 +112,51 @@ def specimens(work):
 INTENSITY = ("intensity_p10", "intensity_p50", "intensity_p90", "intensity_std")
 
 
-def refit(work, codes, leave_out=(), seed=0, bundle=None):
+def reshaped_examples(vol, train_slices, seed=0, min_voxels=150):
+    """Descriptors (and true class, `label`) of reshaped copies of the true specimens wholly in the training block
+    (`train_slices`: first and last; `min_voxels` or more): two with a cap of 15-40 % of their voxels cut off by a
+    plane of random direction (a broken shell), one a voxel thinner (if it keeps half its voxels), one a voxel
+    thicker. Examples from which a forest could learn that a broken or differently outlined shell keeps its class."""
+    import pandas as pd
+    from scipy import ndimage
+    from microfossil.specimens import descriptors, find_specimens
+    labels, images, codes = np.asarray(vol.labels), np.asarray(vol.images), list(vol.codes)
+    cc, _, _, parts = find_specimens(labels > 0, 26, min_voxels)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, box, _ in parts:
+        if box[0].start < train_slices[0] or box[0].stop - 1 > train_slices[1]:
+            continue
+        box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels.shape))  # room to grow
+        mask = cc[box] == i
+        label = codes[1 + int(np.bincount(labels[box][mask], minlength=len(codes))[1:].argmax())]
+        pts = np.argwhere(mask)
+        copies = [ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1))]
+        thinner = ndimage.binary_erosion(mask)
+        copies += [thinner] if thinner.sum() * 2 >= mask.sum() else []
+        for _ in range(2):
+            d = rng.normal(size=3)
+            along = (pts - pts.mean(0)) @ (d / np.linalg.norm(d))
+            broken = mask.copy()
+            broken[tuple(pts[along > np.quantile(along, rng.uniform(0.6, 0.85))].T)] = False
+            lab, n = ndimage.label(broken, np.ones((3, 3, 3)))
+            broken = lab == 1 + int(np.bincount(lab.ravel())[1:].argmax()) if n > 1 else broken  # the larger piece
+            copies += [broken] if broken.sum() >= min_voxels // 3 else []
+        rows += [{**descriptors(images[box], m), "label": label} for m in copies]
+    return pd.DataFrame(rows)
+
+
+def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None):
     """{specimen id: probabilities of the fossil classes} from a forest fitted as 05's classifier is, on the examples
     the run's test-block evaluation learnt from (`heldout/exports/classifier_examples.csv`: the training block's;
-    and the model bundle's, `bundle/classifier_examples.csv`, for a run of 05 with `model_path`), without the
-    descriptors `leave_out`; applied to the test-block specimens' descriptors."""
+    and the model bundle's, `bundle/classifier_examples.csv`, for a run of 05 with `model_path`; and `extra`, a
+    table of more), without the descriptors `leave_out`; applied to the test-block specimens' descriptors."""
     import pandas as pd
     from sklearn.ensemble import RandomForestClassifier
     from microfossil.specimens import SPECIMEN_FEATURES
     files = [work / "heldout" / "exports" / "classifier_examples.csv"]
     files += [] if bundle is None else [bundle / "classifier_examples.csv"]
-    ex = pd.concat([pd.read_csv(f) for f in files if f.exists()])
+    ex = pd.concat([pd.read_csv(f) for f in files if f.exists()] + ([] if extra is None else [extra]))
     feats = pd.read_csv(work / "heldout" / "exports" / "features.csv").set_index("id")
     cols = [c for c in SPECIMEN_FEATURES if c not in leave_out]
     clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1)
@@ -139,6 +179,8 @@ def rules(row, prior, weights):
            "loss weights undone": row["mean_logp"] - np.log(w),
            "balanced": row["mean_logp"] - np.log(w) - np.log(np.maximum(prior, 1e-9))}
     out = {f"segmentation: {k}": int(np.argmax(v)) for k, v in seg.items()}
+    if row.get("clf reshaped") is not None:
+        out["classifier refit + reshaped copies"] = int(np.argmax(row["clf reshaped"]))
     for key, name in (("clf", "classifier"), ("clf refit", "classifier refit"), ("clf shape only", "classifier, shape only")):
         if row.get(key) is None:
             continue

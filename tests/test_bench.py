@@ -300,6 +300,31 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
     assert md.startswith("Data: development volumes") and "| **worst** |" in md and "Worst cell" in md
 
 
+def test_class_rules_reshaped_copies_of_the_training_specimens(tmp_path):
+    """bench/class_rules.py's reshaped examples: for each true specimen wholly in the training block, a copy a voxel
+    thicker, one a voxel thinner (when it keeps half its voxels) and up to two with a cap cut off, each with the
+    descriptors of its own shape and its specimen's true class; none from a specimen reaching the other blocks."""
+    import numpy as np
+    from microfossil.sample import make_sample
+    from microfossil.specimens import descriptors, find_specimens
+    sys.path.insert(0, str(ROOT / "bench"))
+    import class_rules
+    vol = load_volume(make_sample(tmp_path / "ds", 24, 96, 96, seed=0))
+    split = split_volume(vol, 0.25, 0.0)
+    tr = (split.train_start, split.train_stop - 1)
+    labels = np.asarray(vol.labels)
+    cc, _, _, parts = find_specimens(labels > 0, 26, 150)
+    inside = [(i, box) for i, box, _ in parts if box[0].start >= tr[0] and box[0].stop - 1 <= tr[1]]
+    assert inside and len(inside) < len(parts)  # some specimens reach the other blocks
+    ex = class_rules.reshaped_examples(vol, tr, seed=0)
+    assert 2 * len(inside) <= len(ex) <= 4 * len(inside)
+    true = {vol.codes[1 + int(np.bincount(labels[box][cc[box] == i], minlength=3)[1:].argmax())] for i, box in inside}
+    assert set(ex["label"]) == true
+    sizes = sorted(10 ** ex["log_voxels"])
+    originals = [descriptors(np.asarray(vol.images[box]), cc[box] == i)["log_voxels"] for i, box in inside]
+    assert sizes[0] < 10 ** min(originals) and sizes[-1] > 10 ** max(originals)  # thinner and broken; thicker
+
+
 def test_class_rules_counts_right_classes_per_rule(tmp_path, capsys):
     """bench/class_rules.py on a run whose segmentation is the truth but for one true foraminifer its voxels lean to
     ostracod (0.71 against 0.24): every rule gives every other specimen its class; that one is an ostracod by the mean
