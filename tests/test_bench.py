@@ -300,6 +300,58 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
     assert md.startswith("Data: development volumes") and "| **worst** |" in md and "Worst cell" in md
 
 
+def test_outline_rules_redraw_the_outlines_keeping_the_classes(tmp_path, capsys):
+    """bench/outline_rules.py on a run whose fossil probability is the truth's but on the wall of one test
+    foraminifer (0.35, under the run's threshold 0.5): "as run" gives back the run's final labels, threshold 0.3 the
+    whole wall (IoU 1), 0.6 the same as 0.5; the threshold per class chosen on the training block (no thin wall
+    there) takes the wall back too. Classes stay the run's: an ostracod given the foraminifer's class stays wrong."""
+    import numpy as np
+    import tifffile
+    from conftest import save_probs
+    from microfossil.evaluation import save_metrics
+    from microfossil.io import read_json, write_json
+    from microfossil.sample import make_sample
+    from microfossil.specimens import label_components, majority_class
+    from scipy import ndimage
+    sys.path.insert(0, str(ROOT / "bench"))
+    import outline_rules
+    vol = load_volume(make_sample(tmp_path / "ds", 24, 96, 96, seed=0))
+    split = split_volume(vol, 0.25, 0.0)
+    t0, truth = split.test_start, np.asarray(vol.labels)
+    cc, n, _, _ = label_components(truth[t0:] > 0)
+    cls = majority_class(cc, truth[t0:], n, 3)
+    foram = next(i for i in range(1, n + 1) if cls[i] == 1)
+    ostracod = next(i for i in range(1, n + 1) if cls[i] == 2)
+    wall = np.zeros(truth.shape, bool)
+    wall[t0:] = (cc == foram) & ~ndimage.binary_erosion(cc == foram)
+    work = tmp_path / "run"
+    (work / "predictions").mkdir(parents=True)
+    save_probs(work, truth)
+    probs = np.load(work / "predictions" / "probs.npy")
+    probs[:, 0][wall], probs[:, 1][wall] = 166, 89  # fossil 0.35 on the wall
+    np.save(work / "predictions" / "probs.npy", probs)
+    write_json(work / "predictions" / "prediction.json",
+               {**read_json(work / "predictions" / "prediction.json"), "fossil_threshold": 0.5})
+    final = np.where(wall, 0, truth).astype(np.uint8)
+    final[t0:][cc == ostracod] = 1  # the classifier named one ostracod foraminifera
+    save_metrics(work, vol, final, split)
+    tifffile.imwrite(work / "predictions" / "labels_clean.tif", final)
+    (work / "heldout" / "predictions").mkdir(parents=True)
+    tifffile.imwrite(work / "heldout" / "predictions" / "labels_clean.tif", final[t0:])
+    res, codes = outline_rules.run_rules(work)
+    assert codes == ["background", "foraminifera", "ostracod"]
+    as_run = outline_rules.class_iou(final[t0:], truth[t0:], 3)
+    assert res["as run (threshold 0.5)"] == res["threshold 0.5"] == res["threshold 0.6"] == as_run
+    whole = outline_rules.class_iou(np.where(truth[t0:] > 0, final[t0:] + (final[t0:] == 0), 0), truth[t0:], 3)
+    assert res["threshold 0.3"] == whole and whole[0] > as_run[0] and whole[1] < 1  # the ostracod still named wrong
+    per_class = next(k for k in res if k.startswith("per class"))
+    assert res[per_class] == whole
+    (tmp_path / "training" / "models").mkdir(parents=True)
+    assert outline_rules.main([str(work), str(tmp_path / "training")]) == 0
+    out, err = capsys.readouterr()
+    assert "training: not finished, left out" in err and "| as run | " in out and "(threshold 0.5)" in out
+
+
 def test_class_rules_reshaped_copies_of_the_training_specimens(tmp_path):
     """bench/class_rules.py's reshaped examples: for each true specimen wholly in the training block, a copy a voxel
     thicker, one a voxel thinner (when it keeps half its voxels) and up to two with a cap cut off, each with the
