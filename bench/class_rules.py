@@ -98,7 +98,9 @@ def specimens(work):
         out.append(row)
     if (held / "exports" / "classifier_examples.csv").exists() and out:
         seed = prov.get("classifier_seed") or 0
-        reshaped = None if bundle is not None else reshaped_examples(vol, tr, seed)
+        ext = json.loads((held / "exports" / "extraction.json").read_text())  # the true specimens' connectivity and size
+        reshaped = (None if bundle is not None
+                    else reshaped_examples(vol, tr, seed, ext["connectivity"], ext["min_voxels"]))
         for name, leave_out, extra in (("refit", (), None), ("shape only", INTENSITY, None),
                                        ("reshaped", (), reshaped)):
             if name == "reshaped" and extra is None:
@@ -112,22 +114,24 @@ def specimens(work):
 INTENSITY = ("intensity_p10", "intensity_p50", "intensity_p90", "intensity_std")
 
 
-def reshaped_examples(vol, train_slices, seed=0, min_voxels=150):
+def reshaped_examples(vol, train_slices, seed=0, connectivity=26, min_voxels=150):
     """Descriptors (and true class, `label`) of reshaped copies of the true specimens wholly in the training block
-    (`train_slices`: first and last; `min_voxels` or more): two with a cap of 15-40 % of their voxels cut off by a
+    (`train_slices`: first and last; components of the ground truth at `connectivity`, `min_voxels` or more, as the
+    run's extraction found its true specimens): two with a cap of 15-40 % of their voxels cut off by a
     plane of random direction (a broken shell), one a voxel thinner (if it keeps half its voxels), one a voxel
     thicker. Examples from which a forest could learn that a broken or differently outlined shell keeps its class."""
     import pandas as pd
     from scipy import ndimage
     from microfossil.specimens import descriptors, find_specimens
     labels, images, codes = np.asarray(vol.labels), np.asarray(vol.images), list(vol.codes)
-    cc, _, _, parts = find_specimens(labels > 0, 26, min_voxels)
+    cc, _, _, parts = find_specimens(labels > 0, connectivity, min_voxels)
     rng = np.random.default_rng(seed)
     rows = []
     for i, box, _ in parts:
         if box[0].start < train_slices[0] or box[0].stop - 1 > train_slices[1]:
             continue
-        box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels.shape))  # room to grow
+        lo, hi = (train_slices[0], 0, 0), (train_slices[1] + 1, *labels.shape[1:])  # room to grow, in the block
+        box = tuple(slice(max(a, b.start - 1), min(z, b.stop + 1)) for b, a, z in zip(box, lo, hi))
         mask = cc[box] == i
         label = codes[1 + int(np.bincount(labels[box][mask], minlength=len(codes))[1:].argmax())]
         pts = np.argwhere(mask)

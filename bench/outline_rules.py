@@ -8,11 +8,13 @@ rule, and scores each class. A rule only moves outlines: each component of the n
 run's final labels (`heldout/predictions/labels_clean.tif`, after the clean-up and the specimen classifier) give most
 of its voxels, and one holding no final-label voxel is dropped, as the clean-up dropped it. Rules:
 - `as run`: the fossil threshold 05 chose on the training block (`prediction.json`), which gives back the run's
-  final labels;
+  final labels (but for touching specimens of two classes that the extraction split, `split_touching`: here one
+  component, one class);
 - `threshold T`: one threshold T for every class;
 - `per class, chosen on the training block`: for each class the threshold whose outlines give that class its best
   IoU on the training block (classes from the whole volume's final labels, `predictions/labels_clean.tif`), as 05
-  chooses one threshold for all.
+  chooses one threshold for all; where two classes' outlines overlap, the class listed first in codes.txt keeps
+  the voxel.
 (Growing the chosen threshold's fossils into the voxels above a lower one connected to them, a hysteresis, gives
 what that lower threshold gives here: a component with no final-label voxel is dropped either way.) IoU per class on the test block (left-out voxels aside). For choosing on development volumes: never on a volume
 whose figures are to be called unseen.
@@ -33,10 +35,10 @@ from microfossil.volume import load_volume  # noqa: E402
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)  # the single thresholds shown
 
 
-def classed(fossil, final):
-    """Boolean `fossil` as labels: each 26-connected component painted with the class `final` (labels) gives most of
-    its voxels, 0 where `final` gives it none."""
-    cc, n, _, _ = label_components(fossil)
+def classed(fossil, final, connectivity=26):
+    """Boolean `fossil` as labels: each component (at `connectivity`) painted with the class `final` (labels) gives
+    most of its voxels, 0 where `final` gives it none."""
+    cc, n, _, _ = label_components(fossil, connectivity)
     if not n:
         return np.zeros(final.shape, final.dtype)
     k = int(final.max()) + 1
@@ -72,18 +74,19 @@ def run_rules(work):
     p = fossil_p(t0, len(vol.labels))
     final = tifffile.imread(work / "heldout" / "predictions" / "labels_clean.tif").reshape(truth.shape)
     ignore = left_out_mask(vol, split)
-    score = lambda fossil: class_iou(classed(fossil, final), truth, K, ignore)  # noqa: E731
+    conn = json.loads((work / "heldout" / "exports" / "extraction.json").read_text())["connectivity"]
+    score = lambda fossil: class_iou(classed(fossil, final, conn), truth, K, ignore)  # noqa: E731
     out = {f"as run (threshold {chosen})": score(p > chosen)}
     out.update({f"threshold {t}": score(p > t) for t in THRESHOLDS})
     a, b = split.train_start, split.train_stop  # the training block: its outlines by each threshold, per class
     whole = tifffile.imread(work / "predictions" / "labels_clean.tif").reshape(np.asarray(vol.labels).shape)[a:b]
     p_train, truth_train = fossil_p(a, b), np.asarray(vol.labels[a:b])
-    on_train = {t: class_iou(classed(p_train > t, whole), truth_train, K) for t in FOSSIL_THRESHOLDS}
+    on_train = {t: class_iou(classed(p_train > t, whole, conn), truth_train, K) for t in FOSSIL_THRESHOLDS}
     best = [max(FOSSIL_THRESHOLDS, key=lambda t: -1 if on_train[t][c] is None else on_train[t][c]) for c in range(K - 1)]
     by_class = np.zeros(truth.shape, final.dtype)
     for c, t in enumerate(best, 1):
-        lab = classed(p > t, final)
-        by_class[(lab == c) & (by_class == 0)] = c
+        lab = classed(p > t, final, conn)
+        by_class[(lab == c) & (by_class == 0)] = c  # where two classes' outlines overlap, the first class keeps it
     out[f"per class, chosen on the training block ({' / '.join(map(str, best))})"] = class_iou(by_class, truth, K,
                                                                                                ignore)
     return out, codes

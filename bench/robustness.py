@@ -132,10 +132,11 @@ def raw_found(work, vol, split, connectivity):
 
 def right_class_iou(work, vol, split):
     """The final labels' IoU per class had the classifier named every specimen right: each specimen of the test
-    block's final labels (`heldout/predictions/labels_clean.tif`, its ids in `specimens.tif`) painted with the
-    commonest true fossil class under it (one on no true fossil keeps its class). What stays below 1 is the outline
-    and the clean-up's; the rest of the gap down to the final IoU is the classes named wrong. None when the run has
-    no such files (an evaluation without the held-out extraction)."""
+    block's extraction (`heldout/predictions/specimens.tif`) painted with the commonest true fossil class under it,
+    one the classifier rejected as not a fossil included; one on no true fossil keeps what the final labels
+    (`labels_clean.tif`) give it. What stays below 1 is the outline and the clean-up's; the rest of the gap down to
+    the final IoU is the classes named wrong. None when the run has no such files (an evaluation without the
+    held-out extraction)."""
     import tifffile
     from microfossil.metrics import confusion_matrix, scores_from_confusion
     from microfossil.specimens import majority_class
@@ -146,11 +147,11 @@ def right_class_iou(work, vol, split):
     t0, codes = split.test_start, list(vol.codes)
     truth = np.asarray(vol.labels[t0:])
     final = tifffile.imread(held / "labels_clean.tif").reshape(truth.shape)
-    ids = np.where(final > 0, tifffile.imread(held / "specimens.tif").reshape(truth.shape), 0).astype(np.int64)
+    ids = tifffile.imread(held / "specimens.tif").reshape(truth.shape)  # its own dtype: a full block is large
     n = int(ids.max())
     right = majority_class(ids, truth, n, len(codes))
     own = np.zeros(n + 1, final.dtype)
-    own[ids[final > 0]] = final[final > 0]
+    own[ids] = final  # 0 (background) stays 0: `ids` is 0 there
     cls = np.where(right > 0, right, own).astype(final.dtype)
     cm = confusion_matrix(cls[ids], truth, len(codes), ignore=left_out_mask(vol, split))
     return scores_from_confusion(cm, codes)["iou"]

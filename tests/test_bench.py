@@ -240,8 +240,9 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
     """bench/robustness.py --collect on two finished runs of a cell (their raw segmentation the ground truth less one
     test specimen): the raw foreground IoU from the confusion matrix, the test specimens the raw segmentation found
     (matched however small), those the clean-up lost, the training block's fossil ratio; the worst line takes each
-    column's worst run, and the worst cell is the run with the lowest final IoU of a class; with every specimen given
-    its right class (one is named wrong in run 0's held-out final labels), run 0's final labels are the truth."""
+    column's worst run, and the worst cell is the run with the lowest final IoU of a class; the final IoU had every
+    specimen its right class puts back the class of a specimen named wrong and of one rejected, not a wall the
+    segmentation missed nor a false specimen."""
     import numpy as np
     import tifffile
     from microfossil.evaluation import match_specimens, save_metrics
@@ -269,17 +270,32 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
         write_evaluation(work, [evaluation_row("k3", "segmentation", metrics, None),
                                 evaluation_row("k3", "extraction", final, sp),
                                 evaluation_row("k3", "+ specimen classifier", final, sp)], vol.codes)
-    # Run 0's final labels name one test foraminifer ostracod; run 1 has no held-out extraction (no such column)
+    # Run 0's held-out extraction: one test foraminifer named ostracod, one ostracod rejected as not a fossil, another
+    # specimen drawn without its wall, and a false specimen (foraminifera) on the matrix; run 1 has no held-out
+    # extraction (no such column)
+    from scipy import ndimage
+    from microfossil.split import left_out_mask
+    assert not left_out_mask(vol, split).any()  # every test voxel scored: the IoU below is the plain one
     held = tmp_path / "r" / "defaults" / "base_seed0" / "heldout" / "predictions"
     held.mkdir(parents=True)
-    cls = np.zeros(n + 1, np.uint8)
+    t_truth = truth[split.test_start:]
+    cls = np.zeros(n + 2, np.uint8)
     for i in range(1, n + 1):
-        cls[i] = np.bincount(truth[split.test_start:][cc == i], minlength=3)[1:].argmax() + 1
-    foram = int(np.flatnonzero(cls == 1)[0])
-    wrong = cls.copy()
-    wrong[foram] = 2
-    tifffile.imwrite(held / "labels_clean.tif", wrong[cc])
-    tifffile.imwrite(held / "specimens.tif", cc.astype(np.uint16))
+        cls[i] = np.bincount(t_truth[cc == i], minlength=3)[1:].argmax() + 1
+    foram, ostracod = int(np.flatnonzero(cls == 1)[0]), int(np.flatnonzero(cls == 2)[0])
+    thin = next(i for i in range(1, n + 1) if i not in (foram, ostracod))
+    ids = np.where((cc == thin) & ~ndimage.binary_erosion(cc == thin), 0, cc).astype(np.uint16)
+    free = np.argwhere(ndimage.binary_erosion(t_truth == 0, np.ones((5, 5, 5))))[0]
+    ids[tuple(free)] = n + 1  # a one-voxel false specimen, 2 voxels from any fossil
+    cls[n + 1] = 1
+    named = cls.copy()
+    named[foram], named[ostracod] = 2, 0
+    tifffile.imwrite(held / "labels_clean.tif", named[ids])
+    tifffile.imwrite(held / "specimens.tif", ids)
+    right = cls[ids]  # what every class named right gives: the truth less a wall, plus the false specimen
+    expected = {c: ((right == k) & (t_truth == k)).sum() / ((right == k) | (t_truth == k)).sum()
+                for k, c in ((1, "foraminifera"), (2, "ostracod"))}
+    assert min(expected.values()) < 1
     monkeypatch.setattr(robustness, "volume_dir", lambda *a, **k: data)
     robustness.main(["--work-root", str(tmp_path / "r"), "--collect", "--cells", "base"])
     out = json.loads((tmp_path / "r" / "defaults" / "robustness.json").read_text())
@@ -289,11 +305,11 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
     lab = truth[split.train_start: split.train_stop]
     counts = np.bincount(lab.ravel(), minlength=3)[1:]
     assert r0["ratio"] == pytest.approx(counts.max() / counts.min())
-    # every specimen given its right class, run 0's final labels are the truth (left-out voxels aside)
-    assert r0["right_class_iou"]["foraminifera"] == r0["right_class_iou"]["ostracod"] == 1.0
+    # every specimen given its right class, the rejected one back, the thin wall and the false specimen left as drawn
+    assert {c: r0["right_class_iou"][c] for c in expected} == pytest.approx(expected)
     assert r1["right_class_iou"] is None
     w = out["worst"]
-    assert w["right_class_iou"] == {"foraminifera": 1.0, "ostracod": 1.0}
+    assert w["right_class_iou"] == pytest.approx(expected)
     assert w["final_iou"]["foraminifera"] == 0.6 and w["lost_by_cleanup"] == 1 and w["cell_seed"] == 1
     assert w["right_class_share"] == pytest.approx((n_true - 3) / n_true)
     md = capsys.readouterr().out
@@ -312,6 +328,7 @@ def test_outline_rules_redraw_the_outlines_keeping_the_classes(tmp_path, capsys)
     from microfossil.io import read_json, write_json
     from microfossil.sample import make_sample
     from microfossil.specimens import label_components, majority_class
+    from microfossil.split import left_out_mask
     from scipy import ndimage
     sys.path.insert(0, str(ROOT / "bench"))
     import outline_rules
@@ -337,12 +354,15 @@ def test_outline_rules_redraw_the_outlines_keeping_the_classes(tmp_path, capsys)
     save_metrics(work, vol, final, split)
     tifffile.imwrite(work / "predictions" / "labels_clean.tif", final)
     (work / "heldout" / "predictions").mkdir(parents=True)
+    (work / "heldout" / "exports").mkdir()
     tifffile.imwrite(work / "heldout" / "predictions" / "labels_clean.tif", final[t0:])
+    write_json(work / "heldout" / "exports" / "extraction.json", {"connectivity": 26})
     res, codes = outline_rules.run_rules(work)
     assert codes == ["background", "foraminifera", "ostracod"]
-    as_run = outline_rules.class_iou(final[t0:], truth[t0:], 3)
+    ignore = left_out_mask(vol, split)
+    as_run = outline_rules.class_iou(final[t0:], truth[t0:], 3, ignore)
     assert res["as run (threshold 0.5)"] == res["threshold 0.5"] == res["threshold 0.6"] == as_run
-    whole = outline_rules.class_iou(np.where(truth[t0:] > 0, final[t0:] + (final[t0:] == 0), 0), truth[t0:], 3)
+    whole = outline_rules.class_iou(np.where(truth[t0:] > 0, final[t0:] + (final[t0:] == 0), 0), truth[t0:], 3, ignore)
     assert res["threshold 0.3"] == whole and whole[0] > as_run[0] and whole[1] < 1  # the ostracod still named wrong
     per_class = next(k for k in res if k.startswith("per class"))
     assert res[per_class] == whole
@@ -369,9 +389,15 @@ def test_class_rules_reshaped_copies_of_the_training_specimens(tmp_path):
     inside = [(i, box) for i, box, _ in parts if box[0].start >= tr[0] and box[0].stop - 1 <= tr[1]]
     assert inside and len(inside) < len(parts)  # some specimens reach the other blocks
     ex = class_rules.reshaped_examples(vol, tr, seed=0)
-    assert 2 * len(inside) <= len(ex) <= 4 * len(inside)
-    true = {vol.codes[1 + int(np.bincount(labels[box][cc[box] == i], minlength=3)[1:].argmax())] for i, box in inside}
-    assert set(ex["label"]) == true
+    true = [vol.codes[1 + int(np.bincount(labels[box][cc[box] == i], minlength=3)[1:].argmax())] for i, box in inside]
+    for c in set(vol.codes[1:]):  # two to four copies of each specimen, each with its specimen's class
+        assert 2 * true.count(c) <= (ex["label"] == c).sum() <= 4 * true.count(c)
+    # a specimen ending on the block's last slice is in it; one slice less and it is not (its copies only go)
+    stops = [b[0].stop for _, b, _ in parts]
+    last = next(z for z in sorted({box[0].stop for _, box in inside}, reverse=True) if stops.count(z) == 1)
+    with_it = class_rules.reshaped_examples(vol, (tr[0], last - 1), seed=0)
+    without = class_rules.reshaped_examples(vol, (tr[0], last - 2), seed=0)
+    assert 2 <= len(with_it) - len(without) <= 4
     sizes = sorted(10 ** ex["log_voxels"])
     originals = [descriptors(np.asarray(vol.images[box]), cc[box] == i)["log_voxels"] for i, box in inside]
     assert sizes[0] < 10 ** min(originals) and sizes[-1] > 10 ** max(originals)  # thinner and broken; thicker
