@@ -16,7 +16,8 @@ of its voxels, and one holding no final-label voxel is dropped, as the clean-up 
   chooses one threshold for all; where two classes' outlines overlap, the class listed first in codes.txt keeps
   the voxel.
 (Growing the chosen threshold's fossils into the voxels above a lower one connected to them, a hysteresis, gives
-what that lower threshold gives here: a component with no final-label voxel is dropped either way.) IoU per class on the test block (left-out voxels aside). For choosing on development volumes: never on a volume
+what that lower threshold gives here: a component with no final-label voxel is dropped either way.) IoU per class on the test block (left-out voxels aside). Then each class's median fossil probability on its true
+wall (voxels with a face neighbour outside the class), test block against training block. For choosing on development volumes: never on a volume
 whose figures are to be called unseen.
 """
 import argparse
@@ -56,8 +57,22 @@ def class_iou(labels, truth, n_classes, ignore=None):
     return [iou[str(c)] for c in range(1, n_classes)]
 
 
+def wall_probability(fossil_p, truth, n_classes):
+    """The median fossil probability `fossil_p` on each fossil class's wall: its true voxels with a face neighbour
+    outside the class (None for a class absent from `truth`)."""
+    from scipy import ndimage
+    out = []
+    for c in range(1, n_classes):
+        mask = truth == c
+        wall = mask & ~ndimage.binary_erosion(mask)
+        out.append(float(np.median(fossil_p[wall])) if wall.any() else None)
+    return out
+
+
 def run_rules(work):
-    """{rule: [IoU of each fossil class on the test block]} for finished run `work`, and the class names."""
+    """{rule: [IoU of each fossil class on the test block]} for finished run `work`, the class names, and
+    {block: [median fossil probability on each class's wall]} on the test and the training block (`wall_probability`:
+    a wall the model is less sure of on new slices than on those it learnt from is one the threshold cuts)."""
     import tifffile
     from microfossil.split import left_out_mask, recorded_split
     metrics = json.loads((work / "metrics.json").read_text())
@@ -89,19 +104,20 @@ def run_rules(work):
         by_class[(lab == c) & (by_class == 0)] = c  # where two classes' outlines overlap, the first class keeps it
     out[f"per class, chosen on the training block ({' / '.join(map(str, best))})"] = class_iou(by_class, truth, K,
                                                                                                ignore)
-    return out, codes
+    walls = {"test": wall_probability(p, truth, K), "training": wall_probability(p_train, truth_train, K)}
+    return out, codes, walls
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work_dirs", nargs="+", help="finished run folders (05 run with ground truth and save_probs)")
     args = ap.parse_args(argv)
-    table, codes = {}, None
+    table, walls, codes = {}, {}, None
     for work in map(Path, args.work_dirs):
         if not (work / "heldout" / "predictions" / "labels_clean.tif").exists():
             print(f"{work}: not finished, left out", file=sys.stderr)
             continue
-        table[work], codes = run_rules(work)
+        table[work], codes, walls[work] = run_rules(work)
     if not table:
         raise SystemExit("no finished run")
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
@@ -120,6 +136,11 @@ def main(argv=None):
     print(f"Final IoU {' / '.join(codes[1:])} on each run's test block, outlines by each rule, classes as the run "
           "gave them.\n")
     print("\n".join(lines))
+    print(f"\nMedian fossil probability on each class's wall ({' / '.join(codes[1:])}), test block against training "
+          "block.\n")
+    print("| run | test block | training block |\n|---|---|---|")
+    for work, w in walls.items():
+        print(f"| {work.parent.name}/{work.name} | {' / '.join(map(f, w['test']))} | {' / '.join(map(f, w['training']))} |")
     return 0
 
 

@@ -357,7 +357,8 @@ def test_outline_rules_redraw_the_outlines_keeping_the_classes(tmp_path, capsys)
     (work / "heldout" / "exports").mkdir()
     tifffile.imwrite(work / "heldout" / "predictions" / "labels_clean.tif", final[t0:])
     write_json(work / "heldout" / "exports" / "extraction.json", {"connectivity": 26})
-    res, codes = outline_rules.run_rules(work)
+    res, codes, walls = outline_rules.run_rules(work)
+    assert walls["test"][0] == pytest.approx(1 - 166 / 255) and walls["training"] == [pytest.approx(1 - 27 / 255)] * 2
     assert codes == ["background", "foraminifera", "ostracod"]
     ignore = left_out_mask(vol, split)
     as_run = outline_rules.class_iou(final[t0:], truth[t0:], 3, ignore)
@@ -370,6 +371,7 @@ def test_outline_rules_redraw_the_outlines_keeping_the_classes(tmp_path, capsys)
     assert outline_rules.main([str(work), str(tmp_path / "training")]) == 0
     out, err = capsys.readouterr()
     assert "training: not finished, left out" in err and "| as run | " in out and "(threshold 0.5)" in out
+    assert f"| {work.parent.name}/run | 0.35 / 0.89 | 0.89 / 0.89 |" in out  # the foraminifer's thin wall, on the test block only
 
 
 def test_class_rules_reshaped_copies_of_the_training_specimens(tmp_path):
