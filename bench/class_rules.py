@@ -98,13 +98,11 @@ def specimens(work):
         out.append(row)
     if (held / "exports" / "classifier_examples.csv").exists() and out:
         seed = prov.get("classifier_seed") or 0
-        ext = json.loads((held / "exports" / "extraction.json").read_text())  # the true specimens' connectivity and size
-        reshaped = (None if bundle is not None
-                    else reshaped_examples(vol, tr, seed, ext["connectivity"], ext["min_voxels"]))
-        for name, leave_out, extra in (("refit", (), None), ("shape only", INTENSITY, None),
-                                       ("reshaped", (), reshaped)):
-            if name == "reshaped" and extra is None:
-                continue  # a bundle's run: its training specimens are on another scan
+        forests = [("refit", (), None), ("shape only", INTENSITY, None)]
+        if bundle is None:  # (a bundle's run: its training specimens are on another scan)
+            ext = json.loads((held / "exports" / "extraction.json").read_text())  # the true specimens' connectivity, size
+            forests.append(("reshaped", (), reshaped_examples(vol, tr, seed, ext["connectivity"], ext["min_voxels"])))
+        for name, leave_out, extra in forests:
             probs_of = refit(work, codes, leave_out, seed, bundle, extra)
             for row in out:
                 row[f"clf {name}"] = probs_of[row["id"]]

@@ -16,9 +16,10 @@ of its voxels, and one holding no final-label voxel is dropped, as the clean-up 
   chooses one threshold for all; where two classes' outlines overlap, the class listed first in codes.txt keeps
   the voxel.
 (Growing the chosen threshold's fossils into the voxels above a lower one connected to them, a hysteresis, gives
-what that lower threshold gives here: a component with no final-label voxel is dropped either way.) IoU per class on the test block (left-out voxels aside). Then each class's median fossil probability on its true
-wall (voxels with a face neighbour outside the class), test block against training block. For choosing on development volumes: never on a volume
-whose figures are to be called unseen.
+what that lower threshold gives here: a component with no final-label voxel is dropped either way.) IoU per class on
+the test block (left-out voxels aside). Then each class's median fossil probability on its true wall (voxels with a
+face neighbour outside the class), test block against training block. For choosing on development volumes: never on
+a volume whose figures are to be called unseen.
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from microfossil.metrics import confusion_matrix, scores_from_confusion  # noqa: E402
 from microfossil.prediction import FOSSIL_THRESHOLDS  # noqa: E402
-from microfossil.specimens import label_components  # noqa: E402
+from microfossil.specimens import label_components, majority_class  # noqa: E402
 from microfossil.volume import load_volume  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)  # the single thresholds shown
@@ -38,16 +39,9 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6)  # the single thresholds shown
 
 def classed(fossil, final, connectivity=26):
     """Boolean `fossil` as labels: each component (at `connectivity`) painted with the class `final` (labels) gives
-    most of its voxels, 0 where `final` gives it none."""
+    most of its voxels (`specimens.majority_class`), 0 where `final` gives it none."""
     cc, n, _, _ = label_components(fossil, connectivity)
-    if not n:
-        return np.zeros(final.shape, final.dtype)
-    k = int(final.max()) + 1
-    table = np.bincount(cc[fossil].astype(np.int64) * k + final[fossil], minlength=(n + 1) * k).reshape(-1, k)
-    table[:, 0] = 0
-    cls = np.where(table.max(1) > 0, table.argmax(1), 0).astype(final.dtype)
-    cls[0] = 0
-    return cls[cc]
+    return majority_class(cc, final, n, int(final.max()) + 1).astype(final.dtype)[cc]
 
 
 def class_iou(labels, truth, n_classes, ignore=None):
