@@ -18,9 +18,9 @@ says otherwise, in `<work-root>/<variant>/<cell>_seed<k>`.
 The table (`<work-root>/<variant>/robustness.md` and `.json`) has one line per run: the training
 block's fossil pixel ratio, the raw segmentation's foreground IoU and IoU per class, the final
 labels' IoU per class, the same had every specimen its right class (the gap between the two is the
-classes named wrong; what stays below 1 is the outline and the clean-up), the test specimens, those the raw segmentation found, those found after
-the clean-up (extraction and specimen classifier) and with their right class, and those the
-clean-up lost. Then the worst over all runs of each column, and the worst cell: the figure that
+classes named wrong; what stays below 1 is the outline and the clean-up), the test specimens, those
+the raw segmentation found, those found after the clean-up (extraction and specimen classifier) and
+with their right class, and those the clean-up lost. Then the worst over all runs of each column, and the worst cell: the figure that
 decides whether a default holds is the worst line, not a mean. All on each run's test block.
 
 `--shift`: each trained model (05 with `model_path`) on a second volume of its cell (another
