@@ -15,7 +15,7 @@ _NAMES = {  # module of the microfossil package: the names the notebooks take fr
     "params": ["check_params"],
     "runtime": ["local_dir", "flush_drive"],
     "paths": ["resolve_paths"],
-    "bundle": ["check_intensity", "bundle_examples", "update_bundle", "run_bundle"],
+    "bundle": ["check_intensity", "matched_volume", "bundle_examples", "update_bundle", "run_bundle"],
     "volume": ["load_volume", "describe_volume"],
     "split": ["split_volume", "describe_split", "scoring_split"],
     "loaders": ["get_device", "make_dls"],

@@ -108,8 +108,8 @@ def run_cell(args, cell, seed):
 
 
 # 05's parameters a -p may set for the --shift runs (the training ones do not apply to a model from elsewhere)
-PREDICT_PARAMS = {"bs", "tta", "save_probs", "fossil_threshold", "min_voxels", "min_volume_um3", "connectivity",
-                  "split_touching", "classify", "seed", "test_pct", "valid_pct", "gap_slices"}
+PREDICT_PARAMS = {"bs", "tta", "save_probs", "fossil_threshold", "match_intensity", "min_voxels", "min_volume_um3",
+                  "connectivity", "split_touching", "classify", "seed", "test_pct", "valid_pct", "gap_slices"}
 
 
 def _final(ev):

@@ -16,7 +16,8 @@ cite it) holding:
   from them where the bundle is used (no pickled model: it loads under any scikit-learn).
 
 05 with `model_path` (a bundle folder, a training run folder, or a link to a zipped bundle)
-predicts a new scan with it and classifies its specimens with the bundle's examples plus the
+predicts a new scan with it (showing the model the scan's grey levels mapped onto the training
+volume's histogram, `matched_volume`) and classifies its specimens with the bundle's examples plus the
 new run's reviews; `update_bundle` then writes the new run's own bundle version (never the
 source's). Needs no torch.
 """
@@ -137,6 +138,61 @@ def check_intensity(vol, info):
         print(f"Intensities: {shift:.0f} grey levels from the training volume's (earth mover's distance after "
               "windowing): close.")
     return shift
+
+
+def intensity_lut(hist, ref):
+    """The grey-level table (256 uint8 values) that gives a scan whose histogram is `hist` the histogram `ref` (both
+    as `intensity_histogram` gives them, any number of bins): each grey level goes to the level at the same quantile
+    of `ref` (histogram matching; the middle of its own bin's quantiles, and linear within a bin of `ref`)."""
+    hist, ref = np.asarray(hist, float), np.asarray(ref, float)
+    hist = np.repeat(hist / hist.sum() / (256 // len(hist)), 256 // len(hist))  # per grey level, spread over its bin
+    cdf = np.cumsum(hist)
+    middle = cdf - hist / 2
+    ref_cdf = np.concatenate([[0.0], np.cumsum(ref / ref.sum())])
+    ref_levels = np.linspace(0, 256, len(ref) + 1)
+    keep = np.concatenate([[True], np.diff(ref_cdf) > 0])  # empty bins of `ref`: no level maps into them
+    levels = np.interp(middle, ref_cdf[keep], ref_levels[keep]) - 0.5
+    return np.clip(np.round(levels), 0, 255).astype(np.uint8)
+
+
+def matched_volume(vol, info, cache_dir=None, chunk=16):
+    """`vol` with its grey levels mapped onto those of the training volume of bundle `info` (`intensity_lut` on the
+    two `intensity_histogram`s), for the model's input: a scan from another scanner, energy or reconstruction then
+    shows the model the contrast it learnt from. The same `vol` when `info` is None (this run's own model), has no
+    histogram (an older bundle), or when `vol` is the model's own training scan. The scan's files are never changed:
+    the mapped slices are a new array, or with `cache_dir` a `.npy` file there (reused when the cell runs again; a
+    volume larger than RAM is mapped `chunk` slices at a time)."""
+    import dataclasses
+    from .volume import same_scan
+    ref = ((info or {}).get("intensity") or {}).get("histogram")
+    if not ref:
+        if info is not None:
+            print("The model bundle records no intensity histogram (an older bundle): the model is shown the scan "
+                  "as windowed.")
+        return vol
+    if same_scan(vol, info.get("trained_on")):
+        return vol
+    hist = intensity_histogram(vol, bins=256)
+    lut = intensity_lut(hist, ref)
+    mapped = np.bincount(lut, weights=hist, minlength=256)  # the histogram the model will see, from the same sample
+    before, after = (histogram_shift(ref, h.reshape(len(ref), -1).sum(1)) for h in (np.asarray(hist), mapped))
+    if cache_dir is None:
+        images = lut[np.asarray(vol.images)]
+    else:
+        key = hashlib.sha256(lut.tobytes() + json.dumps(volume_fingerprint(vol)).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"matched_{key}.npy"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with replacing(path) as tmp:
+                out = np.lib.format.open_memmap(tmp, "w+", np.uint8, tuple(vol.shape))
+                for z in range(0, len(vol.images), chunk):
+                    out[z:z + chunk] = lut[np.asarray(vol.images[z:z + chunk])]
+                out.flush()
+                del out
+        images = np.load(path, mmap_mode="r")
+    print(f"Grey levels mapped onto the training volume's for the model (histogram matching): {before:.0f} -> "
+          f"{after:.0f} grey levels from its histogram. The exports and measurements keep the scan's own grey levels.")
+    return dataclasses.replace(vol, images=images)
 
 
 def bundle_examples(info):

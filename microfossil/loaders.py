@@ -379,8 +379,9 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     `infill_augment` (0: off): the share of training slices whose labelled fossils get their inside refilled at a
     random gray (`augment.Infill`), so that hollow and sediment-filled specimens of a class look alike.
 
-    `scanner_augment` (0: off): the share of training slices shown as another scanner would give them (a random
-    gamma, blur and noise, `augment.Scanner`), so that the model holds on a scan with other contrast and noise.
+    `scanner_augment` (0: off): the share of training slices shown as another scanner would give them (random
+    noise, `augment.Scanner`), so that the model holds on a noisier scan; another scan's contrast and gamma are
+    undone when it is predicted (`bundle.matched_volume`).
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")

@@ -120,6 +120,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "pct_frozen": (_number(0, 1, lo_open=True, hi_open=True), "the share of the cycle spent warming up"),
     "pct_unfrozen": (_number(0, 1, lo_open=True, hi_open=True), "the share of the cycle spent warming up"),
     "model_path": (_or_none(_text), "a model from elsewhere: a bundle folder, a training run folder or a link"),
+    "match_intensity": (_flag, "map a new scan's grey levels onto the model's training volume's"),
     "model_name": (_text, "the phase in work_dir/models to predict with, e.g. \"full_unfrozen\""),
     "save_probs": (_flag, "write probs.npy"), "tta": (_flag, "flip test-time augmentation"),
     "fossil_threshold": (_fossil_threshold, "the share of probability the fossil classes need for a voxel to be fossil"),

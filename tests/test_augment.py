@@ -110,9 +110,9 @@ def _in_the_training_batches_only(vol, param, tfm, out_of_range):
 
 
 def test_scanner_changes_the_look_not_the_labels(odd_vol):
-    """`Scanner`: the slices drawn get another gamma, blur and noise, stay in [0, 1], the others are left as they
-    were, validation batches never; `make_dls(scanner_augment=...)` puts it in the training batches only, records it,
-    and refuses a share out of range."""
+    """`Scanner`: the slices drawn get noise (and another gamma and blur when asked), stay in [0, 1], the others are
+    left as they were, validation batches never; `make_dls(scanner_augment=...)` puts it in the training batches only,
+    records it, and refuses a share out of range."""
     g = torch.Generator().manual_seed(0)
     img = TensorImage(0.2 + 0.6 * (torch.rand(64, 3, 24, 24, generator=g) > 0.5).float())
     torch.manual_seed(0)
@@ -120,7 +120,12 @@ def test_scanner_changes_the_look_not_the_labels(odd_vol):
     changed = (out - img).abs().flatten(1).amax(1) > 0
     assert 0.2 < changed.float().mean() < 0.8  # about half of the slices drawn
     assert torch.equal(out[~changed], img[~changed]) and 0 <= float(out.min()) and float(out.max()) <= 1
-    assert (out[changed] - img[changed]).abs().mean() > 0.02  # really another look, not a rounding
+    diff = out[changed] - img[changed]
+    assert diff.abs().mean() > 0.005 and abs(float(diff.mean())) < 0.002  # noise by default: no gamma shifts the mean
+    assert torch.equal(Scanner(1.0, max_noise=0.0)(img, split_idx=0), img)  # gamma and blur off by default
+    torch.manual_seed(0)
+    looks = Scanner(1.0, max_gamma=1.5, max_blur=1.2, max_noise=0.0)(img, split_idx=0) - img
+    assert (looks.abs().flatten(1).amax(1) > 0.01).float().mean() > 0.9  # ...and on when asked: every slice changed
     assert torch.equal(Scanner(1.0)(img, split_idx=1), img)
     assert "Scanner" not in [type(t).__name__ for t in batch_tfms(None, True, None, 3)]
     _in_the_training_batches_only(odd_vol, "scanner_augment", Scanner, out_of_range=-0.1)

@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT
 from microfossil.bundle import (BUNDLE_FILE, EXAMPLES, bundle_examples, check_intensity, histogram_shift,
-                                intensity_histogram, read_bundle, resolve_model, update_bundle)
+                                intensity_histogram, intensity_lut, matched_volume, read_bundle, resolve_model,
+                                update_bundle)
 from microfossil.classifier import classify_specimens
 from microfossil.extraction import extract_fossils
 from microfossil.learner import build_learner
@@ -93,6 +94,7 @@ def test_05_on_the_models_own_training_scan_scores_its_test_block_only(trained):
     assert m["specimens"]["test_slices"] == recorded["test_slices"]
     rows = json.loads((out / "evaluation.json").read_text())["rows"]
     assert all(r["provenance"]["split"]["test_slices"] == recorded["test_slices"] for r in rows)
+    assert "Grey levels mapped" not in json.dumps(json.loads((root / "05_self.ipynb").read_text())["cells"])
 
 
 def test_05_predicts_a_new_unlabelled_core_with_the_bundle_and_leaves_the_training_run_untouched(trained):
@@ -120,6 +122,9 @@ def test_05_predicts_a_new_unlabelled_core_with_the_bundle_and_leaves_the_traini
     assert record["checkpoint"]["bundle"] == "run_a v2" and record["checkpoint"]["source"] == str(work / "bundle")
     bundle = read_bundle(work / "bundle")  # the new core has no masks: the threshold is the training run's
     assert record["fossil_threshold"] == bundle["fossil_threshold"] and record["fossil_threshold_chosen_on"] is None
+    outputs = json.dumps(json.loads((root / "05_b.ipynb").read_text())["cells"])
+    assert "Grey levels mapped onto the training volume's" in outputs  # another scan: matched for the model
+    assert list((out / "cache").glob("matched_*.npy"))
 
 
 def test_reviews_of_the_new_core_make_a_new_bundle_version_with_its_examples(trained, tmp_path):
@@ -150,6 +155,40 @@ def test_a_scan_far_from_the_training_intensities_is_warned_about(trained, capsy
     out = capsys.readouterr().out
     assert "Warning: this scan's intensities differ" in out and "this scan is uint16" in out
     assert histogram_shift(intensity_histogram(vol), intensity_histogram(vol)) == 0
+
+
+def test_intensity_lut_matches_a_histogram_and_leaves_a_matching_one_alone():
+    rng = np.random.default_rng(0)
+    ref = np.clip(rng.normal(80, 20, 200_000), 0, 255).astype(np.uint8)
+    other = np.clip((ref / 255.0) ** 0.8 * 0.85 * 255 + 12 + rng.normal(0, 8, ref.size), 0, 255).astype(np.uint8)
+    ref_hist = np.bincount(ref // 4, minlength=64) / ref.size  # as a bundle records it: 64 bins
+    same = intensity_lut(np.bincount(ref, minlength=256) / ref.size, ref_hist)
+    moved = np.abs(same[ref].astype(int) - ref)  # its own histogram: the grey levels kept, to within a bin of 4
+    assert moved.max() < 4 and np.mean(moved <= 1) > 0.99
+    lut = intensity_lut(np.bincount(other, minlength=256) / other.size, ref_hist)
+    assert lut.dtype == np.uint8 and np.all(np.diff(lut.astype(int)) >= 0)  # a map of grey levels, in order
+    assert abs(other.mean() - ref.mean()) > 15 and abs(lut[other].mean() - ref.mean()) < 1
+    assert abs(np.percentile(lut[other], 90) - np.percentile(ref, 90)) <= 2
+
+
+def test_matched_volume_maps_another_scan_for_the_model_and_never_the_files(trained, tmp_path, capsys):
+    root, work, vol = trained
+    info = read_bundle(work / "bundle")
+    assert matched_volume(vol, info, tmp_path) is vol  # its own training scan: as it is
+    assert matched_volume(vol, None) is vol  # this run's own model
+    assert matched_volume(vol, {**info, "intensity": {}}) is vol and "no intensity histogram" in capsys.readouterr().out
+    before = _hashes(root / "core_a")
+    bright = type(vol)(images=np.clip(np.asarray(vol.images) * 0.7 + 60, 0, 255).astype(np.uint8), labels=vol.labels,
+                       codes=vol.codes, stems=vol.stems, source=vol.source, window=vol.window)
+    far = check_intensity(bright, info)
+    out = matched_volume(bright, info, tmp_path / "cache")
+    assert out is not bright and out.labels is bright.labels and out.shape == bright.shape
+    assert check_intensity(out, info) < min(3, far / 5)  # the model sees the training volume's grey levels again
+    assert np.asarray(bright.images).max() > 60 and isinstance(out.images, np.memmap)
+    cached = list((tmp_path / "cache").glob("matched_*.npy"))
+    assert len(cached) == 1 and np.array_equal(matched_volume(bright, info, tmp_path / "cache").images, out.images)
+    assert np.array_equal(matched_volume(bright, info).images, out.images)  # in memory: the same map
+    assert "histogram matching" in capsys.readouterr().out and _hashes(root / "core_a") == before
 
 
 def test_model_path_errors_name_the_fix(tmp_path, trained):
