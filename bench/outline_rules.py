@@ -7,9 +7,11 @@ this re-draws the test block's fossils from the run's saved fossil probability (
 rule, and scores each class. A rule only moves outlines: each component of the new fossil mask takes the class the
 run's final labels (`heldout/predictions/labels_clean.tif`, after the clean-up and the specimen classifier) give most
 of its voxels, and one holding no final-label voxel is dropped, as the clean-up dropped it. Rules:
-- `as run`: the fossil threshold 05 chose on the training block (`prediction.json`), which gives back the run's
-  final labels (but for touching specimens of two classes that the extraction split, `split_touching`: here one
-  component, one class);
+- `as run`: the fossil threshold the run's 05 chose (`prediction.json`), which gives back the run's final labels
+  (but for touching specimens of two classes that the extraction split, `split_touching`: here one component, one
+  class); on the training block alone for runs before 05 also took the validation block's slices;
+- `chosen on the training and validation blocks`: the threshold 05 chooses today (`prediction.calibration_slices`),
+  from the saved probabilities (uint8, so it may differ by a step from one chosen while predicting);
 - `threshold T`: one threshold T for every class;
 - `per class, chosen on the training block`: for each class the threshold whose outlines give that class its best
   IoU on the training block (classes from the whole volume's final labels, `predictions/labels_clean.tif`), as 05
@@ -30,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from microfossil.metrics import confusion_matrix, scores_from_confusion  # noqa: E402
-from microfossil.prediction import FOSSIL_THRESHOLDS  # noqa: E402
+from microfossil.prediction import (FOSSIL_THRESHOLDS, calibration_slices, choose_fossil_threshold,  # noqa: E402
+                                    threshold_counts)
 from microfossil.specimens import label_components, majority_class  # noqa: E402
 from microfossil.volume import load_volume  # noqa: E402
 
@@ -86,6 +89,10 @@ def run_rules(work):
     conn = json.loads((work / "heldout" / "exports" / "extraction.json").read_text())["connectivity"]
     score = lambda fossil: class_iou(classed(fossil, final, conn), truth, K, ignore)  # noqa: E731
     out = {f"as run (threshold {chosen})": score(p > chosen)}
+    counts = sum(threshold_counts(np.array(probs[z, 0:1]), np.asarray(vol.labels[z:z + 1]) > 0, 255)
+                 for z in calibration_slices(vol, split))  # 05's rule of today, on the saved probabilities
+    t_both = choose_fossil_threshold(counts)[0]
+    out[f"chosen on the training and validation blocks (threshold {t_both})"] = score(p > t_both)
     out.update({f"threshold {t}": score(p > t) for t in THRESHOLDS})
     a, b = split.train_start, split.train_stop  # the training block: its outlines by each threshold, per class
     whole = tifffile.imread(work / "predictions" / "labels_clean.tif").reshape(np.asarray(vol.labels).shape)[a:b]

@@ -6,6 +6,8 @@
     python bench/robustness.py --work-root runs/robustness --shift          # + each model on a second volume, as
                                                                             #   it is and through another scanner
     python bench/robustness.py --work-root runs/robustness --collect        # only the table of finished runs
+    python bench/robustness.py --work-root runs/robustness --redo 05        # 05 again on the finished runs (after
+                                                                            #   a change to what 05 does)
 
 Each cell of `GRID` is a family of volumes (`microfossil.sample.make_sample`'s `style`: the
 class ratio, the number and size of each class's specimens, their infills, broken shells and
@@ -98,11 +100,13 @@ def run_cell(args, cell, seed):
     params = {**CPU_SCHEDULE, **dict(args.p), "seed": seed}
     if not (work / "evaluation.json").exists():
         _pipeline(work, cell_volume(cell, args.volume_seed, args.shape), params, ["02", "03", "04", "05"], args.smoke)
+    elif args.redo:
+        _pipeline(work, cell_volume(cell, args.volume_seed, args.shape), params, args.redo, args.smoke)
     if args.shift:
         predict = {k: v for k, v in params.items() if k in PREDICT_PARAMS}
         for shifted in (False, True):
             out = work / ("shifted" if shifted else "second")
-            if not (out / "evaluation.json").exists():
+            if not (out / "evaluation.json").exists() or "05" in args.redo:
                 _pipeline(out, cell_volume(cell, args.volume_seed, args.shape, True, shifted),
                           {**predict, "model_path": str(work)}, ["05"], args.smoke)
 
@@ -269,6 +273,9 @@ def main(argv=None):
     ap.add_argument("--shift", action="store_true", help="also each model on a second volume, as is and shifted")
     ap.add_argument("--smoke", action="store_true", help="run_pipeline.py's smoke setting (checks the script runs)")
     ap.add_argument("--collect", action="store_true", help="run nothing, only gather the finished runs")
+    ap.add_argument("--redo", nargs="+", default=[], metavar="NN", choices=["02", "03", "04", "05"],
+                    help="run these notebooks again on finished runs (their results replaced), e.g. --redo 05 after "
+                         "a change to prediction, extraction or the classifier; training notebooks resume as they do")
     ap.add_argument("--data-role", choices=["development", "test"], default="development")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="notebook parameter for every run (after the CPU schedule's), e.g. -p class_weights None")

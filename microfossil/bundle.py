@@ -4,7 +4,7 @@ A bundle is one small folder (`<run>/bundle/` after 04; copy it, zip it, share i
 cite it) holding:
 - `model.pth`: the segmentation weights (no optimizer state);
 - `bundle.json`: what they expect and where they come from: the classes, `context_slices`, the fossil
-  threshold 05 chose on the training block (`prediction.voxel_labels`),
+  threshold 05 chose on the training and validation blocks (`prediction.voxel_labels`),
   the training size, the encoder, tri-planar or not, the intensity policy and the training
   volume's intensity histogram (after windowing), the project version, the checkpoint and its
   SHA-256, the volume it learnt from (`trained_on`: its folder, shape and a hash of sampled bytes, so
@@ -242,7 +242,7 @@ def update_bundle(work_dir, source=None):
     record = read_json(work_dir / "predictions" / PREDICTION_RECORD) or {}
     if (source is None and record.get("fossil_threshold_chosen_on")
             and (record.get("checkpoint") or {}).get("sha256") == (info.get("checkpoint") or {}).get("sha256")
-            and info.get("fossil_threshold") != record["fossil_threshold"]):  # chosen on this model's training block
+            and info.get("fossil_threshold") != record["fossil_threshold"]):  # chosen on this model's training run's slices
         info["fossil_threshold"] = record["fossil_threshold"]
         write_json(dest / BUNDLE_FILE, info)
     if changed:

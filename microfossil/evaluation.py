@@ -50,6 +50,16 @@ def _commit():
         return None
 
 
+def _chosen_on(chosen, split):
+    """In words, the slices 05 chose the fossil threshold on (`prediction.json`'s record), by block of `split`."""
+    if not chosen:
+        return "given (a number, or the model bundle's)"
+    zs = np.asarray(chosen["slices"])
+    n_train = int(((zs >= split.train_start) & (zs < split.train_stop)).sum())
+    n_valid = int(((zs >= split.valid_start) & (zs < split.valid_stop)).sum()) if not split.published else 0
+    return f"{n_train} training-block slices" + (f" and {n_valid} validation-block slices" if n_valid else "")
+
+
 def provenance(work_dir, vol, split, info=None):
     """Where a score of `work_dir` comes from: the split (blocks, gaps and their rules, what was left out), the training
     seed and the checkpoint (`info` from `load_model`), the project version (and git commit), the scan (`volume_fingerprint`), the
@@ -63,8 +73,7 @@ def provenance(work_dir, vol, split, info=None):
             "project_version": __version__, "project_commit": _commit(), "scan": volume_fingerprint(vol),
             "context_slices": pred.get("context_slices"), "triplanar": pred.get("triplanar"), "tta": pred.get("tta"),
             "fossil_threshold": pred.get("fossil_threshold"),
-            "fossil_threshold_chosen_on": (f"{len(chosen['slices'])} training-block slices" if chosen else
-                                           "given (a number, or the model bundle's)"),
+            "fossil_threshold_chosen_on": _chosen_on(chosen, split),
             "classifier_seed": clf.get("seed"), "reject_threshold": clf.get("reject_threshold")}
 
 

@@ -27,6 +27,7 @@ from .learner import amp_dtype, encoder
 from .loaders import batch_tfms, get_device, n_input_channels
 from .plots import get_class_colours
 from .runtime import Progress, local_dir, on_drive, require_mounted
+from .split import CONNECTIVITY, valid_left_out_mask
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
 from .volume import evenly_spaced
 
@@ -40,7 +41,7 @@ def voxel_labels(probs, scale=1.0, fossil_threshold=0.5):
     split, say 0.4 background, 0.3 and 0.3), the arg-max calls it background and the specimen shrinks or vanishes;
     here it stays fossil, and the specimen's class is settled per specimen later (extraction, specimen classifier).
     With a single fossil class and the threshold 0.5 this is the arg-max. See docs/evaluation.md, "Fossil or
-    background"; 05 chooses the threshold on the training block (`choose_fossil_threshold`)."""
+    background"; 05 chooses the threshold on labelled slices outside the test block (`calibration_slices`)."""
     if probs.shape[1] < 3 and fossil_threshold == 0.5:
         return probs.argmax(1)
     labels = probs[:, 1:].argmax(1) + 1
@@ -49,7 +50,7 @@ def voxel_labels(probs, scale=1.0, fossil_threshold=0.5):
 
 
 FOSSIL_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8: the thresholds tried
-CALIBRATION_SLICES = 32  # training-block slices (evenly spaced) the threshold is chosen on
+CALIBRATION_SLICES = 32  # slices of each labelled block (evenly spaced) the threshold is chosen on
 
 
 def threshold_counts(background, truth, scale=1.0):
@@ -79,21 +80,39 @@ def choose_fossil_threshold(counts):
 
 def threshold_plan(fossil_threshold, vol, split, bundle=None, model_path=None):
     """05's `fossil_threshold` parameter made `(threshold, slices to choose it on or None)`: a number is used as it
-    is; "auto" is chosen on this run's training block when its model is this run's own and the slices have masks,
-    taken from the bundle when the model is one (its training run chose it), else 0.5."""
+    is; "auto" is chosen on this run's labelled slices outside the test block when its model is this run's own
+    (`calibration_slices`), taken from the bundle when the model is one (its training run chose it), else 0.5."""
     if fossil_threshold != "auto":
         return float(fossil_threshold), None
     if bundle is not None:
         return float(bundle.get("fossil_threshold", 0.5)), None
     if model_path is None and vol.labels is not None and split is not None and len(split.train):
-        return 0.5, np.asarray(split.train)
+        return 0.5, calibration_slices(vol, split)
     return 0.5, None
 
 
-def _calibrate(vol, idx, bs, background_of, calib):
-    """Choose `calib["threshold"]` on the slices `idx` of `vol` (which has masks): `background_of(zs)` gives the
+def calibration_slices(vol, split, connectivity=CONNECTIVITY):
+    """The slices of `vol` (which has masks) the fossil threshold is chosen on: up to `CALIBRATION_SLICES` of the
+    training block and as many of the validation block, each evenly spaced, ascending.
+
+    The validation block's are slices the model did not learn from: on the training block's it is surer of its
+    outlines than on new ones (a rarer class's wall above all), so a threshold chosen there alone cuts new specimens
+    too small (docs/evaluation.md, "The fossil threshold"). Not with `valid_pct=0` (the validation block is then the
+    test block), and not a validation slice holding part of a specimen that reaches the training block."""
+    train = np.asarray(split.train)
+    out = [train[evenly_spaced(len(train), CALIBRATION_SLICES)]]
+    if not getattr(split, "published", True) and split.valid_stop > split.valid_start:
+        valid = np.asarray(split.valid)
+        if (getattr(split, "valid_left_out", None) or {}).get("voxels", 1):  # (the split counted them: 0, none)
+            valid = valid[~valid_left_out_mask(vol, split, connectivity).reshape(len(valid), -1).any(1)]
+        out.append(valid[evenly_spaced(len(valid), CALIBRATION_SLICES)])
+    return np.sort(np.concatenate(out))
+
+
+def _calibrate(vol, zs, bs, background_of, calib):
+    """Choose `calib["threshold"]` on the slices `zs` of `vol` (which has masks): `background_of(zs)` gives the
     predicted background probability of slices `zs` and its scale."""
-    zs, counts = np.asarray(idx)[evenly_spaced(len(idx), CALIBRATION_SLICES)], 0
+    zs, counts = np.asarray(zs), 0
     for i0 in range(0, len(zs), bs):
         z = zs[i0:i0 + bs]
         background, scale = background_of(z)
@@ -101,10 +120,10 @@ def _calibrate(vol, idx, bs, background_of, calib):
     t, iou = choose_fossil_threshold(counts)
     calib.update(threshold=t, chosen_on={"slices": [int(z) for z in zs], "foreground_iou": iou})
     if iou:
-        print(f"fossil threshold {t}: chosen on {len(zs)} training-block slices (their foreground IoU {iou[t]:.3f}; "
+        print(f"fossil threshold {t}: chosen on {len(zs)} slices with masks (their foreground IoU {iou[t]:.3f}; "
               f"{iou[0.5]:.3f} at 0.5)")
     else:
-        print(f"fossil threshold 0.5: the {len(zs)} training-block slices it would be chosen on hold no fossil")
+        print(f"fossil threshold 0.5: the {len(zs)} slices with masks it would be chosen on hold no fossil")
 
 
 def load_model(work_dir, name="full_unfrozen", device=None, model_path=None):
@@ -278,10 +297,10 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     `_predict_triplanar`).
 
     `fossil_threshold`: a voxel is fossil where the fossil classes together have more than this share of the
-    probability (`voxel_labels`). With `calibrate_on` (slices of `vol` with masks: the training block) it is chosen
-    there instead, among `FOSSIL_THRESHOLDS`, for the best foreground IoU on up to `CALIBRATION_SLICES` of them
-    (a short-trained model draws its fossils too thin or too fat; the threshold that best matches the slices it
-    learnt from corrects that without looking at the held-out block).
+    probability (`voxel_labels`). With `calibrate_on` (slices of `vol` with masks: `calibration_slices`, from the
+    training and the validation block) it is chosen there instead, among `FOSSIL_THRESHOLDS`, for the best foreground
+    IoU on those slices (a short-trained model draws its fossils too thin or too fat; the threshold that best
+    matches labelled slices corrects that without looking at the held-out block).
 
     `prediction.json` beside them records `checkpoint` (`info["checkpoint"]` from
     `load_model`: the attempt and the hash of its weights), the options, and which
@@ -346,7 +365,7 @@ def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, cont
     """`predict_volume` slice by slice along z (the published method)."""
     from PIL import Image
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
-    if calib["slices"] is not None:  # the threshold first, on a few training-block slices: the labels are made on the fly
+    if calib["slices"] is not None:  # the threshold first, on a few labelled slices: the labels are made on the fly
         def background_of(zs):
             x = torch.from_numpy(_slices_with_context(vol.images, zs, context_slices)).to(device)
             return _forward_probs(model, x, tfms, dtype, tta)[:, 0], 1.0
@@ -461,7 +480,7 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
                         p = ((probs[where].astype(np.uint16) * j + p + (j + 1) // 2) // (j + 1)).astype(np.uint8)
                     probs[where] = p
 
-        if calib["slices"] is not None:  # the threshold, on training-block slices of the averaged probabilities
+        if calib["slices"] is not None:  # the threshold, on labelled slices of the averaged probabilities
             mean = probs
             _calibrate(vol, calib["slices"], bs, lambda zs: (torch.from_numpy(mean[zs, 0]), 255), calib)
         threshold = calib["threshold"]

@@ -236,6 +236,33 @@ def test_split_blocks_prints_what_each_block_holds(tiny, capsys):
     assert "the published recipe" in capsys.readouterr().out
 
 
+def test_robustness_redo_runs_the_named_notebooks_again_on_finished_runs_only(tmp_path, monkeypatch):
+    """--redo 05: a finished run (and its --shift runs) gets 05 again with the run's own settings; an unfinished one
+    is trained from 02 as without it; without --redo a finished run is left as it is."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import robustness
+    calls = []
+    monkeypatch.setattr(robustness, "_pipeline", lambda work, data, params, stages, smoke=False:
+                        calls.append((Path(work).relative_to(tmp_path).as_posix(), data, params.get("seed"), stages)))
+    monkeypatch.setattr(robustness, "cell_volume", lambda cell, vs, shape, second=False, shifted=False:
+                        f"{cell}{'_second' if second else ''}{'_shifted' if shifted else ''}")
+    for name in ("v/base_seed0", "v/base_seed0/second", "v/base_seed0/shifted"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "evaluation.json").write_text("{}")
+    args = lambda *more: robustness.argparse.Namespace(  # noqa: E731
+        work_root=str(tmp_path), variant="v", volume_seed=100, shape=robustness.SHAPE, smoke=False,
+        p=[["scanner_augment", "0.5"]], shift="--shift" in more, redo=[m for m in more if m != "--shift"])
+    robustness.run_cell(args(), "base", 0)
+    robustness.run_cell(args("--shift"), "base", 0)
+    assert calls == []  # finished: nothing runs
+    robustness.run_cell(args("05", "--shift"), "base", 0)
+    assert calls == [("v/base_seed0", "base", 0, ["05"]), ("v/base_seed0/second", "base_second", 0, ["05"]),
+                     ("v/base_seed0/shifted", "base_second_shifted", 0, ["05"])]
+    calls.clear()
+    robustness.run_cell(args("05"), "base", 1)  # not finished: trained and scored from 02
+    assert calls == [("v/base_seed1", "base", 1, ["02", "03", "04", "05"])]
+
+
 def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, capsys, monkeypatch):
     """bench/robustness.py --collect on two finished runs of a cell (their raw segmentation the ground truth less one
     test specimen): the raw foreground IoU from the confusion matrix, the test specimens the raw segmentation found

@@ -10,7 +10,7 @@ import tifffile
 from conftest import CODES, ball, make_case, save_probs
 from microfossil.classifier import classify_specimens
 from microfossil.evaluation import (PROVENANCE_KEYS, describe_run, evaluate_heldout, evaluation_markdown, evaluation_row,
-                                    match_specimens, save_metrics, write_evaluation)
+                                    match_specimens, provenance, save_metrics, write_evaluation)
 from microfossil.extraction import extract_fossils
 from microfossil.review import ReviewSession, read_review
 from microfossil.split import left_out_mask, split_volume
@@ -62,6 +62,12 @@ def test_held_out_extraction_keeps_its_own_errors(tmp_path):
     assert prov["seed"] == 3 and prov["checkpoint"]["name"] == "full_unfrozen.attempt1"
     assert prov["scan"]["shape"] == list(vol.shape) and prov["project_version"]
     assert prov["split"]["left_out"]["specimens"] == 0 and metrics["specimens"]["f1"] == 1.0
+    assert prov["fossil_threshold_chosen_on"] == "given (a number, or the model bundle's)"
+    record = json.loads((work / "predictions" / "prediction.json").read_text())
+    record["fossil_threshold_chosen_on"] = {"slices": [0, 2, 3, 4, 9, 14, 23], "foreground_iou": {}}
+    (work / "predictions" / "prediction.json").write_text(json.dumps(record))  # as 05 records `calibration_slices`
+    chosen = provenance(work, vol, split)["fossil_threshold_chosen_on"]
+    assert chosen == "4 training-block slices and 3 validation-block slices"
 
 
 def test_reviews_outside_the_training_block_leave_the_reported_scores_unchanged(tmp_path):

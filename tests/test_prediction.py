@@ -14,8 +14,8 @@ from microfossil.evaluation import save_metrics
 from microfossil.learner import build_learner, encoder
 from microfossil.loaders import batch_tfms, make_dls, n_input_channels
 from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context,
-                                    choose_fossil_threshold, load_model, predict_volume, threshold_counts,
-                                    threshold_plan, voxel_labels)
+                                    CALIBRATION_SLICES, calibration_slices, choose_fossil_threshold, load_model,
+                                    predict_volume, threshold_counts, threshold_plan, voxel_labels)
 from microfossil.io import file_stamp
 from microfossil.split import split_volume
 from microfossil.training import PhaseCheckpoint, weights_sha256
@@ -104,15 +104,40 @@ def test_the_fossil_threshold_is_chosen_on_the_training_slices_and_used_for_the_
 
 
 def test_the_threshold_plan_of_05():
-    vol = type("V", (), {"labels": np.zeros((5, 2, 2), np.uint8)})()
-    split = type("S", (), {"train": np.arange(3)})()
+    labels = np.zeros((20, 8, 8), np.uint8)
+    vol = type("V", (), {"labels": labels, "images": labels, "codes": ["matrix", "a", "b"]})()
+    split = split_volume(vol, test_pct=0.2, valid_pct=0.2, gap_slices=1)  # validation 0-3, training 5-14, test 16-19
     assert threshold_plan(0.4, vol, split) == (0.4, None)  # a number is used as it is
     t, on = threshold_plan("auto", vol, split)
-    assert t == 0.5 and on.tolist() == [0, 1, 2]  # this run's model and masks: chosen on the training block
+    assert t == 0.5 and on.tolist() == [0, 1, 2, 3, *range(5, 15)]  # this run's model and masks: its labelled blocks
     assert threshold_plan("auto", vol, split, bundle={"fossil_threshold": 0.35}) == (0.35, None)
     assert threshold_plan("auto", vol, split, bundle={}) == (0.5, None)  # a bundle from before the threshold
     assert threshold_plan("auto", vol, None) == (0.5, None)  # no masks, no split: nothing to choose on
     assert threshold_plan("auto", vol, split, model_path="elsewhere") == (0.5, None)
+
+
+def test_the_threshold_is_chosen_on_training_and_validation_slices_never_the_test_block():
+    """Up to CALIBRATION_SLICES of each labelled block, evenly spaced; none of the test block, also when it is the
+    validation block (valid_pct=0, the published recipe); no validation slice of a specimen that reaches the training
+    block (a gap of 0 lets one cross)."""
+    Z = 200
+    labels = np.zeros((Z, 8, 8), np.uint8)
+    vol = type("V", (), {"labels": labels, "images": labels, "codes": ["matrix", "a", "b"]})()
+    split = split_volume(vol, test_pct=0.2, valid_pct=0.25, gap_slices=2)  # validation 0-49, training 52-157
+    on = calibration_slices(vol, split)
+    train, valid = on[on >= split.train_start], on[on < split.valid_stop]
+    assert len(train) == len(valid) == CALIBRATION_SLICES and len(on) == 2 * CALIBRATION_SLICES
+    assert train.min() == split.train_start and train.max() == split.train_stop - 1 and valid.min() == 0
+    assert on.max() < split.test_start and list(on) == sorted(set(on))
+    published = split_volume(vol, test_pct=0.2, valid_pct=0.0, gap_slices=2)
+    assert published.published and calibration_slices(vol, published).max() < published.test_start
+    assert len(calibration_slices(vol, published)) == CALIBRATION_SLICES
+    labels[45:56, 2:5, 2:5] = 1  # a specimen across the validation block's end, the gap and the training block's start
+    labels[10:13, 2:5, 2:5] = 2  # one in the validation block only
+    crossing = split_volume(vol, test_pct=0.2, valid_pct=0.25, gap_slices=0)
+    assert crossing.valid_left_out["voxels"] > 0
+    valid = [z for z in calibration_slices(vol, crossing) if z < crossing.valid_stop]
+    assert not set(valid) & set(range(45, 50)) and len(valid) == CALIBRATION_SLICES  # 45 slices left, 32 of them
 
 
 def test_outputs_record_the_checkpoint_and_a_stale_probs_file_goes(odd_vol, tmp_path):
