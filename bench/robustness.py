@@ -98,12 +98,13 @@ def run_cell(args, cell, seed):
     """Train and score `cell` with training `seed` (skipped when finished), then its `--shift` runs."""
     work = Path(args.work_root) / args.variant / f"{cell}_seed{seed}"
     params = {**CPU_SCHEDULE, **dict(args.p), "seed": seed}
+    predict = {k: v for k, v in params.items() if k in PREDICT_PARAMS}
     if not (work / "evaluation.json").exists():
         _pipeline(work, cell_volume(cell, args.volume_seed, args.shape), params, ["02", "03", "04", "05"], args.smoke)
-    elif args.redo:
-        _pipeline(work, cell_volume(cell, args.volume_seed, args.shape), params, args.redo, args.smoke)
+    elif args.redo:  # (05 alone refuses the training notebooks' parameters)
+        _pipeline(work, cell_volume(cell, args.volume_seed, args.shape),
+                  predict if args.redo == ["05"] else params, args.redo, args.smoke)
     if args.shift:
-        predict = {k: v for k, v in params.items() if k in PREDICT_PARAMS}
         for shifted in (False, True):
             out = work / ("shifted" if shifted else "second")
             if not (out / "evaluation.json").exists() or "05" in args.redo:

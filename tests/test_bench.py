@@ -243,7 +243,9 @@ def test_robustness_redo_runs_the_named_notebooks_again_on_finished_runs_only(tm
     import robustness
     calls = []
     monkeypatch.setattr(robustness, "_pipeline", lambda work, data, params, stages, smoke=False:
-                        calls.append((Path(work).relative_to(tmp_path).as_posix(), data, params.get("seed"), stages)))
+                        calls.append((Path(work).relative_to(tmp_path).as_posix(), data, params.get("seed"), stages))
+                        or passed.append(set(params)))
+    passed = []
     monkeypatch.setattr(robustness, "cell_volume", lambda cell, vs, shape, second=False, shifted=False:
                         f"{cell}{'_second' if second else ''}{'_shifted' if shifted else ''}")
     for name in ("v/base_seed0", "v/base_seed0/second", "v/base_seed0/shifted"):
@@ -258,9 +260,10 @@ def test_robustness_redo_runs_the_named_notebooks_again_on_finished_runs_only(tm
     robustness.run_cell(args("05", "--shift"), "base", 0)
     assert calls == [("v/base_seed0", "base", 0, ["05"]), ("v/base_seed0/second", "base_second", 0, ["05"]),
                      ("v/base_seed0/shifted", "base_second_shifted", 0, ["05"])]
+    assert all(p - {"model_path"} <= robustness.PREDICT_PARAMS for p in passed)  # 05 alone: no training parameter
     calls.clear()
-    robustness.run_cell(args("05"), "base", 1)  # not finished: trained and scored from 02
-    assert calls == [("v/base_seed1", "base", 1, ["02", "03", "04", "05"])]
+    robustness.run_cell(args("05"), "base", 1)  # not finished: trained and scored from 02, once
+    assert calls == [("v/base_seed1", "base", 1, ["02", "03", "04", "05"])] and "scanner_augment" in passed[-1]
 
 
 def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, capsys, monkeypatch):
