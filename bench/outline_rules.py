@@ -10,8 +10,9 @@ of its voxels, and one holding no final-label voxel is dropped, as the clean-up 
 - `as run`: the fossil threshold the run's 05 chose (`prediction.json`), which gives back the run's final labels
   (but for touching specimens of two classes that the extraction split, `split_touching`: here one component, one
   class); on the training block alone for runs before 05 also took the validation block's slices;
-- `chosen on the training and validation blocks`: the threshold 05 chooses today (`prediction.calibration_slices`),
-  from the saved probabilities (uint8, so it may differ by a step from one chosen while predicting);
+- `chosen on the training block alone`: 05's rule before 2026-12-07 (up to 32 training-block slices), and `chosen
+  on the training and validation blocks`: the rule of today (`prediction.calibration_slices`), both from the saved
+  probabilities (uint8, so either may differ by a step from one chosen while predicting);
 - `threshold T`: one threshold T for every class;
 - `per class, chosen on the training block`: for each class the threshold whose outlines give that class its best
   IoU on the training block (classes from the whole volume's final labels, `predictions/labels_clean.tif`), as 05
@@ -89,9 +90,12 @@ def run_rules(work):
     conn = json.loads((work / "heldout" / "exports" / "extraction.json").read_text())["connectivity"]
     score = lambda fossil: class_iou(classed(fossil, final, conn), truth, K, ignore)  # noqa: E731
     out = {f"as run (threshold {chosen})": score(p > chosen)}
-    counts = sum(threshold_counts(np.array(probs[z, 0:1]), np.asarray(vol.labels[z:z + 1]) > 0, 255)
-                 for z in calibration_slices(vol, split))  # 05's rule of today, on the saved probabilities
-    t_both = choose_fossil_threshold(counts)[0]
+    counts = {z: threshold_counts(np.array(probs[z, 0:1]), np.asarray(vol.labels[z:z + 1]) > 0, 255)
+              for z in calibration_slices(vol, split)}  # 05's rule of today, on the saved probabilities
+    train = [z for z in counts if split.train_start <= z < split.train_stop]
+    t_train = choose_fossil_threshold(sum(counts[z] for z in train))[0]
+    t_both = choose_fossil_threshold(sum(counts.values()))[0]
+    out[f"chosen on the training block alone (threshold {t_train})"] = score(p > t_train)
     out[f"chosen on the training and validation blocks (threshold {t_both})"] = score(p > t_both)
     out.update({f"threshold {t}": score(p > t) for t in THRESHOLDS})
     a, b = split.train_start, split.train_stop  # the training block: its outlines by each threshold, per class

@@ -393,6 +393,8 @@ def test_outline_rules_redraw_the_outlines_keeping_the_classes(tmp_path, capsys)
     ignore = left_out_mask(vol, split)
     as_run = outline_rules.class_iou(final[t0:], truth[t0:], 3, ignore)
     assert res["as run (threshold 0.5)"] == res["threshold 0.5"] == res["threshold 0.6"] == as_run
+    assert res["chosen on the training block alone (threshold 0.5)"] == as_run  # 05's rules from the saved
+    assert res["chosen on the training and validation blocks (threshold 0.5)"] == as_run  # probabilities: no thin wall
     whole = outline_rules.class_iou(np.where(truth[t0:] > 0, final[t0:] + (final[t0:] == 0), 0), truth[t0:], 3, ignore)
     assert res["threshold 0.3"] == whole and whole[0] > as_run[0] and whole[1] < 1  # the ostracod still named wrong
     per_class = next(k for k in res if k.startswith("per class"))
