@@ -101,9 +101,9 @@ def calibration_slices(vol, split, connectivity=CONNECTIVITY):
     test block), and not a validation slice holding part of a specimen that reaches the training block."""
     train = np.asarray(split.train)
     out = [train[evenly_spaced(len(train), CALIBRATION_SLICES)]]
-    if not getattr(split, "published", True) and split.valid_stop > split.valid_start:
+    if not split.published and split.valid_stop > split.valid_start:
         valid = np.asarray(split.valid)
-        if (getattr(split, "valid_left_out", None) or {}).get("voxels", 1):  # (the split counted them: 0, none)
+        if split.valid_left_out.get("voxels", 1):  # (the split counted them: 0, none)
             valid = valid[~valid_left_out_mask(vol, split, connectivity).reshape(len(valid), -1).any(1)]
         out.append(valid[evenly_spaced(len(valid), CALIBRATION_SLICES)])
     return np.sort(np.concatenate(out))
