@@ -15,10 +15,11 @@ it) against the class each rule gives it:
 - `segmentation: balanced`: less also the log of each fossil class's share of the training
   block's fossil voxels: every fossil class equally likely before the voxels are seen, whatever
   the training block's ratio;
-- `classifier`: today's specimen classifier (`prob_<class>` in the catalogue); `classifier refit`: a forest
-  fitted as it is, on the examples it learnt from (`heldout/exports/classifier_examples.csv`; the
-  same forest but for the "not a fossil" examples' share of the probability); `classifier, shape
-  only`: the same without the intensity descriptors (the infill's grey); `classifier refit + reshaped copies`: the
+- `classifier`: the specimen classifier the run used (`prob_<class>` in the catalogue); `classifier refit`: today's
+  class forest (`classifier.SpecimenForests`: no size descriptor) fitted on the examples the run's classifier learnt
+  from (`heldout/exports/classifier_examples.csv`); `classifier refit, with size`: one forest on every descriptor,
+  size included (the classifier before 2026-12-07), on the same examples; `classifier, shape
+  only`: today's without the intensity descriptors (the infill's grey); `classifier refit + reshaped copies`: the
   same with more examples, reshaped copies of the training block's true specimens (broken caps, a voxel thinner
   or thicker; `reshaped_examples`; not for a run of 05 with `model_path`);
 - `classifier x segmentation (...)`: the classifier's probabilities times the segmentation's
@@ -98,12 +99,12 @@ def specimens(work):
         out.append(row)
     if (held / "exports" / "classifier_examples.csv").exists() and out:
         seed = prov.get("classifier_seed") or 0
-        forests = [("refit", (), None), ("shape only", INTENSITY, None)]
+        forests = [("refit", (), None), ("with size", (), None), ("shape only", INTENSITY, None)]
         if bundle is None:  # (a bundle's run: its training specimens are on another scan)
             ext = json.loads((held / "exports" / "extraction.json").read_text())  # the true specimens' connectivity, size
             forests.append(("reshaped", (), reshaped_examples(vol, tr, seed, ext["connectivity"], ext["min_voxels"])))
         for name, leave_out, extra in forests:
-            probs_of = refit(work, codes, leave_out, seed, bundle, extra)
+            probs_of = refit(work, codes, leave_out, seed, bundle, extra, size=name == "with size")
             for row in out:
                 row[f"clf {name}"] = probs_of[row["id"]]
     return out, codes, prior, weights
@@ -148,23 +149,28 @@ def reshaped_examples(vol, train_slices, seed=0, connectivity=26, min_voxels=150
     return pd.DataFrame(rows)
 
 
-def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None):
-    """{specimen id: probabilities of the fossil classes} from a forest fitted as 05's classifier is, on the examples
+def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None, size=False):
+    """{specimen id: probabilities of the fossil classes} from the class forest of 05's classifier
+    (`classifier.SpecimenForests`; `size`: one forest on every descriptor, as before it), fitted on the examples
     the run's test-block evaluation learnt from (`heldout/exports/classifier_examples.csv`: the training block's;
     and the model bundle's, `bundle/classifier_examples.csv`, for a run of 05 with `model_path`; and `extra`, a
     table of more), without the descriptors `leave_out`; applied to the test-block specimens' descriptors."""
     import pandas as pd
     from sklearn.ensemble import RandomForestClassifier
+    from microfossil.classifier import NOT_A_FOSSIL, SpecimenForests
     from microfossil.specimens import SPECIMEN_FEATURES
     files = [work / "heldout" / "exports" / "classifier_examples.csv"]
     files += [] if bundle is None else [bundle / "classifier_examples.csv"]
     ex = pd.concat([pd.read_csv(f) for f in files if f.exists()] + ([] if extra is None else [extra]))
     feats = pd.read_csv(work / "heldout" / "exports" / "features.csv").set_index("id")
     cols = [c for c in SPECIMEN_FEATURES if c not in leave_out]
-    clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1)
-    clf.fit(ex[cols].fillna(0.0).to_numpy(), ex["label"].astype(str).to_numpy())
-    proba = clf.predict_proba(feats[cols].fillna(0.0).to_numpy())
-    labels = list(clf.classes_)
+    X, y, new = ex[cols].fillna(0.0).to_numpy(), ex["label"].astype(str).to_numpy(), feats[cols].fillna(0.0).to_numpy()
+    if size:
+        clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1).fit(X, y)
+        labels, proba = list(clf.classes_), clf.predict_proba(new)
+    else:  # (the class forest alone: "not a fossil" has no share in the fossil classes' probabilities here)
+        keep = y != NOT_A_FOSSIL
+        labels, proba = SpecimenForests(X[keep], y[keep], cols, seed).proba(new)
     fossil = np.stack([proba[:, labels.index(c)] if c in labels else np.zeros(len(proba)) for c in codes[1:]], 1)
     return dict(zip(feats.index.astype(int), fossil))
 
@@ -183,7 +189,8 @@ def rules(row, prior, weights):
     out = {f"segmentation: {k}": int(np.argmax(v)) for k, v in seg.items()}
     if row.get("clf reshaped") is not None:
         out["classifier refit + reshaped copies"] = int(np.argmax(row["clf reshaped"]))
-    for key, name in (("clf", "classifier"), ("clf refit", "classifier refit"), ("clf shape only", "classifier, shape only")):
+    for key, name in (("clf", "classifier"), ("clf refit", "classifier refit"), ("clf with size", "classifier refit, with size"),
+                      ("clf shape only", "classifier, shape only")):
         if row.get(key) is None:
             continue
         c = row[key] / max(row[key].sum(), 1e-9)  # over the fossil classes ("not a fossil" aside)

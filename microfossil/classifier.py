@@ -1,4 +1,4 @@
-"""The specimen classifier: a random forest on each specimen's 3D descriptors that re-classes the catalogue.
+"""The specimen classifier: random forests on each specimen's 3D descriptors that re-class the catalogue.
 
 In one slice a foraminifer and an ostracod can both look like a thin bright ring; their
 3D shapes differ. It learns from the training block's ground truth and from the review
@@ -14,7 +14,7 @@ import numpy as np
 
 from .io import finish_commit, read_json, staged, write_csv, write_json
 from .exports import draw_gallery
-from .specimens import LATER_DESCRIPTORS, NOT_A_FOSSIL, SPECIMEN_FEATURES, paint_classes
+from .specimens import LATER_DESCRIPTORS, NOT_A_FOSSIL, SIZE_DESCRIPTORS, SPECIMEN_FEATURES, paint_classes
 
 
 def _training_labels(cat, feats, codes, blocks, review):
@@ -67,6 +67,42 @@ def reject_threshold(clf, y):
     if not len(p) or p.max() + 0.01 < REJECT_FLOOR:
         return REJECT_FLOOR, "the floor (every fossil example well below it, out of bag)"
     return round(float(p.max()) + 0.01, 4), "just above every fossil example's out-of-bag probability"
+
+
+def _forest(seed, n_examples):
+    """The classifier's random forest (out-of-bag probabilities from 10 examples up, for `reject_threshold`)."""
+    from sklearn.ensemble import RandomForestClassifier
+    return RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1,
+                                  oob_score=n_examples >= 10)
+
+
+class SpecimenForests:
+    """The specimen classifier's two random forests, fitted on descriptors `X` (columns `cols`) and labels `y`.
+
+    Which fossil class: a forest on the fossil examples, reading the descriptors that do not measure size (all but
+    `SIZE_DESCRIPTORS`): a specimen larger or smaller than the examples of its class is judged by its shape and grey
+    levels, not by which class its size falls nearest. Whether a fossil at all: only when some example is
+    `NOT_A_FOSSIL` (a review's rejection, predicted junk), a forest on every descriptor (size tells a grain or a
+    fragment), with its `reject_threshold`. `proba(X)` gives (labels, probabilities): each fossil class's probability
+    times that of a fossil, and `NOT_A_FOSSIL`'s."""
+    def __init__(self, X, y, cols, seed=0):
+        X, y = np.asarray(X, float), np.asarray(y).astype(str)
+        self.cols = list(cols)
+        self.class_cols = [c for c in self.cols if c not in SIZE_DESCRIPTORS]
+        self._class_idx = [self.cols.index(c) for c in self.class_cols]
+        fossil = y != NOT_A_FOSSIL
+        self.forest = _forest(seed, int(fossil.sum())).fit(X[fossil][:, self._class_idx], y[fossil])
+        self.reject = _forest(seed, len(y)).fit(X, y) if (~fossil).any() else None
+        self.threshold, self.threshold_from = (reject_threshold(self.reject, y) if self.reject is not None
+                                               else (None, f"no {NOT_A_FOSSIL!r} example"))
+
+    def proba(self, X):
+        X = np.asarray(X, float)
+        labels, p = list(self.forest.classes_), self.forest.predict_proba(X[:, self._class_idx])
+        if self.reject is None:
+            return labels, p
+        p_not = self.reject.predict_proba(X)[:, list(self.reject.classes_).index(NOT_A_FOSSIL)]
+        return labels + [NOT_A_FOSSIL], np.c_[p * (1 - p_not)[:, None], p_not]
 
 
 class Blocks:
@@ -133,8 +169,9 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
                        examples=None):
     """Train the specimen classifier and re-score every specimen; one call after each round of review.
 
-    A random forest on the 3D descriptors of `exports/features.csv` (not on the segmentation's
-    class fractions: see the comment where its columns are chosen), trained on the ground truth of the
+    Random forests (`SpecimenForests`: the class among the fossils from the descriptors that do not measure size,
+    whether a fossil at all from all of them) on the 3D descriptors of `exports/features.csv` (not on the
+    segmentation's class fractions: see the comment where its columns are chosen), trained on the ground truth of the
     training-block specimens (`use_truth`: the predicted ones, labelled as in
     `_training_labels`, and the true ones of `exports/truth_features.csv`) and on `review`,
     the review decisions (a table with `id`, `decision`, `taxon`, `predicted_class`, as
@@ -151,7 +188,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     changes and None is returned; else the new catalogue.
 
     Calibrated to keep true specimens: a specimen is called `NOT_A_FOSSIL` only when that
-    probability reaches `reject_threshold` (above what the forest gave, out of bag, to any
+    probability reaches `reject_threshold` (above what its forest gave, out of bag, to any
     fossil among its examples); otherwise it takes the likeliest fossil class. Only a review
     rejects a specimen below it.
 
@@ -163,7 +200,6 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
     their `source` and `origin` (this run), for the run's model bundle (`bundle.update_bundle`).
     """
     import pandas as pd
-    from sklearn.ensemble import RandomForestClassifier
     cat, feats, extraction = _read_run(work_dir)
     target = Path(apply_to) if apply_to is not None else Path(work_dir)
     out_cat, out_feats, out_extraction = (cat, feats, extraction) if target == Path(work_dir) else _read_run(target)
@@ -233,20 +269,17 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
         print(f"Specimen classifier not trained: {len(y_fit)} examples ({sources}) with {len(set(y_fit))} different "
               f"label(s); it needs {min_examples} or more and two labels. Classes stay those of the segmentation.")
         return None
-    clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1,
-                                 oob_score=len(y_fit) >= 10)
-    clf.fit(X_fit, y_fit)
-    threshold, threshold_from = reject_threshold(clf, y_fit)
+    forests = SpecimenForests(X_fit, y_fit, cols, seed)
+    threshold, threshold_from = forests.threshold, forests.threshold_from
     cat = out_cat
     X = table(out_cat, out_feats)
-    proba = clf.predict_proba(X.to_numpy())
-    labels = list(clf.classes_)
+    labels, proba = forests.proba(X.to_numpy())
     fossil = np.array([k for k, c in enumerate(labels) if c != NOT_A_FOSSIL])
     best = fossil[proba[:, fossil].argmax(1)]  # the likeliest fossil class...
     p_best = proba[np.arange(len(best)), best]
     p_not = proba[:, labels.index(NOT_A_FOSSIL)] if threshold is not None else np.zeros(len(proba))
     reject = p_not >= threshold if threshold is not None else np.zeros(len(proba), bool)  # ...unless sure enough
-    cat["class"] = np.where(reject, NOT_A_FOSSIL, clf.classes_[best])
+    cat["class"] = np.where(reject, NOT_A_FOSSIL, np.asarray(labels)[best])
     cat["class_probability"] = np.where(reject, p_not, p_best)
     cat["flagged"] = reject
     cat.drop(columns=[c for c in cat.columns if c.startswith("prob_")], inplace=True)  # an earlier round's labels
@@ -263,8 +296,10 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
             "training_slices": [blocks.train_start, blocks.train_stop - 1] if blocks and blocks.train_stop else None,
             "seed": seed,
             "examples_per_label": {str(k): int(v) for k, v in zip(*np.unique(y_fit, return_counts=True))},
-            "classes": [str(c) for c in clf.classes_], "oob_accuracy": getattr(clf, "oob_score_", None),
-            "features": list(X.columns), "left_out": [c for c in SPECIMEN_FEATURES if c not in cols], "importance": dict(zip(X.columns, np.round(clf.feature_importances_, 4).tolist())),
+            "classes": [str(c) for c in labels], "oob_accuracy": getattr(forests.forest, "oob_score_", None),
+            "features": forests.class_cols, "reject_features": forests.cols if forests.reject is not None else None,
+            "left_out": [c for c in SPECIMEN_FEATURES if c not in cols],
+            "importance": dict(zip(forests.class_cols, np.round(forests.forest.feature_importances_, 4).tolist())),
             "changed_class": int((cat["class"] != cat["seg_class"]).sum()), "flagged": int(cat["flagged"].sum()),
             "reject_threshold": threshold, "reject_threshold_from": threshold_from,
             "kept_below_threshold": int(((p_not > p_best) & ~reject).sum()),  # "not a fossil" likeliest, yet kept

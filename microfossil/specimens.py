@@ -19,6 +19,13 @@ SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "p
                      "enclosed", "n_peaks", "peaks_per_1000_voxels", "max_thickness", "mean_thickness", "inner_walls",
                      "intensity_p10", "intensity_p50", "intensity_p90", "intensity_std"]
 
+# The descriptors that change when the same shape is drawn larger, in voxels: its size. Specimen sizes differ from
+# core to core and between a scan's blocks by chance (a test block's largest ostracod larger than any of the training
+# block's), and with the voxel size; the classifier's class among the fossils reads the other descriptors, and only
+# whether a specimen is a fossil at all reads these too (`classifier.SpecimenForests`; docs/evaluation.md, "The
+# specimen classifier without size").
+SIZE_DESCRIPTORS = ("log_voxels", "surface_share", "n_peaks", "peaks_per_1000_voxels")
+
 INNER_DEPTH = 2.5  # voxels from a specimen's surface where its interior starts (`descriptors`' inner_walls)
 # Descriptors added after model bundles were first written: a bundle's examples measured before one existed are still
 # used, on the descriptors they have (`classifier.classify_specimens`); any other missing descriptor is an error.

@@ -10,7 +10,9 @@ import tifffile
 from PIL import Image
 
 from conftest import volume_of
-from microfossil.classifier import NOT_A_FOSSIL, REJECT_FALLBACK, REJECT_FLOOR, classify_specimens, reject_threshold
+from microfossil.classifier import (NOT_A_FOSSIL, REJECT_FALLBACK, REJECT_FLOOR, SpecimenForests, classify_specimens,
+                                   reject_threshold)
+from microfossil.specimens import SIZE_DESCRIPTORS, SPECIMEN_FEATURES
 from microfossil.evaluation import evaluate_heldout, save_metrics
 from microfossil.exports import draw_gallery
 from microfossil.extraction import extract_fossils
@@ -280,3 +282,28 @@ def test_without_a_split_the_classifier_learns_from_the_training_block_05_record
     (work / "metrics.json").write_text(json.dumps({"split": {"train_slices": [0, 71], "valid_slices": [72, 89]}}))
     classify_specimens(work)  # the earlier two-block record: training 0-71, its test block 72-89
     assert json.loads((work / "exports" / "classifier.json").read_text())["training_slices"] == [0, 71]
+
+
+def test_the_class_comes_from_the_shape_and_not_the_size_whether_a_fossil_from_both():
+    """Examples whose classes differ by solidity and by size alike (every shell larger than every chain): a shell
+    smaller than any example shell is still a shell (the class forest reads no size descriptor); examples of junk
+    that differ from the fossils by their size alone teach the other forest to call a junk-sized specimen no fossil."""
+    rng = np.random.default_rng(0)
+    cols, n = list(SPECIMEN_FEATURES), 40
+    y = np.where(np.arange(n) % 2, "shell", "chain")
+    X = rng.normal(0.5, 0.1, (n, len(cols)))
+    X[:, cols.index("solidity")] = np.where(y == "shell", 0.8, 0.7) + rng.normal(0, 0.01, n)
+    for c, shell, chain in (("log_voxels", 3.2, 2.6), ("surface_share", 0.3, 0.5), ("n_peaks", 4, 1)):
+        X[:, cols.index(c)] = np.where(y == "shell", shell, chain) + rng.normal(0, 0.05, n)
+    small_shell = X[y == "chain"][:1].copy()  # a chain's size...
+    small_shell[0, cols.index("solidity")] = 0.8  # ...and a shell's shape
+    f = SpecimenForests(X, y, cols)
+    assert f.reject is None and f.threshold is None and not set(SIZE_DESCRIPTORS) & set(f.class_cols)
+    labels, p = f.proba(small_shell)
+    assert labels[int(p.argmax())] == "shell" and p.sum() == pytest.approx(1)
+    junk = X[:10].copy()
+    junk[:, cols.index("log_voxels")] = 1.6 + rng.normal(0, 0.05, 10)
+    f = SpecimenForests(np.r_[X, junk], np.r_[y, [NOT_A_FOSSIL] * 10], cols)
+    labels, p = f.proba(np.r_[junk[:1] + 0.001, small_shell])
+    assert labels[-1] == NOT_A_FOSSIL and p[0, -1] >= f.threshold > p[1, -1]
+    assert p.sum(1) == pytest.approx([1, 1]) and labels[int(p[1].argmax())] == "shell"
