@@ -495,3 +495,35 @@ def test_class_rules_counts_right_classes_per_rule(tmp_path, capsys):
     other = json.loads(capsys.readouterr().out.splitlines()[-1])["runs"][str(shifted)]
     assert other["segmentation: mean probability"]["right"] == n_test - 1
     assert other["segmentation: loss weights undone"]["right"] == n_test
+
+
+def test_class_rules_refit_reads_no_size_unless_asked(tmp_path):
+    """bench/class_rules.py's refit: today's class forest (no size descriptor) and the forest before it (`size=True`)
+    fitted on a run's classifier examples. Examples whose sizes are swapped between the classes (each ostracod example
+    as large as the foraminifera, and the other way round) leave today's forest's classes as the shapes give them."""
+    import numpy as np
+    import pandas as pd
+    sys.path.insert(0, str(ROOT / "bench"))
+    import class_rules
+    from microfossil.specimens import SIZE_DESCRIPTORS, SPECIMEN_FEATURES
+    rng = np.random.default_rng(0)
+    n, codes = 30, ["background", "foraminifera", "ostracod"]
+    label = np.where(np.arange(n) % 2, "ostracod", "foraminifera")
+    feats = pd.DataFrame(rng.normal(0.5, 0.05, (n, len(SPECIMEN_FEATURES))), columns=SPECIMEN_FEATURES)
+    feats["solidity"] = np.where(label == "ostracod", 0.81, 0.70) + rng.normal(0, 0.01, n)
+    for c in SIZE_DESCRIPTORS:
+        feats[c] = np.where(label == "ostracod", 2.6, 3.2) + rng.normal(0, 0.02, n)
+    held = tmp_path / "run" / "heldout" / "exports"
+    held.mkdir(parents=True)
+    feats.assign(id=np.arange(1, n + 1)).to_csv(held / "features.csv", index=False)
+    swapped = feats.copy()
+    for c in SIZE_DESCRIPTORS:
+        swapped[c] = np.where(label == "ostracod", 3.2, 2.6) + rng.normal(0, 0.02, n)
+    swapped.assign(label=label).to_csv(held / "classifier_examples.csv", index=False)
+    today = class_rules.refit(tmp_path / "run", codes)
+    before = class_rules.refit(tmp_path / "run", codes, size=True)
+    assert sorted(today) == sorted(before) == list(range(1, n + 1))
+    assert all(abs(p.sum() - 1) < 1e-9 for p in today.values())
+    assert [codes[1 + int(today[i].argmax())] for i in range(1, n + 1)] == list(label)
+    size_says = sum(codes[1 + int(before[i].argmax())] == label[i - 1] for i in range(1, n + 1))
+    assert size_says < n / 2  # the forest before reads the swapped sizes: most of them named by their size
