@@ -17,7 +17,8 @@ every training seed through `run_pipeline.py` (02-05), on the CPU schedule `CPU_
 stage 1 frozen epoch at 1e-3 + 6 unfrozen at slice(1e-4, 1e-3), bs 8, no lr_find) unless `-p`
 says otherwise, in `<work-root>/<variant>/<cell>_seed<k>`.
 
-The table (`<work-root>/<variant>/robustness.md` and `.json`) has one line per run: the training
+The table (`<work-root>/<variant>/robustness.md` and `.json`) has one line per finished run of the variant (whichever
+`--cells` and `--seeds` the call names): the training
 block's fossil pixel ratio, the raw segmentation's foreground IoU and IoU per class, the final
 labels' IoU per class, the same had every specimen its right class (the gap between the two is the
 classes named wrong; what stays below 1 is the outline and the clean-up), the test specimens, those
@@ -263,6 +264,18 @@ def worst(rows):
             "cell_final": by_final and lowest[id(by_final)]}
 
 
+def finished_runs(variant_dir):
+    """(cell, training seed, folder) of every finished run under `variant_dir` (`<cell>_seed<k>` with its
+    `evaluation.json`), in the order of `GRID` and of the seeds."""
+    found = []
+    for cell in GRID:
+        for work in Path(variant_dir).glob(f"{cell}_seed*"):
+            seed = work.name[len(cell) + len("_seed"):]
+            if seed.isdigit() and (work / "evaluation.json").exists():
+                found.append((cell, int(seed), work))
+    return sorted(found, key=lambda f: (list(GRID).index(f[0]), f[1]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-root", required=True, help="one run folder per cell and seed goes under <it>/<variant>/")
@@ -286,23 +299,21 @@ def main(argv=None):
         for seed in args.seeds:
             for cell in args.cells:
                 run_cell(args, cell, seed)
-    rows = []
+    out = Path(args.work_root) / args.variant
     for cell in args.cells:
         for seed in args.seeds:
-            work = Path(args.work_root) / args.variant / f"{cell}_seed{seed}"
-            if (work / "evaluation.json").exists():
-                rows.append(run_row(work, volume_dir(cell, args.volume_seed, args.shape), cell, seed))
-            else:
-                print(f"{work}: not finished, left out")
+            if not (out / f"{cell}_seed{seed}" / "evaluation.json").exists():
+                print(f"{out / f'{cell}_seed{seed}'}: not finished, left out")
+    rows = [run_row(work, volume_dir(cell, args.volume_seed, args.shape), cell, seed)
+            for cell, seed, work in finished_runs(out)]  # the variant's table: every finished run, not only this call's
     if not rows:
-        raise SystemExit(f"no finished run under {Path(args.work_root) / args.variant}")
+        raise SystemExit(f"no finished run under {out}")
     z, h, w = args.shape
     head = (f"Data: {args.data_role} volumes (bench/robustness.py's grid, {z}x{h}x{w}, volume seed {args.volume_seed} + "
             f"the cell's place); variant {args.variant!r}, settings {dict(CPU_SCHEDULE, **dict(args.p))}; training "
-            f"seeds {args.seeds}; scores on each run's test block{'' if args.data_role == 'test' else ', not unseen'}."
-            "\n\n")
+            f"seeds {sorted({r['seed'] for r in rows})}; scores on each run's test block"
+            f"{'' if args.data_role == 'test' else ', not unseen'}.\n\n")
     md = head + table(rows)
-    out = Path(args.work_root) / args.variant
     (out / "robustness.md").write_text(md)
     write_json(out / "robustness.json", {"rows": rows, "worst": worst(rows), "shape": list(args.shape),
                                          "volume_seed": args.volume_seed, "data_role": args.data_role,

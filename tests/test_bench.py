@@ -344,6 +344,10 @@ def test_robustness_table_reads_finished_runs_and_names_the_worst(tmp_path, caps
     assert w["right_class_share"] == pytest.approx((n_true - 3) / n_true)
     md = capsys.readouterr().out
     assert md.startswith("Data: development volumes") and "| **worst** |" in md and "Worst cell" in md
+    (tmp_path / "r" / "defaults" / "base_seed2").mkdir()  # a run still training: not in the table
+    robustness.main(["--work-root", str(tmp_path / "r"), "--collect", "--cells", "base", "--seeds", "0"])
+    again = json.loads((tmp_path / "r" / "defaults" / "robustness.json").read_text())
+    assert [r["seed"] for r in again["rows"]] == [0, 1]  # the variant's every finished run, not only the one named
 
 
 def test_outline_rules_redraw_the_outlines_keeping_the_classes(tmp_path, capsys):
