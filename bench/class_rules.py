@@ -156,8 +156,7 @@ def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None, size=False
     and the model bundle's, `bundle/classifier_examples.csv`, for a run of 05 with `model_path`; and `extra`, a
     table of more), without the descriptors `leave_out`; applied to the test-block specimens' descriptors."""
     import pandas as pd
-    from sklearn.ensemble import RandomForestClassifier
-    from microfossil.classifier import NOT_A_FOSSIL, SpecimenForests
+    from microfossil.classifier import NOT_A_FOSSIL, SpecimenForests, random_forest
     from microfossil.specimens import SPECIMEN_FEATURES
     files = [work / "heldout" / "exports" / "classifier_examples.csv"]
     files += [] if bundle is None else [bundle / "classifier_examples.csv"]
@@ -166,7 +165,7 @@ def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None, size=False
     cols = [c for c in SPECIMEN_FEATURES if c not in leave_out]
     X, y, new = ex[cols].fillna(0.0).to_numpy(), ex["label"].astype(str).to_numpy(), feats[cols].fillna(0.0).to_numpy()
     if size:
-        clf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1).fit(X, y)
+        clf = random_forest(seed, len(y)).fit(X, y)
         labels, proba = list(clf.classes_), clf.predict_proba(new)
     else:  # (the class forest alone: "not a fossil" has no share in the fossil classes' probabilities here)
         keep = y != NOT_A_FOSSIL

@@ -69,8 +69,9 @@ def reject_threshold(clf, y):
     return round(float(p.max()) + 0.01, 4), "just above every fossil example's out-of-bag probability"
 
 
-def _forest(seed, n_examples):
-    """The classifier's random forest (out-of-bag probabilities from 10 examples up, for `reject_threshold`)."""
+def random_forest(seed, n_examples):
+    """The classifier's random forest, unfitted (out-of-bag probabilities from 10 examples up, for
+    `reject_threshold`; they do not change what it predicts)."""
     from sklearn.ensemble import RandomForestClassifier
     return RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=seed, n_jobs=1,
                                   oob_score=n_examples >= 10)
@@ -91,10 +92,10 @@ class SpecimenForests:
         self.class_cols = [c for c in self.cols if c not in SIZE_DESCRIPTORS]
         self._class_idx = [self.cols.index(c) for c in self.class_cols]
         fossil = y != NOT_A_FOSSIL
-        self.forest = _forest(seed, int(fossil.sum())).fit(X[fossil][:, self._class_idx], y[fossil])
-        self.reject = _forest(seed, len(y)).fit(X, y) if (~fossil).any() else None
-        self.threshold, self.threshold_from = (reject_threshold(self.reject, y) if self.reject is not None
-                                               else (None, f"no {NOT_A_FOSSIL!r} example"))
+        self.forest = random_forest(seed, int(fossil.sum())).fit(X[fossil][:, self._class_idx], y[fossil])
+        self.reject = random_forest(seed, len(y)).fit(X, y) if (~fossil).any() else None
+        # (without a "not a fossil" example, the class forest has no such class: no threshold, and why)
+        self.threshold, self.threshold_from = reject_threshold(self.forest if self.reject is None else self.reject, y)
 
     def proba(self, X):
         X = np.asarray(X, float)

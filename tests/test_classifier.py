@@ -12,11 +12,11 @@ from PIL import Image
 from conftest import volume_of
 from microfossil.classifier import (NOT_A_FOSSIL, REJECT_FALLBACK, REJECT_FLOOR, SpecimenForests, classify_specimens,
                                    reject_threshold)
-from microfossil.specimens import SIZE_DESCRIPTORS, SPECIMEN_FEATURES
 from microfossil.evaluation import evaluate_heldout, save_metrics
 from microfossil.exports import draw_gallery
 from microfossil.extraction import extract_fossils
 from microfossil.review import ReviewSession, read_review
+from microfossil.specimens import SIZE_DESCRIPTORS, SPECIMEN_FEATURES
 from microfossil.split import split_volume
 
 
