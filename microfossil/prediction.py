@@ -2,7 +2,7 @@
 
 The model sees each slice with its context slices, padded to a multiple of 32; with flip
 TTA it also sees the slice's three flips; tri-planar models predict the XZ and YZ slices
-too. Files are written by background threads while the GPU works on the next batch.
+too (their say fading near the volume's ends: `plane_weights`). Files are written by background threads while the GPU works on the next batch.
 """
 from __future__ import annotations
 
@@ -293,8 +293,8 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
 
     `context_slices` must be the value the model was trained with (its `info`). `tta`
     averages the four flips of each slice (4x the model time). `triplanar` also predicts
-    every XZ and YZ slice and averages the three probabilities per voxel (3x; see
-    `_predict_triplanar`).
+    every XZ and YZ slice and averages the three probabilities per voxel (3x; near the volume's ends the axial
+    prediction counts more: `plane_weights`; see `_predict_triplanar`).
 
     `fossil_threshold`: a voxel is fossil where the fossil classes together have more than this share of the
     probability (`voxel_labels`). With `calibrate_on` (slices of `vol` with masks: `calibration_slices`, from the
@@ -440,17 +440,36 @@ def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, cont
     return pred
 
 
+END_TAPER = 16  # slices from each end of the volume over which the XZ and YZ views' weight grows to the axial one's
+
+
+def plane_weights(n_slices, taper=END_TAPER):
+    """The weight of the XZ and YZ predictions at each of `n_slices` slices in the tri-planar mean, in 1/`taper` of
+    the axial prediction's: 1 on the volume's first and last slice, one more each slice inward, `taper` (equal
+    weights, a plain mean) from `taper - 1` slices in.
+
+    Why: the XZ and YZ training images are cut from the training block, whose first and last slices never hold part
+    of a specimen (the split's gaps keep every labelled specimen inside one block), so those views learnt that an
+    image's top and bottom rows hold no fossil; on the volume's own first and last slices, where a specimen is cut by
+    the end of the scan, they call it background (development, ostracods_commoner: 0.2 of its fossil voxels found on
+    the first six slices by the XZ and YZ views, 0.93 by the axial one; docs/evaluation.md, "The volume's ends")."""
+    d = np.minimum(np.arange(n_slices), n_slices - 1 - np.arange(n_slices))
+    return np.minimum(taper, d + 1).astype(np.uint16)
+
+
 def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs,
                        calib):
     """`predict_volume` with tri-planar averaging: every axial, XZ and YZ slice is predicted and the three class
-    probabilities of each voxel are averaged in a memory-mapped uint8 file (a running mean), one block of slices at a
-    time (256 MB of probabilities, about 1 GB of RAM at the peak; big blocks, because a block of YZ slices touches
-    every page of the file); then the labels are read from it (`voxel_labels`), written as in `predict_volume`."""
+    probabilities of each voxel are averaged in a memory-mapped uint8 file (a running mean, the XZ and YZ views
+    weighted by `plane_weights` along z), one block of slices at a time (256 MB of probabilities, about 1 GB of RAM at
+    the peak; big blocks, because a block of YZ slices touches every page of the file); then the labels are read from
+    it (`voxel_labels`), written as in `predict_volume`."""
     from PIL import Image
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
     Z, H, W = vol.shape
     pred = np.empty((Z, H, W), np.uint8)
     bar = Progress(Z + H + W, "slices")  # the axial, XZ and YZ slices
+    wz = plane_weights(Z)[:, None, None, None]  # (Z, 1, 1, 1): the XZ and YZ views' weight at each slice
     with ExitStack() as files:
         if save_probs:
             part = files.enter_context(replacing(probs_path))
@@ -476,8 +495,15 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
                     # to (Z, K, H, W) order: axis 1 blocks are (y, K, z, x), axis 2 blocks (x, K, z, y)
                     p = p if axis == 0 else p.transpose(2, 1, 0, 3) if axis == 1 else p.transpose(2, 1, 3, 0)
                     where = (np.s_[b0:b0 + blk], np.s_[:, :, b0:b0 + blk], np.s_[:, :, :, b0:b0 + blk])[axis]
-                    if j:  # running mean in integers (rounded): (old * j + new) / (j + 1)
-                        p = ((probs[where].astype(np.uint16) * j + p + (j + 1) // 2) // (j + 1)).astype(np.uint8)
+                    if j:  # weighted running mean in integers (rounded): the axial view weighs END_TAPER, the
+                        # j-th other one wz; at most 255 * 3 * END_TAPER + rounding: room in uint16
+                        before, total = END_TAPER + (j - 1) * wz, END_TAPER + j * wz
+                        acc = probs[where].astype(np.uint16)
+                        acc *= before
+                        acc += p * wz
+                        acc += total // 2
+                        acc //= total
+                        p = acc.astype(np.uint8)
                     probs[where] = p
 
         if calib["slices"] is not None:  # the threshold, on labelled slices of the averaged probabilities

@@ -15,7 +15,7 @@ from microfossil.learner import build_learner, encoder
 from microfossil.loaders import batch_tfms, make_dls, n_input_channels
 from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context,
                                     CALIBRATION_SLICES, calibration_slices, choose_fossil_threshold, load_model,
-                                    predict_volume, threshold_counts, threshold_plan, voxel_labels)
+                                    plane_weights, predict_volume, threshold_counts, threshold_plan, voxel_labels)
 from microfossil.io import file_stamp
 from microfossil.split import split_volume
 from microfossil.training import PhaseCheckpoint, weights_sha256
@@ -226,10 +226,22 @@ def test_triplanar_uses_each_plane(tmp_path):
             x = torch.from_numpy(_slices_with_context(images, np.arange(images.shape[axis]), 1, axis))
             p = _forward_probs(m, x, tfms, None).numpy()
             planes.append(p if axis == 0 else p.transpose(2, 1, 0, 3) if axis == 1 else p.transpose(2, 1, 3, 0))
-    expected = np.mean(planes, 0) * 255
+    # near the volume's ends the XZ and YZ views weigh less: 1/16 of the axial view on the first and last slice, 2/16
+    # on the next, ... (8 slices: 1 2 3 4 4 3 2 1)
+    w = np.array([1, 2, 3, 4, 4, 3, 2, 1], float)[:, None, None, None] / 16
+    expected = (planes[0] + w * planes[1] + w * planes[2]) / (1 + 2 * w) * 255
     got = np.load(tmp_path / "tri" / "probs.npy").astype(float)
     assert np.abs(got - expected).max() <= 1.5
     assert np.abs(planes[0] * 255 - expected).max() > 5  # the planes really differ here
+    assert np.abs(np.mean(planes, 0) * 255 - expected).max() > 2  # and the weights are not a plain mean
+
+
+def test_the_xz_and_yz_views_count_fully_from_sixteen_slices_in():
+    w = plane_weights(40)
+    np.testing.assert_array_equal(w[:17], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16])
+    np.testing.assert_array_equal(w, w[::-1])  # both ends alike
+    assert (w[15:25] == 16).all()  # the axial view's weight: a plain mean of the three views
+    np.testing.assert_array_equal(plane_weights(1), [1])
 
 
 def test_flip_tta_is_flip_equivariant(tmp_path):
