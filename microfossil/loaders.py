@@ -344,6 +344,23 @@ def _orthogonal_planes(images, labels, train_start, train_stop):
     return out
 
 
+END_TAPER = 16  # slices from each end of the volume over which the XZ and YZ views' weight grows to the axial one's
+
+
+def plane_weights(n_slices, taper=END_TAPER):
+    """The weight of the XZ and YZ predictions at each of `n_slices` slices in the tri-planar mean, in 1/`taper` of
+    the axial prediction's: 1 on the volume's first and last slice, one more each slice inward, `taper` (equal
+    weights, a plain mean) from `taper - 1` slices in.
+
+    Why: the XZ and YZ training images are cut from the training block, whose first and last slices never hold part
+    of a specimen (the split's gaps keep every labelled specimen inside one block), so those views learnt that an
+    image's top and bottom rows hold no fossil; on the volume's own first and last slices, where a specimen is cut by
+    the end of the scan, they call it background (development, ostracods_commoner: 0.2 of its fossil voxels found on
+    the first six slices by the XZ and YZ views, 0.93 by the axial one; docs/evaluation.md, "The volume's ends")."""
+    d = np.minimum(np.arange(n_slices), n_slices - 1 - np.arange(n_slices))
+    return np.minimum(taper, d + 1).astype(np.uint16)
+
+
 def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, device=None, seed=0,
              context_slices=1, triplanar=False, crop_size=None, oversample_rare=1.0, infill_augment=0.0,
              scanner_augment=0.0):

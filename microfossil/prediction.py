@@ -1,8 +1,8 @@
 """Prediction: every slice of a volume at full resolution, as one label TIFF, class probabilities and previews.
 
-The model sees each slice with its context slices, padded to a multiple of 32; with flip
-TTA it also sees the slice's three flips; tri-planar models predict the XZ and YZ slices
-too (their say fading near the volume's ends: `plane_weights`). Files are written by background threads while the GPU works on the next batch.
+The model sees each slice with its context slices, padded to a multiple of 32; with flip TTA it also sees the slice's
+three flips; tri-planar models predict the XZ and YZ slices too (weighted down near the volume's ends:
+`loaders.plane_weights`). Files are written by background threads while the GPU works on the next batch.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from fastai.vision.all import Pipeline, TensorImage, create_unet_model
 from .bundle import read_bundle, resolve_model
 from .io import PREDICTION_RECORD, file_stamp, link_or_copy, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
-from .loaders import batch_tfms, get_device, n_input_channels
+from .loaders import END_TAPER, batch_tfms, get_device, n_input_channels, plane_weights
 from .plots import get_class_colours
 from .runtime import Progress, local_dir, on_drive, require_mounted
 from .split import CONNECTIVITY, valid_left_out_mask
@@ -93,12 +93,9 @@ def threshold_plan(fossil_threshold, vol, split, bundle=None, model_path=None):
 
 def calibration_slices(vol, split, connectivity=CONNECTIVITY):
     """The slices of `vol` (which has masks) the fossil threshold is chosen on: up to `CALIBRATION_SLICES` of the
-    training block and as many of the validation block, each evenly spaced, ascending.
-
-    The validation block's are slices the model did not learn from: on the training block's it is surer of its
-    outlines than on new ones (a rarer class's wall above all), so a threshold chosen there alone cuts new specimens
-    too small (docs/evaluation.md, "The fossil threshold"). Not with `valid_pct=0` (the validation block is then the
-    test block), and not a validation slice holding part of a specimen that reaches the training block."""
+    training block and as many of the validation block (slices the model did not learn from), each evenly spaced,
+    ascending. Not with `valid_pct=0` (the validation block is then the test block), and not a validation slice
+    holding part of a specimen that reaches the training block (docs/evaluation.md, "The fossil threshold")."""
     train = np.asarray(split.train)
     out = [train[evenly_spaced(len(train), CALIBRATION_SLICES)]]
     if not split.published and split.valid_stop > split.valid_start:
@@ -294,7 +291,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     `context_slices` must be the value the model was trained with (its `info`). `tta`
     averages the four flips of each slice (4x the model time). `triplanar` also predicts
     every XZ and YZ slice and averages the three probabilities per voxel (3x; near the volume's ends the axial
-    prediction counts more: `plane_weights`; see `_predict_triplanar`).
+    prediction counts more: `loaders.plane_weights`; see `_predict_triplanar`).
 
     `fossil_threshold`: a voxel is fossil where the fossil classes together have more than this share of the
     probability (`voxel_labels`). With `calibrate_on` (slices of `vol` with masks: `calibration_slices`, from the
@@ -440,28 +437,11 @@ def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, cont
     return pred
 
 
-END_TAPER = 16  # slices from each end of the volume over which the XZ and YZ views' weight grows to the axial one's
-
-
-def plane_weights(n_slices, taper=END_TAPER):
-    """The weight of the XZ and YZ predictions at each of `n_slices` slices in the tri-planar mean, in 1/`taper` of
-    the axial prediction's: 1 on the volume's first and last slice, one more each slice inward, `taper` (equal
-    weights, a plain mean) from `taper - 1` slices in.
-
-    Why: the XZ and YZ training images are cut from the training block, whose first and last slices never hold part
-    of a specimen (the split's gaps keep every labelled specimen inside one block), so those views learnt that an
-    image's top and bottom rows hold no fossil; on the volume's own first and last slices, where a specimen is cut by
-    the end of the scan, they call it background (development, ostracods_commoner: 0.2 of its fossil voxels found on
-    the first six slices by the XZ and YZ views, 0.93 by the axial one; docs/evaluation.md, "The volume's ends")."""
-    d = np.minimum(np.arange(n_slices), n_slices - 1 - np.arange(n_slices))
-    return np.minimum(taper, d + 1).astype(np.uint16)
-
-
 def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs,
                        calib):
     """`predict_volume` with tri-planar averaging: every axial, XZ and YZ slice is predicted and the three class
     probabilities of each voxel are averaged in a memory-mapped uint8 file (a running mean, the XZ and YZ views
-    weighted by `plane_weights` along z), one block of slices at a time (256 MB of probabilities, about 1 GB of RAM at
+    weighted by `loaders.plane_weights` along z), one block of slices at a time (256 MB of probabilities, about 1 GB of RAM at
     the peak; big blocks, because a block of YZ slices touches every page of the file); then the labels are read from
     it (`voxel_labels`), written as in `predict_volume`."""
     from PIL import Image
@@ -495,15 +475,9 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
                     # to (Z, K, H, W) order: axis 1 blocks are (y, K, z, x), axis 2 blocks (x, K, z, y)
                     p = p if axis == 0 else p.transpose(2, 1, 0, 3) if axis == 1 else p.transpose(2, 1, 3, 0)
                     where = (np.s_[b0:b0 + blk], np.s_[:, :, b0:b0 + blk], np.s_[:, :, :, b0:b0 + blk])[axis]
-                    if j:  # weighted running mean in integers (rounded): the axial view weighs END_TAPER, the
-                        # j-th other one wz; at most 255 * 3 * END_TAPER + rounding: room in uint16
-                        before, total = END_TAPER + (j - 1) * wz, END_TAPER + j * wz
-                        acc = probs[where].astype(np.uint16)
-                        acc *= before
-                        acc += p * wz
-                        acc += total // 2
-                        acc //= total
-                        p = acc.astype(np.uint8)
+                    if j:  # weighted running mean in integers, rounded (axial view END_TAPER, others wz; uint16 holds it)
+                        acc = probs[where].astype(np.uint16) * (END_TAPER + (j - 1) * wz) + p * wz
+                        p = ((acc + (END_TAPER + j * wz) // 2) // (END_TAPER + j * wz)).astype(np.uint8)
                     probs[where] = p
 
         if calib["slices"] is not None:  # the threshold, on labelled slices of the averaged probabilities

@@ -12,10 +12,10 @@ from PIL import Image
 from conftest import volume_of
 from microfossil.evaluation import save_metrics
 from microfossil.learner import build_learner, encoder
-from microfossil.loaders import batch_tfms, make_dls, n_input_channels
+from microfossil.loaders import batch_tfms, make_dls, n_input_channels, plane_weights
 from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context,
                                     CALIBRATION_SLICES, calibration_slices, choose_fossil_threshold, load_model,
-                                    plane_weights, predict_volume, threshold_counts, threshold_plan, voxel_labels)
+                                    predict_volume, threshold_counts, threshold_plan, voxel_labels)
 from microfossil.io import file_stamp
 from microfossil.split import split_volume
 from microfossil.training import PhaseCheckpoint, weights_sha256
