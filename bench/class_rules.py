@@ -16,12 +16,13 @@ it) against the class each rule gives it:
   block's fossil voxels: every fossil class equally likely before the voxels are seen, whatever
   the training block's ratio;
 - `classifier`: the specimen classifier the run used (`prob_<class>` in the catalogue); `classifier refit`: today's
-  class forest (`classifier.SpecimenForests`: no size descriptor) fitted on the examples the run's classifier learnt
-  from (`heldout/exports/classifier_examples.csv`); `classifier refit, with size`: one forest on every descriptor,
-  size included (the classifier before 2026-12-07), on the same examples; `classifier, shape
-  only`: today's without the intensity descriptors (the infill's grey); `classifier refit + reshaped copies`: the
-  same with more examples, reshaped copies of the training block's true specimens (broken caps, a voxel thinner
-  or thicker; `reshaped_examples`; not for a run of 05 with `model_path`);
+  class forest (`classifier.SpecimenForests`: no size descriptor, no grey level) fitted on the examples the run's
+  classifier learnt from (`heldout/exports/classifier_examples.csv`); `classifier refit, with size`: one forest on
+  every descriptor, size included (the classifier until b4eadf4), on the same examples; `classifier refit, with
+  grey levels`: no size descriptor but the grey levels (the class forest from b4eadf4 until the grey levels left
+  it); `classifier refit + reshaped copies`: today's with more examples, reshaped copies of the training block's
+  true specimens (broken caps, a voxel thinner or thicker; `reshaped_examples`; not for a run of 05 with
+  `model_path`);
 - `classifier x segmentation (...)`: the classifier's probabilities times the segmentation's
   (normalised over the fossil classes; the segmentation's as the rule named gives them);
 - `classifier, the segmentation's (balanced) where it is unsure`: the classifier's class unless its
@@ -99,18 +100,17 @@ def specimens(work):
         out.append(row)
     if (held / "exports" / "classifier_examples.csv").exists() and out:
         seed = prov.get("classifier_seed") or 0
-        forests = [("refit", (), None), ("with size", (), None), ("shape only", INTENSITY, None)]
+        forests = [("refit", (), None), ("with size", (), None), ("with grey levels", (), None)]
         if bundle is None:  # (a bundle's run: its training specimens are on another scan)
             ext = json.loads((held / "exports" / "extraction.json").read_text())  # the true specimens' connectivity, size
             forests.append(("reshaped", (), reshaped_examples(vol, tr, seed, ext["connectivity"], ext["min_voxels"])))
         for name, leave_out, extra in forests:
-            probs_of = refit(work, codes, leave_out, seed, bundle, extra, size=name == "with size")
+            probs_of = refit(work, codes, leave_out, seed, bundle, extra, size=name == "with size",
+                             grey=name == "with grey levels")
             for row in out:
                 row[f"clf {name}"] = probs_of[row["id"]]
     return out, codes, prior, weights
 
-
-INTENSITY = ("intensity_p10", "intensity_p50", "intensity_p90", "intensity_std")
 
 
 def reshaped_examples(vol, train_slices, seed=0, connectivity=26, min_voxels=150):
@@ -149,15 +149,16 @@ def reshaped_examples(vol, train_slices, seed=0, connectivity=26, min_voxels=150
     return pd.DataFrame(rows)
 
 
-def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None, size=False):
+def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None, size=False, grey=False):
     """{specimen id: probabilities of the fossil classes} from the class forest of 05's classifier
-    (`classifier.SpecimenForests`; `size`: one forest on every descriptor, as before it), fitted on the examples
+    (`classifier.SpecimenForests`; `size`: one forest on every descriptor, as before it; `grey`: the class forest
+    reads the grey levels too, as it did until they left it), fitted on the examples
     the run's test-block evaluation learnt from (`heldout/exports/classifier_examples.csv`: the training block's;
     and the model bundle's, `bundle/classifier_examples.csv`, for a run of 05 with `model_path`; and `extra`, a
     table of more), without the descriptors `leave_out`; applied to the test-block specimens' descriptors."""
     import pandas as pd
     from microfossil.classifier import NOT_A_FOSSIL, SpecimenForests, random_forest
-    from microfossil.specimens import SPECIMEN_FEATURES
+    from microfossil.specimens import SIZE_DESCRIPTORS, SPECIMEN_FEATURES
     files = [work / "heldout" / "exports" / "classifier_examples.csv"]
     files += [] if bundle is None else [bundle / "classifier_examples.csv"]
     ex = pd.concat([pd.read_csv(f) for f in files if f.exists()] + ([] if extra is None else [extra]))
@@ -169,7 +170,9 @@ def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None, size=False
         labels, proba = list(clf.classes_), clf.predict_proba(new)
     else:  # (the class forest alone: "not a fossil" has no share in the fossil classes' probabilities here)
         keep = y != NOT_A_FOSSIL
-        labels, proba = SpecimenForests(X[keep], y[keep], cols, seed).proba(new)
+        forests = (SpecimenForests(X[keep], y[keep], cols, seed, class_leave_out=SIZE_DESCRIPTORS) if grey
+                   else SpecimenForests(X[keep], y[keep], cols, seed))
+        labels, proba = forests.proba(new)
     fossil = np.stack([proba[:, labels.index(c)] if c in labels else np.zeros(len(proba)) for c in codes[1:]], 1)
     return dict(zip(feats.index.astype(int), fossil))
 
@@ -189,7 +192,7 @@ def rules(row, prior, weights):
     if row.get("clf reshaped") is not None:
         out["classifier refit + reshaped copies"] = int(np.argmax(row["clf reshaped"]))
     for key, name in (("clf", "classifier"), ("clf refit", "classifier refit"), ("clf with size", "classifier refit, with size"),
-                      ("clf shape only", "classifier, shape only")):
+                      ("clf with grey levels", "classifier refit, with grey levels")):
         if row.get(key) is None:
             continue
         c = row[key] / max(row[key].sum(), 1e-9)  # over the fossil classes ("not a fossil" aside)

@@ -14,7 +14,8 @@ import numpy as np
 
 from .io import finish_commit, read_json, staged, write_csv, write_json
 from .exports import draw_gallery
-from .specimens import LATER_DESCRIPTORS, NOT_A_FOSSIL, SIZE_DESCRIPTORS, SPECIMEN_FEATURES, paint_classes
+from .specimens import (GREY_DESCRIPTORS, LATER_DESCRIPTORS, NOT_A_FOSSIL, SIZE_DESCRIPTORS, SPECIMEN_FEATURES,
+                        paint_classes)
 
 
 def _training_labels(cat, feats, codes, blocks, review):
@@ -80,16 +81,17 @@ def random_forest(seed, n_examples):
 class SpecimenForests:
     """The specimen classifier's two random forests, fitted on descriptors `X` (columns `cols`) and labels `y`.
 
-    Which fossil class: a forest on the fossil examples, reading the descriptors that do not measure size (all but
-    `SIZE_DESCRIPTORS`): a specimen larger or smaller than the examples of its class is judged by its shape and grey
-    levels, not by which class its size falls nearest. Whether a fossil at all: only when some example is
+    Which fossil class: a forest on the fossil examples, reading the shape alone (all descriptors but `class_leave_out`,
+    by default `SIZE_DESCRIPTORS` and `GREY_DESCRIPTORS`): a specimen larger or smaller than the examples of its class,
+    or filled otherwise, is judged by its shape, not by which class its size or its infill's grey falls nearest (both
+    vary from core to core, and neither with the class). Whether a fossil at all: only when some example is
     `NOT_A_FOSSIL` (a review's rejection, predicted junk), a forest on every descriptor (size tells a grain or a
     fragment), with its `reject_threshold`. `proba(X)` gives (labels, probabilities): each fossil class's probability
     times that of a fossil, and `NOT_A_FOSSIL`'s."""
-    def __init__(self, X, y, cols, seed=0):
+    def __init__(self, X, y, cols, seed=0, class_leave_out=SIZE_DESCRIPTORS + GREY_DESCRIPTORS):
         X, y = np.asarray(X, float), np.asarray(y).astype(str)
         self.cols = list(cols)
-        self.class_cols = [c for c in self.cols if c not in SIZE_DESCRIPTORS]
+        self.class_cols = [c for c in self.cols if c not in class_leave_out]
         self._class_idx = [self.cols.index(c) for c in self.class_cols]
         fossil = y != NOT_A_FOSSIL
         self.forest = random_forest(seed, int(fossil.sum())).fit(X[fossil][:, self._class_idx], y[fossil])

@@ -25,6 +25,10 @@ SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "p
 # whether a specimen is a fossil at all reads these too (`classifier.SpecimenForests`; docs/evaluation.md, "The
 # specimen classifier without size").
 SIZE_DESCRIPTORS = ("log_voxels", "surface_share", "n_peaks", "peaks_per_1000_voxels")
+# The grey levels of a specimen's voxels: its infill's (hollow, sediment, spar: what the core's burial put inside, not
+# the animal) and the scanner's. Neither follows the class, so the class among the fossils does not read them either;
+# whether a specimen is a fossil at all does (docs/evaluation.md, "The specimen classifier without grey levels").
+GREY_DESCRIPTORS = ("intensity_p10", "intensity_p50", "intensity_p90", "intensity_std")
 
 INNER_DEPTH = 2.5  # voxels from a specimen's surface where its interior starts (`descriptors`' inner_walls)
 # Descriptors added after model bundles were first written: a bundle's examples measured before one existed are still

@@ -16,7 +16,7 @@ from microfossil.evaluation import evaluate_heldout, save_metrics
 from microfossil.exports import draw_gallery
 from microfossil.extraction import extract_fossils
 from microfossil.review import ReviewSession, read_review
-from microfossil.specimens import SIZE_DESCRIPTORS, SPECIMEN_FEATURES
+from microfossil.specimens import GREY_DESCRIPTORS, SIZE_DESCRIPTORS, SPECIMEN_FEATURES
 from microfossil.split import split_volume
 
 
@@ -298,7 +298,7 @@ def test_the_class_comes_from_the_shape_and_not_the_size_whether_a_fossil_from_b
     small_shell = X[y == "chain"][:1].copy()  # a chain's size...
     small_shell[0, cols.index("solidity")] = 0.8  # ...and a shell's shape
     f = SpecimenForests(X, y, cols)
-    assert f.reject is None and f.threshold is None and not set(SIZE_DESCRIPTORS) & set(f.class_cols)
+    assert f.reject is None and f.threshold is None and not set(SIZE_DESCRIPTORS + GREY_DESCRIPTORS) & set(f.class_cols)
     labels, p = f.proba(small_shell)
     assert labels[int(p.argmax())] == "shell" and p.sum() == pytest.approx(1)
     junk = X[:10].copy()
@@ -307,3 +307,25 @@ def test_the_class_comes_from_the_shape_and_not_the_size_whether_a_fossil_from_b
     labels, p = f.proba(np.r_[junk[:1] + 0.001, small_shell])
     assert labels[-1] == NOT_A_FOSSIL and p[0, -1] >= f.threshold > p[1, -1]
     assert p.sum(1) == pytest.approx([1, 1]) and labels[int(p[1].argmax())] == "shell"
+
+
+def test_the_class_comes_from_the_shape_and_not_the_infills_grey():
+    """Examples whose classes differ by solidity and by their grey levels alike (every shell of the training block
+    spar-filled, bright; every chain hollow, dark): a hollow shell is still a shell, as the infill is the core's and
+    not the animal's; the forest that judges whether a specimen is a fossil at all still reads the grey levels."""
+    rng = np.random.default_rng(1)
+    cols, n = list(SPECIMEN_FEATURES), 40
+    y = np.where(np.arange(n) % 2, "shell", "chain")
+    X = rng.normal(0.5, 0.1, (n, len(cols)))
+    X[:, cols.index("solidity")] = np.where(y == "shell", 0.8, 0.7) + rng.normal(0, 0.01, n)
+    for c in GREY_DESCRIPTORS:
+        X[:, cols.index(c)] = np.where(y == "shell", 220, 60) + rng.normal(0, 5, n)
+    hollow_shell = X[y == "chain"][:1].copy()  # a chain's grey levels...
+    hollow_shell[0, cols.index("solidity")] = 0.8  # ...and a shell's shape
+    f = SpecimenForests(X, y, cols)
+    labels, p = f.proba(hollow_shell)
+    assert labels[int(p.argmax())] == "shell" and p.max() > 0.6, p
+    junk = X[:10].copy()
+    junk[:, [cols.index(c) for c in GREY_DESCRIPTORS]] = 128 + rng.normal(0, 2, (10, len(GREY_DESCRIPTORS)))
+    f = SpecimenForests(np.r_[X, junk], np.r_[y, [NOT_A_FOSSIL] * 10], cols)
+    assert set(GREY_DESCRIPTORS) <= set(f.cols) and f.reject.n_features_in_ == len(cols)
