@@ -274,3 +274,11 @@ def test_oversample_rare_centres_crops_on_the_rare_class_more_often(tmp_path, mo
     plain, rare = rare_share(1.0), rare_share(4.0)
     # uniform: 4/24 slices x 16/160 pixels = 0.017; oversampled: 16/36 slices x (4 * 16) / (4 * 16 + 144) = 0.137
     assert abs(plain - 0.017) < 0.015 and abs(rare - 0.137) < 0.04, (plain, rare)
+
+
+def test_the_xz_and_yz_views_count_fully_from_sixteen_slices_in():
+    w = loaders.plane_weights(40)
+    np.testing.assert_array_equal(w[:17], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16])
+    np.testing.assert_array_equal(w, w[::-1])  # both ends alike
+    assert (w[15:25] == 16).all()  # the axial view's weight: a plain mean of the three views
+    np.testing.assert_array_equal(loaders.plane_weights(1), [1])

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import volume_of
 from microfossil.evaluation import save_metrics
 from microfossil.learner import build_learner, encoder
-from microfossil.loaders import batch_tfms, make_dls, n_input_channels, plane_weights
+from microfossil.loaders import batch_tfms, make_dls, n_input_channels
 from microfossil.prediction import (TTA_FLIPS, _forward_probs, _padded_forward, _slices_with_context,
                                     CALIBRATION_SLICES, calibration_slices, choose_fossil_threshold, load_model,
                                     predict_volume, threshold_counts, threshold_plan, voxel_labels)
@@ -234,14 +234,6 @@ def test_triplanar_uses_each_plane(tmp_path):
     assert np.abs(got - expected).max() <= 1.5
     assert np.abs(planes[0] * 255 - expected).max() > 5  # the planes really differ here
     assert np.abs(np.mean(planes, 0) * 255 - expected).max() > 2  # and the weights are not a plain mean
-
-
-def test_the_xz_and_yz_views_count_fully_from_sixteen_slices_in():
-    w = plane_weights(40)
-    np.testing.assert_array_equal(w[:17], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16])
-    np.testing.assert_array_equal(w, w[::-1])  # both ends alike
-    assert (w[15:25] == 16).all()  # the axial view's weight: a plain mean of the three views
-    np.testing.assert_array_equal(plane_weights(1), [1])
 
 
 def test_flip_tta_is_flip_equivariant(tmp_path):
