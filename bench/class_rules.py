@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from microfossil.classifier import CLASS_LEAVE_OUT  # noqa: E402
+from microfossil.specimens import SIZE_DESCRIPTORS  # noqa: E402
 from microfossil.volume import load_volume  # noqa: E402
 
 EPS = 1 / 255  # probs.npy holds probabilities in 1/255 steps: a 0 is "below 1/255"
@@ -100,13 +102,13 @@ def specimens(work):
         out.append(row)
     if (held / "exports" / "classifier_examples.csv").exists() and out:
         seed = prov.get("classifier_seed") or 0
-        forests = [("refit", (), None), ("with size", (), None), ("with grey levels", (), None)]
+        forests = [("refit", CLASS_LEAVE_OUT, None), ("with size", None, None), ("with grey levels", SIZE_DESCRIPTORS, None)]
         if bundle is None:  # (a bundle's run: its training specimens are on another scan)
             ext = json.loads((held / "exports" / "extraction.json").read_text())  # the true specimens' connectivity, size
-            forests.append(("reshaped", (), reshaped_examples(vol, tr, seed, ext["connectivity"], ext["min_voxels"])))
-        for name, leave_out, extra in forests:
-            probs_of = refit(work, codes, leave_out, seed, bundle, extra, size=name == "with size",
-                             grey=name == "with grey levels")
+            forests.append(("reshaped", CLASS_LEAVE_OUT,
+                            reshaped_examples(vol, tr, seed, ext["connectivity"], ext["min_voxels"])))
+        for name, class_leave_out, extra in forests:  # (None: one forest on every descriptor, size included)
+            probs_of = refit(work, codes, seed, bundle, extra, class_leave_out)
             for row in out:
                 row[f"clf {name}"] = probs_of[row["id"]]
     return out, codes, prior, weights
@@ -149,30 +151,29 @@ def reshaped_examples(vol, train_slices, seed=0, connectivity=26, min_voxels=150
     return pd.DataFrame(rows)
 
 
-def refit(work, codes, leave_out=(), seed=0, bundle=None, extra=None, size=False, grey=False):
+def refit(work, codes, seed=0, bundle=None, extra=None, class_leave_out=CLASS_LEAVE_OUT):
     """{specimen id: probabilities of the fossil classes} from the class forest of 05's classifier
-    (`classifier.SpecimenForests`; `size`: one forest on every descriptor, as before it; `grey`: the class forest
-    reads the grey levels too, as it did until they left it), fitted on the examples
-    the run's test-block evaluation learnt from (`heldout/exports/classifier_examples.csv`: the training block's;
-    and the model bundle's, `bundle/classifier_examples.csv`, for a run of 05 with `model_path`; and `extra`, a
-    table of more), without the descriptors `leave_out`; applied to the test-block specimens' descriptors."""
+    (`classifier.SpecimenForests`, without the descriptors `class_leave_out`: today's `CLASS_LEAVE_OUT`, or
+    `SIZE_DESCRIPTORS` alone as until the grey levels left it; None: one forest on every descriptor, as before
+    b4eadf4), fitted on the examples the run's test-block evaluation learnt from
+    (`heldout/exports/classifier_examples.csv`: the training block's; and the model bundle's,
+    `bundle/classifier_examples.csv`, for a run of 05 with `model_path`; and `extra`, a table of more); applied to
+    the test-block specimens' descriptors."""
     import pandas as pd
     from microfossil.classifier import NOT_A_FOSSIL, SpecimenForests, random_forest
-    from microfossil.specimens import SIZE_DESCRIPTORS, SPECIMEN_FEATURES
+    from microfossil.specimens import SPECIMEN_FEATURES
     files = [work / "heldout" / "exports" / "classifier_examples.csv"]
     files += [] if bundle is None else [bundle / "classifier_examples.csv"]
     ex = pd.concat([pd.read_csv(f) for f in files if f.exists()] + ([] if extra is None else [extra]))
     feats = pd.read_csv(work / "heldout" / "exports" / "features.csv").set_index("id")
-    cols = [c for c in SPECIMEN_FEATURES if c not in leave_out]
+    cols = list(SPECIMEN_FEATURES)
     X, y, new = ex[cols].fillna(0.0).to_numpy(), ex["label"].astype(str).to_numpy(), feats[cols].fillna(0.0).to_numpy()
-    if size:
+    if class_leave_out is None:
         clf = random_forest(seed, len(y)).fit(X, y)
         labels, proba = list(clf.classes_), clf.predict_proba(new)
     else:  # (the class forest alone: "not a fossil" has no share in the fossil classes' probabilities here)
         keep = y != NOT_A_FOSSIL
-        forests = (SpecimenForests(X[keep], y[keep], cols, seed, class_leave_out=SIZE_DESCRIPTORS) if grey
-                   else SpecimenForests(X[keep], y[keep], cols, seed))
-        labels, proba = forests.proba(new)
+        labels, proba = SpecimenForests(X[keep], y[keep], cols, seed, class_leave_out).proba(new)
     fossil = np.stack([proba[:, labels.index(c)] if c in labels else np.zeros(len(proba)) for c in codes[1:]], 1)
     return dict(zip(feats.index.astype(int), fossil))
 

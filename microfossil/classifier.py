@@ -78,17 +78,21 @@ def random_forest(seed, n_examples):
                                   oob_score=n_examples >= 10)
 
 
+# What the class forest does not read (`SpecimenForests`): a specimen's size and its grey levels
+CLASS_LEAVE_OUT = SIZE_DESCRIPTORS + GREY_DESCRIPTORS
+
+
 class SpecimenForests:
     """The specimen classifier's two random forests, fitted on descriptors `X` (columns `cols`) and labels `y`.
 
     Which fossil class: a forest on the fossil examples, reading the shape alone (all descriptors but `class_leave_out`,
-    by default `SIZE_DESCRIPTORS` and `GREY_DESCRIPTORS`): a specimen larger or smaller than the examples of its class,
+    by default `CLASS_LEAVE_OUT`: `SIZE_DESCRIPTORS` and `GREY_DESCRIPTORS`): a specimen larger or smaller than the examples of its class,
     or filled otherwise, is judged by its shape, not by which class its size or its infill's grey falls nearest (both
     vary from core to core, and neither with the class). Whether a fossil at all: only when some example is
     `NOT_A_FOSSIL` (a review's rejection, predicted junk), a forest on every descriptor (size tells a grain or a
     fragment), with its `reject_threshold`. `proba(X)` gives (labels, probabilities): each fossil class's probability
     times that of a fossil, and `NOT_A_FOSSIL`'s."""
-    def __init__(self, X, y, cols, seed=0, class_leave_out=SIZE_DESCRIPTORS + GREY_DESCRIPTORS):
+    def __init__(self, X, y, cols, seed=0, class_leave_out=CLASS_LEAVE_OUT):
         X, y = np.asarray(X, float), np.asarray(y).astype(str)
         self.cols = list(cols)
         self.class_cols = [c for c in self.cols if c not in class_leave_out]

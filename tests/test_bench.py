@@ -502,7 +502,7 @@ def test_class_rules_counts_right_classes_per_rule(tmp_path, capsys):
 
 
 def test_class_rules_refit_reads_no_size_unless_asked(tmp_path):
-    """bench/class_rules.py's refit: today's class forest (no size descriptor) and the forest before it (`size=True`)
+    """bench/class_rules.py's refit: today's class forest (no size descriptor) and the forest before it (`class_leave_out=None`)
     fitted on a run's classifier examples. Examples whose sizes are swapped between the classes (each ostracod example
     as large as the foraminifera, and the other way round) leave today's forest's classes as the shapes give them."""
     import numpy as np
@@ -525,7 +525,7 @@ def test_class_rules_refit_reads_no_size_unless_asked(tmp_path):
         swapped[c] = np.where(label == "ostracod", 3.2, 2.6) + rng.normal(0, 0.02, n)
     swapped.assign(label=label).to_csv(held / "classifier_examples.csv", index=False)
     today = class_rules.refit(tmp_path / "run", codes)
-    before = class_rules.refit(tmp_path / "run", codes, size=True)
+    before = class_rules.refit(tmp_path / "run", codes, class_leave_out=None)
     assert sorted(today) == sorted(before) == list(range(1, n + 1))
     assert all(abs(p.sum() - 1) < 1e-9 for p in today.values())
     assert [codes[1 + int(today[i].argmax())] for i in range(1, n + 1)] == list(label)
