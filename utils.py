@@ -13,10 +13,10 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `microfossil/` sits 
 
 _NAMES = {  # module of the microfossil package: the names the notebooks take from it
     "params": ["check_params"],
-    "runtime": ["local_dir", "flush_drive"],
+    "runtime": ["local_dir", "cache_dirs", "flush_drive"],
     "paths": ["resolve_paths"],
     "bundle": ["check_intensity", "matched_volume", "bundle_examples", "update_bundle", "run_bundle"],
-    "volume": ["load_volume", "describe_volume"],
+    "volume": ["load_volume", "describe_volume", "read_voxel_size"],
     "split": ["split_volume", "describe_split", "scoring_split"],
     "loaders": ["get_device", "make_dls"],
     "learner": ["build_learner", "valley"],
@@ -26,6 +26,7 @@ _NAMES = {  # module of the microfossil package: the names the notebooks take fr
     "evaluation": ["save_metrics", "evaluate_heldout", "describe_specimen_scores", "variant_name", "evaluation_row",
                    "write_evaluation"],
     "classifier": ["classify_specimens"],
+    "assemblage": ["write_assemblage"],
     "review": ["ReviewSession", "ReviewPanel", "has_widget_frontend", "read_review"],
     "viewers": ["browse_slices", "view_specimen", "view_specimens"],
     "plots": ["save_figure", "plot_slice", "plot_orthoviews", "plot_histogram", "plot_split", "plot_history",

@@ -6,7 +6,9 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `params`: the notebooks' parameters, each checked where it enters (`check_params`)
 - `io`: atomic writes (every file is renamed into place only when complete), JSON, label TIFFs
 - `runtime`: Colab or not: Drive and the runtime's local disk, in-place copies, the GPU check, progress bars
-- `volume`: reading and validating a dataset (`load_volume`, `Volume`, voxel size)
+- `readers`: a scan's slices one at a time, whatever format a scanner wrote (TIFF, BMP, MetaImage, NRRD, NIfTI, HDF5, DICOM)
+- `scans`: which files make up a scan and its labels (`scan_parts`), and the voxel size its metadata records
+- `volume`: reading and validating a scan into one uint8 volume (`load_volume`, `Volume`, `read_voxel_size`, the cache)
 - `specimens`: 3D components, measurements and descriptors of each specimen
 - `split`: the validation, training and test blocks, which share no specimen (`split_volume`, `scoring_split`)
 - `sample`: the embedded synthetic micro-CT sample
@@ -21,6 +23,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `exports`: meshes, TIFF crops, previews, the gallery
 - `extraction`: `extract_fossils`, from predicted labels to the catalogue and the exports
 - `classifier`: the specimen classifier
+- `assemblage`: counts and volumes of each class per depth interval along the core (`write_assemblage`)
 - `evaluation`: the scores of a run on its test block, from test data only, voxels and specimens, with provenance
 - `review`: the review session and panel
 - `viewers`: the slice browser and the 3D views of the specimens (ipywidgets, plotly)

@@ -179,7 +179,8 @@ def matched_volume(vol, info, cache_dir=None, chunk=16):
     if cache_dir is None:
         images = lut[np.asarray(vol.images)]
     else:
-        key = hashlib.sha256(lut.tobytes() + json.dumps(volume_fingerprint(vol)).encode()).hexdigest()[:12]
+        scan = {k: v for k, v in volume_fingerprint(vol).items() if k != "dataset"}  # the scan, wherever it lies
+        key = hashlib.sha256(lut.tobytes() + json.dumps(scan).encode()).hexdigest()[:12]
         path = Path(cache_dir) / f"matched_{key}.npy"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -316,7 +316,7 @@ def classify_specimens(work_dir, split=None, use_truth=True, review=None, min_ex
         (stage / "exports").mkdir()
         (stage / "predictions").mkdir()
         write_csv(stage / "exports" / "fossils.csv", cat)
-        paint_classes(pred_dir, class_of_id, stage / "predictions")
+        paint_classes(pred_dir, class_of_id, stage / "predictions", codes)
         write_json(stage / "exports" / "classifier.json", info)
     draw_gallery(target)  # the previews and tiles whose class changed
     print(f"Specimen classifier trained on {len(y_fit)} examples ({sources}): "

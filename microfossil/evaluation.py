@@ -178,7 +178,7 @@ def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None
     work_dir = Path(work_dir)
     finish_commit(work_dir)  # a prediction or an extraction a kill cut in the middle of its swap
     if vol.labels is None:
-        raise ValueError(f"{vol.source} has no train_masks_labels/: nothing to evaluate against.")
+        raise ValueError(f"{vol.source} has no labels: nothing to evaluate against.")
     if not len(split.test):
         return None
     params = read_json(work_dir / "exports" / "extraction.json")

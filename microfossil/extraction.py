@@ -18,7 +18,7 @@ from .exports import GALLERY_RECORD, draw_gallery, export_specimen, mesh
 from .io import PREDICTION_RECORD, file_stamp, finish_commit, read_json, staged, write_csv, write_json, write_label_tiff
 from .runtime import Progress
 from .specimens import SPECIMEN_FEATURES, centroid, class_counts, descriptors, find_specimens, paint_classes
-from .volume import Volume, read_voxel_size
+from .volume import NO_VOXEL_SIZE, Volume, read_voxel_size
 
 # What an extraction replaces (relative to work_dir): the previous one's files that this one may not write again.
 # The review (exports/review.csv) is not in it: decisions follow their specimen to the new catalogue.
@@ -165,7 +165,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
                      codes=codes, stems=vol.stems[slices], source=vol.source, window=vol.window)
         pred = pred[slices]
         probs = None if probs is None else probs[slices]
-    spacing, vs_source = read_voxel_size(vol.source, voxel_size_um)
+    spacing, vs_source = read_voxel_size(vol.source, voxel_size_um, vol.dataset)
     voxel_um3 = float(np.prod(spacing))
     min_vox = max(1, int(min_voxels), math.ceil(float(min_volume_um3 or 0) / voxel_um3))
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -222,9 +222,10 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
         truth_cols = [f"truth_{c}" for c in codes] if vol.labels is not None else []
         write_csv(s_exp / "features.csv", pd.DataFrame(feats, columns=["id", *SPECIMEN_FEATURES, *truth_cols]))
         id_dtype = np.uint16 if N < 65535 else np.uint32
-        write_label_tiff(s_pred / "specimens.tif", (id_of_label[page].astype(id_dtype) for page in cc))
+        known = spacing if vs_source != NO_VOXEL_SIZE else None  # the label volumes carry a voxel size that is known
+        write_label_tiff(s_pred / "specimens.tif", (id_of_label[page].astype(id_dtype) for page in cc), known, len(cc))
         del cc
-        paint_classes(s_pred, class_of_id)
+        paint_classes(s_pred, class_of_id, codes=codes)
         if vol.labels is not None:
             _truth_features(vol, pred, connectivity, min_vox, s_exp / "truth_features.csv")
         pages = list(dict.fromkeys(draw_gallery(work_dir, exp_dir=s_exp)["page"]))  # after the catalogue: they show its classes

@@ -13,6 +13,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 PREDICTION_RECORD = "prediction.json"  # beside predictions/labels.tif: the checkpoint and options that made it
 
 # One page of a label TIFF: fast zlib, no metadata, so that uniform pages read back as one (Z, H, W) stack.
@@ -176,12 +178,43 @@ def write_csv(path, frame, **kwargs):
         frame.to_csv(tmp, index=False, float_format="%.6g", **kwargs)
 
 
-def write_label_tiff(path, pages):
-    """Write 2D label `pages` (an iterable, consumed one page at a time) as one multi-page TIFF at `path`, atomically."""
+def write_label_tiff(path, pages, spacing=None, n_pages=None):
+    """Write 2D label `pages` (an iterable, consumed one page at a time) as one multi-page TIFF at `path`, atomically.
+
+    With `spacing` ((z, y, x) µm) and `n_pages`, the file is an ImageJ stack carrying the voxel size (its resolution and
+    spacing, unit µm), so that Fiji, napari and 3D Slicer open it to scale; 8 and 16-bit labels (ImageJ's)."""
+    import itertools
+
     import tifffile
-    with replacing(path) as tmp, tifffile.TiffWriter(tmp) as tif:
-        for page in pages:
-            tif.write(page, **LABEL_PAGE)
+    pages = iter(pages)
+    first = next(pages, None)
+    imagej = first is not None and spacing is not None and bool(n_pages) and first.dtype in (np.uint8, np.uint16)
+    with replacing(path) as tmp, tifffile.TiffWriter(tmp, imagej=imagej) as tif:
+        if imagej:
+            tif.write(itertools.chain([first], pages), shape=(n_pages, *first.shape), dtype=first.dtype,
+                      resolution=(1 / spacing[2], 1 / spacing[1]), compression="zlib", compressionargs={"level": 1},
+                      metadata={"spacing": spacing[0], "unit": "um", "axes": "ZYX"})
+        elif first is not None:
+            for page in itertools.chain([first], pages):
+                tif.write(page, **LABEL_PAGE)
+
+
+def label_shape(path):
+    """(slices, height, width) of label TIFF `path`, from its headers."""
+    import tifffile
+    with tifffile.TiffFile(path) as t:
+        return (len(t.pages), *t.pages[0].shape)
+
+
+def label_spacing(path):
+    """The voxel size (z, y, x) in µm that label TIFF `path` carries (`write_label_tiff`), or None."""
+    import tifffile
+    with tifffile.TiffFile(path) as t:
+        ij, xres = t.imagej_metadata or {}, t.pages[0].tags.get("XResolution")
+        if ij.get("unit") != "um" or xres is None:
+            return None
+        y = t.pages[0].tags["YResolution"].value
+        return float(ij.get("spacing", 1.0)), y[1] / y[0], xres.value[1] / xres.value[0]
 
 
 def read_label_pages(path):

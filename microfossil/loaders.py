@@ -401,7 +401,8 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     undone when it is predicted (`bundle.matched_volume`).
     """
     if vol.labels is None:
-        raise DatasetError(f"{vol.source} has no train_masks_labels/: training needs masks.")
+        raise DatasetError(f"{vol.source} has no labels: training needs them (train_masks_labels/, <name>_GT<ext> "
+                           "beside the scan, or labels_path).")
     n_input_channels(context_slices)
     device = device or get_device(verbose=False)
     split = split_volume(vol) if split is None else split

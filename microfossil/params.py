@@ -40,7 +40,7 @@ def _flag(v): return isinstance(v, bool), "True or False"
 def _text(v): return isinstance(v, str) and v.strip() != "", "a text in quotes, e.g. \"name\""
 
 
-def _path(v): return isinstance(v, (str, Path)) and str(v).strip() != "", "a folder path in quotes"
+def _path(v): return isinstance(v, (str, Path)) and str(v).strip() != "", "a path in quotes"
 
 
 def _one_of(*choices):
@@ -86,7 +86,9 @@ def _fossil_threshold(v):
 
 
 RULES = {  # name: (rule, what it is, for the message)
-    "data_dir": (_or_none(_path), "the dataset folder"),
+    "data_dir": (_or_none(_path), "the scan: a dataset folder, a folder of slices or a volume file"),
+    "labels_path": (_or_none(_path), "the label file or folder (None: <name>_GT<ext> beside the scan)"),
+    "h5_dataset": (_or_none(_text), "the HDF5 dataset of the scan, e.g. \"/exchange/data\""),
     "work_dir": (_or_none(_path), "the run folder"),
     "data_url": (_or_none(_text), "a Google Drive id/URL or HTTP URL of a zipped dataset"),
     "quick": (_flag, "the CPU demo"), "smoke": (_flag, "the smoke test"), "force": (_flag, "retrain finished phases"),
@@ -125,6 +127,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "save_probs": (_flag, "write probs.npy"), "tta": (_flag, "flip test-time augmentation"),
     "fossil_threshold": (_fossil_threshold, "the share of probability the fossil classes need for a voxel to be fossil"),
     "voxel_size_um": (_voxel_size, "the voxel size"),
+    "depth_interval_mm": (_number(0, lo_open=True), "the depth interval of exports/assemblage.csv, in mm of core"),
     "min_voxels": (_whole(0), "the smallest specimen kept, in voxels (0 or 1: keep every one)"),
     "min_volume_um3": (_number(0), "the smallest specimen kept, in µm³"),
     "connectivity": (_one_of(6, 18, 26), "the 3D connectivity of a specimen"),

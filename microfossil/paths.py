@@ -11,6 +11,7 @@ from pathlib import Path
 from .io import replacing
 from .runtime import colab_root, on_drive, runs_home
 from .sample import SAMPLE_SIZES, ensure_sample
+from .scans import scan_parts
 from .volume import DatasetError
 
 _CHECKOUT = Path(__file__).resolve().parents[1]
@@ -41,14 +42,16 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
         name = f"sample_{sample_size}" + (f"_seed{seed}" if seed else "")  # each seed its own sample and run folder
         data_dir = ensure_sample(data_home() / name, *SAMPLE_SIZES[sample_size], seed=seed)
     data_dir = Path(data_dir).expanduser().resolve()
-    if not data_dir.is_dir():
-        raise DatasetError(f"data_dir {data_dir} does not exist. Set `data_dir` to a folder holding "
-                           "train/, train_masks_labels/ and codes.txt, or leave it None for the embedded sample.")
+    if not data_dir.exists():
+        raise DatasetError(f"data_dir {data_dir} does not exist. Set `data_dir` to the scan (a dataset folder with "
+                           "train/, train_masks_labels/ and codes.txt, a folder of slices or a DICOM series, or one "
+                           "volume file), or leave it None for the embedded sample.")
     if work_dir is None:
         base = runs_home() or ROOT / "runs"
-        work_dir = base / (data_dir.name + ("_smoke" if smoke else "_quick" if quick else ""))
+        name = data_dir.name.split(".")[0] if data_dir.is_file() else data_dir.name
+        work_dir = base / (name + ("_smoke" if smoke else "_quick" if quick else ""))
     work_dir = Path(work_dir).expanduser().resolve()
-    if work_dir == data_dir or data_dir in work_dir.parents:
+    if work_dir == data_dir or (data_dir.is_dir() and data_dir in work_dir.parents):
         raise DatasetError(f"work_dir {work_dir} is inside the dataset folder {data_dir}; "
                            "the dataset is never written to, so choose a work_dir outside it.")
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -107,9 +110,18 @@ def _is_junk(part): return part == "__MACOSX" or part.startswith("._") or part =
 
 
 def _dataset_root(unzipped, data_url, holds="train", what="dataset"):
-    """The one folder of the unzipped archive that holds `holds` (`train/`), archive junk ignored."""
+    """The one folder of the unzipped archive that holds `holds` (`train/`), archive junk ignored; for a dataset with no
+    `train/` (a scanner's folder, a volume file), the archive's one top folder, or the archive itself."""
     roots = sorted(p.parent for p in unzipped.rglob(holds)
                    if not any(_is_junk(part) for part in p.relative_to(unzipped).parts))
+    top = [p for p in unzipped.iterdir() if not _is_junk(p.name)]
+    if not roots and holds == "train" and top:
+        root = top[0] if len(top) == 1 and top[0].is_dir() else unzipped
+        try:
+            scan_parts(root, require_labels=False)
+        except DatasetError as e:
+            raise DatasetError(f"The archive from {data_url} holds no train/ folder and no scan: {e}") from None
+        return root
     if not roots:
         name = f"{holds}/ folder" if holds == "train" else holds
         raise DatasetError(f"The archive from {data_url} holds no {name}; see README.md for what a {what} holds.")

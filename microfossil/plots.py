@@ -249,3 +249,23 @@ def plot_split(vol, split, path=None):
     _legend_under(fig, handles, ncol=min(5, len(handles)))
     save_figure(path, fig)
     return fig
+
+
+def plot_assemblage(table, path=None):
+    """The counts of each class or taxon along the core (`assemblage.assemblage_table`), depth downwards, a column
+    each, as range charts of biostratigraphy are drawn."""
+    import matplotlib.pyplot as plt
+    names, unit = table.attrs["classes"], table.attrs["unit"]
+    top, bottom = table.iloc[:, 0].to_numpy(float), table.iloc[:, 1].to_numpy(float)
+    colours = get_class_colours(len(names) + 1)[1:]
+    fig, axs = plt.subplots(1, max(1, len(names)), figsize=(1.2 + 2.2 * max(1, len(names)), 5), sharey=True,
+                            squeeze=False)
+    for ax, name, col in zip(axs[0], names, colours):
+        ax.barh(top, table[f"{name}_count"], height=bottom - top, align="edge", color=col, edgecolor="k", lw=0.3)
+        ax.set(title=name, xlabel="specimens")
+    axs[0, 0].set(ylabel=f"depth ({'mm' if unit == 'mm' else 'slices'} from the top of the scan)")
+    if len(table):
+        axs[0, 0].set_ylim(bottom.max(), 0)
+    fig.tight_layout()
+    save_figure(path, fig)
+    return fig

@@ -29,7 +29,7 @@ from .plots import get_class_colours
 from .runtime import Progress, local_dir, on_drive, require_mounted
 from .split import CONNECTIVITY, valid_left_out_mask
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
-from .volume import evenly_spaced
+from .volume import evenly_spaced, known_voxel_size
 
 
 def voxel_labels(probs, scale=1.0, fossil_threshold=0.5):
@@ -229,8 +229,8 @@ _COMMIT = "commit"  # after the last page: the writer may now replace the file
 class _BackgroundTiff:
     """`write_label_tiff` of `n_pages` pages on a thread: pages are `put` in z order while the GPU works on; the
     file replaces the previous one at `close` (after every other output is written), never at `abort`."""
-    def __init__(self, path, n_pages):
-        self.path, self.pages, self.error = path, queue.Queue(maxsize=8), None
+    def __init__(self, path, n_pages, spacing=None):
+        self.path, self.pages, self.error, self.spacing = path, queue.Queue(maxsize=8), None, spacing
         self.thread = threading.Thread(target=self._run, args=(n_pages,), daemon=True)
         self.thread.start()
 
@@ -243,7 +243,7 @@ class _BackgroundTiff:
                 if page is not _COMMIT:
                     yield page
         try:
-            write_label_tiff(self.path, pages())
+            write_label_tiff(self.path, pages(), self.spacing, n_pages)
         except Exception as e:
             self.error = e
 
@@ -275,7 +275,7 @@ PREVIEWS = 16  # about this many preview PNGs per prediction, evenly spaced in z
 
 def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, context_slices=1, tta=False,
                    triplanar=False, checkpoint=None, slice_pngs=False, probs_dir=None, fossil_threshold=0.5,
-                   calibrate_on=None):
+                   calibrate_on=None, voxel_size_um=None):
     """Predict every slice of `vol` at full resolution; write `labels.tif`, `probs.npy` and a few previews.
 
     `labels.tif` is the label volume (class indices, `voxel_labels`) as one multi-page TIFF; `previews/`
@@ -299,16 +299,16 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
     IoU on those slices (a short-trained model draws its fossils too thin or too fat; the threshold that best
     matches labelled slices corrects that without looking at the held-out block).
 
-    `prediction.json` beside them records `checkpoint` (`info["checkpoint"]` from
-    `load_model`: the attempt and the hash of its weights), the options, and which
-    `probs.npy` goes with these labels (its path and stamp). Everything is written to `<out_dir>.partial/` and
-    swapped in whole when complete (`io.replacing`): an interrupted prediction leaves the
-    previous complete one, never PNGs of two models. Every other file of `out_dir` is carried
-    over (hard links where the disk allows): the previous extraction's `specimens.tif` and
-    `labels_clean.tif`, which go with `exports/` until the next extraction, and any file of
-    yours; an older `probs.npy` is not. The swap needs room for both predictions for a moment.
+    `labels.tif` carries the voxel size (`voxel_size_um`, else the scan's: `volume.known_voxel_size`) when it is known.
+    `prediction.json` beside them records `checkpoint` (`info["checkpoint"]` from `load_model`: the attempt and the
+    hash of its weights), the options, and which `probs.npy` goes with these labels (its path and stamp). Everything is
+    written to `<out_dir>.partial/` and swapped in whole when complete (`io.replacing`): an interrupted prediction
+    leaves the previous complete one, never PNGs of two models. Every other file of `out_dir` is carried over (hard
+    links where the disk allows): the previous extraction's `specimens.tif` and `labels_clean.tif`, which go with
+    `exports/` until the next extraction, and any file of yours; an older `probs.npy` is not. The swap needs room
+    for both predictions for a moment.
     """
-    out_dir = Path(out_dir)
+    out_dir, spacing = Path(out_dir), known_voxel_size(vol.source, voxel_size_um, vol.dataset)
     require_mounted(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if probs_dir is None and on_drive(out_dir):
@@ -327,7 +327,7 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             probs_path = Path(probs_dir) / f"probs.{time.time_ns()}.npy"
             probs_path.parent.mkdir(parents=True, exist_ok=True)
         run = _predict_triplanar if triplanar else _predict_axial
-        calib = {"threshold": float(fossil_threshold), "chosen_on": None, "slices": calibrate_on}
+        calib = {"threshold": float(fossil_threshold), "chosen_on": None, "slices": calibrate_on, "spacing": spacing}
         pred = run(model, vol, new, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs, calib)
         _write_previews(vol, pred, new / "previews")
         write_json(new / PREDICTION_RECORD, {
@@ -359,7 +359,7 @@ def _write_previews(vol, pred, folder):
 
 
 def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs, calib):
-    """`predict_volume` slice by slice along z (the published method)."""
+    """`predict_volume` slice by slice along z (the published method); `calib`: the threshold, its slices, the voxel size."""
     from PIL import Image
     model, device, out_dir, tfms, dtype = _prediction_setup(model, out_dir, device, context_slices)
     if calib["slices"] is not None:  # the threshold first, on a few labelled slices: the labels are made on the fly
@@ -414,7 +414,7 @@ def _predict_axial(model, vol, out_dir, bs, device, probs_path, save_probs, cont
     probs = None  # the memory-mapped probabilities, opened at the first batch (when the class count is known)
     with ExitStack() as files:
         probs_tmp = files.enter_context(replacing(probs_path)) if save_probs else None
-        tiff = _BackgroundTiff(out_dir / "labels.tif", Z)
+        tiff = _BackgroundTiff(out_dir / "labels.tif", Z, calib["spacing"])
         try:
             with ThreadPoolExecutor(3) as pool, torch.inference_mode():
                 # double buffering: batch i+1 is launched before batch i is collected, so the GPU never waits
@@ -494,7 +494,7 @@ def _predict_triplanar(model, vol, out_dir, bs, device, probs_path, save_probs, 
                         list(pool.map(lambda z: Image.fromarray(pred[z]).save(out_dir / f"{vol.stems[z]}.png",
                                                                               compress_level=1), zs))
                     yield from (pred[z] for z in zs)
-        write_label_tiff(out_dir / "labels.tif", label_pages(probs))
+        write_label_tiff(out_dir / "labels.tif", label_pages(probs), calib["spacing"], Z)
         probs.flush()
         del probs
     return pred

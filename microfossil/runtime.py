@@ -103,6 +103,14 @@ def local_dir(work_dir, *parts):
     return folder
 
 
+def cache_dirs(work_dir):
+    """Where `volume.load_volume` caches the decoded scan of run folder `work_dir`: `local_dir(work_dir, "cache")`;
+    with the run folder on Drive, `(that, work_dir/cache)`: a copy kept on Drive, which the next notebook's fresh
+    runtime copies back (one file read) instead of decoding every slice from Drive again."""
+    local = local_dir(work_dir, "cache")
+    return (local, Path(work_dir) / "cache") if on_drive(work_dir) else local
+
+
 def copy_in_place(src, dst, block=1 << 22):
     """Copy file `src` over `dst` by rewriting `dst`'s own bytes (opened for writing, never renamed or deleted: on
     Drive the same file, so nothing is left in the trash); return `{"size", "sha256"}` of what was written. Not

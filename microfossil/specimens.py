@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_label_pages, write_label_tiff
+from .io import label_shape, label_spacing, read_label_pages, write_label_tiff
 
 NOT_A_FOSSIL = "not a fossil"  # the class of a specimen that the specimen classifier calls no fossil (it is `flagged`)
 SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "principal_box_fill", "solidity",
@@ -173,13 +173,60 @@ def descriptors(ct, mask):
             "intensity_p10": p10, "intensity_p50": p50, "intensity_p90": p90, "intensity_std": float(vals.std())}
 
 
-def paint_classes(pred_dir, class_of_id, out_dir=None):
+def paint_classes(pred_dir, class_of_id, out_dir=None, codes=None):
     """Write `labels_clean.tif` in `out_dir` (default `pred_dir`): each specimen of `pred_dir/specimens.tif` painted
-    with `class_of_id[its id]`.
+    with `class_of_id[its id]`, at the voxel size `specimens.tif` carries; given the class names `codes`, also
+    `segmentation.seg.nrrd` (`write_segmentation`).
 
     `class_of_id` is a lookup table (uint8 array, index = specimen id, 0 = background);
     the volume is read and written one page at a time.
     """
     lut = np.asarray(class_of_id, np.uint8)
     out_dir = Path(out_dir) if out_dir is not None else Path(pred_dir)
-    write_label_tiff(out_dir / "labels_clean.tif", (lut[page] for page in read_label_pages(pred_dir / "specimens.tif")))
+    ids = Path(pred_dir) / "specimens.tif"
+    spacing, shape = label_spacing(ids), label_shape(ids)
+    write_label_tiff(out_dir / "labels_clean.tif", (lut[page] for page in read_label_pages(ids)), spacing, shape[0])
+    if codes is not None:
+        write_segmentation(out_dir / SEGMENTATION, read_label_pages(ids), shape, lut, codes, spacing)
+
+
+SEGMENTATION = "segmentation.seg.nrrd"
+
+
+def write_segmentation(path, id_pages, shape, class_of_id, codes, spacing=None):
+    """Write the specimens of `id_pages` (specimen ids, `shape` (Z, Y, X)) as one 3D Slicer segmentation, `path`
+    (`.seg.nrrd`): a segment per specimen whose class (`codes[class_of_id[id]]`) is not 0, named `fossil_<id>
+    <class>` in its class's colour, at `spacing` (µm; written in mm, Slicer's unit). Fiji opens it (File > Import >
+    NRRD) and napari through pynrrd. NRRD rather than OME-Zarr: one file, which Slicer opens as a segmentation with
+    its names and colours and which travels as one file to Drive and by mail; a header in text followed by the gzip
+    stream of the pages, written here a page at a time (a volume is never held whole)."""
+    import gzip
+
+    from .io import replacing
+    from .plots import get_class_colours
+    lut = np.asarray(class_of_id)
+    kept = np.flatnonzero(lut[1:]) + 1
+    dtype = np.uint16 if len(lut) <= 65536 else np.uint32
+    colours = get_class_colours(len(codes))
+    width = max(4, len(str(len(lut) - 1)))
+    mm = [s / 1000 for s in (spacing or (1000.0, 1000.0, 1000.0))][::-1]  # x y z
+    head = ["NRRD0004", f"type: {np.dtype(dtype).name}", "dimension: 3", "space: left-posterior-superior",
+            f"sizes: {shape[2]} {shape[1]} {shape[0]}",
+            f"space directions: ({mm[0]},0,0) (0,{mm[1]},0) (0,0,{mm[2]})", "kinds: domain domain domain",
+            "endian: little", "encoding: gzip", "space origin: (0,0,0)",
+            "Segmentation_MasterRepresentation:=Binary labelmap",
+            "Segmentation_ContainedRepresentationNames:=Binary labelmap|", "Segmentation_ReferenceImageExtentOffset:=0 0 0"]
+    if spacing is not None:
+        head.insert(6, 'space units: "mm" "mm" "mm"')
+    for k, sid in enumerate(kept):
+        r, g, b = colours[lut[sid]][:3]
+        head += [f"Segment{k}_ID:=fossil_{sid:0{width}d}", f"Segment{k}_Name:=fossil_{sid:0{width}d} {codes[lut[sid]]}",
+                 f"Segment{k}_Color:={r:.4f} {g:.4f} {b:.4f}", f"Segment{k}_LabelValue:={sid}", f"Segment{k}_Layer:=0",
+                 f"Segment{k}_Tags:=Class:{codes[lut[sid]]}|"]
+    keep = np.zeros(len(lut), dtype)
+    keep[kept] = kept
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(("\n".join(head) + "\n\n").encode())
+        with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1) as gz:
+            for page in id_pages:
+                gz.write(np.ascontiguousarray(keep[page], dtype=np.dtype(dtype).newbyteorder("<")).tobytes())

@@ -1,14 +1,12 @@
-"""Reading and validating a dataset: the CT slices, their label masks, `codes.txt` and the voxel size.
+"""Reading and validating a scan: its slices, their labels, `codes.txt` and the voxel size, into one uint8 volume.
 
-The data contract (README, "Your data"): a dataset folder holds `train/` (one grayscale
-image per CT slice, PNG or TIFF, 1, 8 or 16 bit or float, all of one bit depth, or multi-page
-TIFF volumes), `train_masks_labels/<stem>_GT<ext>` (a single-channel integer class label per
-pixel; a colour mask is refused) and `codes.txt` (one class name per line, line index = label
-value, line 0 = the background). Slices in natural name order are the z order, and each slice
-name is used once. TIFFs may be compressed (LZW and others need `imagecodecs`); a truncated
-file is refused. NaN and Inf voxels of float scans are left out of the intensity window, shown
-as 0 and counted. Text files may be UTF-8 (with or without BOM), UTF-16 with a BOM, or
-Windows-1252/Latin-1. The dataset folder is only ever read.
+A scan is what `scans.scan_parts` finds (README, "Your data"): the published layout (`train/` + `train_masks_labels/
+<stem>_GT<ext>` + `codes.txt`), any folder of slices, a DICOM series or one volume file (TIFF stack, MetaImage, NRRD,
+NIfTI, HDF5), with labels by the `_GT` convention or `labels_path`. Slices may be 1, 8 or 16 bit or float, all of
+one bit depth; labels single-channel integers (a colour mask is refused), one per voxel, with a line of `codes.txt`
+(line index = label value, line 0 = the background) for each. A truncated file is refused. NaN and Inf voxels of float
+scans are left out of the intensity window, shown as 0 and counted. Text files may be UTF-8 (with or without BOM),
+UTF-16 with a BOM, or Windows-1252/Latin-1. The scan is only ever read.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import codecs
 import hashlib
 import json
 import re
-import struct
+import shutil
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from .io import replacing
+from .readers import DatasetError, Part  # noqa: F401  (DatasetError: the package's name for a user's data problem)
+from .scans import metadata_voxel_size, scan_parts
 
-IMAGE_EXTS = (".png", ".tif", ".tiff")
 VOXEL_SIZE_FILE = "voxel_size.txt"
-CACHE_FORMAT = 2  # raised when decoding changes (2: NaN/Inf voxels, colour kept at its bit depth); older caches rebuild
+NO_VOXEL_SIZE = ("the default: no voxel_size_um, no voxel_size.txt and no voxel size in the scan's metadata, so sizes "
+                 "are in voxels")
+CACHE_FORMAT = 3  # raised when decoding changes (2: NaN/Inf voxels, colour kept at its bit depth; 3: keyed on the
+#                   content, any format); older caches rebuild
 
 
 def evenly_spaced(length, n):
     """About `n` indices of `range(length)`, evenly spaced from the first to the last (all of them when `length` is
     `n` or less), ascending, each once: the slices a preview, a histogram or a calibration looks at."""
     return np.unique(np.linspace(0, length - 1, min(n, length)).round().astype(int))
-
-
-class DatasetError(ValueError):
-    """A problem with the user's dataset; the message names the file and the fix."""
 
 
 @dataclass
@@ -52,6 +50,7 @@ class Volume:
     raw_dtype: str = "uint8"
     files: list = field(default_factory=list, repr=False)
     nonfinite_voxels: int = 0  # NaN or Inf voxels of a float scan, shown as 0
+    dataset: str | None = None  # the HDF5 dataset of the scan (`h5_dataset`), when its file has several
 
     @property
     def shape(self): return self.images.shape
@@ -112,8 +111,10 @@ def read_codes(path):
     return codes
 
 
-def read_voxel_size(data_dir=None, voxel_size_um=None):
-    """Voxel size `(z, y, x)` in µm and where it came from: `voxel_size_um`, else `data_dir/voxel_size.txt`, else 1.0.
+def read_voxel_size(data_dir=None, voxel_size_um=None, h5_dataset=None):
+    """Voxel size `(z, y, x)` in µm and where it came from: `voxel_size_um`, else `voxel_size.txt` in the scan's folder
+    (beside the file when `data_dir` is a volume file), else the scan's own metadata (`scans.metadata_voxel_size`:
+    ImageJ/OME TIFF, a SkyScan `.log`, MetaImage, NRRD, NIfTI, DICOM, HDF5), else 1.0 (sizes in voxels).
 
     `voxel_size.txt` holds one number (isotropic voxels, e.g. `2.5`) or three, z y x
     (e.g. `5 2.5 2.5`), in µm; text after `#` is a comment. Numbers are separated by spaces,
@@ -132,7 +133,8 @@ def read_voxel_size(data_dir=None, voxel_size_um=None):
         return tuple(float(v) for v in np.broadcast_to(vs, (3,)))
     if voxel_size_um is not None:
         return check(voxel_size_um, "parameter voxel_size_um"), "parameter voxel_size_um"
-    path = Path(data_dir) / VOXEL_SIZE_FILE if data_dir is not None else None
+    folder = None if data_dir is None else Path(data_dir) if Path(data_dir).is_dir() else Path(data_dir).parent
+    path = folder / VOXEL_SIZE_FILE if folder is not None else None
     if path is not None and path.is_file():
         text = " ".join(line.split("#")[0] for line in _read_text(path).splitlines())
         try:
@@ -140,7 +142,17 @@ def read_voxel_size(data_dir=None, voxel_size_um=None):
         except ValueError:
             values = text.strip()
         return check(values, str(path)), str(path)
-    return (1.0, 1.0, 1.0), "the default: no voxel_size_um and no voxel_size.txt, so sizes are in voxels"
+    found = metadata_voxel_size(data_dir, h5_dataset) if data_dir is not None and Path(data_dir).exists() else None
+    if found:
+        return found
+    return (1.0, 1.0, 1.0), NO_VOXEL_SIZE
+
+
+def known_voxel_size(data_dir, voxel_size_um=None, h5_dataset=None):
+    """`read_voxel_size`'s voxel size `(z, y, x)` in µm, or None when none is known (sizes in voxels): what the label
+    volumes written carry."""
+    size, source = read_voxel_size(data_dir, voxel_size_um, h5_dataset)
+    return None if source == NO_VOXEL_SIZE else size
 
 
 def _number_words(text):
@@ -150,128 +162,6 @@ def _number_words(text):
         word = word.strip(",")
         words += [word.replace(",", ".")] if re.fullmatch(r"[+-]?\d+,\d+", word) else [w for w in word.split(",") if w]
     return words
-
-
-def _natural_key(p):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(p).name)]
-
-
-def _is_colour(arr):
-    """Whether `arr` is an RGB(A) page whose red, green and blue channels differ."""
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        return False
-    return not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all())
-
-
-def _plane(arr, path):
-    """`arr` as one 2D page: the first channel of an RGB(A) page whose channels are equal (gray saved as colour)."""
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., 0]
-    if arr.ndim != 2 or arr.size == 0:
-        raise DatasetError(f"{path} has pages of shape {arr.shape}; expected 2D grayscale slices.")
-    return arr
-
-
-def _gray(arr, path):
-    """One CT page as a 2D array of its file's bit depth: colour becomes luminance, 1-bit becomes 0/255 uint8."""
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    if _is_colour(arr):
-        lum = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        arr = lum.astype(arr.dtype) if arr.dtype.kind == "f" else np.rint(lum).astype(arr.dtype)
-    return _plane(arr, path)
-
-
-def _label_plane(arr, path):
-    """One mask page as a 2D array of labels, as stored (1-bit as 0/1); a colour mask is refused, never converted."""
-    if _is_colour(arr):
-        raise DatasetError(f"{path} is a colour image (its red, green and blue channels differ), as some annotation "
-                           "tools save masks. A mask must be a single-channel integer label image: each pixel's value "
-                           "is the line of codes.txt of its class (0 = background). Export the labels as a grayscale "
-                           "or indexed label image, or map each colour to its label value.")
-    return _plane(arr.astype(np.uint8) if arr.dtype == bool else arr, path)
-
-
-def _is_tiff(path): return Path(path).suffix.lower() in (".tif", ".tiff")
-
-
-def _unreadable(path, e):
-    if "imagecodecs" in str(e):  # tifffile's word for a compression (LZW, JPEG...) it cannot decode alone
-        return DatasetError(f"Cannot read {path}: {e}. Its compression needs the imagecodecs package, which is not "
-                            "installed: run `pip install imagecodecs` (it is in requirements.txt) and restart the "
-                            "kernel, or save the file uncompressed.")
-    return DatasetError(f"Cannot read {path}: {e}. The file is corrupt, truncated or not an image; "
-                        "re-export it as PNG or TIFF, or remove it.")
-
-
-def _tiff_len(t, path):
-    """Number of pages of the open TiffFile `t`; DatasetError if file `path` was cut short before its last page ends.
-
-    tifffile stops at a page list that points past the end of the file, with only a log
-    line, so the last page it found is checked: its link to a next page must be 0 (none)
-    and its pixel data must lie inside the file.
-    """
-    n, fh, fmt = len(t.pages), t.filehandle, t.tiff
-    fh.seek(t.pages.next_page_offset)
-    link = fh.read(fmt.offsetsize)
-    last = t.pages[n - 1]
-    data_end = max((o + c for o, c in zip(last.dataoffsets, last.databytecounts)), default=0)
-    if data_end > fh.size:
-        cut = f"the pixel data of its page {n} runs past the end of the file ({fh.size} bytes)"
-    elif len(link) < fmt.offsetsize or struct.unpack(fmt.offsetformat, link)[0]:
-        cut = f"its list of pages breaks off after page {n}, at the end of the file ({fh.size} bytes)"
-    else:
-        return n
-    raise DatasetError(f"{path} is truncated: {cut}, so slices are missing. It was cut short (an interrupted copy, "
-                       "download or export): copy or export it again from the original.")
-
-
-def _n_pages(path):
-    """Number of slices in image file `path` (TIFF pages; 1 for PNG), reading headers only."""
-    if not _is_tiff(path):
-        return 1
-    import tifffile
-    try:
-        with tifffile.TiffFile(path) as t:
-            return _tiff_len(t, path)
-    except DatasetError:
-        raise
-    except Exception as e:
-        raise _unreadable(path, e) from e
-
-
-def _iter_pages(path, step=1, labels=False):
-    """Yield every `step`-th slice of image `path` (of mask `path` if `labels`), one at a time, as 2D arrays.
-
-    Raises DatasetError if the file is unreadable or truncated, or a mask is a colour image.
-    """
-    path = Path(path)
-    as_plane = _label_plane if labels else _gray
-    try:
-        if _is_tiff(path):
-            import tifffile
-            with tifffile.TiffFile(path) as t:
-                for k in range(0, _tiff_len(t, path), step):
-                    yield as_plane(t.pages[k].asarray(), path)
-        else:
-            from PIL import Image
-            with Image.open(path) as im:
-                im.load()
-                arr = np.asarray(im)
-            yield as_plane(arr, path)
-    except DatasetError:
-        raise
-    except Exception as e:
-        raise _unreadable(path, e) from e
-
-
-def _find_mask(masks_dir, img):
-    stem = img.stem
-    for ext in (img.suffix, *IMAGE_EXTS):
-        for cand in (masks_dir / f"{stem}_GT{ext}", masks_dir / f"{stem}_GT{ext.upper()}"):
-            if cand.is_file():
-                return cand
-    return None
 
 
 def _window_of(pages, files):
@@ -323,12 +213,57 @@ def _warn_nonfinite(nonfinite, folder):
           "out of the intensity window and shown as 0 (black); if they are not padding, check the scan's export.")
 
 
-def _cache_key(data_dir, files):
-    h = hashlib.sha1(str(Path(data_dir).resolve()).encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+def _cache_key(parts, extra=""):
+    """What identifies the scan of file `parts` wherever it lies (a copy, a re-unzip, a new runtime): each file's name
+    and size, and the SHA-1 of three 4 KiB blocks (start, middle, end) of about 32 of them, evenly spaced; not the
+    folder's path nor the files' times."""
+    h = hashlib.sha1(extra.encode())
+    for p in parts:
+        h.update(f"{p.name}:{p.stat().st_size};".encode())
+    for k in evenly_spaced(len(parts), 32):
+        size = parts[k].stat().st_size
+        with open(parts[k].path, "rb") as fh:
+            for at in sorted({0, max(0, size // 2 - 2048), max(0, size - 4096)}):
+                fh.seek(at)
+                h.update(fh.read(4096))
     return h.hexdigest()[:16]
+
+
+def _cache_name(source):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).name)[:40] or "scan"
+
+
+def _valid(cache):
+    meta = cache / "volume.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == CACHE_FORMAT
+
+
+def _copy_cache(src, dst, to_kept):
+    """Copy cache folder `src` to `dst`, whole or not at all: to the kept copy (`to_kept`) with the labels
+    gzip-compressed (mostly background, they shrink a hundredfold), back from it decompressed (`io.replacing`)."""
+    import gzip
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(dst) as tmp:
+        tmp.mkdir()
+        for f in sorted(src.iterdir()):
+            if to_kept and f.name == "labels.npy":
+                with open(f, "rb") as fin, gzip.open(tmp / "labels.npy.gz", "wb", compresslevel=1) as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 22)
+            elif not to_kept and f.name == "labels.npy.gz":
+                with gzip.open(f, "rb") as fin, open(tmp / "labels.npy", "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 22)
+            else:
+                shutil.copyfile(f, tmp / f.name)
+
+
+def _drop_stale(cache_dir, name, keep):
+    """Remove the caches in `cache_dir` of scan `name` but `keep` (an earlier content of the scan), and those of
+    an older cache format: one cache per scan."""
+    for d in Path(cache_dir).iterdir():
+        if d.is_dir() and d.name != keep and (d / "volume.json").is_file():
+            meta = json.loads((d / "volume.json").read_text())
+            if meta.get("format") != CACHE_FORMAT or meta.get("scan") == name:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _slice_names(files, counts):
@@ -338,7 +273,7 @@ def _slice_names(files, counts):
         for stem in [f.stem] if n == 1 else [f"{f.stem}_{k:04d}" for k in range(n)]:
             if stem in owner:
                 raise DatasetError(f"{owner[stem]} and {f} both give slice {stem!r}, so one slice's outputs would "
-                                   "overwrite the other's. Keep one of them in train/ and remove or rename the other.")
+                                   "overwrite the other's. Keep one of them and remove or rename the other.")
             owner[stem] = f
     return list(owner)
 
@@ -365,91 +300,88 @@ def _check_page(page, f, first, first_file):
                            "and export them again.")
 
 
+def _pages_of(parts, labels=False):
+    """Yield `(part, page)` for every slice of `parts` in z order."""
+    for part in parts:
+        for page in part.pages(labels=labels):
+            yield part, page
+
+
 def _read_into(images, labels, files, masks, first, window, codes, codes_path):
-    """Decode every slice (and mask) into the preallocated `images` (and `labels`), checking each against `first`,
-    the first slice, as it comes. Returns the number of NaN or Inf voxels of each file that has any."""
-    z, nonfinite, shape = 0, {}, first.shape
-    for i, f in enumerate(files):
-        z0 = z
-        for page in _iter_pages(f):
-            _check_page(page, f, first, files[0])
-            images[z] = _to_uint8(page, window)
-            nonfinite[f.name] = nonfinite.get(f.name, 0) + _n_nonfinite(page)
-            z += 1
-        if labels is None:
+    """Decode every slice (and label slice) into the preallocated `images` (and `labels`), checking each against
+    `first`, the first slice, as it comes. Returns the number of NaN or Inf voxels of each file that has any."""
+    nonfinite, shape, n = {}, first.shape, len(images)
+    label_pages = _pages_of(masks, labels=True) if labels is not None else None
+    for z, (f, page) in enumerate(_pages_of(files)):
+        _check_page(page, f, first, files[0])
+        images[z] = _to_uint8(page, window)
+        nonfinite[f.name] = nonfinite.get(f.name, 0) + _n_nonfinite(page)
+        if label_pages is None:
             continue
-        m, k = masks[i], z0
-        for lab in _iter_pages(m, labels=True):
-            if lab.shape != shape or k >= z:
-                raise DatasetError(f"{m} does not match its image {f} ({z - z0} slice(s) of {shape[0]}x{shape[1]}, "
-                                   f"HxW): a mask must match its slice pixel for pixel.")
-            _check_mask_page(lab, m, codes, codes_path)
-            labels[k] = lab
-            k += 1
-        if k != z:
-            raise DatasetError(f"{m} has {k - z0} slice(s) but its image {f} has {z - z0}: "
-                               "a mask must match its slice pixel for pixel.")
-    return {name: n for name, n in nonfinite.items() if n}
+        m, lab = next(label_pages, (masks[-1], None))
+        if lab is None:
+            raise DatasetError(f"{_names(masks)} hold(s) {z} label slice(s) but the scan {_names(files)} has {n}: "
+                               "the labels must match the scan slice for slice.")
+        if lab.shape != shape:
+            raise DatasetError(f"{m} does not match its image {f} ({lab.shape[0]}x{lab.shape[1]} against "
+                               f"{shape[0]}x{shape[1]}, HxW): a mask must match its slice pixel for pixel.")
+        _check_mask_page(lab, m, codes, codes_path)
+        labels[z] = lab
+    if label_pages is not None and next(label_pages, None) is not None:
+        raise DatasetError(f"{_names(masks)} hold(s) more label slices than the scan {_names(files)} has ({n}): "
+                           "the labels must match the scan slice for slice.")
+    return {name: k for name, k in nonfinite.items() if k}
 
 
-def load_volume(data_dir, require_labels=True, cache_dir=None):
-    """Load and validate the dataset in `data_dir` into a `Volume`; never writes to `data_dir`.
+def _names(parts):
+    return str(parts[0]) if len(parts) == 1 else f"{parts[0].parent}/ ({len(parts)} files)"
+
+
+def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None, h5_dataset=None):
+    """Load and validate the scan at `data_dir` (a folder or a volume file, `scans.scan_parts`) into a `Volume`; never
+    writes to it.
 
     Raises `DatasetError` naming the file and the fix for: no images, a missing mask,
     image/mask size mismatch, a label with no line in codes.txt, an unreadable or truncated
     file, a compression that needs imagecodecs, slices of different sizes or bit depths, two
-    files giving one slice name, a colour mask, a float scan with no finite voxel. NaN and Inf
-    voxels are counted in `Volume.nonfinite_voxels` and printed as a warning (on every load,
-    cached or not). With `require_labels=False` a missing
-    `train_masks_labels/` folder gives `labels=None` (prediction on new scans).
-    Slices are read one at a time into one preallocated uint8 array. With `cache_dir`,
-    that array is a `.npy` file there, and later calls on unchanged files
-    memory-map it instead of decoding the images again (volumes larger than RAM work).
+    files giving one slice name, a colour mask, a float scan with no finite voxel, a header whose
+    data file is missing, an HDF5 file with no 3D dataset or several and no `h5_dataset`, two DICOM
+    series in one folder. NaN and Inf voxels are counted in `Volume.nonfinite_voxels` and printed
+    as a warning (on every load, cached or not). With `require_labels=False` a scan without labels
+    gives `labels=None` (prediction on new scans). Slices are read one at a time into one
+    preallocated uint8 array. With `cache_dir`, that array is a `.npy` file there, keyed on the
+    scan's content (`_cache_key`), and later calls on the same scan, wherever it lies, memory-map
+    it instead of decoding the images again (volumes larger than RAM work); one cache per scan.
     """
     data_dir = Path(data_dir)
-    img_dir, mask_dir = data_dir / "train", data_dir / "train_masks_labels"
-    if not img_dir.is_dir():
-        raise DatasetError(f"{img_dir} does not exist. Put one image per CT slice (PNG or TIFF) in "
-                           f"{data_dir}/train/, or point data_dir at the folder that holds train/.")
-    files = sorted((p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")),
-                   key=_natural_key)
-    if not files:
-        raise DatasetError(f"No images in {img_dir}. Expected PNG or TIFF slices "
-                           f"(found: {', '.join(sorted(p.name for p in img_dir.iterdir())[:5]) or 'nothing'}).")
-    has_masks = mask_dir.is_dir()
-    if require_labels and not has_masks:
-        raise DatasetError(f"{mask_dir} does not exist. Add a label image <stem>_GT<ext> per slice there.")
-    codes_path = data_dir / "codes.txt"
-    codes = read_codes(codes_path) if (require_labels or has_masks or codes_path.exists()) else None
-    masks = []
-    if has_masks:
-        for f in files:
-            m = _find_mask(mask_dir, f)
-            if m is None:
-                raise DatasetError(f"No mask for {f}: expected {mask_dir / (f.stem + '_GT' + f.suffix)}. "
-                                   "Add it, or remove the slice from train/.")
-            masks.append(m)
-    counts = [_n_pages(f) for f in files]
+    files, masks, codes_path, left_out = scan_parts(data_dir, require_labels, labels_path, h5_dataset)
+    if left_out:
+        print(f"Left out of the scan in {data_dir}: {', '.join(p.name for p in left_out[:5])}"
+              f"{' ...' if len(left_out) > 5 else ''} (not named like its {len(files)} slices).")
+    has_masks = masks is not None
+    codes = read_codes(codes_path) if (has_masks or codes_path.exists()) else None
+    counts = [len(f) for f in files]
     stems = _slice_names(files, counts)
-    info = dict(codes=codes, stems=stems, source=data_dir, files=files)
+    info = dict(codes=codes, stems=stems, source=data_dir, files=files, dataset=h5_dataset)
 
-    cache = None
+    cache, kept = None, None
+    if isinstance(cache_dir, (tuple, list)):  # (the cache, a kept copy of it for the next runtime: `cache_dirs`)
+        cache_dir, kept = cache_dir
     if cache_dir is not None:
-        cache = Path(cache_dir) / _cache_key(data_dir, files + masks + ([codes_path] if codes_path.exists() else []))
-        meta = json.loads((cache / "volume.json").read_text()) if (cache / "volume.json").exists() else {}
-        if meta.get("format") == CACHE_FORMAT:
-            nonfinite = meta["nonfinite"]
-            _warn_nonfinite(nonfinite, img_dir)
-            return Volume(images=np.load(cache / "images.npy", mmap_mode="r"),
-                          labels=np.load(cache / "labels.npy", mmap_mode="r") if meta["has_labels"] else None,
-                          window=tuple(meta["window"]), raw_dtype=meta["raw_dtype"],
-                          nonfinite_voxels=sum(nonfinite.values()), **info)
+        key = _cache_key(files + (masks or []) + ([Part(codes_path)] if codes_path.exists() else []),
+                         f"{h5_dataset}:{has_masks}")
+        cache = Path(cache_dir) / f"{_cache_name(data_dir)}-{key}"
+        if kept is not None and not _valid(cache) and _valid(Path(kept) / cache.name):
+            _copy_cache(Path(kept) / cache.name, cache, to_kept=False)
+            _drop_stale(cache_dir, _cache_name(data_dir), cache.name)
+        if _valid(cache):
+            return _open_cache(cache, kept, data_dir, info)
 
     # the intensity window comes from a sample of about 32 slices spread over z
-    first = next(_iter_pages(files[0]))
+    first = next(files[0].pages())
     raw_dtype = str(first.dtype)
     sampled = list(zip(files, counts))[::max(1, len(files) // 32)]
-    sample = [first] if first.dtype == np.uint8 else [p for f, n in sampled for p in _iter_pages(f, max(1, n // 32))]
+    sample = [first] if first.dtype == np.uint8 else [p for f, n in sampled for p in f.pages(max(1, n // 32))]
     window = _window_of(sample, [f for f, _ in sampled])
     del sample
     full = (len(stems), *first.shape)
@@ -457,7 +389,7 @@ def load_volume(data_dir, require_labels=True, cache_dir=None):
         images = np.empty(full, np.uint8)
         labels = np.empty(full, np.uint8) if has_masks else None
         nonfinite = _read_into(images, labels, files, masks, first, window, codes, codes_path)
-        _warn_nonfinite(nonfinite, img_dir)
+        _warn_nonfinite(nonfinite, data_dir)
         return Volume(images=images, labels=labels, window=window, raw_dtype=raw_dtype,
                       nonfinite_voxels=sum(nonfinite.values()), **info)
     with replacing(cache) as tmp:
@@ -469,9 +401,25 @@ def load_volume(data_dir, require_labels=True, cache_dir=None):
             if a is not None:
                 a.flush()
         del images, labels
-        (tmp / "volume.json").write_text(json.dumps({"format": CACHE_FORMAT, "window": window, "raw_dtype": raw_dtype,
+        (tmp / "volume.json").write_text(json.dumps({"format": CACHE_FORMAT, "scan": _cache_name(data_dir),
+                                                     "window": window, "raw_dtype": raw_dtype,
                                                      "has_labels": has_masks, "nonfinite": nonfinite}))
-    return load_volume(data_dir, require_labels, cache_dir)  # reads the cache just written, and warns
+    _drop_stale(cache_dir, _cache_name(data_dir), cache.name)
+    return _open_cache(cache, kept, data_dir, info)
+
+
+def _open_cache(cache, kept, data_dir, info):
+    """The `Volume` of valid cache folder `cache`, memory-mapped (its copy written to `kept` first when that has
+    none); warns of its NaN and Inf voxels, as a decoding does."""
+    if kept is not None and not _valid(Path(kept) / cache.name):
+        _copy_cache(cache, Path(kept) / cache.name, to_kept=True)
+        _drop_stale(kept, _cache_name(data_dir), cache.name)
+    meta = json.loads((cache / "volume.json").read_text())
+    _warn_nonfinite(meta["nonfinite"], data_dir)
+    return Volume(images=np.load(cache / "images.npy", mmap_mode="r"),
+                  labels=np.load(cache / "labels.npy", mmap_mode="r") if meta["has_labels"] else None,
+                  window=tuple(meta["window"]), raw_dtype=meta["raw_dtype"],
+                  nonfinite_voxels=sum(meta["nonfinite"].values()), **info)
 
 
 def describe_volume(vol):

@@ -531,3 +531,13 @@ def test_class_rules_refit_reads_no_size_unless_asked(tmp_path):
     assert [codes[1 + int(today[i].argmax())] for i in range(1, n + 1)] == list(label)
     size_says = sum(codes[1 + int(before[i].argmax())] == label[i - 1] for i in range(1, n + 1))
     assert size_says < n / 2  # the forest before reads the swapped sizes: most of them named by their size
+
+
+def test_cache_copy_times_the_three_ways_a_scan_opens(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cache_copy import main as cache_copy
+    cache_copy(["--slices", "6", "--size", "40", "--work", str(tmp_path)])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| 6 x 40 x 40, 16-bit TIFF") and row.count(" s |") == 3
+    (kept,) = (tmp_path / "kept").iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == ["images.npy", "labels.npy.gz", "volume.json"]

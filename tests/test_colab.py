@@ -1,9 +1,11 @@
 """Colab, simulated: a stub `google.colab` (tests/colab_stub, its `drive.mount` links a folder that stands for Google
 Drive) and `/content` moved to a temporary folder. The notebooks' setup cell finds the project (on the runtime, a
 copy on Drive, a clone) or says how to fix it; a quick 02 -> 05 runs through papermill with its run folder on the
-stub Drive, which afterwards holds no superseded checkpoint, no cache and no per-slice files."""
+stub Drive, which afterwards holds no superseded checkpoint and no per-slice files, and one kept copy of the decoded
+scan."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,7 +127,8 @@ def test_without_a_copy_the_setup_cell_clones_the_repository(tmp_path):
 def test_a_quick_run_02_to_05_in_colab_keeps_drive_clean(tmp_path, monkeypatch):
     """The Done-when of the Colab issue: no clone possible, a project copy on the stub Drive; quick 02 -> 05 through
     papermill runs to the end; Drive then holds the results and each phase's checkpoint (matching its record), and no
-    superseded or per-epoch checkpoint, no cache, no probabilities, no per-slice PNG."""
+    superseded or per-epoch checkpoint, no probabilities, no per-slice PNG, and of the decoded scan one kept copy,
+    its labels compressed, for the next notebook's fresh runtime (`runtime.cache_dirs`)."""
     import papermill as pm
 
     from microfossil.training import check_weights
@@ -143,7 +146,10 @@ def test_a_quick_run_02_to_05_in_colab_keeps_drive_clean(tmp_path, monkeypatch):
     run = my_drive / "microfossil_runs" / "sample_default_quick"
     assert (content / "microfossil_data" / "sample_default" / "codes.txt").exists()  # the sample on the local disk
     names = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
-    assert not [n for n in names if "progress" in n or ".partial" in n or n.startswith(("cache/", "tmp/", ".staging"))]
+    assert not [n for n in names if "progress" in n or ".partial" in n or n.startswith(("tmp/", ".staging"))]
+    assert [re.sub(r"-[0-9a-f]{16}/", "-<key>/", n) for n in names if n.startswith("cache/")] == [
+        "cache/sample_default-<key>/images.npy", "cache/sample_default-<key>/labels.npy.gz",
+        "cache/sample_default-<key>/volume.json"]
     models = [n for n in names if n.startswith("models/")]
     phases = [f"{s}_{p}" for s in ("256", "512", "full") for p in ("frozen", "unfrozen")]
     assert set(models) - {"models/256_frozen.start.pth", "models/256_frozen.start.json"} - {

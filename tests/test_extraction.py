@@ -71,6 +71,34 @@ def test_voxel_size_scales_measurements(tmp_path):
     assert sorted(cat2.voxels) == sorted(v for v in cat.voxels if v >= 500)
 
 
+def test_the_label_volumes_open_to_scale_with_their_class_names(tmp_path):
+    """specimens.tif and labels_clean.tif carry the voxel size as Fiji writes it; segmentation.seg.nrrd, read by
+    pynrrd as 3D Slicer reads it, holds the kept specimens in mm with a named, coloured segment each."""
+    import nrrd
+    vol, pred, work, objs, _ = make_case(tmp_path, voxel_size=2.0)
+    (vol.source / "voxel_size.txt").write_text("4 2 2\n")
+    cat = extract_fossils(vol, work, pred, min_voxels=20)
+    for name in ("specimens.tif", "labels_clean.tif"):
+        with tifffile.TiffFile(work / "predictions" / name) as t:
+            assert t.imagej_metadata["spacing"] == 4.0 and t.imagej_metadata["unit"] == "um"
+            x, y = t.pages[0].tags["XResolution"].value, t.pages[0].tags["YResolution"].value
+            assert x[1] / x[0] == pytest.approx(2.0) and y[1] / y[0] == pytest.approx(2.0)
+            assert t.series[0].shape == vol.shape
+    data, head = nrrd.read(str(work / "predictions" / "segmentation.seg.nrrd"), index_order="C")
+    ids = tifffile.imread(work / "predictions" / "specimens.tif")
+    np.testing.assert_array_equal(data, ids)
+    np.testing.assert_allclose(np.abs(head["space directions"]).sum(0), [0.002, 0.002, 0.004])  # x y z, in mm
+    names = {int(head[f"Segment{k}_LabelValue"]): head[f"Segment{k}_Name"] for k in range(len(cat))}
+    assert names == {int(r.id): f"fossil_{int(r.id):04d} {r['class']}" for _, r in cat.iterrows()}
+
+
+def test_without_a_voxel_size_the_label_volumes_claim_none(tmp_path):
+    vol, pred, work, _, _ = make_case(tmp_path)
+    extract_fossils(vol, work, pred, min_voxels=20)
+    with tifffile.TiffFile(work / "predictions" / "labels_clean.tif") as t:
+        assert not t.imagej_metadata
+
+
 def test_extract_empty_prediction(tmp_path, capsys):
     vol, pred, work, _, _ = make_case(tmp_path)
     save_probs(work, np.zeros_like(pred))

@@ -20,8 +20,8 @@ from microfossil.training import phase_done, read_record
 from microfossil.volume import load_volume
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-COMMON = {"data_dir", "work_dir", "quick", "smoke", "test_pct", "valid_pct", "gap_slices", "data_url", "sample_size",
-          "seed"}
+COMMON = {"data_dir", "labels_path", "h5_dataset", "work_dir", "quick", "smoke", "test_pct", "valid_pct", "gap_slices",
+          "data_url", "sample_size", "seed"}
 
 
 def test_numbered_notebooks():
@@ -46,6 +46,8 @@ def test_notebook_is_stripped_and_parametrised(nb):
     rest = "\n".join("".join(c["source"]) for c in code if c is not tagged[0])
     unused = {p for p in seen - COMMON if not re.search(rf"\b{p}\b", rest)}  # COMMON: in every notebook, by design
     assert not unused, f"{nb.name}: parameters {unused} are never used"
+    uses_gpu = nb.stem[:2] in ("02", "03", "04", "05")  # 01 reads and plots, 06 reviews: no free GPU time spent
+    assert (json.loads(nb.read_text())["metadata"].get("accelerator") == "GPU") == uses_gpu, nb.name
 
 
 def _printed(executed):
@@ -174,18 +176,54 @@ def test_pipeline_smoke_on_png_sample(tiny, tmp_path, capfd):
 
 
 def test_pipeline_smoke_on_unseen_layout(tmp_path):
-    """Odd slice size, 16-bit multi-page TIFF, other class names and an extra (unused) class; and the 3D-context
-    variants all at once: 5 context slices (the first convolution adapted), tri-planar training and prediction,
-    flip TTA."""
-    ds = make_sample(tmp_path / "odd", n_slices=10, height=75, width=83, seed=9, bit_depth=16, fmt="tif-stack")
-    (ds / "codes.txt").write_text("matrix\nbenthic foram\nostracod valve\npyrite\n")
+    """A scan as 3D Slicer writes it: one 16-bit NRRD volume with its voxel size and a label NRRD beside it, odd slice
+    size, other class names and an extra (unused) class; and the 3D-context variants all at once: 5 context slices
+    (the first convolution adapted), tri-planar training and prediction, flip TTA. Every output is to scale: the
+    label volumes, the Slicer segmentation, the crops, the STL meshes and the assemblage along the core."""
+    import nrrd
+    import trimesh
+
+    import scan_formats as fmt
+    sample = make_sample(tmp_path / "odd", n_slices=10, height=75, width=83, seed=9, bit_depth=16, fmt="tif-stack")
+    images, labels = (tifffile.imread(sample / d / f) for d, f in (("train", "volume.tif"),
+                                                                     ("train_masks_labels", "volume_GT.tif")))
+    (tmp_path / "scan").mkdir()
+    ds = fmt.nrrd_file(tmp_path / "scan" / "core.nrrd", images, (0.006, 0.003, 0.003))  # mm, as Slicer writes
+    fmt.nrrd_file(tmp_path / "scan" / "core_GT.nrrd", labels, (0.006, 0.003, 0.003))
+    (tmp_path / "scan" / "codes.txt").write_text("matrix\nbenthic foram\nostracod valve\npyrite\n")
+    before = snapshot(tmp_path / "scan")
     work = tmp_path / "run"
     assert run_pipeline.main(["--data-dir", str(ds), "--work-dir", str(work), "--smoke",
                               "-p", "pretrained", "False", "-p", "bs", "3", "-p", "context_slices", "5",
-                              "-p", "triplanar", "True", "-p", "tta", "True"]) == 0
+                              "-p", "triplanar", "True", "-p", "tta", "True", "-p", "min_voxels", "1",
+                              "-p", "fossil_threshold", "0.02"]) == 0  # a smoke model's fossils are faint: some
+    #                                                                    specimens to export and check the scale of
     _check_run(ds, work, 4, variant="k=5, tri-planar, flip TTA")
     info = read_record(work, "full_unfrozen")
     assert info["context_slices"] == 5 and info["triplanar"] is True and info["codes"][3] == "pyrite"
+    assert snapshot(tmp_path / "scan") == before
+    assert "voxel size (z, y, x): (6.0, 3.0, 3.0) µm, from" in _printed(work / "notebooks" / "01_explore_data.ipynb")
+    m = json.loads((work / "metrics.json").read_text())
+    assert m["voxel_size_um"] == [6.0, 3.0, 3.0] and "core.nrrd" in m["voxel_size_source"]
+    for name in ("labels.tif", "labels_clean.tif", "specimens.tif"):
+        with tifffile.TiffFile(work / "predictions" / name) as t:
+            assert t.imagej_metadata["spacing"] == pytest.approx(6.0) and t.imagej_metadata["unit"] == "um", name
+    seg, head = nrrd.read(str(work / "predictions" / "segmentation.seg.nrrd"), index_order="C")
+    assert seg.shape == images.shape
+    np.testing.assert_allclose(np.abs(head["space directions"]).sum(0), [0.003, 0.003, 0.006])
+    cat = ReviewSession(work).cat
+    crops = sorted((work / "exports").glob("fossil_*"))[:3]
+    assert crops, "no specimen exported: nothing here to check the scale of"
+    for d in crops:  # crops and meshes in µm
+        with tifffile.TiffFile(next(d.glob("*_ct.tif"))) as t:
+            assert t.imagej_metadata["spacing"] == pytest.approx(6.0)
+        row = cat.set_index("id").loc[int(d.name.split("_")[1])]
+        z0, z1 = trimesh.load(next(d.glob("*.stl"))).bounds[:, 2]
+        assert z0 >= 6.0 * row.z0 - 6.0 and z1 <= 6.0 * row.z1 + 6.0
+    table = json.loads((work / "exports" / "extraction.json").read_text())
+    assert table["voxel_size_um"] == [6.0, 3.0, 3.0]
+    csv = (work / "exports" / "assemblage.csv").read_text().splitlines()
+    assert csv[0].startswith("depth_from_mm,depth_to_mm,benthic foram_count") and (work / "figures" / "assemblage.png").exists()
 
 
 def test_quick_sets_are_what_the_quick_cells_set():

@@ -3,6 +3,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from microfossil import paths
@@ -74,7 +75,7 @@ def test_fetch_dataset_refuses_two_datasets_and_retries_a_wrong_archive(tiny, tm
 
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
-    (empty / "images" / "a.png").write_text("x")
+    (empty / "images" / "a.txt").write_text("x")
     url = str(tmp_path / "data.zip")
     shutil.move(shutil.make_archive(str(tmp_path / "e"), "zip", root_dir=empty), url)
     with pytest.raises(DatasetError, match="no train/ folder"):
@@ -82,3 +83,16 @@ def test_fetch_dataset_refuses_two_datasets_and_retries_a_wrong_archive(tiny, tm
     shutil.move(shutil.make_archive(str(tmp_path / "good"), "zip", root_dir=tiny.parent, base_dir=tiny.name), url)
     assert load_volume(fetch_dataset(url, tmp_path / "d2")).shape == (12, 96, 96)  # fetched again, now right
     assert (tmp_path / "d2" / ".complete").exists() and not (tmp_path / "d2" / "unzipped" / "images").exists()
+
+
+def test_a_zip_of_a_scanners_folder_is_a_dataset_too(tmp_path):
+    """A zipped SkyScan reconstruction folder (no train/) is fetched as it is, and opens with its pixel size."""
+    import scan_formats as fmt
+    from microfossil.volume import read_voxel_size
+    scan = (np.arange(4 * 9 * 11) % 251).reshape(4, 9, 11).astype(np.uint8)
+    fmt.skyscan(tmp_path / "src" / "core_rec", scan, 3.2)
+    archive = shutil.make_archive(str(tmp_path / "core"), "zip", root_dir=tmp_path / "src")
+    root = fetch_dataset(archive, tmp_path / "downloads")
+    assert root == tmp_path / "downloads" / "unzipped" / "core_rec"
+    assert load_volume(root, require_labels=False).shape == scan.shape
+    assert read_voxel_size(root)[0] == (3.2, 3.2, 3.2)

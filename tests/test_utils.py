@@ -13,10 +13,10 @@ from conftest import ROOT
 PACKAGE = ROOT / "microfossil"
 # The order imports run in: a module may import only modules before it (io and plots at the side: anyone may use
 # them; io uses no other module, plots only io).
-ORDER = ["params", "io", "runtime", "volume", "specimens", "split", "sample", "paths", "bundle", "metrics", "augment", "loaders",
-         "learner", "training", "prediction", "decisions", "exports", "extraction", "classifier", "evaluation", "review", "viewers"]
-WITHOUT_TORCH = ["params", "io", "runtime", "volume", "specimens", "split", "sample", "paths", "bundle", "metrics", "decisions", "exports", "extraction",
-                 "classifier", "evaluation", "review", "viewers", "plots"]
+ORDER = ["params", "io", "runtime", "readers", "scans", "volume", "specimens", "split", "sample", "paths", "bundle", "metrics", "augment", "loaders",
+         "learner", "training", "prediction", "decisions", "exports", "extraction", "classifier", "assemblage", "evaluation", "review", "viewers"]
+WITHOUT_TORCH = ["params", "io", "runtime", "readers", "scans", "volume", "specimens", "split", "sample", "paths", "bundle", "metrics", "decisions", "exports", "extraction",
+                 "classifier", "assemblage", "evaluation", "review", "viewers", "plots"]
 
 
 def _package_imports(module):

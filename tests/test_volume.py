@@ -1,5 +1,6 @@
 """Loading a dataset: every layout and bit depth, every bad input stopped with its file named, the split, the cache,
 the voxel size."""
+import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from conftest import snapshot
-from microfossil import volume
+from microfossil import readers, volume  # noqa: F401
 from microfossil.sample import make_sample
 from microfossil.volume import DatasetError, describe_volume, evenly_spaced, load_volume, read_codes, read_voxel_size
 
@@ -115,9 +116,11 @@ def test_no_images(tmp_path):
     _expect(tmp_path / "ds", "No images", "train")
 
 
-def test_no_train_folder(tmp_path):
+def test_a_folder_with_no_scan(tmp_path):
     (tmp_path / "ds").mkdir()
-    _expect(tmp_path / "ds", "train", "does not exist")
+    (tmp_path / "ds" / "notes.txt").write_text("scan me")
+    _expect(tmp_path / "ds", "<tmp>/ds holds no scan", "train/", "notes.txt")
+    _expect(tmp_path / "nowhere", "<tmp>/nowhere does not exist", "data_dir")
 
 
 def test_missing_mask(tiny, tmp_path):
@@ -177,7 +180,7 @@ def test_cache_is_memory_mapped_and_reused(tiny, tmp_path, monkeypatch):
 
     def no_decoding(*a, **k):
         raise AssertionError("images decoded again although the cache is valid")
-    monkeypatch.setattr(volume, "_iter_pages", no_decoding)
+    monkeypatch.setattr(readers.Part, "pages", no_decoding)
     again = load_volume(tiny, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again.images, plain.images)
     assert snapshot(tiny) == before
@@ -191,6 +194,45 @@ def test_cache_is_rebuilt_when_a_file_changes(tiny, tmp_path):
     Image.fromarray(img).save(ds / "train" / "slice_0000.png")
     b = load_volume(ds, cache_dir=tmp_path / "cache")
     assert (b.images[0, :10, :10] == 255).all() and not (a.images[0, :10, :10] == 255).all()
+
+
+def test_two_copies_of_one_scan_share_one_cache_and_a_changed_scan_replaces_it(tiny, tmp_path, monkeypatch):
+    """A re-extracted copy (another path, new file times) is the same scan: its cache is found, not decoded again; when
+    the scan changes, its new cache replaces the old one rather than sitting beside it."""
+    cache = tmp_path / "cache"
+    a = _copy(tiny, tmp_path / "unzip1")
+    load_volume(a, cache_dir=cache)
+    b = _copy(tiny, tmp_path / "unzip2")
+    for f in b.rglob("*.png"):
+        os.utime(f, (1e9, 1e9))
+    with monkeypatch.context() as m:
+        m.setattr(readers.Part, "pages", lambda *a, **k: pytest.fail("decoded again"))
+        load_volume(b, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1
+    img = np.asarray(Image.open(b / "train" / "slice_0003.png")).copy()
+    img[:4, :4] = 255 - img[:4, :4]  # same size, other bytes
+    Image.fromarray(img).save(b / "train" / "slice_0003.png")
+    changed = load_volume(b, cache_dir=cache)
+    assert (changed.images[3, :4, :4] == img[:4, :4]).all()
+    assert len(list(cache.iterdir())) == 1, "the stale cache stays beside the new one"
+
+
+def test_a_kept_copy_of_the_cache_serves_a_fresh_runtime(tiny, tmp_path, monkeypatch):
+    """With `(cache, kept)` (a run folder on Drive: `runtime.cache_dirs`), the cache is copied to `kept`, labels
+    compressed; a fresh runtime (no local cache) copies it back instead of decoding the slices again."""
+    plain = load_volume(tiny)
+    local, kept = tmp_path / "local", tmp_path / "drive" / "cache"
+    load_volume(tiny, cache_dir=(local, kept))
+    (copy,) = kept.iterdir()
+    assert sorted(p.name for p in copy.iterdir()) == ["images.npy", "labels.npy.gz", "volume.json"]
+    assert (copy / "labels.npy.gz").stat().st_size * 5 < plain.labels.nbytes
+    shutil.rmtree(local)
+    with monkeypatch.context() as m:
+        m.setattr(readers.Part, "pages", lambda *a, **k: pytest.fail("decoded again"))
+        again = load_volume(tiny, cache_dir=(local, kept))
+    np.testing.assert_array_equal(again.images, plain.images)
+    np.testing.assert_array_equal(again.labels, plain.labels)
+    assert isinstance(again.images, np.memmap) and str(local) in str(again.images.filename)
 
 
 def test_a_cache_written_by_an_older_version_is_rebuilt(tiny, tmp_path):
