@@ -74,8 +74,10 @@ class Part:
                 import tifffile
                 with tifffile.TiffFile(self.path) as t:
                     return _tiff_planes(t, self.path)[0]
-            with _opened(self) as arr:
-                return len(arr)
+            if self.kind == "hdf5":
+                with _opened(self) as arr:
+                    return len(arr)
+            return _n_slices(self)
         except DatasetError:
             raise
         except Exception as e:
@@ -106,6 +108,23 @@ class Part:
             raise
         except Exception as e:
             raise unreadable(self, e) from e
+
+
+def _n_slices(part):
+    """The slice count of a volume or DICOM file `part` from its header alone (a compressed volume is not
+    decompressed to count it); its data is checked when its pages are read."""
+    if part.kind == "dicom":
+        import pydicom
+        return int(getattr(pydicom.dcmread(part.path, stop_before_pixels=True), "NumberOfFrames", 1) or 1)
+    if part.kind == "metaimage":
+        dims = _metaimage_header(part.path)[0].get("DimSize", "").split()
+        return int(dims[2]) if len(dims) == 3 else 0
+    if part.kind == "nrrd":
+        sizes = _nrrd_header(part.path)[0].get("sizes", [])
+        return int(sizes[2]) if len(sizes) == 3 else 0
+    import nibabel
+    shape = nibabel.load(str(part.path)).shape
+    return int(shape[2]) if len(shape) >= 3 else 0
 
 
 def unreadable(path, e):
