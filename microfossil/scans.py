@@ -65,7 +65,7 @@ def _slices_in(folder):
 
 def _dicom_series(folder):
     """The DICOM files of `folder` as `Part`s ordered along the slice normal ([] when it holds none); one series."""
-    files = [p for p in _visible(folder) if _is_dicom(p)]
+    files = [p for p in _visible(folder) if _is_dicom(p) and p.name.upper() != "DICOMDIR"]  # DICOMDIR: an index
     if not files:
         return []
     try:

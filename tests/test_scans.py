@@ -116,6 +116,7 @@ def test_hdf5_names_its_dataset_when_there_are_several(scan, tmp_path):
 def test_a_dicom_series_comes_in_z_order_whatever_its_file_names(scan, tmp_path):
     images, _ = scan
     folder = fmt.dicom_series(tmp_path / "dicom", images, (0.005, 0.0025, 0.0025))
+    (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # a CD's index of the series, not a slice
     vol = load_volume(folder, require_labels=False)
     _same(vol, images)
     size, source = read_voxel_size(folder)
