@@ -46,17 +46,17 @@ def assemblage_table(work_dir, depth_interval_mm=1.0):
         out = d.get("decision") == "rejected" or ((flag or cls == NOT_A_FOSSIL) and d.get("decision") != "accepted")
         taxa.append(None if out else taxon or cls)
     names += sorted({t for t in taxa if t is not None} - set(names))
+    taxa = np.array(taxa, object)
     edges = np.append(np.arange(0, n_slices, step), n_slices)  # the last interval ends with the scan
     interval = np.clip(np.searchsorted(edges, cat["centroid_z"].to_numpy(float), side="right") - 1, 0, len(edges) - 2)
     size = cat["volume_um3"].to_numpy(float) / 1e9 if known else cat["voxels"].to_numpy(float)
-    unit, vol_unit = ("mm", "mm3") if known else ("slice", "voxels")
+    unit, vol_unit, per_slice = ("mm", "mm3", z_um / 1000) if known else ("slice", "voxels", 1)
     rows = []
     for k in range(len(edges) - 1):
         at = interval == k
-        row = {f"depth_from_{unit}": edges[k] * (z_um / 1000 if known else 1),
-               f"depth_to_{unit}": edges[k + 1] * (z_um / 1000 if known else 1)}
+        row = {f"depth_from_{unit}": edges[k] * per_slice, f"depth_to_{unit}": edges[k + 1] * per_slice}
         for name in names:
-            mine = at & np.array([t == name for t in taxa], bool)
+            mine = at & (taxa == name)
             row[f"{name}_count"] = int(mine.sum())
             row[f"{name}_volume_{vol_unit}"] = float(size[mine].sum())
         row["total_count"] = int(sum(row[f"{name}_count"] for name in names))

@@ -199,22 +199,17 @@ def write_label_tiff(path, pages, spacing=None, n_pages=None):
                 tif.write(page, **LABEL_PAGE)
 
 
-def label_shape(path):
-    """(slices, height, width) of label TIFF `path`, from its headers."""
+def label_stack(path):
+    """`((slices, height, width), voxel size)` of label TIFF `path`, from its headers: the voxel size (z, y, x) in µm
+    it carries (`write_label_tiff`), or None."""
     import tifffile
     with tifffile.TiffFile(path) as t:
-        return (len(t.pages), *t.pages[0].shape)
-
-
-def label_spacing(path):
-    """The voxel size (z, y, x) in µm that label TIFF `path` carries (`write_label_tiff`), or None."""
-    import tifffile
-    with tifffile.TiffFile(path) as t:
+        shape = (len(t.pages), *t.pages[0].shape)
         ij, xres = t.imagej_metadata or {}, t.pages[0].tags.get("XResolution")
         if ij.get("unit") != "um" or xres is None:
-            return None
+            return shape, None
         y = t.pages[0].tags["YResolution"].value
-        return float(ij.get("spacing", 1.0)), y[1] / y[0], xres.value[1] / xres.value[0]
+        return shape, (float(ij.get("spacing", 1.0)), y[1] / y[0], xres.value[1] / xres.value[0])
 
 
 def read_label_pages(path):

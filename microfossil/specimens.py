@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import label_shape, label_spacing, read_label_pages, write_label_tiff
+from .io import label_stack, read_label_pages, replacing, write_label_tiff
 
 NOT_A_FOSSIL = "not a fossil"  # the class of a specimen that the specimen classifier calls no fossil (it is `flagged`)
 SPECIMEN_FEATURES = ["log_voxels", "surface_share", "elongation", "flatness", "principal_box_fill", "solidity",
@@ -184,7 +184,7 @@ def paint_classes(pred_dir, class_of_id, out_dir=None, codes=None):
     lut = np.asarray(class_of_id, np.uint8)
     out_dir = Path(out_dir) if out_dir is not None else Path(pred_dir)
     ids = Path(pred_dir) / "specimens.tif"
-    spacing, shape = label_spacing(ids), label_shape(ids)
+    shape, spacing = label_stack(ids)
     write_label_tiff(out_dir / "labels_clean.tif", (lut[page] for page in read_label_pages(ids)), spacing, shape[0])
     if codes is not None:
         write_segmentation(out_dir / SEGMENTATION, read_label_pages(ids), shape, lut, codes, spacing)
@@ -202,7 +202,6 @@ def write_segmentation(path, id_pages, shape, class_of_id, codes, spacing=None):
     stream of the pages, written here a page at a time (a volume is never held whole)."""
     import gzip
 
-    from .io import replacing
     from .plots import get_class_colours
     lut = np.asarray(class_of_id)
     kept = np.flatnonzero(lut[1:]) + 1

@@ -159,8 +159,11 @@ def test_pipeline_smoke_on_png_sample(tiny, tmp_path, capfd):
     # Axial slices (the published recipe; quick mode's too): the default, tri-planar, runs end to end in the next test.
     # On this 12-slice 96 x 96 sample a three-plane prediction would be 17 times the axial one (12 + 96 + 96 slices).
     assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(work), "--smoke",
-                              "-p", "pretrained", "False", "-p", "triplanar", "False"]) == 0
+                              "-p", "pretrained", "False", "-p", "triplanar", "False", "-p", "voxel_size_um", "2.5"]) == 0
     _check_run(tiny, work, 3, variant="k=3, flip TTA")
+    for name in ("labels.tif", "labels_clean.tif"):  # the voxel size given, where the scan records none
+        with tifffile.TiffFile(work / "predictions" / name) as t:
+            assert t.imagej_metadata["spacing"] == 2.5 and t.imagej_metadata["unit"] == "um", name
     out, err = capfd.readouterr()  # the summary a person reads at the end, and no kernel chatter (the kernels' too)
     assert "All done in" in out and "Specimens found:" in out and "Test block" in out
     assert f"Gallery:    {work / 'exports' / 'gallery.png'}" in out or not (work / "exports" / "gallery.png").exists()
