@@ -17,9 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# What the training notebooks' quick cell sets (and 05's tta): with --quick, a -p for one of them would be overridden.
-QUICK_SETS = {"size_frac", "crop_size", "triplanar", "context_slices", "bs", "run_lr_find", "epochs_frozen", "lr_frozen",
-              "pct_frozen", "epochs_unfrozen", "lr_unfrozen_lo", "lr_unfrozen_hi", "pct_unfrozen", "tta"}
 
 
 def _value(text):
@@ -50,10 +47,13 @@ def main(argv=None):
     ap.add_argument("--data-url", help="Google Drive id/URL or HTTP URL of a zipped dataset")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="the CPU demo: a short schedule (set in each training notebook) that trains a small real model")
+                      help="the CPU demo: a short schedule (set in each training notebook) that trains a small real "
+                      "model; a -p value is kept over it")
     mode.add_argument("--smoke", action="store_true",
                       help="smoke test (CI): tiny images, one epoch per phase; checks that everything runs")
-    ap.add_argument("--force", action="store_true", help="retrain stages that are already finished")
+    ap.add_argument("--force", action="store_true",
+                    help="train every phase once more, even when finished with the same plan; an interrupted --force "
+                    "run, started again with --force, resumes where it stopped")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="any other notebook parameter, e.g. -p bs 4 (given to every notebook that has it)")
     ap.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks, e.g. --only 04 05")
@@ -64,14 +64,11 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT))
     import utils
     from microfossil.evaluation import describe_run
-    from microfossil.params import ParameterError, check_params
+    from microfossil.params import PASSED, ParameterError, check_params
     from microfossil.runtime import in_colab, on_drive
 
     params = {k: _value(v) for k, v in args.p}
-    overridden = sorted(set(params) & QUICK_SETS) if args.quick else []
-    if overridden:
-        ap.error(f"--quick sets {', '.join(overridden)} itself (see the training notebooks' quick cell); "
-                 "drop --quick to choose them with -p")
+    os.environ[PASSED] = ",".join(params)  # the kernels inherit it: quick mode keeps these (params.use_schedule)
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         notebooks = _select(notebooks, args.only, ap)
@@ -87,8 +84,16 @@ def main(argv=None):
     mp = params.get("model_path")  # the notebooks run in notebooks/: a relative folder means one from here
     if isinstance(mp, str) and Path(mp).exists():  # (a link or a Drive id names no folder: passed as it is)
         params["model_path"] = str(Path(mp).absolute())
+    force_file = work_dir / "models" / "force_run.json"  # when this --force run began, kept until it completes
     if args.force:
         params["force"] = True
+        since = json.loads(force_file.read_text())["since"] if force_file.exists() else time.time()
+        force_file.parent.mkdir(parents=True, exist_ok=True)
+        force_file.write_text(json.dumps({"since": since}))
+        os.environ["MICROFOSSIL_FORCE_SINCE"] = str(since)  # a phase trained since then is not trained again
+        if since < time.time() - 1:
+            print(f"--force: going on with the interrupted --force run begun {time.ctime(since)}: the phases it "
+                  "finished are loaded, the one it stopped in resumes")
     out_dir = work_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     times_file = work_dir / "run_times.json"
@@ -114,6 +119,7 @@ def main(argv=None):
         times[nb.stem] = round(time.time() - t, 1)
         times_file.write_text(json.dumps(times, indent=2))
         print(f"    done in {times[nb.stem]:.0f}s", flush=True)
+    force_file.unlink(missing_ok=True)  # complete: the next --force trains every phase again
     print(f"\nAll done in {sum(times.get(nb.stem, 0) for nb in notebooks):.0f}s.")
     if any(nb.name.startswith("05") for nb in notebooks):
         print(describe_run(work_dir, "notebooks/06_review.ipynb"))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import valley as _fastai_valley
+from fastai.callback.schedule import ParamScheduler, valley as _fastai_valley
 from fastai.learner import AvgLoss, AvgSmoothLoss, Callback, Metric
 from fastai.losses import BaseLoss
 from fastai.optimizer import OptimWrapper
@@ -28,7 +28,7 @@ from fastai.vision.learner import model_meta
 
 from .loaders import draw_weights, n_input_channels
 from .metrics import IGNORE, scores_from_confusion
-from .params import CLASS_WEIGHTS
+from .params import CLASS_WEIGHTS, ParameterError
 from .runtime import local_dir, on_drive
 
 
@@ -293,7 +293,63 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
     learn.class_weights = None if weights is None else [round(w, 4) for w in weights]
     learn.pretrained, learn.used_pretrained = bool(requested), pretrained  # asked for; had (False when offline)
     learn.at_init = True  # the weights as built: a phase starting here keeps them (PhaseCheckpoint)
+    learn.made_with = dict(arch=learn.arch_name, pretrained=bool(requested), wd=wd, loss=loss, class_weights=class_weights)
     return _mixed_precision(learn)
+
+
+def sig(v, digits=6):
+    """`v` to `digits` significant digits: a plan's numbers compare equal however they were typed."""
+    return float(f"{float(v):.{digits}g}")
+
+
+def lr_plan(learn, n_groups):
+    """lr, pct_start, div, div_final and moms of the schedule this fit will apply (fastai's ParamScheduler), as
+    `PhaseCheckpoint` records them in a phase's plan."""
+    sched = next((cb for cb in learn.cbs if isinstance(cb, ParamScheduler)), None)
+    if sched is None or "lr" not in sched.scheds:  # a plain `fit`: constant learning rates
+        lrs = [h["lr"] for h in learn.opt.hypers]
+        return {"lr": _group_lr(lrs), "pct_start": None, "div": None, "div_final": None, "moms": None}
+    pos = np.linspace(0, 1, 1001)
+    lrs = np.array([np.broadcast_to(np.asarray(sched.scheds["lr"](float(p)), float), (n_groups,)) for p in pos])
+    top = int(lrs[:, -1].argmax())  # the peak of the one cycle: at pct_start
+    mom = sched.scheds.get("mom")
+    return {"lr": _group_lr(lrs[top]), "pct_start": round(float(pos[top]), 3),
+            "div": sig(lrs[top, -1] / lrs[0, -1], 4), "div_final": sig(lrs[top, -1] / max(lrs[-1, -1], 1e-30), 4),
+            "moms": None if mom is None else [sig(mom(float(p)), 4) for p in (0.0, pos[top], 1.0)]}
+
+
+def _group_lr(lrs):
+    """One learning rate when every parameter group has it, else `[lo, hi]` (discriminative rates, `slice(lo, hi)`)."""
+    lrs = [sig(v) for v in np.ravel(lrs)]
+    return lrs[0] if len(set(lrs)) == 1 else [lrs[0], lrs[-1]]
+
+
+def _differs(now, held):
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    return norm(now) != norm(held)
+
+
+def check_held(learn, values):
+    """Stop before a fit when the notebook's parameters (`values`, its `globals()`) are not what the learner and its
+    DataLoaders in memory were made with (`learn.made_with`, `dls.made_with`): weight decay, loss and class weights are
+    fixed when the learner is built, batch size, size, crops, tri-planar, context slices and the split when the
+    DataLoaders are made, so a fit re-run alone would train the old ones (or report the phase trained). Names the cells
+    to run again; nothing is trained."""
+    dls = learn.dls
+    cells = ("the DataLoaders cell (`dls = utils.make_dls(...)`), then the learner cell (`learn = "
+             "utils.build_learner(...)`)")
+    if values.get("dls") is not None and values["dls"] is not dls:
+        raise ParameterError("The learner in memory was built on DataLoaders made before the last run of the "
+                             "DataLoaders cell: run the learner cell (`learn = utils.build_learner(...)`) again, then "
+                             "this one. Nothing was trained.")
+    for what, held, run in (("DataLoaders", getattr(dls, "made_with", {}), cells),
+                            ("learner", getattr(learn, "made_with", {}), "the learner cell (`learn = utils.build_learner(...)`)")):
+        changed = [f"{k} = {values[k]!r} (made with {v!r})" for k, v in held.items() if k in values and _differs(values[k], v)]
+        if changed:
+            mode = " (quick or smoke mode: first the cell below the parameters cell, which sets the mode's schedule)" \
+                if values.get("quick") or values.get("smoke") else ""
+            raise ParameterError(f"The parameters cell says {', '.join(changed)}, but the {what} in memory "
+                                 f"{'were' if what == 'DataLoaders' else 'was'} made before: run {run} again{mode}, then this one. Nothing was trained.")
 
 
 def _confusion_on_device(pred, target, n_classes, scatter=None):

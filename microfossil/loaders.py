@@ -417,6 +417,10 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     if crop is not None and triplanar:
         raise ValueError("crop_size and triplanar=True together are not supported: set crop_size=None for tri-planar "
                          "training (its XZ and YZ slices are already small).")
+    made_with = dict(size_frac=size_frac, bs=bs, seed=seed, context_slices=context_slices, triplanar=triplanar,
+                     crop_size=crop_size, oversample_rare=oversample_rare, infill_augment=infill_augment,
+                     scanner_augment=scanner_augment, test_pct=split.test_pct, valid_pct=split.valid_pct,
+                     gap_slices=getattr(split, "gap_slices", None))
     bs = max(1, min(bs, len(train_idx)))
     # The volume is held once at the stage size (tri-planar: at full size, since its XZ/YZ slices are resized
     # along z too); batches are then gathered from it with no per-batch resize.
@@ -469,6 +473,6 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     dls.c, dls.codes, dls.size, dls.valid_idx, dls.split = len(vol.codes), vol.codes, size, valid_idx, split
     dls.context_slices, dls.triplanar, dls.seed, dls.crop_size = int(context_slices), bool(triplanar), int(seed), crop
     dls.class_counts, dls.oversample_rare, dls.infill_augment = counts, float(oversample_rare), float(infill_augment)
-    dls.scanner_augment = float(scanner_augment)
+    dls.scanner_augment, dls.made_with = float(scanner_augment), made_with  # (the parameters, for `check_held`)
     dls.trained_on = volume_fingerprint(vol)  # recorded with the weights: 05 then knows its own training scan
     return dls

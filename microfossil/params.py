@@ -10,6 +10,7 @@ training slices) stay where they are done today, with messages of the same kind.
 from __future__ import annotations
 
 import numbers
+import os
 from pathlib import Path
 
 
@@ -91,7 +92,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "h5_dataset": (_or_none(_text), "the HDF5 dataset of the scan, e.g. \"/exchange/data\""),
     "work_dir": (_or_none(_path), "the run folder"),
     "data_url": (_or_none(_text), "a Google Drive id/URL or HTTP URL of a zipped dataset"),
-    "quick": (_flag, "the CPU demo"), "smoke": (_flag, "the smoke test"), "force": (_flag, "retrain finished phases"),
+    "quick": (_flag, "the CPU demo"), "smoke": (_flag, "the smoke test"), "force": (_flag, "train each finished phase once more"),
     "test_pct": (_number(0, 1, lo_open=True, hi_open=True),
                  "the test block's share of the slices (the last ones), e.g. 0.2 (0 would leave nothing to score)"),
     "valid_pct": (_number(0, 1, hi_open=True), "the validation block's share of the slices (the first ones), e.g. 0.1 "
@@ -163,3 +164,45 @@ def check_params(values):
     if bad:
         raise ParameterError("Bad parameter value" + ("s" if len(bad) > 1 else "") + ", fix it in the parameters cell "
                              "(or the -p option):\n  " + "\n  ".join(bad))
+
+
+# The values of the training notebooks' parameters cells that quick mode's or smoke's schedule replaces (and 05's tta):
+# `use_schedule` replaces a parameter only while it holds this value (a test keeps these in step with the notebooks).
+NOTEBOOK_DEFAULTS = {
+    "02": {"size_frac": 0.25, "bs": 16, "epochs_frozen": 5, "lr_frozen": 2e-4, "pct_frozen": 0.9, "epochs_unfrozen": 10,
+           "lr_unfrozen_lo": 5e-7, "lr_unfrozen_hi": 5e-5, "pct_unfrozen": 0.25},
+    "03": {"size_frac": 0.5, "bs": 16, "epochs_frozen": 5, "lr_frozen": 1e-3, "pct_frozen": 0.8, "epochs_unfrozen": 10,
+           "lr_unfrozen_lo": 1e-6, "lr_unfrozen_hi": 1e-4, "pct_unfrozen": 0.25},
+    "04": {"size_frac": 1.0, "bs": 4, "epochs_frozen": 3, "lr_frozen": 2e-5, "pct_frozen": 0.8, "epochs_unfrozen": 10,
+           "lr_unfrozen_lo": 1e-6, "lr_unfrozen_hi": 2e-6, "pct_unfrozen": 0.25},
+    "05": {"tta": True},
+}
+for _nb in ("02", "03", "04"):  # the run's settings a training notebook's quick schedule also replaces
+    NOTEBOOK_DEFAULTS[_nb].update(crop_size=None, triplanar=True, run_lr_find=True, context_slices=3)
+_APPLIED = {}  # (notebook, name): the value the last `use_schedule` set, so that running its cell again is no change
+PASSED = "MICROFOSSIL_PASSED"  # run_pipeline's -p names, for its notebooks' kernels: passed values are never replaced
+
+
+def use_schedule(values, notebook, mode="quick mode", **schedule):
+    """Set a mode's `schedule` (quick mode's, the smoke test's) into `values`, a notebook's `globals()`, except where the
+    user changed a parameter: one that no longer holds its parameters cell's default (`NOTEBOOK_DEFAULTS[notebook]`),
+    or was passed with `run_pipeline.py -p`, is kept, so a learning rate typed in the parameters cell is the one that
+    trains. Prints what it sets and what it keeps; returns what it set."""
+    defaults, passed = NOTEBOOK_DEFAULTS[notebook], set(filter(None, os.environ.get(PASSED, "").split(",")))
+    unknown = sorted(set(schedule) - set(defaults))
+    if unknown:
+        raise ParameterError(f"{mode} cannot set {', '.join(unknown)} in notebook {notebook}: only "
+                             f"{', '.join(defaults)} (params.NOTEBOOK_DEFAULTS)")
+    use, kept = {}, {}
+    for name, value in schedule.items():
+        now = values.get(name, defaults[name])
+        same_as = (defaults[name], _APPLIED.get((notebook, name), defaults[name]))
+        if name in passed or not any(now == v and type(now) is type(v) for v in same_as):
+            kept[name] = now
+        else:
+            use[name] = value
+    values.update(use)
+    _APPLIED.update({(notebook, k): v for k, v in use.items()})
+    print(f"{mode}: " + ", ".join(f"{k} {v!r}" for k, v in use.items())
+          + (f"; kept as you set them: {', '.join(f'{k} {v!r}' for k, v in kept.items())}" if kept else ""))
+    return use

@@ -5,6 +5,7 @@ headless runs keep them in `work_dir/figures/`). Needs matplotlib, never torch.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,16 +152,20 @@ def validated_on(plan):
 def plot_history(work_dir, names, path=None):
     """Loss and the fossil classes' mean IoU per epoch of the phases in `names`, one after the other
     (`history/<name>.csv`), on the block they validated on (named on the axis); earlier attempts of a phase
-    (`history/attempts/`) are drawn thin beside its latest one."""
+    (`history/attempts/`) are drawn dotted beside its latest one, labelled with how their plan differed from it."""
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(12, 4))
-    off = 0
+    off, models = 0, Path(work_dir) / "models"
     for n in names:
         hist = Path(work_dir) / "history"
+        latest = (read_json(models / f"{n}.json") or {}).get("plan", {})
         for k, f in attempt_files(hist / "attempts", n, ".csv"):
             h = _history(f)
             x = off + np.arange(len(h))
-            label = f"{n} attempt{k}"
+            plan = (read_json(models / "attempts" / f"{n}.attempt{k}.json") or {}).get("plan", {})
+            change = ", ".join(f"{key} {v}" for key, v in plan.items()
+                               if key != "start" and json.dumps(v) != json.dumps(latest.get(key)))
+            label = f"{n} attempt{k}" + (f" ({change})" if change and latest else "")
             axs[0].plot(x, h["valid_loss"].astype(float), ":", lw=1, label=f"{label} valid")
             axs[1].plot(x, _fossil_iou(h), ":", lw=1, label=label)
         if not (hist / f"{n}.csv").exists():
@@ -185,24 +190,29 @@ def plot_history(work_dir, names, path=None):
 
 def attempts(work_dir, names):
     """The attempts of each phase in `names` (their training records in `work_dir/models/`), earlier ones and the
-    latest, side by side: plan and final scores, and the block the scores were measured on (`validated_on`: the
-    validation block; the test block only with the published recipe's `valid_pct=0`, and then named so)."""
+    latest, side by side: the schedule (epochs, lr, pct_start, start), every other plan entry that differs between
+    the attempts of a phase (frozen, loss, class weights, bs, size, wd, seed...), the final scores, and the block they
+    were measured on (`validated_on`: the validation block; the test block only with the published recipe's
+    `valid_pct=0`, and then named so)."""
     import pandas as pd
     models = Path(work_dir) / "models"
-    rows = []
+    rows, differ = [], set()
     for name in names:
         kept = [p for _, p in attempt_files(models / "attempts", name, ".json")]
-        for f in [*kept, models / f"{name}.json"]:
-            rec = read_json(f)
-            if rec is None:
-                continue
-            plan = rec.get("plan", rec)
-            rows.append({"phase": name, "attempt": rec.get("attempt", 1), "latest": f.parent == models,
-                         **{k: plan.get(k) for k in ("epochs", "lr", "pct_start", "wd", "bs", "size", "start")},
+        recs = [r for r in (read_json(f) for f in [*kept, models / f"{name}.json"]) if r is not None]
+        plans = [r.get("plan", r) for r in recs]
+        differ |= {k for k in set().union(*plans) if len({json.dumps(p.get(k), sort_keys=True) for p in plans}) > 1}
+        for f, rec, plan in zip([*kept, models / f"{name}.json"], recs, plans):
+            rows.append({"phase": name, "attempt": rec.get("attempt", 1), "latest": f.parent == models, "plan": plan,
                          "scores on": validated_on(plan),
                          **{k: v for k, v in rec.get("final", {}).items() if k != "mean_iou"},  # (with background)
                          "seconds": rec.get("seconds")})
-    return pd.DataFrame(rows)
+    shown = ["epochs", "lr", "pct_start", *sorted(differ - {"epochs", "lr", "pct_start", "start"}), "start"]
+    for row in rows:
+        plan = row.pop("plan")
+        row.update({k: plan.get(k) for k in shown})
+    front = ["phase", "attempt", "latest", *shown]
+    return pd.DataFrame(rows, columns=front + [c for c in dict.fromkeys(k for r in rows for k in r) if c not in front])
 
 
 def plot_predictions(vol, pred, idx, path=None):

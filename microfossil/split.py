@@ -53,6 +53,7 @@ class Split:
     left_out: dict = field(default_factory=dict)  # test: specimens also on the training side, their voxels, by class
     valid_left_out: dict = field(default_factory=dict)  # validation: specimens also in the training block
     class_voxels: dict = field(default_factory=dict)  # {"validation": {class: voxels}, "test": {...}}, with labels
+    gap_slices: int | None = None  # as asked for (None: automatic): a fit cell checks the parameters cell against it
 
     @property
     def published(self): return self.valid_stop > self.valid_start and self.valid_start == self.test_start
@@ -221,7 +222,7 @@ def split_volume(vol, test_pct=0.2, valid_pct=0.1, gap_slices=None, connectivity
                            f"the {n_valid} validation slice(s) and the gaps. Lower test_pct, valid_pct or gap_slices, "
                            "or add slices.")
     split = Split(Z, train_start, train_stop, v0, v1, t0, float(test_pct), float(valid_pct if n_valid else 0.0),
-                  rule_t, rule_v)
+                  rule_t, rule_v, gap_slices=gap_slices)
     return _measured(vol, split, connectivity)
 
 

@@ -26,20 +26,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 
-from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Callback, CancelFitException, SkipToEpoch, load_model, save_model
 from fastai.torch_core import set_seed
 
 from .bundle import write_bundle
 from .io import attempt_files, read_json, replacing, write_json, write_text
+from .learner import check_held, lr_plan, sig
 from .loaders import n_input_channels
 from .plots import validated_on
 from .runtime import copy_in_place, file_digest, local_dir, matches, on_drive, require_mounted, write_in_place
@@ -139,31 +139,6 @@ def load_stage(learn, name):
     return learn
 
 
-def _sig(v, digits=6):
-    return float(f"{float(v):.{digits}g}")
-
-
-def _lr_plan(learn, n_groups):
-    """lr, pct_start, div, div_final and moms of the schedule this fit will apply (fastai's ParamScheduler)."""
-    sched = next((cb for cb in learn.cbs if isinstance(cb, ParamScheduler)), None)
-    if sched is None or "lr" not in sched.scheds:  # a plain `fit`: constant learning rates
-        lrs = [h["lr"] for h in learn.opt.hypers]
-        return {"lr": _group_lr(lrs), "pct_start": None, "div": None, "div_final": None, "moms": None}
-    pos = np.linspace(0, 1, 1001)
-    lrs = np.array([np.broadcast_to(np.asarray(sched.scheds["lr"](float(p)), float), (n_groups,)) for p in pos])
-    top = int(lrs[:, -1].argmax())  # the peak of the one cycle: at pct_start
-    mom = sched.scheds.get("mom")
-    return {"lr": _group_lr(lrs[top]), "pct_start": round(float(pos[top]), 3),
-            "div": _sig(lrs[top, -1] / lrs[0, -1], 4), "div_final": _sig(lrs[top, -1] / max(lrs[-1, -1], 1e-30), 4),
-            "moms": None if mom is None else [_sig(mom(float(p)), 4) for p in (0.0, pos[top], 1.0)]}
-
-
-def _group_lr(lrs):
-    """One learning rate when every parameter group has it, else `[lo, hi]` (discriminative rates, `slice(lo, hi)`)."""
-    lrs = [_sig(v) for v in np.ravel(lrs)]
-    return lrs[0] if len(set(lrs)) == 1 else [lrs[0], lrs[-1]]
-
-
 def _plan_of(rec, plan):
     """The plan recorded in `rec`, on the keys of `plan`. A record of the earlier code is flat and knows fewer keys:
     those it lacks are taken as unchanged."""
@@ -185,12 +160,16 @@ class PhaseCheckpoint(Callback):
     `start` names the checkpoint the phase starts from ("256_frozen", the previous stage's
     "256_unfrozen", ...), or None for the learner's own initial weights (ImageNet or random),
     kept as `models/<phase>.start.pth` so that a retrain starts from the same ones. `force`
-    retrains even with an unchanged plan.
+    retrains a finished phase once (`_force_used`), never instead of resuming an interrupted one. `params`, a notebook's
+    `globals()`, gives `force` and `drive_minutes` and is checked against what the learner and its DataLoaders were
+    made with (`learner.check_held`) before anything trains.
     """
     order = 55  # after the Recorder (50) has logged an epoch; before the progress bar (60) opens for a fit it skips
 
-    def __init__(self, name, start=None, force=False, drive_minutes=15):
-        self.phase, self.start, self.force, self.drive_minutes = name, start, force, drive_minutes
+    def __init__(self, name, start=None, force=False, drive_minutes=15, params=None):
+        if params is not None:
+            force, drive_minutes = params.get("force", force), params.get("drive_minutes", drive_minutes)
+        self.phase, self.start, self.force, self.drive_minutes, self.params = name, start, force, drive_minutes, params
 
     # --- files ---
     @property
@@ -287,8 +266,8 @@ class PhaseCheckpoint(Callback):
         valid = getattr(dls, "valid_idx", [])
         split = dls.split.plan() if getattr(dls, "split", None) is not None else {
             "valid_slices": [int(valid[0]), int(valid[-1])] if len(valid) else [], "test_slices": None}
-        return {"epochs": int(learn.n_epoch), **_lr_plan(learn, len(opt.param_lists)),
-                "wd": _sig(opt.hypers[-1].get("wd", 0.0)), "bs": int(dls.train.bs), "size": list(dls.size),
+        return {"epochs": int(learn.n_epoch), **lr_plan(learn, len(opt.param_lists)),
+                "wd": sig(opt.hypers[-1].get("wd", 0.0)), "bs": int(dls.train.bs), "size": list(dls.size),
                 "frozen": bool(opt.frozen_idx), "context_slices": int(getattr(dls, "context_slices", 1)),
                 "triplanar": bool(getattr(dls, "triplanar", False)), "train_slices": None, **split, "seed": getattr(dls, "seed", None),
                 "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name(),
@@ -348,6 +327,8 @@ class PhaseCheckpoint(Callback):
 
     # --- fastai events ---
     def before_fit(self):
+        if self.params is not None:
+            check_held(self.learn, self.params)
         require_mounted(self.learn.path)
         self.models.mkdir(parents=True, exist_ok=True)
         self.plan, self.skipped, self.skip_to, self.rows = self._plan(), False, 0, []
@@ -356,17 +337,23 @@ class PhaseCheckpoint(Callback):
         done = read_json(self._path(".json")) if self._path(".pth").exists() else None
         progress = read_json(self._progress(".json")) if self._progress(".pth").exists() else None
         old, interrupted = _plan_of(done, self.plan), _plan_of(progress, self.plan)
+        force = self.force and not _force_used(self.models, done, self.phase)
+        if not self.force:
+            clear_force(self.learn.path)
         copy = None
-        if self.on_drive and not self.force and not (done and old == self.plan) and interrupted != self.plan:
+        if self.on_drive and not (done and old == self.plan and not force) and interrupted != self.plan:
             copy = self._resume_from_drive()  # the local disk was lost with the runtime: the last copy on Drive
-        if done and old == self.plan and not self.force:
+        if done and old == self.plan and not force:
             check_weights(self.learn.path, self.phase)
             self._load(self._path(".pth"), with_opt=False)
             self.skipped, self.learn.at_init = True, False
             print(f"{self.phase}: already trained with this plan (attempt {done.get('attempt', 1)}), loaded "
-                  f"models/{self.phase}.pth{_scores(done.get('final', {}), done.get('plan'))}; force=True trains it again")
+                  f"models/{self.phase}.pth{_scores(done.get('final', {}), done.get('plan'))}; " +
+                  (f"force=True has retrained it once already ({done.get('finished')}); to train it yet again, run "
+                   "this cell once with force=False, then force=True" if self.force else "force=True trains it again"))
             raise CancelFitException()
-        if (progress and interrupted == self.plan or copy) and not self.force:
+        self.forced = force
+        if progress and interrupted == self.plan or copy:  # (force retrains a finished phase, never an interrupted one)
             if copy is None:
                 self._load(self._progress(".pth"), with_opt=True)
             else:
@@ -391,7 +378,8 @@ class PhaseCheckpoint(Callback):
             self.attempt = max([0, *self._attempt_numbers()]) + 1
             why = ""
             if done:
-                change = "force=True" if old == self.plan else f"plan changed: {_diff(old, self.plan)}"
+                change = ("force=True (once: a later fit with it loads this attempt)" if old == self.plan
+                          else f"plan changed: {_diff(old, self.plan)}")
                 kept = self._archive(done)
                 why = f"{change}; attempt {kept.rsplit('attempt', 1)[1]} kept as models/attempts/{kept}.pth; "
             if self.on_drive and self.history.exists():
@@ -435,11 +423,30 @@ class PhaseCheckpoint(Callback):
                "sha256": weights_sha256(self._path(".pth")), "file_size": self._path(".pth").stat().st_size,
                "epochs_trained": len(self.rows), "seconds": round(time.time() - self.t0, 1),
                "trained_on": getattr(self.learn.dls, "trained_on", None),  # the scan: path, shape, sampled-bytes hash
+               "forced_at": time.time() if self.forced else None,  # trained under force=True: `_force_used`
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(self._path(".json"), rec)
         self._drop_progress()
         print(f"{self.phase}: saved models/{self.phase}.pth (attempt {self.attempt}) after {rec['seconds']:.0f}s"
               f"{_scores(final, self.plan)}")
+
+
+def _force_used(models, done, phase):
+    """True when force=True has already retrained finished phase `done` (its record) since force was set: the time it
+    was set is kept in `models/force.json` (run_pipeline.py --force: the environment's MICROFOSSIL_FORCE_SINCE, kept
+    until the run completes), so a re-run, a resume after a disconnect or a new runtime does not train it again."""
+    since = os.environ.get("MICROFOSSIL_FORCE_SINCE")
+    if since is None:
+        since = (read_json(models / "force.json") or {}).get("since")
+        if since is None:
+            since = time.time()
+            write_json(models / "force.json", {"since": since, "phase": phase})
+    return bool(done and (done.get("forced_at") or 0) >= float(since))
+
+
+def clear_force(work_dir):
+    """Forget when force=True was set (a fit with force=False calls it): the next force=True retrains every phase once."""
+    (Path(work_dir) / "models" / "force.json").unlink(missing_ok=True)
 
 
 class _Resume(SkipToEpoch):

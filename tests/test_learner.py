@@ -272,3 +272,21 @@ def test_losses_take_the_class_weights_and_print_them(odd_vol, tmp_path, capsys,
     learn.fit(1, 1e-3)  # trains
     plain = build_learner(dls, pretrained=False, work_dir=tmp_path, loss=loss)
     assert plain.class_weights is None and "loss weights" not in capsys.readouterr().out
+
+
+def test_a_fit_stops_when_the_parameters_cell_says_other_than_what_the_learner_holds(odd_vol, tmp_path):
+    """`check_held`: the weight decay and loss the learner was built with, the DataLoaders it holds, each against the
+    notebook's values; the message names the cell to run again."""
+    from microfossil.learner import check_held
+    from microfossil.params import ParameterError
+    dls = make_dls(odd_vol, 0.25, bs=2, context_slices=3)
+    learn = build_learner(dls, pretrained=False, work_dir=tmp_path, wd=1e-2)
+    same = {"dls": dls, "wd": 1e-2, "loss": "cross_entropy", "bs": 2, "size_frac": 0.25, "context_slices": 3,
+            "class_weights": None, "test_pct": 0.2, "valid_pct": 0.1, "gap_slices": None, "arch": "resnet34"}
+    check_held(learn, same)  # nothing changed: no stop
+    with pytest.raises(ParameterError, match=r"wd = 0.1 \(made with 0.01\).*run the learner cell"):
+        check_held(learn, {**same, "wd": 0.1})
+    with pytest.raises(ParameterError, match=r"context_slices = 5 \(made with 3\).*run the DataLoaders cell"):
+        check_held(learn, {**same, "context_slices": 5})
+    with pytest.raises(ParameterError, match="built on DataLoaders made before"):
+        check_held(learn, {**same, "dls": make_dls(odd_vol, 0.25, bs=2, context_slices=3)})

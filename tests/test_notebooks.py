@@ -229,31 +229,133 @@ def test_pipeline_smoke_on_unseen_layout(tmp_path):
     assert csv[0].startswith("depth_from_mm,depth_to_mm,benthic foram_count") and (work / "figures" / "assemblage.png").exists()
 
 
-def test_quick_sets_are_what_the_quick_cells_set():
-    """run_pipeline's QUICK_SETS (what --quick refuses from -p) is the list of names the notebooks' `if quick:`
-    blocks assign: a name added to a quick cell and not to QUICK_SETS would be silently overridden."""
+def test_mode_schedules_replace_only_the_parameters_cells_defaults():
+    """`params.NOTEBOOK_DEFAULTS` (what quick mode's and smoke's schedules may replace) are the values of each notebook's
+    parameters cell, and every `use_schedule` call of a notebook names only those: the notebooks stay in step with it."""
     import ast
-    assigned = set()
+    from microfossil.params import NOTEBOOK_DEFAULTS
     for nb in NOTEBOOKS:
+        key = nb.name[:2]
+        defaults = {k: _parsed(v["default"]) for k, v in pm.inspect_notebook(str(nb)).items()}
+        calls = []
         for c in json.loads(nb.read_text())["cells"]:
-            if c["cell_type"] != "code":
-                continue
-            src = "\n".join(ln for ln in "".join(c["source"]).splitlines() if not ln.lstrip().startswith(("!", "%")))
-            for node in ast.walk(ast.parse(src)):
-                if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "quick":
-                    assigned |= {n.id for stmt in node.body for n in ast.walk(stmt)
-                                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    assert assigned == run_pipeline.QUICK_SETS
+            if c["cell_type"] == "code":
+                src = "\n".join(ln for ln in "".join(c["source"]).splitlines() if not ln.lstrip().startswith(("!", "%")))
+                calls += [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
+                          and getattr(n.func, "attr", None) == "use_schedule"]
+        assert bool(calls) == (key in NOTEBOOK_DEFAULTS), nb.name
+        for call in calls:
+            assert call.args[1].value == key, f"{nb.name} calls use_schedule for notebook {call.args[1].value}"
+            assert {kw.arg for kw in call.keywords} <= set(NOTEBOOK_DEFAULTS[key]), nb.name
+        for name, value in NOTEBOOK_DEFAULTS.get(key, {}).items():
+            assert defaults[name] == value and type(defaults[name]) is type(value), f"{nb.name}: {name}"
 
 
-def test_quick_refuses_a_parameter_it_sets_itself(tiny, tmp_path, capsys):
-    """--quick sets the schedule in the notebooks' quick cell: a -p bs given with it would be silently overridden."""
-    with pytest.raises(SystemExit):
-        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--quick", "-p", "bs", "4"])
-    assert "--quick sets bs itself" in capsys.readouterr().err
+def _parsed(text):
+    return run_pipeline._value(text)
+
+
+def _cells(nb_path):
+    """The notebook's cells, found by what they hold (the indices move as the text is edited)."""
+    cells = json.loads(Path(nb_path).read_text())["cells"]
+    code = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "code"}
+    find = lambda *marks: next(i for i, s in code.items() if all(m in s for m in marks))  # noqa: E731
+    return cells, {"setup": find("import utils"), "params": find("epochs_frozen ="), "mode": find("use_schedule"),
+                   "dls": find("make_dls("), "learner": find("build_learner("), "fit1": find("_frozen\", start=init_from"),
+                   "fit2": find("learn.fit_one_cycle(epochs_unfrozen")}
+
+
+class _Kernel:
+    """A notebook's kernel driven cell by cell, in any order, as a learner does in Jupyter."""
+    def __init__(self, nb_path, params):
+        import nbformat
+        from nbclient import NotebookClient
+        self.nb = nbformat.read(str(nb_path), as_version=4)
+        _, self.at = _cells(nb_path)
+        self.params = params
+        self.client = NotebookClient(self.nb, kernel_name="python3", timeout=600, allow_errors=True,
+                                     resources={"metadata": {"path": str(Path(nb_path).parent)}})
+
+    def run(self, which, source=None):
+        """Run cell `which` (a name of `_cells`, or an index), its source replaced by `source` when given (the
+        parameters cell: with the test's parameters after it, as papermill injects them); returns what it printed."""
+        i = self.at.get(which, which)
+        cell = self.nb.cells[i]
+        cell.source = (source or cell.source) + ("\n" + self.params if which == "params" else "")
+        cell.outputs = []
+        self.client.execute_cell(cell, i)
+        return "".join(o.get("text", "") + o.get("evalue", "") for o in cell.outputs)
+
+
+def test_phase_cells_train_what_they_name_whatever_ran_before(tiny, tmp_path):
+    """02 run cell by cell out of order: the phase-1 fit after phase 2 loads phase 1 (frozen, not retrained unfrozen);
+    the learner cell (which freezes) then the phase-2 fit loads phase 2; a batch size changed in the parameters cell
+    with only the fit re-run stops, naming the cells, and trains nothing; after those cells, it retrains."""
+    work = tmp_path / "run"
+    k = _Kernel(NOTEBOOKS[1], f"data_dir = {str(tiny)!r}\nwork_dir = {str(work)!r}\nsmoke = True\npretrained = False\n"
+                              "run_lr_find = False")
+    with k.client.setup_kernel():
+        for name in ("setup", "params", "mode", "dls", "learner", "fit1", "fit2"):
+            text = k.run(name)
+        assert "256_unfrozen: training attempt 1" in text
+        text = k.run("fit1")
+        assert "256_frozen: already trained with this plan (attempt 1)" in text, text
+        k.run("learner")
+        text = k.run("fit2")
+        assert "256_unfrozen: already trained with this plan (attempt 1)" in text, text
+        params = k.nb.cells[k.at["params"]].source.split("\n" + k.params)[0]
+        k.run("params", params.replace("bs = 16 ", "bs = 4  "))
+        text = k.run("fit1")
+        assert "bs = 4 (made with 16)" in text and "run the DataLoaders cell" in text and "Nothing was trained" in text
+        assert not (work / "models" / "attempts").exists()
+        for name in ("mode", "dls", "learner"):
+            k.run(name)
+        text = k.run("fit1")
+        assert re.search(r"256_frozen: plan changed: bs \d+ -> 4;", text), text  # (16, capped at the training slices)
+    assert read_record(work, "256_frozen")["bs"] == 4 and read_record(work, "256_frozen.attempt1")["bs"] > 4
+    assert read_record(work, "256_frozen")["frozen"] and not read_record(work, "256_unfrozen")["frozen"]
+
+
+def test_quick_mode_takes_the_rate_you_type_in_either_place(tiny, tmp_path):
+    """Quick mode: a learning rate typed in the parameters cell is kept (not replaced by quick mode's) and the fit
+    retrains with it; one changed in quick mode's own cell retrains with that one."""
+    work = tmp_path / "run"
+    k = _Kernel(NOTEBOOKS[1], f"data_dir = {str(tiny)!r}\nwork_dir = {str(work)!r}\nquick = True\npretrained = False")
+    with k.client.setup_kernel():
+        for name in ("setup", "params", "mode", "dls", "learner", "fit1"):
+            text = k.run(name)
+        assert read_record(work, "256_frozen")["lr"] == 0.001
+        params = k.nb.cells[k.at["params"]].source.split("\n" + k.params)[0]
+        k.run("params", params.replace("lr_frozen = 0.0002", "lr_frozen = 0.003"))
+        text = k.run("mode")
+        assert "kept as you set them: lr_frozen 0.003" in text, text
+        text = k.run("fit1")
+        assert "256_frozen: plan changed: lr 0.001 -> 0.003" in text, text
+        k.run("params", params)  # back to the default: quick mode's cell sets its own rate again
+        mode = k.nb.cells[k.at["mode"]].source
+        text = k.run("mode", mode.replace("lr_frozen=1e-3", "lr_frozen=2e-3"))
+        assert "lr_frozen 0.002" in text and "kept" not in text, text
+        text = k.run("fit1")
+        assert "256_frozen: plan changed: lr 0.003 -> 0.002" in text, text
+    assert read_record(work, "256_frozen")["attempt"] == 3
+
+
+def test_quick_keeps_a_value_passed_with_p(tiny, tmp_path, monkeypatch, capsys):
+    """A -p value given with --quick is kept over quick mode's, even one equal to the parameters cell's default."""
+    import os
+    from microfossil.params import PASSED, use_schedule
+    monkeypatch.setenv(PASSED, "bs")
+    values = {"bs": 16, "lr_frozen": 0.0002}
+    assert use_schedule(values, "02", bs=8, lr_frozen=1e-3) == {"lr_frozen": 1e-3}
+    assert values == {"bs": 16, "lr_frozen": 1e-3} and "kept as you set them: bs 16" in capsys.readouterr().out
+    monkeypatch.setattr(pm, "execute_notebook", lambda nb, out, parameters, **kw: seen.append(os.environ[PASSED]))
+    seen = []
+    assert run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--quick", "-p", "bs", "4",
+                              "--only", "02"]) == 0
+    assert seen == ["bs"]
     with pytest.raises(SystemExit):  # one mode at a time
-        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w"), "--quick", "--smoke"])
-    assert not (tmp_path / "w").exists()
+        run_pipeline.main(["--data-dir", str(tiny), "--work-dir", str(tmp_path / "w2"), "--quick", "--smoke"])
+    assert not (tmp_path / "w2").exists()
 
 
 def test_runner_rejects_unknown_parameter(tiny, tmp_path):

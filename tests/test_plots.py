@@ -76,3 +76,22 @@ def test_history_draws_both_phases_and_earlier_attempts(tmp_path):
     assert [ln.get_label() for ln in iou.lines] == ["p_frozen attempt1", "p_frozen", "p_unfrozen"]
     assert list(iou.lines[2].get_xdata()) == [3, 4]  # phase 2 follows the latest attempt of phase 1
     assert (tmp_path / "h.png").exists()
+
+
+def test_attempts_show_what_differs_between_them(tmp_path):
+    """Every plan entry that differs between a phase's attempts is a column (here frozen, bs and class weights), and
+    the history labels an earlier attempt with how its plan differed from the latest one."""
+    from microfossil.io import write_json
+    plan = {"epochs": 2, "lr": 1e-3, "pct_start": 0.25, "bs": 8, "frozen": True, "class_weights": None, "wd": 0.01,
+            "start": "random init", "valid_slices": [0, 1], "test_slices": [8, 9]}
+    (tmp_path / "models" / "attempts").mkdir(parents=True)
+    write_json(tmp_path / "models" / "attempts" / "p_frozen.attempt1.json", {"attempt": 1, "plan": plan, "final": {}})
+    write_json(tmp_path / "models" / "p_frozen.json", {"attempt": 2, "plan": {**plan, "bs": 4, "frozen": False,
+                                                                              "class_weights": [1, 2]}, "final": {}})
+    table = plots.attempts(tmp_path, ["p_frozen"])
+    assert table[["bs", "class_weights", "frozen"]].values.tolist() == [[8, None, True], [4, [1, 2], False]]
+    assert "wd" not in table and table.columns.tolist()[:4] == ["phase", "attempt", "latest", "epochs"]
+    _write_history(tmp_path / "history" / "p_frozen.csv", 2, 0.5)
+    _write_history(tmp_path / "history" / "attempts" / "p_frozen.attempt1.csv", 2, 0.4)
+    labels = [ln.get_label() for ln in plots.plot_history(tmp_path, ["p_frozen"]).axes[1].lines]
+    assert labels == ["p_frozen attempt1 (bs 8, frozen True, class_weights None)", "p_frozen"]

@@ -110,6 +110,7 @@ def test_changed_plan_retrains_from_the_phase_start_and_keeps_the_attempt(odd_vo
     valid = split_volume(odd_vol).plan()["valid_slices"]  # every attempt's scores are on the validation block
     assert (table["scores on"] == f"validation block {valid[0]}-{valid[1]}").all() and "mean_iou" not in table
     assert "mean_iou_fossils" in table
+    assert "bs" not in table and "frozen" not in table  # the same in every attempt: not shown
 
 
 def test_a_retrain_in_a_new_session_starts_from_the_same_initial_weights(odd_vol, tmp_path, capsys):
@@ -160,6 +161,32 @@ def test_force_retrains_an_unchanged_plan(odd_vol, tmp_path, capsys):
     learn.fit_one_cycle(1, 1e-3, cbs=[PhaseCheckpoint("t_frozen", force=True), watch])
     assert watch.trained == [0] and "force=True" in capsys.readouterr().out
     assert phase_done(tmp_path, "t_frozen.attempt1") and read_record(tmp_path, "t_frozen")["attempt"] == 2
+
+
+def test_force_applies_once_and_never_instead_of_a_resume(odd_vol, tmp_path, capsys, monkeypatch):
+    """force=True trains a finished phase once: the same cell run again (or in a new session) loads that attempt; run
+    once with force=False, force=True trains it once more. An interrupted phase resumes even with force=True. Under
+    run_pipeline --force the time the run began comes from the environment: a phase trained since is loaded."""
+    learn = _learner(odd_vol, tmp_path)
+    learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+    for expect_trained, force in ((True, True), (False, True), (False, False), (True, True)):
+        watch = _Watch()
+        learn.fit_one_cycle(1, 1e-3, cbs=[PhaseCheckpoint("t_frozen", force=force), watch])
+        assert bool(watch.trained) == expect_trained, (expect_trained, force)
+    out = capsys.readouterr().out
+    assert "force=True has retrained it once already" in out and "force=True (once" in out
+    assert read_record(tmp_path, "t_frozen")["attempt"] == 3
+    with pytest.raises(KeyboardInterrupt):  # a forced retrain cut short by a disconnect...
+        learn.fit_one_cycle(1, 2e-3, cbs=[PhaseCheckpoint("t_frozen", params={"force": True}), _Disconnect(at=0)])
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit_one_cycle(3, 2e-3, cbs=[PhaseCheckpoint("t_frozen", force=True), _Disconnect(at=1)])
+    watch = _Watch()  # ...resumes where it stopped, force or not
+    learn.fit_one_cycle(3, 2e-3, cbs=[PhaseCheckpoint("t_frozen", force=True), watch])
+    assert watch.trained == [2] and "resuming after epoch 2 of 3" in capsys.readouterr().out
+    monkeypatch.setenv("MICROFOSSIL_FORCE_SINCE", "0")  # a --force run begun before it: trained since, so loaded
+    watch = _Watch()
+    learn.fit_one_cycle(3, 2e-3, cbs=[PhaseCheckpoint("t_frozen", force=True), watch])
+    assert watch.trained == []
 
 
 def test_plan_is_read_off_the_fit(odd_vol, tmp_path):
