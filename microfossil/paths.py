@@ -11,6 +11,7 @@ from pathlib import Path
 from .io import replacing
 from .runtime import colab_root, on_drive, runs_home
 from .sample import SAMPLE_SIZES, ensure_sample
+from .readers import _stem
 from .scans import scan_parts
 from .volume import DatasetError
 
@@ -51,7 +52,7 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
                            "volume file), or leave it None for the embedded sample.")
     if work_dir is None:
         base = runs_home() or ROOT / "runs"
-        name = data_dir.name.split(".")[0] if data_dir.is_file() else data_dir.name
+        name = _stem(data_dir) if data_dir.is_file() else data_dir.name  # core_2.5um.nrrd: core_2.5um
         work_dir = base / (name + ("_smoke" if smoke else "_quick" if quick else ""))
     work_dir = Path(work_dir).expanduser().resolve()
     if work_dir == data_dir or (data_dir.is_dir() and data_dir in work_dir.parents):

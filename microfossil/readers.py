@@ -58,7 +58,8 @@ class Part:
                                              else "dicom")
 
     name = property(lambda self: self.path.name)
-    stem = property(lambda self: _stem(self.path))
+    stem = property(lambda self: self.path.name if self.kind == "dicom" and _suffix(self.path) not in (  # a UID name
+        ".dcm", ".dicom", ".ima") else _stem(self.path))
     parent = property(lambda self: self.path.parent)
     def __fspath__(self): return str(self.path)
     def __str__(self): return str(self.path) + (f" (dataset {self.dataset})" if self.dataset else "")
@@ -248,9 +249,15 @@ class _opened:
         p = self.part
         if p.kind == "hdf5":
             import h5py
-            f = h5py.File(p.path, "r")
+            # a chunk cache of 256 MiB: a slice read one at a time decompresses each chunk once, not once per slice
+            f = h5py.File(p.path, "r", rdcc_nbytes=256 << 20, rdcc_nslots=100003)
+            try:
+                ds = h5_scan(f, p.path, p.dataset)
+            except BaseException:
+                f.close()  # (a data error would otherwise keep the file open, held by the traceback)
+                raise
             self.close = f.close
-            return h5_scan(f, p.path, p.dataset)
+            return ds
         return {"metaimage": _metaimage_array, "nrrd": _nrrd_array, "nifti": _nifti_array,
                 "dicom": _dicom_array}[p.kind](p.path)
 
@@ -318,6 +325,8 @@ def _metaimage_array(path):
     local = data.upper() == "LOCAL"
     source = Path(path) if local else Path(path).parent / data
     skip = offset if local else int(head.get("HeaderSize", 0))
+    if skip == -1 and (Path(path).parent / data).is_file():  # -1: the data are the file's last bytes
+        skip = max(0, (Path(path).parent / data).stat().st_size - int(np.prod(dims)) * dtype.itemsize)
     if head.get("CompressedData", "False").lower() == "true":
         import zlib
         if not source.is_file():
@@ -366,7 +375,11 @@ def _nrrd_array(path):
     dtype = np.dtype(NRRD_TYPES[NRRD_ALIASES.get(kind, kind)])
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if header.get("endian", "little") == "big" else "<")
-    skip = int(header.get("byte skip", 0)) + (0 if data else offset)
+    skip = int(header.get("byte skip", 0))
+    if skip == -1:  # the data are the file's last bytes (raw encoding only)
+        skip = max(0, Path(source).stat().st_size - int(np.prod([int(v) for v in header["sizes"]])) * dtype.itemsize)
+    else:
+        skip += 0 if data else offset
     return _mapped(source, dtype, skip, [int(s) for s in header["sizes"]][::-1], path)
 
 

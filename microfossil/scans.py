@@ -31,8 +31,9 @@ UM_PER = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "mic
 def _is_dicom(p):
     if p.suffix.lower() in DICOM_EXTS:
         return True
-    if p.suffix:
-        return False
+    if _suffix(p) in SLICE_EXTS or _suffix(p) in VOLUME_EXTS or p.suffix.lower() in (".log", ".txt", ".csv", ".json",
+                                                                                     ".xml", ".zip", ".raw", ".py"):
+        return False  # (a DICOM file is often named by its UID, "1.2.826.0.1.3680043.5": any other suffix)
     try:
         with open(p, "rb") as fh:
             return fh.read(132)[128:] == b"DICM"
@@ -134,6 +135,15 @@ def scan_parts(path, require_labels=True, labels_path=None, h5_dataset=None):
         codes_dirs = [path]
     elif path.is_dir():
         files, left_out = _slices_in(path)
+        vol = _volume_in(path) if files else None
+        if vol is not None and labels_path is not None and vol.resolve() == Path(labels_path).resolve():
+            vol = None  # the labels, beside their slices
+        if vol is not None and len(files) <= 2:  # a preview or thumbnail beside the volume file
+            return scan_parts(vol, require_labels, labels_path, h5_dataset)[:3] + (files + left_out,)
+        if vol is not None:
+            raise DatasetError(f"{path} holds both {len(files)} slice images ({files[0].name}...) and a volume file "
+                               f"({vol.name}): set data_dir to the one that is the scan (the volume file itself, or "
+                               "a folder holding only the slices).")
         if files:
             images = [Part(p) for p in files]
             gts = [_find_gt(p.path, path) for p in images]
@@ -190,6 +200,9 @@ def _label_parts(labels):
         raise DatasetError(f"labels_path {labels} does not exist. Set it to the label file or folder of this scan, "
                            "or to None.")
     if labels.is_file():
+        if _suffix(labels) not in VOLUME_EXTS and _suffix(labels) not in SLICE_EXTS and not _is_dicom(labels):
+            raise DatasetError(f"labels_path {labels}: not a format read here (TIFF, PNG, BMP, .mhd/.mha, .nrrd/.nhdr, "
+                               ".nii/.nii.gz, .h5/.hdf5, DICOM). Save the labels as one of them.")
         return [Part(labels)]
     files = [p for p in _visible(labels) if _suffix(p) in SLICE_EXTS]
     if files:
@@ -224,8 +237,13 @@ def metadata_voxel_size(path, h5_dataset=None):
 
 def _um(values, unit, where, assumed=""):
     scale = UM_PER.get(str(unit).strip().lower().replace("\\u00b5", "µ"))
-    vs = np.asarray(values, float)
+    try:
+        vs = np.asarray(values, float).ravel()
+    except (TypeError, ValueError):  # an attribute that is no number
+        return None
     if scale is None or vs.size != 3 or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+        return None
+    if assumed and np.all(vs == 1):  # a unit-less spacing of exactly 1: a writer's default header, not a voxel size
         return None
     return tuple(round(float(v) * scale, 6) for v in vs), where + assumed
 
@@ -235,9 +253,14 @@ def _skyscan_log(folder):
         return None
     for log in sorted(folder.glob("*.log"), key=natural_key):
         text = log.read_bytes().decode("latin-1")
-        m = re.search(r"^\s*(?:Image )?Pixel Size \(um\)\s*=\s*([0-9.eE+-]+)", text, re.M)
+        rec = re.search(r"^\[Reconstruction\]([^[]*)", text, re.M | re.I)  # NRecon's section: the slices' own size
+        m = rec and re.search(r"^\s*Pixel Size \(um\)\s*=\s*([0-9.eE+-]+)", rec.group(1), re.M)
         if m:
-            return _um([float(m.group(1))] * 3, "um", f"{log} (Pixel Size (um), SkyScan / NRecon)")
+            return _um([float(m.group(1))] * 3, "um", f"{log} ([Reconstruction] Pixel Size (um), SkyScan / NRecon)")
+        m = re.search(r"^\s*(?:Image )?Pixel Size \(um\)\s*=\s*([0-9.eE+-]+)", text, re.M)  # the acquisition's
+        if m:
+            return _um([float(m.group(1))] * 3, "um", f"{log} (Image Pixel Size (um), SkyScan acquisition: the "
+                                                      "reconstruction's if it was not resized)")
     return None
 
 
@@ -313,20 +336,27 @@ def _h5_spacing(part):
         ds = h5_scan(f, part.path, part.dataset)
         for obj in (ds, f):
             for key in ("element_size_um", "voxel_size_um", "pixel_size_um"):
-                if key in obj.attrs:
-                    return _um(np.broadcast_to(np.asarray(obj.attrs[key], float).ravel(), (3,)), "um",
-                               f"{part.path} (attribute {key})")
+                if key in obj.attrs and _zyx(obj.attrs[key]) is not None:
+                    return _um(_zyx(obj.attrs[key]), "um", f"{part.path} (attribute {key})")
             for key in ("voxel_size", "pixel_size", "spacing", "resolution"):
-                if key in obj.attrs:
+                if key in obj.attrs and _zyx(obj.attrs[key]) is not None:
                     unit = obj.attrs.get("unit", obj.attrs.get("units", None))
                     unit = unit.decode() if isinstance(unit, bytes) else unit
                     if unit:
-                        return _um(np.broadcast_to(np.asarray(obj.attrs[key], float).ravel(), (3,)), unit,
-                                   f"{part.path} (attribute {key}, {unit})")
+                        return _um(_zyx(obj.attrs[key]), unit, f"{part.path} (attribute {key}, {unit})")
         dx = "/measurement/instrument/detection_system/objective/resolution"  # Data Exchange (beamlines), in µm
         if dx in f:
             return _um([float(np.asarray(f[dx]).ravel()[0])] * 3, "um", f"{part.path} ({dx})")
     return None
+
+
+def _zyx(value):
+    """An attribute's voxel size as (z, y, x): three numbers, two (y, x; z taken as x) or one; else None."""
+    try:
+        v = np.asarray(value, float).ravel()
+    except (TypeError, ValueError):
+        return None
+    return {1: lambda: np.repeat(v, 3), 2: lambda: np.r_[v[1], v], 3: lambda: v}.get(v.size, lambda: None)()
 
 
 def _dicom_spacing(parts):

@@ -28,8 +28,8 @@ from .scans import metadata_voxel_size, scan_parts
 VOXEL_SIZE_FILE = "voxel_size.txt"
 NO_VOXEL_SIZE = ("the default: no voxel_size_um, no voxel_size.txt and no voxel size in the scan's metadata, so sizes "
                  "are in voxels")
-CACHE_FORMAT = 3  # raised when decoding changes (2: NaN/Inf voxels, colour kept at its bit depth; 3: keyed on the
-#                   content, any format); older caches rebuild
+CACHE_FORMAT = 4  # raised when decoding changes (2: NaN/Inf voxels, colour kept at its bit depth; 3: keyed on the
+#                   content, any format; 4: the label files' digest, so an edit is seen); older caches rebuild
 
 
 def evenly_spaced(length, n):
@@ -229,6 +229,36 @@ def _cache_key(parts, extra=""):
     return h.hexdigest()[:16]
 
 
+def _label_files(masks, digest=True):
+    """The label files' sizes and modification times, and (`digest`) the SHA-1 of all their bytes, for the cache's
+    record: labels are what a person edits, in place and at the same size, where a sampled key does not see it."""
+    out = {"label_files": [[m.name, m.stat().st_size, m.stat().st_mtime_ns] for m in masks or []]}
+    if digest:
+        h = hashlib.sha1()
+        for m in masks or []:
+            with open(m.path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        out["labels_sha1"] = h.hexdigest()
+    return out
+
+
+def _labels_edited(cache, masks, kept):
+    """True (and the cache and its kept copy removed) when a label file was edited since cache `cache` was made: its
+    time or size changed and its bytes did too (a copy with new times but the same bytes is the same labels)."""
+    meta = json.loads((cache / "volume.json").read_text())
+    if not masks or "labels_sha1" not in meta or _label_files(masks, digest=False)["label_files"] == meta["label_files"]:
+        return False
+    if _label_files(masks)["labels_sha1"] == meta["labels_sha1"]:  # the same labels, copied: noted for next time
+        (cache / "volume.json").write_text(json.dumps({**meta, **_label_files(masks, digest=False)}))
+        return False
+    print(f"The labels changed since the cache {cache.name} was made: reading the scan again.")
+    for d in (cache, None if kept is None else Path(kept) / cache.name):
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+    return True
+
+
 def _cache_name(source):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).name)[:40] or "scan"
 
@@ -374,7 +404,7 @@ def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None,
         if kept is not None and not _valid(cache) and _valid(Path(kept) / cache.name):
             _copy_cache(Path(kept) / cache.name, cache, to_kept=False)
             _drop_stale(cache_dir, _cache_name(data_dir), cache.name)
-        if _valid(cache):
+        if _valid(cache) and not _labels_edited(cache, masks, kept):
             return _open_cache(cache, kept, data_dir, info)
 
     # the intensity window comes from a sample of about 32 slices spread over z
@@ -403,7 +433,8 @@ def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None,
         del images, labels
         (tmp / "volume.json").write_text(json.dumps({"format": CACHE_FORMAT, "scan": _cache_name(data_dir),
                                                      "window": window, "raw_dtype": raw_dtype,
-                                                     "has_labels": has_masks, "nonfinite": nonfinite}))
+                                                     "has_labels": has_masks, "nonfinite": nonfinite,
+                                                     **_label_files(masks)}))
     _drop_stale(cache_dir, _cache_name(data_dir), cache.name)
     return _open_cache(cache, kept, data_dir, info)
 

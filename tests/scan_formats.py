@@ -8,16 +8,17 @@ import tifffile
 from PIL import Image
 
 
-def skyscan(folder, scan, pixel_um):
-    """A Bruker SkyScan / NRecon reconstruction folder: 8-bit BMP slices `x_rec00000123.bmp`, its `x_rec.log`, and a
-    preview image that is not a slice."""
+def skyscan(folder, scan, pixel_um, acquisition_um=None):
+    """A Bruker SkyScan / NRecon reconstruction folder: 8-bit BMP slices `x_rec00000123.bmp`, its `x_rec.log` (the
+    acquisition's pixel size `acquisition_um`, the reconstruction's `pixel_um`: they differ when NRecon resized), and
+    a preview image that is not a slice."""
     folder = Path(folder)
     folder.mkdir(parents=True)
     for z, page in enumerate(scan):
         Image.fromarray(page).save(folder / f"core_rec{z + 120:08d}.bmp")
     Image.fromarray(scan[len(scan) // 2][::2, ::2]).save(folder / "core_rec_spr.bmp")
     (folder / "core_rec.log").write_text("[System]\r\nScanner=Skyscan1272\r\n[Acquisition]\r\n"
-                                         f"Image Pixel Size (um)={pixel_um:.6f}\r\n[Reconstruction]\r\n"
+                                         f"Image Pixel Size (um)={acquisition_um or pixel_um:.6f}\r\n[Reconstruction]\r\n"
                                          f"Pixel Size (um)={pixel_um:.5f}\r\n", encoding="latin-1")
     return folder
 

@@ -157,3 +157,63 @@ def test_a_tiff_in_printer_dpi_has_no_voxel_size(scan, tmp_path):
     tifffile.imwrite(path, scan[0], resolution=(72, 72), resolutionunit="INCH")
     size, source = read_voxel_size(path)
     assert size == (1.0, 1.0, 1.0) and "in voxels" in source
+
+
+def test_a_resized_skyscan_reconstruction_has_its_own_pixel_size(scan, tmp_path):
+    """NRecon's [Reconstruction] Pixel Size, not the acquisition's Image Pixel Size, which comes first in the log."""
+    folder = fmt.skyscan(tmp_path / "rec", (scan[0] // 256).astype(np.uint8), 10.0, acquisition_um=5.0)
+    size, source = read_voxel_size(folder)
+    assert size == (10.0, 10.0, 10.0) and "[Reconstruction]" in source
+
+
+def test_a_thumbnail_beside_a_volume_file_is_not_the_scan(scan, tmp_path):
+    images, _ = scan
+    fmt.nrrd_file(tmp_path / "core.nrrd", images, (6.0, 3.0, 3.0), units="microns")
+    from PIL import Image
+    Image.fromarray((images[0] // 256).astype(np.uint8)).save(tmp_path / "thumbnail.png")
+    vol = load_volume(tmp_path, require_labels=False)
+    assert vol.shape == images.shape
+    for z in range(3):  # slices and a volume file both: which one is the scan is the user's to say
+        Image.fromarray((images[z] // 256).astype(np.uint8)).save(tmp_path / f"slice_{z:03d}.png")
+    with pytest.raises(DatasetError, match=r"holds both 3 slice images .* and a volume file \(core.nrrd\)"):
+        load_volume(tmp_path, require_labels=False)
+
+
+def test_a_default_header_is_no_voxel_size(scan, tmp_path):
+    """A NIfTI written with nibabel's defaults (zooms 1, unit unknown) records no voxel size, not 1 mm."""
+    import nibabel
+    images, _ = scan
+    path = tmp_path / "plain.nii"
+    nibabel.save(nibabel.Nifti1Image(np.ascontiguousarray(images.T), np.eye(4)), str(path))
+    size, source = read_voxel_size(path)
+    assert size == (1.0, 1.0, 1.0) and "no voxel size in the scan's metadata" in source
+
+
+def test_hdf5_voxel_size_attributes_of_other_shapes(scan, tmp_path):
+    """Two numbers (y, x) take z as x; a text that is no number is no voxel size, and no traceback."""
+    images, _ = scan
+    two = fmt.hdf5(tmp_path / "two.h5", {"data": images}, {"pixel_size": [2.5, 2.0], "unit": "um"})
+    assert read_voxel_size(two)[0] == (2.0, 2.5, 2.0)
+    text = fmt.hdf5(tmp_path / "text.h5", {"data": images}, {"resolution": "5 um", "unit": "um"})
+    assert "no voxel size in the scan's metadata" in read_voxel_size(text)[1]
+
+
+def test_a_dicom_series_named_by_uid(scan, tmp_path):
+    images, _ = scan
+    names = [f"1.2.826.0.1.3680043.{k + 1}" for k in range(len(images))]
+    folder = fmt.dicom_series(tmp_path / "uids", images, (0.005, 0.0025, 0.0025), names=names)
+    _same(load_volume(folder, require_labels=False), images)
+
+
+def test_a_metaimage_header_size_of_minus_one_and_labels_in_no_known_format(scan, tmp_path):
+    """HeaderSize = -1 (the data are the raw file's last bytes) is read; a labels_path in no format read here is
+    named as such, not as a corrupt DICOM file."""
+    images, _ = scan
+    path = fmt.metaimage(tmp_path / "core.mhd", images, (0.006, 0.003, 0.003))
+    raw = tmp_path / "core.raw"
+    raw.write_bytes(b"\0" * 100 + raw.read_bytes())
+    path.write_text(path.read_text().replace("ElementDataFile", "HeaderSize = -1\nElementDataFile"))
+    _same(load_volume(path, require_labels=False), images)
+    (tmp_path / "labels.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(DatasetError, match=r"labels.npy: not a format read here"):
+        load_volume(path, labels_path=tmp_path / "labels.npy")

@@ -235,6 +235,29 @@ def test_a_kept_copy_of_the_cache_serves_a_fresh_runtime(tiny, tmp_path, monkeyp
     assert isinstance(again.images, np.memmap) and str(local) in str(again.images.filename)
 
 
+def test_labels_edited_in_place_at_the_same_size_are_read_again(tmp_path):
+    """A label stack corrected in Fiji or napari and saved over itself, same size, the edit outside the bytes the
+    cache key samples: the next load reads the new labels, from the local cache and from the kept copy alike."""
+    import os
+    import scan_formats as fmt
+    z, y, x = np.indices((40, 64, 64))
+    images, labels = (1000 + 50 * z + x).astype(np.uint16), np.zeros((40, 64, 64), np.uint8)
+    path = fmt.imagej(tmp_path / "core.tif", images, z_um=5.0, xy_um=2.5)
+    gt = fmt.imagej(tmp_path / "core_GT.tif", labels, z_um=5.0, xy_um=2.5)
+    (tmp_path / "codes.txt").write_text("background\nfossil\n")
+    local, kept = tmp_path / "local", tmp_path / "drive" / "cache"
+    assert load_volume(path, cache_dir=(local, kept)).labels.sum() == 0
+    stat = gt.stat()
+    labels[10, 20:30, 20:30] = 1
+    fmt.imagej(gt, labels, z_um=5.0, xy_um=2.5)
+    assert gt.stat().st_size == stat.st_size
+    os.utime(gt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert load_volume(path, cache_dir=(local, kept)).labels.sum() == 100
+    shutil.rmtree(local)  # a fresh runtime: the kept copy holds the edited labels too
+    assert load_volume(path, cache_dir=(local, kept)).labels.sum() == 100
+    assert len(list(local.iterdir())) == 1 and len(list(kept.iterdir())) == 1
+
+
 def test_a_cache_written_by_an_older_version_is_rebuilt(tiny, tmp_path):
     """A cache from before the NaN/Inf handling may hold a flattened volume: it must not be reused."""
     plain = load_volume(tiny)
