@@ -62,9 +62,9 @@ def main(argv=None):
     import papermill as pm
     os.environ["MICROFOSSIL_HEADLESS"] = "1"  # the kernels inherit it: 06_review skips its widget panel
     sys.path.insert(0, str(ROOT))
-    import utils
     from microfossil.evaluation import describe_run
-    from microfossil.params import PASSED, ParameterError, check_params
+    from microfossil.params import PASSED, RUN_SETTINGS, ParameterError, check_params
+    from microfossil.paths import record_run, resolve_paths
     from microfossil.runtime import in_colab, on_drive
 
     params = {k: _value(v) for k, v in args.p}
@@ -78,9 +78,13 @@ def main(argv=None):
             check_params({**defaults, **{k: v for k, v in params.items() if k in defaults}})
         except ParameterError as e:
             ap.error(f"{nb.name}: {e}")
-    data_dir, work_dir = utils.resolve_paths(args.data_dir, args.work_dir, args.quick, args.data_url,
+    data_dir, work_dir = resolve_paths(args.data_dir, args.work_dir, args.quick, args.data_url,
                                              params.get("sample_size", "default"), params.get("seed", 0), args.smoke)
     params.update(data_dir=str(data_dir), work_dir=str(work_dir), quick=args.quick, smoke=args.smoke)
+    if args.data_url:
+        params["data_url"] = args.data_url
+    # the run's settings, for the notebooks that do not declare them (each reads work_dir/run.json: paths.use_run)
+    record_run(work_dir, {k: v for k, v in params.items() if k in RUN_SETTINGS}, "run_pipeline.py")
     mp = params.get("model_path")  # the notebooks run in notebooks/: a relative folder means one from here
     if isinstance(mp, str) and Path(mp).exists():  # (a link or a Drive id names no folder: passed as it is)
         params["model_path"] = str(Path(mp).absolute())
@@ -101,7 +105,7 @@ def main(argv=None):
     print(f"data_dir: {data_dir}\nwork_dir: {work_dir}")
     for nb in notebooks:
         known = pm.inspect_notebook(str(nb))
-        unknown = set(params) - set(known) - {"data_dir", "work_dir", "quick", "smoke", "force"}
+        unknown = set(params) - set(known) - {"work_dir", "force"} - set(RUN_SETTINGS)  # (those: run.json)
         if unknown and nb == notebooks[0]:
             missing_everywhere = [k for k in unknown if not any(k in pm.inspect_notebook(str(n)) for n in notebooks)]
             if missing_everywhere:

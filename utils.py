@@ -12,9 +12,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `microfossil/` sits 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _NAMES = {  # module of the microfossil package: the names the notebooks take from it
-    "params": ["check_params", "use_schedule"],
     "runtime": ["local_dir", "cache_dirs", "flush_drive"],
-    "paths": ["resolve_paths"],
+    "paths": ["use_run"],
     "bundle": ["check_intensity", "matched_volume", "bundle_examples", "update_bundle", "run_bundle"],
     "volume": ["load_volume", "describe_volume", "read_voxel_size"],
     "split": ["split_volume", "describe_split", "scoring_split"],

@@ -1,7 +1,7 @@
 """The notebooks' parameters, checked where they enter: a wrong type or range stops at once with the name and the fix.
 
 Every name of every notebook's parameters cell has a rule here (a test checks it), and
-`check_params` runs at the top of each notebook (`utils.check_params(globals())`) and in
+`check_params` runs at the top of each notebook (in `paths.use_run(globals(), ...)`) and in
 `run_pipeline.py` before the first notebook starts, so that `bs=0` fails in a second, not
 after an hour of training, and with a message, not a traceback from deep inside fastai.
 Deeper checks that need the data or torch (an encoder name that exists, a gap that leaves
@@ -166,6 +166,22 @@ def check_params(values):
                              "(or the -p option):\n  " + "\n  ".join(bad))
 
 
+# A run's own settings and their defaults: typed once, in the notebook that first needs them (the data and the split
+# in 01, the training's in 02, the assemblage's interval in 05), recorded in `work_dir/run.json`, and read from there by
+# the next notebooks unless one sets them itself (`paths.use_run`).
+RUN_SETTINGS = {"data_dir": None, "labels_path": None, "h5_dataset": None, "data_url": None, "sample_size": "default",
+                "seed": 0, "quick": False, "smoke": False, "test_pct": 0.2, "valid_pct": 0.1, "gap_slices": None,
+                "voxel_size_um": None,
+                "arch": "resnet34", "pretrained": True, "context_slices": 3, "triplanar": True, "crop_size": None,
+                "loss": "cross_entropy", "class_weights": None, "oversample_rare": 1.0, "infill_augment": 0.0,
+                "scanner_augment": 0.5, "wd": 1e-2, "drive_minutes": 15,
+                "depth_interval_mm": 1.0}
+RUN_TYPED_IN = {"01": ("data_dir", "labels_path", "h5_dataset", "data_url", "sample_size", "seed", "quick", "smoke",
+                       "test_pct", "valid_pct", "gap_slices", "voxel_size_um"),
+                "02": ("arch", "pretrained", "context_slices", "triplanar", "crop_size", "loss", "class_weights",
+                       "oversample_rare", "infill_augment", "scanner_augment", "wd", "drive_minutes"),
+                "05": ("depth_interval_mm",)}
+
 # The values of the training notebooks' parameters cells that quick mode's or smoke's schedule replaces (and 05's tta):
 # `use_schedule` replaces a parameter only while it holds this value (a test keeps these in step with the notebooks).
 NOTEBOOK_DEFAULTS = {
@@ -177,8 +193,9 @@ NOTEBOOK_DEFAULTS = {
            "lr_unfrozen_lo": 1e-6, "lr_unfrozen_hi": 2e-6, "pct_unfrozen": 0.25},
     "05": {"tta": True},
 }
-for _nb in ("02", "03", "04"):  # the run's settings a training notebook's quick schedule also replaces
-    NOTEBOOK_DEFAULTS[_nb].update(crop_size=None, triplanar=True, run_lr_find=True, context_slices=3)
+for _nb in ("02", "03", "04"):
+    NOTEBOOK_DEFAULTS[_nb]["run_lr_find"] = True
+NOTEBOOK_DEFAULTS["02"].update(crop_size=None, triplanar=True, context_slices=3)  # (02 types them for the run)
 _APPLIED = {}  # (notebook, name): the value the last `use_schedule` set, so that running its cell again is no change
 PASSED = "MICROFOSSIL_PASSED"  # run_pipeline's -p names, for its notebooks' kernels: passed values are never replaced
 
@@ -202,6 +219,7 @@ def use_schedule(values, notebook, mode="quick mode", **schedule):
         else:
             use[name] = value
     values.update(use)
+    check_params(values)
     _APPLIED.update({(notebook, k): v for k, v in use.items()})
     print(f"{mode}: " + ", ".join(f"{k} {v!r}" for k, v in use.items())
           + (f"; kept as you set them: {', '.join(f'{k} {v!r}' for k, v in kept.items())}" if kept else ""))

@@ -3,13 +3,17 @@ the run folder every notebook reads and writes (`work_dir`)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import time
 import shutil
 import zipfile
 from pathlib import Path
 
-from .io import replacing
-from .runtime import colab_root, on_drive, runs_home
+from .io import read_json, replacing, write_text
+from .params import RUN_SETTINGS, check_params, use_schedule
+from .runtime import colab_root, on_drive, runs_home, write_in_place
 from .sample import SAMPLE_SIZES, ensure_sample
 from .readers import _stem
 from .scans import scan_parts
@@ -59,6 +63,78 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
         raise DatasetError(f"work_dir {work_dir} is inside the dataset folder {data_dir}; "
                            "the dataset is never written to, so choose a work_dir outside it.")
     work_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir, work_dir
+
+
+RUN_FILE = "run.json"  # in the run folder: the run's settings (params.RUN_SETTINGS), as the notebooks last used them
+
+
+def last_run_file():
+    """Where the last run folder a notebook used is noted: `last_run.json` beside the default run folders (the
+    project's `runs/`, or `MyDrive/microfossil_runs` in Colab, where a fresh runtime finds it); the environment's
+    `MICROFOSSIL_LAST_RUN` when set (the tests)."""
+    return Path(os.environ.get("MICROFOSSIL_LAST_RUN") or (runs_home() or ROOT / "runs") / "last_run.json")
+
+
+def _write_small(path, text):
+    """A small record, written only when it changes; on Drive in place (nothing in the trash)."""
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (write_in_place if on_drive(path) and path.exists() else write_text)(path, text)
+
+
+def record_run(work_dir, settings, by):
+    """Merge `settings` (names of `params.RUN_SETTINGS`) into `work_dir/run.json`, and note `work_dir` as the last run.
+    A dataset made here (the embedded sample, a download) is recorded by how it is made, not by its path (which a fresh
+    Colab runtime does not have)."""
+    work_dir = Path(work_dir)
+    settings = dict(settings)
+    if settings.get("data_dir") is not None and data_home() in Path(settings["data_dir"]).resolve().parents:
+        settings["data_dir"] = None
+    record = {**(read_json(work_dir / RUN_FILE) or {}), **{k: v for k, v in settings.items() if k in RUN_SETTINGS}}
+    record["data_dir"] = None if record.get("data_dir") is None else str(record["data_dir"])
+    _write_small(work_dir / RUN_FILE, json.dumps({**record, "set_by": by}, indent=1, sort_keys=True) + "\n")
+    _write_small(last_run_file(), json.dumps({"work_dir": str(work_dir)}) + "\n")
+    return record
+
+
+def use_run(values, notebook, quick=None, smoke=None):
+    """Settle the run of notebook `notebook` ("02"), updating `values` (its `globals()`); return `(data_dir, work_dir)`.
+
+    The run's settings (`params.RUN_SETTINGS`) are typed once: a notebook takes from `work_dir/run.json` every one it
+    does not set itself (in its parameters cell, or with `-p`), and records those it uses there. With neither
+    `work_dir` nor `data_dir` set, the run is the last one a notebook used (`last_run_file`), else the embedded
+    sample's. Then quick mode's or smoke's schedule (`quick`, `smoke`: `use_schedule`'s), every parameter checked
+    (`check_params`), and the settings taken from the record printed."""
+    check_params(values)
+    explicit = {k for k in RUN_SETTINGS if k in values}
+    work_dir, where = values.get("work_dir"), ""
+    if work_dir is None and not {"data_dir", "data_url"} & explicit:
+        last = read_json(last_run_file()) or {}
+        if last.get("work_dir") and (Path(last["work_dir"]) / RUN_FILE).is_file():
+            work_dir, where = last["work_dir"], f", the last run ({last_run_file()})"
+    record = (read_json(Path(work_dir) / RUN_FILE) or {}) if work_dir is not None else {}
+    for k in ("data_dir", "data_url", "sample_size", "seed", "quick", "smoke"):
+        if k not in explicit:
+            values[k] = record.get(k, RUN_SETTINGS[k])
+    data_dir, work_dir = resolve_paths(values["data_dir"], work_dir, values["quick"], values["data_url"],
+                                       values["sample_size"], values["seed"], values["smoke"])
+    record = record or read_json(work_dir / RUN_FILE) or {}
+    values.update({k: record.get(k, RUN_SETTINGS[k]) for k in RUN_SETTINGS if k not in explicit and k not in values})
+    if values["quick"] and quick:
+        use_schedule(values, notebook, **quick)
+    if values["smoke"] and smoke:
+        use_schedule(values, notebook, "smoke", **smoke)
+    check_params(values)
+    record_run(work_dir, {k: values[k] for k in RUN_SETTINGS}, f"{notebook} {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"data_dir: {data_dir}\nwork_dir: {work_dir}{where}")
+    shown = [k for k in RUN_SETTINGS if k not in explicit and k in record and k != "data_dir"]
+    if shown:
+        print(f"from the run's settings ({RUN_FILE}, set by {record.get('set_by', 'an earlier notebook')}): "
+              + ", ".join(f"{k} {values[k]!r}" for k in shown))
+    values["data_dir"], values["work_dir"] = data_dir, work_dir
     return data_dir, work_dir
 
 

@@ -188,6 +188,10 @@ def plot_history(work_dir, names, path=None):
     return fig
 
 
+_RECORD_KEYS = {"name", "attempt", "final", "sha256", "file_size", "epochs_trained", "seconds", "trained_on",
+                "finished", "forced_at", "checkpoint"}  # a training record's entries that are not its plan
+
+
 def attempts(work_dir, names):
     """The attempts of each phase in `names` (their training records in `work_dir/models/`), earlier ones and the
     latest, side by side: the schedule (epochs, lr, pct_start, start), every other plan entry that differs between
@@ -200,7 +204,7 @@ def attempts(work_dir, names):
     for name in names:
         kept = [p for _, p in attempt_files(models / "attempts", name, ".json")]
         recs = [r for r in (read_json(f) for f in [*kept, models / f"{name}.json"]) if r is not None]
-        plans = [r.get("plan", r) for r in recs]
+        plans = [r.get("plan", {k: v for k, v in r.items() if k not in _RECORD_KEYS}) for r in recs]  # (flat: older)
         differ |= {k for k in set().union(*plans) if len({json.dumps(p.get(k), sort_keys=True) for p in plans}) > 1}
         for f, rec, plan in zip([*kept, models / f"{name}.json"], recs, plans):
             rows.append({"phase": name, "attempt": rec.get("attempt", 1), "latest": f.parent == models, "plan": plan,

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny synthetic datasets written to temporary folders (no network, CPU only)."""
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The last run the notebooks note (paths.last_run_file): a file of the test session's, not the project's runs/ (the
+# notebooks' kernels inherit it).
+os.environ["MICROFOSSIL_LAST_RUN"] = str(Path(tempfile.mkdtemp(prefix="last_run")) / "last_run.json")
 
 from microfossil.io import file_stamp, write_json  # noqa: E402
 from microfossil.sample import make_sample  # noqa: E402

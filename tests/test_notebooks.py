@@ -13,6 +13,7 @@ from PIL import Image
 import run_pipeline
 from conftest import ROOT, snapshot
 from microfossil.classifier import NOT_A_FOSSIL
+from microfossil.params import NOTEBOOK_DEFAULTS, RUN_SETTINGS, RUN_TYPED_IN
 from microfossil.review import ReviewSession
 from microfossil.sample import make_sample
 from microfossil.split import split_volume
@@ -20,8 +21,6 @@ from microfossil.training import phase_done, read_record
 from microfossil.volume import load_volume
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-COMMON = {"data_dir", "labels_path", "h5_dataset", "work_dir", "quick", "smoke", "test_pct", "valid_pct", "gap_slices",
-          "data_url", "sample_size", "seed"}
 
 
 def test_numbered_notebooks():
@@ -42,9 +41,13 @@ def test_notebook_is_stripped_and_parametrised(nb):
                 if "=" in ln and not ln.startswith("#")}
     seen = set(pm.inspect_notebook(str(nb)))
     assert assigned == seen, f"papermill cannot parse {assigned - seen} in {nb.name}"
-    assert COMMON <= seen
+    key = nb.name[:2]  # a run's settings are typed in one notebook only, the rest read them from run.json
+    assert "work_dir" in seen and seen & set(RUN_SETTINGS) == set(RUN_TYPED_IN.get(key, ())), nb.name
     rest = "\n".join("".join(c["source"]) for c in code if c is not tagged[0])
-    unused = {p for p in seen - COMMON if not re.search(rf"\b{p}\b", rest)}  # COMMON: in every notebook, by design
+    assert f'utils.use_run(globals(), "{key}"' in re.sub(r"\(\s+", "(", rest), f"{nb.name} does not settle its run"
+    unused = {p for p in seen - set(RUN_SETTINGS) - {"work_dir"} if not re.search(rf"\b{p}\b", rest)}
+    if "PhaseCheckpoint(" in rest and "params=globals()" in rest:
+        unused -= {"force", "drive_minutes"}  # read by the callback from the notebook's globals
     assert not unused, f"{nb.name}: parameters {unused} are never used"
     uses_gpu = nb.stem[:2] in ("02", "03", "04", "05")  # 01 reads and plots, 06 reviews: no free GPU time spent
     assert (json.loads(nb.read_text())["metadata"].get("accelerator") == "GPU") == uses_gpu, nb.name
@@ -231,24 +234,40 @@ def test_pipeline_smoke_on_unseen_layout(tmp_path):
 
 def test_mode_schedules_replace_only_the_parameters_cells_defaults():
     """`params.NOTEBOOK_DEFAULTS` (what quick mode's and smoke's schedules may replace) are the values of each notebook's
-    parameters cell, and every `use_schedule` call of a notebook names only those: the notebooks stay in step with it."""
+    parameters cell, and every schedule a notebook passes to `use_run` names only those: the notebooks stay in step."""
     import ast
-    from microfossil.params import NOTEBOOK_DEFAULTS
     for nb in NOTEBOOKS:
         key = nb.name[:2]
         defaults = {k: _parsed(v["default"]) for k, v in pm.inspect_notebook(str(nb)).items()}
-        calls = []
+        schedules = []
         for c in json.loads(nb.read_text())["cells"]:
             if c["cell_type"] == "code":
                 src = "\n".join(ln for ln in "".join(c["source"]).splitlines() if not ln.lstrip().startswith(("!", "%")))
-                calls += [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
-                          and getattr(n.func, "attr", None) == "use_schedule"]
-        assert bool(calls) == (key in NOTEBOOK_DEFAULTS), nb.name
-        for call in calls:
-            assert call.args[1].value == key, f"{nb.name} calls use_schedule for notebook {call.args[1].value}"
-            assert {kw.arg for kw in call.keywords} <= set(NOTEBOOK_DEFAULTS[key]), nb.name
+                for call in ast.walk(ast.parse(src)):
+                    if isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "use_run":
+                        assert call.args[1].value == key, f"{nb.name} settles the run of notebook {call.args[1].value}"
+                        schedules += [{k.arg for k in kw.value.keywords} for kw in call.keywords]
+        assert bool(schedules) == (key in NOTEBOOK_DEFAULTS), nb.name
+        for names in schedules:
+            assert names <= set(NOTEBOOK_DEFAULTS[key]), nb.name
         for name, value in NOTEBOOK_DEFAULTS.get(key, {}).items():
             assert defaults[name] == value and type(defaults[name]) is type(value), f"{nb.name}: {name}"
+
+
+def test_the_training_notebooks_are_in_step():
+    """02, 03 and 04 declare the same stage parameters (02 also the training's run settings), with the same comments;
+    their set-up cells are the same in every notebook."""
+    cells = {nb.name[:2]: json.loads(nb.read_text())["cells"] for nb in NOTEBOOKS}
+    lines = {k: {ln.split("=")[0].strip(): ln.split("#", 1)[-1] for ln in "".join(
+        next(c for c in cs if "parameters" in c.get("metadata", {}).get("tags", []))["source"]).splitlines()
+        if "=" in ln and "#" in ln} for k, cs in cells.items()}
+    stage = set(lines["03"])
+    assert stage == set(lines["04"]) and stage <= set(lines["02"])
+    assert set(lines["02"]) - stage == set(RUN_TYPED_IN["02"])
+    for name in stage - {"init_from", "size_frac"}:
+        assert lines["02"][name] == lines["03"][name] == lines["04"][name], name
+    setups = {"".join(cs[2]["source"]) for cs in cells.values()}
+    assert len(setups) == 1, "the set-up cells differ"
 
 
 def _parsed(text):
@@ -260,7 +279,7 @@ def _cells(nb_path):
     cells = json.loads(Path(nb_path).read_text())["cells"]
     code = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "code"}
     find = lambda *marks: next(i for i, s in code.items() if all(m in s for m in marks))  # noqa: E731
-    return cells, {"setup": find("import utils"), "params": find("epochs_frozen ="), "mode": find("use_schedule"),
+    return cells, {"setup": find("import utils"), "params": find("epochs_frozen ="), "mode": find("use_run("),
                    "dls": find("make_dls("), "learner": find("build_learner("), "fit1": find("_frozen\", start=init_from"),
                    "fit2": find("learn.fit_one_cycle(epochs_unfrozen")}
 
@@ -276,15 +295,19 @@ class _Kernel:
         self.client = NotebookClient(self.nb, kernel_name="python3", timeout=600, allow_errors=True,
                                      resources={"metadata": {"path": str(Path(nb_path).parent)}})
 
-    def run(self, which, source=None):
+    def run(self, which, source=None, error=False):
         """Run cell `which` (a name of `_cells`, or an index), its source replaced by `source` when given (the
-        parameters cell: with the test's parameters after it, as papermill injects them); returns what it printed."""
+        parameters cell: with the test's parameters after it, as papermill injects them); returns what it printed.
+        An error fails the test unless `error` (then it is part of what is returned)."""
         i = self.at.get(which, which)
         cell = self.nb.cells[i]
         cell.source = (source or cell.source) + ("\n" + self.params if which == "params" else "")
         cell.outputs = []
         self.client.execute_cell(cell, i)
-        return "".join(o.get("text", "") + o.get("evalue", "") for o in cell.outputs)
+        text = "".join(o.get("text", "") + o.get("evalue", "") for o in cell.outputs)
+        failed = any(o.get("output_type") == "error" for o in cell.outputs)
+        assert failed == error, f"cell {which}: " + (text if failed else "no error")
+        return text
 
 
 def test_phase_cells_train_what_they_name_whatever_ran_before(tiny, tmp_path):
@@ -305,7 +328,7 @@ def test_phase_cells_train_what_they_name_whatever_ran_before(tiny, tmp_path):
         assert "256_unfrozen: already trained with this plan (attempt 1)" in text, text
         params = k.nb.cells[k.at["params"]].source.split("\n" + k.params)[0]
         k.run("params", params.replace("bs = 16 ", "bs = 4  "))
-        text = k.run("fit1")
+        text = k.run("fit1", error=True)
         assert "bs = 4 (made with 16)" in text and "run the DataLoaders cell" in text and "Nothing was trained" in text
         assert not (work / "models" / "attempts").exists()
         for name in ("mode", "dls", "learner"):

@@ -96,3 +96,38 @@ def test_a_zip_of_a_scanners_folder_is_a_dataset_too(tmp_path):
     assert root == tmp_path / "downloads" / "unzipped" / "core_rec"
     assert load_volume(root, require_labels=False).shape == scan.shape
     assert read_voxel_size(root)[0] == (3.2, 3.2, 3.2)
+
+
+def _globals_01(**kw):
+    """01's parameters cell, as a notebook's globals: every data setting declared."""
+    from microfossil.params import RUN_SETTINGS, RUN_TYPED_IN
+    return {"work_dir": None, **{k: RUN_SETTINGS[k] for k in RUN_TYPED_IN["01"]}, **kw}
+
+
+def test_a_runs_settings_are_typed_once(tiny, tmp_path, monkeypatch, capsys):
+    """01 records the data and the split in work_dir/run.json and notes the run as the last one; 03, with neither data_dir
+    nor work_dir, takes both from there (and says so); a setting a notebook sets itself wins and is recorded for the
+    next; the embedded sample is recorded by how it is made, not by its path."""
+    monkeypatch.setenv("MICROFOSSIL_LAST_RUN", str(tmp_path / "last_run.json"))
+    work = tmp_path / "run"
+    g01 = _globals_01(data_dir=str(tiny), work_dir=str(work), test_pct=0.3, voxel_size_um=2.5)
+    assert paths.use_run(g01, "01") == (tiny.resolve(), work.resolve())
+    g03 = {"work_dir": None, "bs": 16}
+    data_dir, work_dir = paths.use_run(g03, "03")
+    assert (data_dir, work_dir) == (tiny.resolve(), work.resolve()) and g03["data_dir"] == tiny.resolve()
+    assert g03["test_pct"] == 0.3 and g03["voxel_size_um"] == 2.5 and g03["context_slices"] == 3
+    out = capsys.readouterr().out
+    assert "the last run" in out and "test_pct 0.3" in out and "set by 01" in out
+    g02 = {"work_dir": None, "context_slices": 5, "quick": True}  # 02 types the training's settings; -p quick True
+    paths.use_run(g02, "02", quick={"bs": 8}, smoke={"bs": 2})
+    assert g02["bs"] == 8 and g02["test_pct"] == 0.3  # quick mode's schedule, the data from 01
+    g04 = {"work_dir": str(work)}
+    paths.use_run(g04, "04")
+    assert g04["context_slices"] == 5 and g04["quick"] is True
+    sample = {**_globals_01(), "work_dir": str(tmp_path / "sample_run")}
+    monkeypatch.setattr(paths, "ROOT", tmp_path)
+    paths.use_run(sample, "01")
+    assert paths.read_json(tmp_path / "sample_run" / "run.json")["data_dir"] is None  # remade, not found by path
+    from microfossil.params import ParameterError
+    with pytest.raises(ParameterError, match="bs=0"):
+        paths.use_run({"work_dir": str(work), "bs": 0}, "03")

@@ -57,7 +57,7 @@ def test_utils_holds_the_names_the_notebooks_use():
 
 def test_modules_without_torch_and_the_review_notebook_load_no_torch():
     """06 (the review) runs where torch is absent or slow to import; so do the data, specimen and evaluation modules."""
-    names_06 = ["check_params", "resolve_paths", "ReviewSession", "ReviewPanel", "has_widget_frontend", "classify_specimens", "read_review",
+    names_06 = ["use_run", "ReviewSession", "ReviewPanel", "has_widget_frontend", "classify_specimens", "read_review",
                 "view_specimen", "view_specimens"]
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import utils\n"
             + "".join(f"import microfossil.{m}\n" for m in WITHOUT_TORCH)
