@@ -40,7 +40,19 @@ def _select(notebooks, only, ap):
     return [nb for nb in notebooks if nb in chosen]  # in their numbered order
 
 
+KERNEL_ENV = ("MICROFOSSIL_PASSED", "MICROFOSSIL_FORCE_SINCE")  # for this run's kernels only
+
+
 def main(argv=None):
+    kept = {k: os.environ.get(k) for k in KERNEL_ENV}
+    try:
+        return _main(argv)
+    finally:  # a later run in this process (a test, a bench script) must not inherit them
+        for k, v in kept.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", help="dataset folder (default: the embedded synthetic sample)")
     ap.add_argument("--work-dir", help="run folder (default: runs/<dataset>[_quick])")
@@ -68,7 +80,7 @@ def main(argv=None):
     from microfossil.runtime import in_colab, on_drive
 
     params = {k: _value(v) for k, v in args.p}
-    os.environ[PASSED] = ",".join(params)  # the kernels inherit it: quick mode keeps these (params.use_schedule)
+    kernel_env = {PASSED: ",".join(params)}  # the kernels inherit it: quick mode keeps these (params.use_schedule)
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         notebooks = _select(notebooks, args.only, ap)
@@ -94,7 +106,7 @@ def main(argv=None):
         since = json.loads(force_file.read_text())["since"] if force_file.exists() else time.time()
         force_file.parent.mkdir(parents=True, exist_ok=True)
         force_file.write_text(json.dumps({"since": since}))
-        os.environ["MICROFOSSIL_FORCE_SINCE"] = str(since)  # a phase trained since then is not trained again
+        kernel_env["MICROFOSSIL_FORCE_SINCE"] = str(since)  # a phase trained since then is not trained again
         if since < time.time() - 1:
             print(f"--force: going on with the interrupted --force run begun {time.ctime(since)}: the phases it "
                   "finished are loaded, the one it stopped in resumes")
@@ -103,6 +115,7 @@ def main(argv=None):
     times_file = work_dir / "run_times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     print(f"data_dir: {data_dir}\nwork_dir: {work_dir}")
+    os.environ.update(kernel_env)
     for nb in notebooks:
         known = pm.inspect_notebook(str(nb))
         unknown = set(params) - set(known) - {"work_dir", "force"} - set(RUN_SETTINGS)  # (those: run.json)

@@ -61,7 +61,7 @@ GRID = {
     "all_hollow_1to7": {"foram_size": 1.3, "foram_infill": (1.0, 0.0, 0.0), "ostracod_infill": (1.0, 0.0, 0.0),
                         "ostracod_density": 0.5, "ostracod_size": 0.85},  # big forams, every inside empty, ~1:7
 }  # (a new cell goes at the end: a cell's volume seed is its place)
-SHAPE = (96, 192, 192)  # slices, height, width: the size of the independent volume
+SHAPE = (96, 192, 192)  # slices, height, width: the size of the independent test volume the grid is modelled on
 CPU_SCHEDULE = {"run_lr_find": "False", "epochs_frozen": "1", "lr_frozen": "1e-3", "epochs_unfrozen": "6",
                 "lr_unfrozen_lo": "1e-4", "lr_unfrozen_hi": "1e-3", "bs": "8"}
 # another scanner: gamma 0.8, contrast x0.85, +12 of 255 grey levels, noise sigma +8 grey levels, rings twice as strong

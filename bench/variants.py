@@ -55,7 +55,7 @@ VARIANTS = {
     "k3_tta": ({"tta": True}, "k3"),
     "triplanar": ({"context_slices": 1, "triplanar": True, "tta": False}, None),  # + XZ and YZ training slices
     "triplanar_tta": ({"tta": True}, "triplanar"),
-    # the loss and the sampling (issue 17), each on the notebooks' other settings (with --quick, the CPU demo's)
+    # the loss and the sampling (the rare-class work), each on the notebooks' other settings (with --quick, the CPU demo's)
     "ce": ({"loss": "cross_entropy", "class_weights": None, "oversample_rare": 1.0}, None),  # the published loss
     "ce_dice": ({"loss": "ce_dice", "class_weights": None, "oversample_rare": 1.0}, None),
     "focal": ({"loss": "focal", "class_weights": None, "oversample_rare": 1.0}, None),
@@ -103,8 +103,9 @@ def _run(args, name, params, model_from, seed, sample_seed=None):
     if args.quick:
         cmd.append("--quick")
     import papermill as pm
+    from microfossil.params import RUN_SETTINGS
     known = {k for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if nb.name[:2] in stages
-             for k in pm.inspect_notebook(str(nb))}
+             for k in pm.inspect_notebook(str(nb))} | set(RUN_SETTINGS)  # (the run's: recorded by run_pipeline.py)
     for k, v in [*args.p, *((k, repr(v)) for k, v in {**params, "seed": seed}.items())]:
         if k in known:  # e.g. no training parameters for a variant that only predicts
             cmd += ["-p", k, str(v)]
@@ -194,13 +195,6 @@ def main(argv=None):
         ap.error("--sample-seeds picks embedded samples: leave out --data-dir")
     if args.sample_shape and not args.sample_seeds:
         ap.error("--sample-shape sizes the samples of --sample-seeds: give those too")
-    if args.quick:
-        from run_pipeline import QUICK_SETS
-        for name in args.variants:
-            clash = sorted(set(VARIANTS[name][0]) & QUICK_SETS)
-            if clash:
-                ap.error(f"variant {name} sets {', '.join(clash)}, which --quick sets itself (the training notebooks' "
-                         "quick cell): run it without --quick, or run --variants quick")
     if not args.collect:
         for sample_seed in args.sample_seeds or [None]:
             for seed in args.seeds:

@@ -3,7 +3,7 @@
 The notebooks reach this package through `utils.py` (the names they use); each module
 holds one concern, and imports run one way, from top to bottom of this list:
 
-- `params`: the notebooks' parameters, each checked where it enters (`check_params`)
+- `params`: the notebooks' parameters, each checked where it enters (`check_params`), quick mode's schedule (`use_schedule`)
 - `io`: atomic writes (every file is renamed into place only when complete), JSON, label TIFFs
 - `runtime`: Colab or not: Drive and the runtime's local disk, in-place copies, the GPU check, progress bars
 - `readers`: a scan's slices one at a time, whatever format a scanner wrote (TIFF, BMP, MetaImage, NRRD, NIfTI, HDF5, DICOM)
@@ -12,11 +12,12 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `specimens`: 3D components, measurements and descriptors of each specimen
 - `split`: the validation, training and test blocks, which share no specimen (`split_volume`, `scoring_split`)
 - `sample`: the embedded synthetic micro-CT sample
-- `paths`: the dataset and run folders (`resolve_paths`, `fetch_dataset`)
+- `paths`: the dataset and run folders, and the run's settings typed once (`use_run`, `run.json`; `fetch_dataset`)
 - `bundle`: the model bundle, a trained model (and its classifier's examples) that travels to the next core
 - `metrics`: confusion matrix, per-class IoU and Dice, the published metric
+- `augment`: training augmentation batch-wise on the device: flips, rotation, zoom, lighting, infills, another scanner [torch]
 - `loaders`: fastai DataLoaders straight from the volume, batch transforms on the device   [torch]
-- `learner`: the U-Net learner and its per-epoch metrics                                   [torch]
+- `learner`: the U-Net learner, its per-epoch metrics, and what it holds checked (`check_held`) [torch]
 - `training`: `PhaseCheckpoint`, the callback that checkpoints, resumes and retrains a phase [torch]
 - `prediction`: every slice at full resolution, with context slices, TTA, tri-planar        [torch]
 - `decisions`: the review's decisions in `exports/review.csv`, read however a spreadsheet saved it

@@ -2,21 +2,23 @@
 that need no torch do not load it."""
 import ast
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+import microfossil
 import utils
 from conftest import ROOT
 
 PACKAGE = ROOT / "microfossil"
-# The order imports run in: a module may import only modules before it (io and plots at the side: anyone may use
-# them; io uses no other module, plots only io).
-ORDER = ["params", "io", "runtime", "readers", "scans", "volume", "specimens", "split", "sample", "paths", "bundle", "metrics", "augment", "loaders",
-         "learner", "training", "prediction", "decisions", "exports", "extraction", "classifier", "assemblage", "evaluation", "review", "viewers"]
-WITHOUT_TORCH = ["params", "io", "runtime", "readers", "scans", "volume", "specimens", "split", "sample", "paths", "bundle", "metrics", "decisions", "exports", "extraction",
-                 "classifier", "assemblage", "evaluation", "review", "viewers", "plots"]
+# The module map, in microfossil/__init__.py (the only one): the order imports run in (a module may import only modules
+# above it; io and plots at the side: anyone may use them, io uses no other module, plots only io), [torch] marking
+# those that import torch or fastai.
+MAP = re.findall(r"^- `(\w+)`:(.*)$", microfossil.__doc__, re.M)
+ORDER = [m for m, _ in MAP if m != "plots"]
+WITHOUT_TORCH = [m for m, what in MAP if "[torch]" not in what]
 
 
 def _package_imports(module):
@@ -34,7 +36,8 @@ def test_utils_is_a_small_facade_over_the_package():
 
 def test_modules_are_a_comfortable_read_and_import_one_way():
     modules = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
-    assert sorted(ORDER + ["plots"]) == modules, "a new module: place it in ORDER (and WITHOUT_TORCH if it has no torch)"
+    assert sorted(ORDER + ["plots"]) == modules, "a new module: add it to the map in microfossil/__init__.py"
+    assert MAP[-1][0] == "plots" and len(set(ORDER)) == len(ORDER)
     for m in modules:
         assert len((PACKAGE / f"{m}.py").read_text().splitlines()) <= 500, m
     assert _package_imports("plots") <= {"io"} and _package_imports("io") == set()

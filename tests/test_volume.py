@@ -281,7 +281,7 @@ def test_read_voxel_size(tmp_path):
         read_voxel_size(tmp_path, -1)
 
 
-# --- issue 14: what real users' files do -----------------------------------------------------------------------
+# --- what real users' files do ---------------------------------------------------------------------------------
 
 def test_nan_and_inf_voxels_are_left_out_of_the_window_counted_and_reported(tmp_path, capsys):
     rng = np.random.default_rng(0)
