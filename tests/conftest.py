@@ -9,13 +9,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# The last run the notebooks note (paths.last_run_file): a file of the test session's, not the project's runs/ (the
-# notebooks' kernels inherit it).
+# The last run the notebooks note (paths.last_run_file): never the project's runs/ (see `_own_last_run`).
 os.environ["MICROFOSSIL_LAST_RUN"] = str(Path(tempfile.mkdtemp(prefix="last_run")) / "last_run.json")
 
 from microfossil.io import file_stamp, write_json  # noqa: E402
 from microfossil.sample import make_sample  # noqa: E402
 from microfossil.volume import Volume, load_volume  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _own_last_run(tmp_path_factory, monkeypatch):
+    """Each test its own last-run note (the notebooks' kernels it starts inherit it): a notebook run with no work_dir
+    must not go on with another test's run."""
+    monkeypatch.setenv("MICROFOSSIL_LAST_RUN", str(tmp_path_factory.mktemp("last_run") / "last_run.json"))
 
 
 @pytest.fixture(scope="session")
