@@ -40,11 +40,10 @@ def _select(notebooks, only, ap):
     return [nb for nb in notebooks if nb in chosen]  # in their numbered order
 
 
-KERNEL_ENV = ("MICROFOSSIL_PASSED", "MICROFOSSIL_FORCE_SINCE")  # for this run's kernels only
-
-
 def main(argv=None):
-    kept = {k: os.environ.get(k) for k in KERNEL_ENV}
+    sys.path.insert(0, str(ROOT))
+    from microfossil.params import FORCE_SINCE, PASSED
+    kept = {k: os.environ.get(k) for k in (PASSED, FORCE_SINCE)}  # for this run's kernels only
     try:
         return _main(argv)
     finally:  # a later run in this process (a test, a bench script) must not inherit them
@@ -73,9 +72,8 @@ def _main(argv=None):
 
     import papermill as pm
     os.environ["MICROFOSSIL_HEADLESS"] = "1"  # the kernels inherit it: 06_review skips its widget panel
-    sys.path.insert(0, str(ROOT))
     from microfossil.evaluation import describe_run
-    from microfossil.params import PASSED, RUN_SETTINGS, ParameterError, check_params
+    from microfossil.params import FORCE_SINCE, PASSED, RUN_SETTINGS, ParameterError, check_params
     from microfossil.paths import record_run, resolve_paths
     from microfossil.runtime import in_colab, on_drive
 
@@ -106,7 +104,7 @@ def _main(argv=None):
         since = json.loads(force_file.read_text())["since"] if force_file.exists() else time.time()
         force_file.parent.mkdir(parents=True, exist_ok=True)
         force_file.write_text(json.dumps({"since": since}))
-        kernel_env["MICROFOSSIL_FORCE_SINCE"] = str(since)  # a phase trained since then is not trained again
+        kernel_env[FORCE_SINCE] = str(since)  # a phase trained since then is not trained again
         if since < time.time() - 1:
             print(f"--force: going on with the interrupted --force run begun {time.ctime(since)}: the phases it "
                   "finished are loaded, the one it stopped in resumes")

@@ -198,6 +198,7 @@ for _nb in ("02", "03", "04"):
 NOTEBOOK_DEFAULTS["02"].update(crop_size=None, triplanar=True, context_slices=3)  # (02 types them for the run)
 _APPLIED = {}  # (notebook, name): the value the last `use_schedule` set, so that running its cell again is no change
 PASSED = "MICROFOSSIL_PASSED"  # run_pipeline's -p names, for its notebooks' kernels: passed values are never replaced
+FORCE_SINCE = "MICROFOSSIL_FORCE_SINCE"  # when run_pipeline.py --force began, for its kernels (`training._force_used`)
 
 
 def use_schedule(values, notebook, mode="quick mode", **schedule):
@@ -219,7 +220,6 @@ def use_schedule(values, notebook, mode="quick mode", **schedule):
         else:
             use[name] = value
     values.update(use)
-    check_params(values)
     _APPLIED.update({(notebook, k): v for k, v in use.items()})
     print(f"{mode}: " + ", ".join(f"{k} {v!r}" for k, v in use.items())
           + (f"; kept as you set them: {', '.join(f'{k} {v!r}' for k, v in kept.items())}" if kept else ""))

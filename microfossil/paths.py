@@ -6,8 +6,8 @@ import hashlib
 import json
 import os
 import re
-import time
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -48,7 +48,8 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
         data_dir = ensure_sample(data_home() / name, *SAMPLE_SIZES[sample_size], seed=seed)
         if not (quick or smoke):  # a data_dir forgotten in this notebook would otherwise go unnoticed
             print(f"data_dir is None: this notebook uses the embedded synthetic sample ({data_dir}), not a scan of "
-                  "yours. To use your scan, set data_dir in the parameters cell (in every notebook) and run again.")
+                  "yours. To use your scan, set data_dir in 01's parameters cell (the next notebooks read it from the run "
+                  "folder) and run again.")
     data_dir = Path(data_dir).expanduser().resolve()
     if not data_dir.exists():
         raise DatasetError(f"data_dir {data_dir} does not exist. Set `data_dir` to the scan (a dataset folder with "

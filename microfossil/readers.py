@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 SLICE_EXTS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+DICOM_EXTS = (".dcm", ".dicom", ".ima")  # (a DICOM file may also have another suffix, or none: `scans._is_dicom`)
 VOLUME_EXTS = {".mhd": "metaimage", ".mha": "metaimage", ".nrrd": "nrrd", ".nhdr": "nrrd", ".nii": "nifti",
                ".nii.gz": "nifti", ".h5": "hdf5", ".hdf5": "hdf5"}
 
@@ -58,8 +59,8 @@ class Part:
                                              else "dicom")
 
     name = property(lambda self: self.path.name)
-    stem = property(lambda self: self.path.name if self.kind == "dicom" and _suffix(self.path) not in (  # a UID name
-        ".dcm", ".dicom", ".ima") else _stem(self.path))
+    stem = property(lambda self: self.path.name if self.kind == "dicom" and _suffix(self.path) not in DICOM_EXTS
+                    else _stem(self.path))  # (a DICOM file named by its UID, "1.2.826...5", keeps its whole name)
     parent = property(lambda self: self.path.parent)
     def __fspath__(self): return str(self.path)
     def __str__(self): return str(self.path) + (f" (dataset {self.dataset})" if self.dataset else "")
@@ -325,8 +326,8 @@ def _metaimage_array(path):
     local = data.upper() == "LOCAL"
     source = Path(path) if local else Path(path).parent / data
     skip = offset if local else int(head.get("HeaderSize", 0))
-    if skip == -1 and (Path(path).parent / data).is_file():  # -1: the data are the file's last bytes
-        skip = max(0, (Path(path).parent / data).stat().st_size - int(np.prod(dims)) * dtype.itemsize)
+    if skip == -1 and source.is_file():  # -1: the data are the file's last bytes
+        skip = max(0, source.stat().st_size - int(np.prod(dims)) * dtype.itemsize)
     if head.get("CompressedData", "False").lower() == "true":
         import zlib
         if not source.is_file():
@@ -377,7 +378,7 @@ def _nrrd_array(path):
         dtype = dtype.newbyteorder(">" if header.get("endian", "little") == "big" else "<")
     skip = int(header.get("byte skip", 0))
     if skip == -1:  # the data are the file's last bytes (raw encoding only)
-        skip = max(0, Path(source).stat().st_size - int(np.prod([int(v) for v in header["sizes"]])) * dtype.itemsize)
+        skip = max(0, source.stat().st_size - int(np.prod([int(v) for v in header["sizes"]])) * dtype.itemsize)
     else:
         skip += 0 if data else offset
     return _mapped(source, dtype, skip, [int(s) for s in header["sizes"]][::-1], path)

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import (SLICE_EXTS, VOLUME_EXTS, DatasetError, Part, _metaimage_header, _nrrd_header, _stem, _suffix,
+from .readers import (DICOM_EXTS, SLICE_EXTS, VOLUME_EXTS, DatasetError, Part, _metaimage_header, _nrrd_header, _stem, _suffix,
                       h5_scan, natural_key, unreadable)
 
-DICOM_EXTS = (".dcm", ".dicom", ".ima")
 UM_PER = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
           "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "nm": 1e-3, "nanometer": 1e-3, "cm": 1e4, "m": 1e6,
           "meter": 1e6, "metre": 1e6}  # a length unit's size in µm
@@ -356,7 +355,11 @@ def _zyx(value):
         v = np.asarray(value, float).ravel()
     except (TypeError, ValueError):
         return None
-    return {1: lambda: np.repeat(v, 3), 2: lambda: np.r_[v[1], v], 3: lambda: v}.get(v.size, lambda: None)()
+    if v.size == 3:
+        return v
+    if v.size == 2:
+        return np.r_[v[1], v]
+    return np.repeat(v, 3) if v.size == 1 else None
 
 
 def _dicom_spacing(parts):

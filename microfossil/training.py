@@ -41,6 +41,7 @@ from .bundle import write_bundle
 from .io import attempt_files, read_json, replacing, write_json, write_text
 from .learner import check_held, lr_plan, sig
 from .loaders import n_input_channels
+from .params import FORCE_SINCE
 from .plots import validated_on
 from .runtime import copy_in_place, file_digest, local_dir, matches, on_drive, require_mounted, write_in_place
 from .split import check_split
@@ -433,9 +434,9 @@ class PhaseCheckpoint(Callback):
 
 def _force_used(models, done, phase):
     """True when force=True has already retrained finished phase `done` (its record) since force was set: the time it
-    was set is kept in `models/force.json` (run_pipeline.py --force: the environment's MICROFOSSIL_FORCE_SINCE, kept
+    was set is kept in `models/force.json` (run_pipeline.py --force: the environment's `params.FORCE_SINCE`, kept
     until the run completes), so a re-run, a resume after a disconnect or a new runtime does not train it again."""
-    since = os.environ.get("MICROFOSSIL_FORCE_SINCE")
+    since = os.environ.get(FORCE_SINCE)
     if since is None:
         since = (read_json(models / "force.json") or {}).get("since")
         if since is None:

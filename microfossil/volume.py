@@ -23,6 +23,7 @@ import numpy as np
 
 from .io import replacing
 from .readers import DatasetError, Part  # noqa: F401  (DatasetError: the package's name for a user's data problem)
+from .runtime import file_digest
 from .scans import metadata_voxel_size, scan_parts
 
 VOXEL_SIZE_FILE = "voxel_size.txt"
@@ -229,28 +230,26 @@ def _cache_key(parts, extra=""):
     return h.hexdigest()[:16]
 
 
-def _label_files(masks, digest=True):
-    """The label files' sizes and modification times, and (`digest`) the SHA-1 of all their bytes, for the cache's
-    record: labels are what a person edits, in place and at the same size, where a sampled key does not see it."""
-    out = {"label_files": [[m.name, m.stat().st_size, m.stat().st_mtime_ns] for m in masks or []]}
-    if digest:
-        h = hashlib.sha1()
-        for m in masks or []:
-            with open(m.path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        out["labels_sha1"] = h.hexdigest()
-    return out
+def _label_stats(masks):
+    """Each label file's name, size and modification time, for the cache's record (`_labels_edited`)."""
+    return [[m.name, st.st_size, st.st_mtime_ns] for m in masks or [] for st in [m.stat()]]
+
+
+def _label_record(masks):
+    """The cache's record of the label files: their stats and the SHA-256 of each one's bytes. Labels are what a
+    person edits, in place and at the same size, where the sampled cache key does not see it."""
+    return {"label_files": _label_stats(masks), "label_digests": [file_digest(m.path) for m in masks or []]}
 
 
 def _labels_edited(cache, masks, kept):
     """True (and the cache and its kept copy removed) when a label file was edited since cache `cache` was made: its
     time or size changed and its bytes did too (a copy with new times but the same bytes is the same labels)."""
     meta = json.loads((cache / "volume.json").read_text())
-    if not masks or "labels_sha1" not in meta or _label_files(masks, digest=False)["label_files"] == meta["label_files"]:
+    stats = _label_stats(masks)
+    if not masks or "label_digests" not in meta or stats == meta["label_files"]:
         return False
-    if _label_files(masks)["labels_sha1"] == meta["labels_sha1"]:  # the same labels, copied: noted for next time
-        (cache / "volume.json").write_text(json.dumps({**meta, **_label_files(masks, digest=False)}))
+    if [file_digest(m.path) for m in masks] == meta["label_digests"]:  # the same labels, copied: noted for next time
+        (cache / "volume.json").write_text(json.dumps({**meta, "label_files": stats}))
         return False
     print(f"The labels changed since the cache {cache.name} was made: reading the scan again.")
     for d in (cache, None if kept is None else Path(kept) / cache.name):
@@ -434,7 +433,7 @@ def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None,
         (tmp / "volume.json").write_text(json.dumps({"format": CACHE_FORMAT, "scan": _cache_name(data_dir),
                                                      "window": window, "raw_dtype": raw_dtype,
                                                      "has_labels": has_masks, "nonfinite": nonfinite,
-                                                     **_label_files(masks)}))
+                                                     **_label_record(masks)}))
     _drop_stale(cache_dir, _cache_name(data_dir), cache.name)
     return _open_cache(cache, kept, data_dir, info)
 
