@@ -31,6 +31,11 @@ def data_home():
     return colab_root() / "microfossil_data" if on_drive(ROOT) else ROOT / "data"
 
 
+def sample_dir(sample_size="default", seed=0):
+    """The folder of the embedded sample of `sample_size` drawn from `seed` (each seed its own sample and run folder)."""
+    return data_home() / (f"sample_{sample_size}" + (f"_seed{seed}" if seed else ""))
+
+
 def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, sample_size="default", seed=0, smoke=False):
     """Return `(data_dir, work_dir)` as Paths, making the embedded sample or downloading `data_url` when needed.
 
@@ -44,8 +49,7 @@ def resolve_paths(data_dir=None, work_dir=None, quick=False, data_url=None, samp
     elif data_dir is None:
         if sample_size not in SAMPLE_SIZES:
             raise ValueError(f"sample_size must be one of {list(SAMPLE_SIZES)}, got {sample_size!r}")
-        name = f"sample_{sample_size}" + (f"_seed{seed}" if seed else "")  # each seed its own sample and run folder
-        data_dir = ensure_sample(data_home() / name, *SAMPLE_SIZES[sample_size], seed=seed)
+        data_dir = ensure_sample(sample_dir(sample_size, seed), *SAMPLE_SIZES[sample_size], seed=seed)
         if not (quick or smoke):  # a data_dir forgotten in this notebook would otherwise go unnoticed
             print(f"data_dir is None: this notebook uses the embedded synthetic sample ({data_dir}), not a scan of "
                   "yours. To use your scan, set data_dir in 01's parameters cell (the next notebooks read it from the run "
@@ -88,13 +92,17 @@ def _write_small(path, text):
 
 def record_run(work_dir, settings, by):
     """Merge `settings` (names of `params.RUN_SETTINGS`) into `work_dir/run.json`, and note `work_dir` as the last run.
-    A dataset made here (the embedded sample, a download) is recorded by how it is made, not by its path (which a fresh
-    Colab runtime does not have)."""
+    A dataset the run's settings make again (the embedded sample of its `sample_size` and `seed`, the download of its
+    `data_url`) is recorded by how it is made, not by its path (which a fresh Colab runtime does not have); any other
+    is recorded by its path, wherever it lies (in data/ too)."""
     work_dir = Path(work_dir)
     settings = dict(settings)
-    if settings.get("data_dir") is not None and data_home() in Path(settings["data_dir"]).resolve().parents:
+    earlier = read_json(work_dir / RUN_FILE) or {}
+    made = {**RUN_SETTINGS, **earlier, **settings}
+    if settings.get("data_dir") is not None and (made.get("data_url") or Path(settings["data_dir"]).resolve()
+                                                 == sample_dir(made["sample_size"], made["seed"]).resolve()):
         settings["data_dir"] = None
-    record = {**(read_json(work_dir / RUN_FILE) or {}), **{k: v for k, v in settings.items() if k in RUN_SETTINGS}}
+    record = {**earlier, **{k: v for k, v in settings.items() if k in RUN_SETTINGS}}
     record["data_dir"] = None if record.get("data_dir") is None else str(record["data_dir"])
     _write_small(work_dir / RUN_FILE, json.dumps({**record, "set_by": by}, indent=1, sort_keys=True) + "\n")
     _write_small(last_run_file(), json.dumps({"work_dir": str(work_dir)}) + "\n")

@@ -128,6 +128,10 @@ def test_a_runs_settings_are_typed_once(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(paths, "ROOT", tmp_path)
     paths.use_run(sample, "01")
     assert paths.read_json(tmp_path / "sample_run" / "run.json")["data_dir"] is None  # remade, not found by path
+    mine = paths.data_home() / "my_core"  # a scan of the user's in data/: recorded by its path, not as the sample
+    shutil.copytree(tiny, mine)
+    paths.use_run({**_globals_01(), "data_dir": str(mine), "work_dir": str(tmp_path / "my_run")}, "01")
+    assert paths.use_run({"work_dir": str(tmp_path / "my_run")}, "02")[0] == mine.resolve()
     from microfossil.params import ParameterError
     with pytest.raises(ParameterError, match="bs=0"):
         paths.use_run({"work_dir": str(work), "bs": 0}, "03")
