@@ -8,6 +8,7 @@ holds one concern, and imports run one way, from top to bottom of this list:
 - `runtime`: Colab or not: Drive and the runtime's local disk, in-place copies, the GPU check, progress bars
 - `readers`: a scan's slices one at a time, whatever format a scanner wrote (TIFF, BMP, MetaImage, NRRD, NIfTI, HDF5, DICOM)
 - `scans`: which files make up a scan and its labels (`scan_parts`), and the voxel size its metadata records
+- `sparse`: sparse labels: the slices and pixels a person left unlabelled (`UNLABELLED`), which no loss or score counts
 - `volume`: reading and validating a scan into one uint8 volume (`load_volume`, `Volume`, `read_voxel_size`, the cache)
 - `specimens`: 3D components, measurements and descriptors of each specimen
 - `split`: the validation, training and test blocks, which share no specimen (`split_volume`, `scoring_split`)

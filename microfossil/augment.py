@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from fastai.vision.all import TensorImage, TensorMask
 from fastai.vision.augment import RandTransform
 
+from .metrics import IGNORE
+
 
 class Augment(RandTransform):
     """Training augmentation for a whole batch in a few tensor ops on its device; masks follow their image.
@@ -78,7 +80,7 @@ class Infill(RandTransform):
         super().before_call(b, split_idx)
         self.out = None
         full, y = (t.as_subclass(torch.Tensor) for t in b)
-        fossil = (y > 0)[:, None]
+        fossil = ((y > 0) & (y != IGNORE))[:, None]  # (IGNORE: unlabelled, or left out of the scores)
         on = (torch.rand(full.shape[0], device=full.device) < self.p_slice) & fossil.flatten(1).any(1)
         if not bool(on.any()):
             return

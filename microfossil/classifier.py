@@ -35,7 +35,7 @@ def _training_labels(cat, feats, codes, blocks, review):
         box = cat.set_index("id").loc[feats["id"]]
         inside = blocks.in_train(box["z0"].to_numpy(), box["z1"].to_numpy())
         for sid, counts, ok in zip(feats["id"], t, inside):
-            if ok:
+            if ok and counts.sum():  # (no labelled voxel under it, sparse labels: no truth)
                 labels[int(sid)] = NOT_A_FOSSIL if counts[0] * 2 >= counts.sum() else codes[1 + int(np.argmax(counts[1:]))]
                 source[int(sid)] = "truth"
     for d in ([] if review is None else review.to_dict("records")):

@@ -22,7 +22,8 @@ import numpy as np
 from .classifier import Blocks, classify_specimens, reviews_in_training_block
 from .extraction import extract_fossils
 from .io import PREDICTION_RECORD, finish_commit, read_json, write_json, write_text
-from .metrics import confusion_matrix, scores_from_confusion
+from .metrics import IGNORE, confusion_matrix, scores_from_confusion
+from .sparse import fossil_voxels
 from .specimens import label_components, majority_class
 from .split import left_out_mask
 from .volume import volume_fingerprint
@@ -85,7 +86,8 @@ def save_metrics(work_dir, vol, pred, split, info=None, extra=None):
     n = len(vol.codes)
     ignore = left_out_mask(vol, split)
     cm = confusion_matrix(np.asarray(pred[t0:]), np.asarray(vol.labels[t0:]), n, ignore=ignore)
-    out = {"scores": "test block, full resolution, raw segmentation (predictions/labels.tif)",
+    out = {"scores": "test block, full resolution, raw segmentation (predictions/labels.tif)" if len(split.test) else
+           f"none: no test block ({split.gap_rule})",
            "provenance": provenance(work_dir, vol, split, info), "test_slices": split.plan()["test_slices"],
            "n_test_slices": int(len(split.test)), **scores_from_confusion(cm, vol.codes),
            "confusion_matrix": np.asarray(cm).tolist(), "codes": vol.codes, **(extra or {})}
@@ -94,8 +96,9 @@ def save_metrics(work_dir, vol, pred, split, info=None, extra=None):
 
 
 def _specimens_of(labels, connectivity, min_voxels):
-    """Components of `labels > 0` with at least `min_voxels` voxels (smaller ones set to 0), their counts and ids."""
-    cc, n, counts, _ = label_components(labels > 0, connectivity)
+    """Components of the fossil voxels of `labels` with at least `min_voxels` voxels (smaller ones set to 0), their
+    counts and ids."""
+    cc, n, counts, _ = label_components(fossil_voxels(labels), connectivity)
     small = counts < min_voxels
     small[0] = False
     if small.any():
@@ -151,8 +154,15 @@ def _score_labels(folder, truth, codes, connectivity, min_voxels, ignore, iou_th
     """Specimen and voxel scores of `folder/predictions/labels_clean.tif` (the test block) against `truth`."""
     import tifffile
     pred = tifffile.imread(Path(folder) / "predictions" / "labels_clean.tif").reshape(truth.shape)
-    return {**match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold, ignore),
-            "labels_clean": scores_from_confusion(confusion_matrix(pred, truth, len(codes), ignore=ignore), codes)}
+    voxels = scores_from_confusion(confusion_matrix(pred, truth, len(codes), ignore=ignore), codes)
+    if np.any(truth == IGNORE):  # sparse labels: no whole specimen to match against, only labelled voxels to score
+        return {"not_measured": NOT_MEASURED, "iou_threshold": iou_threshold, "labels_clean": voxels}
+    scores = match_specimens(truth, pred, codes, connectivity, min_voxels, iou_threshold, ignore)
+    return {**scores, "labels_clean": voxels}
+
+
+NOT_MEASURED = ("specimens not measured: the test block has unlabelled slices or voxels (sparse labels), so its "
+                "specimens are not whole in the labels; its voxel scores count the labelled voxels")
 
 
 def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None, seed=0, iou_threshold=0.5,
@@ -224,6 +234,8 @@ def evaluate_heldout(vol, work_dir, split, pred=None, classify=True, review=None
 def describe_specimen_scores(sp):
     """One line for the object-level scores of `evaluate_heldout` (its "extraction" or "classifier" entry)."""
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    if sp.get("not_measured"):
+        return f"test block: {sp['not_measured']}"
     return (f"test block: {sp['n_true']} true specimens, {sp['n_predicted']} predicted, {sp['n_matched']} matched "
             f"(IoU >= {sp['iou_threshold']}): precision {f(sp['precision'])}, recall {f(sp['recall'])}, "
             f"F1 {f(sp['f1'])}, F1 with the right class {f(sp['class_f1'])}")

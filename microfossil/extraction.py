@@ -17,6 +17,7 @@ from .decisions import check_review_file
 from .exports import GALLERY_RECORD, draw_gallery, export_specimen, mesh
 from .io import PREDICTION_RECORD, file_stamp, finish_commit, read_json, staged, write_csv, write_json, write_label_tiff
 from .runtime import Progress
+from .sparse import fossil_voxels
 from .specimens import SPECIMEN_FEATURES, centroid, class_counts, descriptors, find_specimens, paint_classes
 from .volume import NO_VOXEL_SIZE, Volume, read_voxel_size
 
@@ -101,7 +102,7 @@ def _truth_features(vol, pred, connectivity, min_vox, path):
     range, its descriptors, the predicted class fractions under it and its true class counts."""
     import pandas as pd
     codes = list(vol.codes)
-    cc, _, _, parts = find_specimens(np.asarray(vol.labels) > 0, connectivity, min_vox)
+    cc, _, _, parts = find_specimens(fossil_voxels(vol.labels), connectivity, min_vox)
     rows = [{"id": k, "z0": bb[0].start, "z1": bb[0].stop, **_features(vol, pred, bb, cc[bb] == i, codes)}
             for k, (i, bb, _) in enumerate(parts, 1)]
     cols = ["id", "z0", "z1", *SPECIMEN_FEATURES, *[f"frac_{c}" for c in codes[1:]], *[f"truth_{c}" for c in codes]]
@@ -162,7 +163,8 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
     if slices is not None:
         z_offset = slices.start or 0
         vol = Volume(images=vol.images[slices], labels=None if vol.labels is None else vol.labels[slices],
-                     codes=codes, stems=vol.stems[slices], source=vol.source, window=vol.window)
+                     codes=codes, stems=vol.stems[slices], source=vol.source, window=vol.window,
+                     labelled=None if vol.labelled is None else vol.labelled[slices])
         pred = pred[slices]
         probs = None if probs is None else probs[slices]
     spacing, vs_source = read_voxel_size(vol.source, voxel_size_um, vol.dataset)
@@ -226,7 +228,7 @@ def extract_fossils(vol, work_dir, pred=None, voxel_size_um=None, min_voxels=MIN
         write_label_tiff(s_pred / "specimens.tif", (id_of_label[page].astype(id_dtype) for page in cc), known, len(cc))
         del cc
         paint_classes(s_pred, class_of_id, codes=codes)
-        if vol.labels is not None:
+        if vol.labels is not None and (vol.labelled is None or np.all(vol.labelled)):  # (sparse: no whole specimen)
             _truth_features(vol, pred, connectivity, min_vox, s_exp / "truth_features.csv")
         pages = list(dict.fromkeys(draw_gallery(work_dir, exp_dir=s_exp)["page"]))  # after the catalogue: they show its classes
         info = {"n_components": int(n), "n_dropped_small": int(n - n_kept), "n_split_parts": N - n_kept if split_touching else 0,

@@ -145,6 +145,12 @@ class _Progress(ProgressCallback):
             self._shown, self.pbar.comment = now, f"{float(self.smooth_loss):.4f}"
 
 
+class _CrossEntropyFlat(CrossEntropyLossFlat):
+    """fastai's `CrossEntropyLossFlat`, 0 instead of NaN on a batch with no voxel counted (all `IGNORE`: a crop of an
+    unlabelled part of a slice, with sparse labels)."""
+    def __call__(self, inp, targ, **kwargs): return torch.nan_to_num(super().__call__(inp, targ, **kwargs), nan=0.0)
+
+
 class CrossEntropyDiceLoss:
     """Per-pixel cross-entropy plus the batch soft Dice loss of the fossil classes (nnU-Net's "batch Dice").
 
@@ -156,7 +162,7 @@ class CrossEntropyDiceLoss:
     def __init__(self, axis=1, background=0, smooth=1.0, weight=None):
         self.axis, self.background, self.smooth = axis, background, smooth
         # `weight`: class weights of the cross-entropy term
-        self.ce = CrossEntropyLossFlat(axis=axis, weight=weight, ignore_index=IGNORE)
+        self.ce = _CrossEntropyFlat(axis=axis, weight=weight, ignore_index=IGNORE)
 
     def __call__(self, pred, targ):
         ce = self.ce(pred, targ)
@@ -202,7 +208,7 @@ class FocalLossFlat(BaseLoss):
 
 
 LOSSES = {  # name: the loss, given the class weights (a tensor, or None); voxels labelled IGNORE count in none
-    "cross_entropy": lambda w: CrossEntropyLossFlat(axis=1, weight=w, ignore_index=IGNORE),
+    "cross_entropy": lambda w: _CrossEntropyFlat(axis=1, weight=w, ignore_index=IGNORE),
     "ce_dice": lambda w: CrossEntropyDiceLoss(weight=w),
     "focal": lambda w: FocalLossFlat(axis=1, gamma=2.0, weight=w),  # easy pixels (most background) weigh little
 }

@@ -162,7 +162,8 @@ def _fossil_points(labels, idx, per_slice=512, seed=0, class_weight=None):
     as likely)."""
     rng, out, cum = np.random.default_rng(seed), {}, {}
     for z in idx:
-        pts = torch.nonzero(labels[int(z)] > 0).cpu().numpy()
+        lab = labels[int(z)]
+        pts = torch.nonzero((lab > 0) & (lab != IGNORE)).cpu().numpy()
         if len(pts) > per_slice:
             pts = pts[rng.choice(len(pts), per_slice, replace=False)]
         if len(pts):
@@ -399,6 +400,11 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     `scanner_augment` (0: off): the share of training slices shown as another scanner would give them (random
     noise, `augment.Scanner`), so that the model holds on a noisier scan; another scan's contrast and gamma are
     undone when it is predicted (`bundle.matched_volume`).
+
+    Sparse labels (`vol.labelled`, `sparse`): only labelled slices train and validate, and an epoch still draws as many
+    slices as the training block holds (each labelled one about block / labelled times), so that a schedule trains
+    as many steps however many slices were labelled; unlabelled slices serve as context and in the XZ and YZ cuts,
+    whose unlabelled rows no loss counts.
     """
     if vol.labels is None:
         raise DatasetError(f"{vol.source} has no labels: training needs them (train_masks_labels/, <name>_GT<ext> "
@@ -409,7 +415,8 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     if len(split.valid) == 0:
         raise DatasetError(f"The split of {vol.source} has no validation block and no test block to validate on: "
                            "set test_pct above 0.")
-    train_idx, valid_idx = split.train, split.valid
+    labelled = np.asarray(vol.labelled if vol.labelled is not None else np.ones(len(vol.images), bool))
+    block, train_idx, valid_idx = split.train, split.train[labelled[split.train]], split.valid[labelled[split.valid]]
     size = stage_size(vol.shape, size_frac, smoke)
     crop = int(crop_size) if crop_size and int(crop_size) < min(size) else None
     if crop is not None and crop < 32:
@@ -421,18 +428,19 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
                      crop_size=crop_size, oversample_rare=oversample_rare, infill_augment=infill_augment,
                      scanner_augment=scanner_augment, test_pct=split.test_pct, valid_pct=split.valid_pct,
                      gap_slices=getattr(split, "gap_slices", None))
-    bs = max(1, min(bs, len(train_idx)))
+    bs = max(1, min(bs, len(block)))
     # The volume is held once at the stage size (tri-planar: at full size, since its XZ/YZ slices are resized
     # along z too); batches are then gathered from it with no per-batch resize.
     held = vol.shape[1:] if triplanar else size
     where = _volume_device(2 * len(vol.images) * held[0] * held[1], device)
     images = _to_tensor(vol.images, where, held, compute=device)
     labels = _to_tensor(vol.labels, where, held, mask=True, compute=device)
-    ignore = valid_left_out_mask(vol, split)  # no score counts these voxels (the test scores of 05 neither)
+    # no score counts these voxels (the test scores of 05 neither); with nothing held out, validation is training
+    ignore = valid_left_out_mask(vol, split) if split.held_out else np.zeros(0, bool)
     if ignore.any():
-        block = labels[split.valid_start:split.valid_stop]
-        block[_to_tensor(ignore.view(np.uint8), where, held, mask=True, compute=device).bool()] = IGNORE
-    n_train = len(train_idx)
+        valid_labels = labels[split.valid_start:split.valid_stop]
+        valid_labels[_to_tensor(ignore.view(np.uint8), where, held, mask=True, compute=device).bool()] = IGNORE
+    n_train = len(block)
     planes = [(images, labels, split.train_start, split.train_stop)]
     train_size = size
     if triplanar:
@@ -451,10 +459,12 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
     class_weight = draw_weights(counts, oversample_rare) if oversample_rare != 1 else None
     weights = None if class_weight is None else (class_weight * (per_slice > 0)).max(1).clip(1.0)
     items, fg_points, fg_weights = train_idx, None, None
+    if len(train_idx) < n_train:  # sparse labels: an epoch draws as many slices as the block holds
+        items, weights = np.resize(train_idx, n_train), None if weights is None else np.resize(weights, n_train)
     if crop is not None:
         train_size = (crop, crop)
         reps = max(1, round(size[0] * size[1] / crop ** 2))  # an epoch covers the area once
-        items, weights = np.repeat(train_idx, reps), None if weights is None else np.repeat(weights, reps)
+        items, weights = np.repeat(items, reps), None if weights is None else np.repeat(weights, reps)
         fg_points, fg_weights = _fossil_points(labels, train_idx, seed=seed, class_weight=class_weight)
     # the last short batch is dropped when there are two or more batches, or when it would hold one slice alone
     # (BatchNorm cannot train on a batch of one)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = 255  # a label value that no score and no loss counts (voxels of a specimen that also reaches another block)
+from .sparse import UNLABELLED as IGNORE  # a label value no score and no loss counts: voxels left unlabelled (sparse
+#                                           labels), or of a specimen that also reaches another block
 
 
 def confusion_matrix(pred, target, n_classes, chunk=1 << 24, ignore=None):
@@ -58,3 +59,18 @@ def scores_from_confusion(cm, codes, background=0):
         "pixel_acc": float(tp.sum() / cm.sum()) if cm.sum() else None,
         "pixel_acc_nonbg": float(tp[fg].sum() / fg_true) if fg_true else None,
     }
+
+
+FOSSIL_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8: the thresholds tried
+
+
+def choose_fossil_threshold(counts):
+    """The threshold of `FOSSIL_THRESHOLDS` with the highest foreground IoU for `counts` (`threshold_counts`),
+    the one nearest 0.5 among equals; 0.5 when there is no fossil in the truth or the prediction. Returns
+    `(threshold, {threshold: IoU})`."""
+    inter, union = np.asarray(counts, float)
+    if union.max() == 0:
+        return 0.5, {}
+    iou = inter / np.maximum(union, 1)
+    best = max(range(len(iou)), key=lambda i: (round(iou[i], 6), -abs(FOSSIL_THRESHOLDS[i] - 0.5)))
+    return FOSSIL_THRESHOLDS[best], {t: round(float(v), 4) for t, v in zip(FOSSIL_THRESHOLDS, iou)}

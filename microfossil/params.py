@@ -75,6 +75,16 @@ def _class_weights(v):
             and all(_number(0, lo_open=True)(x)[0] for x in v)), what
 
 
+def _sparse_labels(v):
+    what = "True, False, or a list of the labelled slice numbers (z, from 0), e.g. [0, 40, 80]"
+    if isinstance(v, bool):
+        return True, what
+    return (isinstance(v, (list, tuple)) and len(v) > 0 and all(_whole(0)(z)[0] for z in v)), what
+
+
+def _label_value(v): return _whole(1)(v)[0] and v <= 255, "a whole number from 1 to 255"
+
+
 def _voxel_size(v):
     what = "None (read voxel_size.txt), one positive number in µm, or three, [z, y, x]"
     vals = list(v) if isinstance(v, (list, tuple)) else [v]
@@ -90,6 +100,8 @@ RULES = {  # name: (rule, what it is, for the message)
     "data_dir": (_or_none(_path), "the scan: a dataset folder, a folder of slices or a volume file"),
     "labels_path": (_or_none(_path), "the label file or folder (None: <name>_GT<ext> beside the scan)"),
     "h5_dataset": (_or_none(_text), "the HDF5 dataset of the scan, e.g. \"/exchange/data\""),
+    "sparse_labels": (_sparse_labels, "which slices hold labels: False (all), True (those with a mask) or a list"),
+    "unlabelled_value": (_or_none(_label_value), "the mask value of unlabelled pixels, e.g. 255 (None: none)"),
     "work_dir": (_or_none(_path), "the run folder"),
     "data_url": (_or_none(_text), "a Google Drive id/URL or HTTP URL of a zipped dataset"),
     "quick": (_flag, "the CPU demo"), "smoke": (_flag, "the smoke test"), "force": (_flag, "train each finished phase once more"),
@@ -169,14 +181,16 @@ def check_params(values):
 # A run's own settings and their defaults: typed once, in the notebook that first needs them (the data and the split
 # in 01, the training's in 02, the assemblage's interval in 05), recorded in `work_dir/run.json`, and read from there by
 # the next notebooks unless one sets them itself (`paths.use_run`).
-RUN_SETTINGS = {"data_dir": None, "labels_path": None, "h5_dataset": None, "data_url": None, "sample_size": "default",
+RUN_SETTINGS = {"data_dir": None, "labels_path": None, "h5_dataset": None, "sparse_labels": False,
+                "unlabelled_value": None, "data_url": None, "sample_size": "default",
                 "seed": 0, "quick": False, "smoke": False, "test_pct": 0.2, "valid_pct": 0.1, "gap_slices": None,
                 "voxel_size_um": None,
                 "arch": "resnet34", "pretrained": True, "context_slices": 3, "triplanar": True, "crop_size": None,
                 "loss": "cross_entropy", "class_weights": None, "oversample_rare": 1.0, "infill_augment": 0.0,
                 "scanner_augment": 0.5, "wd": 1e-2, "drive_minutes": 15,
                 "depth_interval_mm": 1.0}
-RUN_TYPED_IN = {"01": ("data_dir", "labels_path", "h5_dataset", "data_url", "sample_size", "seed", "quick", "smoke",
+RUN_TYPED_IN = {"01": ("data_dir", "labels_path", "h5_dataset", "sparse_labels", "unlabelled_value", "data_url",
+                       "sample_size", "seed", "quick", "smoke",
                        "test_pct", "valid_pct", "gap_slices", "voxel_size_um"),
                 "02": ("arch", "pretrained", "context_slices", "triplanar", "crop_size", "loss", "class_weights",
                        "oversample_rare", "infill_augment", "scanner_augment", "wd", "drive_minutes"),

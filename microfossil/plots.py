@@ -43,6 +43,7 @@ def _image_panels(rows, aspects, width, title_in=0.3, gap_in=0.15):
 def _overlay(ax, img, lab, n, title=None):
     ax.imshow(img, cmap="gray", vmin=0, vmax=255)
     if lab is not None:
+        lab = np.ma.masked_greater_equal(np.asarray(lab), n)  # (a value beyond the classes: unlabelled, no colour)
         ax.imshow(lab, cmap=_cmap(n), vmin=-0.5, vmax=n - 0.5, alpha=0.45, interpolation="nearest")
     ax.set_axis_off()
     if title: ax.set_title(title, fontsize=9)
@@ -76,7 +77,8 @@ def save_figure(path, fig=None):
 def plot_slice(vol, z=None, path=None):
     """Slice `z` (default: the one with most fossil pixels) beside its mask overlay."""
     if z is None:
-        z = int(np.argmax([(vol.labels[k] > 0).sum() for k in range(len(vol.images))])) if vol.labels is not None \
+        n = len(vol.codes or [])
+        z = int(np.argmax([((lab > 0) & (lab < n)).sum() for lab in vol.labels])) if vol.labels is not None \
             else len(vol.images) // 2
     aspect = vol.shape[2] / vol.shape[1]
     fig, axs = _image_panels(1, [aspect, aspect], 10)
@@ -253,6 +255,10 @@ def plot_split(vol, split, path=None):
         cm = _cmap(n)
         for k in range(1, n):
             ax.plot(np.arange(len(counts)), counts[:, k], color=cm(k), label=vol.codes[k])
+        labelled = getattr(vol, "labelled", None)
+        if labelled is not None and not np.all(labelled):  # sparse labels: which slices hold them
+            zs = np.flatnonzero(labelled)
+            ax.plot(zs, np.zeros(len(zs)), "|", color="black", markersize=14, label=f"labelled slices ({len(zs)})")
     ax.set_xlabel("slice (z)")
     ax.set_ylabel("labelled voxels")
     lo, lv = split.left_out.get("specimens", 0), 0 if split.published else split.valid_left_out.get("specimens", 0)

@@ -24,9 +24,11 @@ from fastai.vision.all import Pipeline, TensorImage, create_unet_model
 from .bundle import read_bundle, resolve_model
 from .io import PREDICTION_RECORD, file_stamp, link_or_copy, replacing, write_json, write_label_tiff
 from .learner import amp_dtype, encoder
+from .metrics import FOSSIL_THRESHOLDS, choose_fossil_threshold  # noqa: F401  (imported from here too)
 from .loaders import END_TAPER, batch_tfms, get_device, n_input_channels, plane_weights
 from .plots import get_class_colours
 from .runtime import Progress, local_dir, on_drive, require_mounted
+from .sparse import UNLABELLED, fossil_voxels
 from .split import CONNECTIVITY, valid_left_out_mask
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
 from .volume import evenly_spaced, known_voxel_size
@@ -49,33 +51,23 @@ def voxel_labels(probs, scale=1.0, fossil_threshold=0.5):
     return labels
 
 
-FOSSIL_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))  # 0.2 ... 0.8: the thresholds tried
 CALIBRATION_SLICES = 32  # slices of each labelled block (evenly spaced) the threshold is chosen on
 
 
-def threshold_counts(background, truth, scale=1.0):
+def threshold_counts(background, truth, scale=1.0, counted=None):
     """Per threshold of `FOSSIL_THRESHOLDS`: the voxels fossil in both `truth` (bool) and the prediction whose
     background probability is `background` (same shape, summing with the fossil classes to `scale`), and in
-    either; (2, thresholds) int64, to be summed over blocks and given to `choose_fossil_threshold`."""
+    either, among the voxels `counted` (bool; None: all); (2, thresholds) int64, to be summed over blocks and given
+    to `choose_fossil_threshold`."""
     out = np.zeros((2, len(FOSSIL_THRESHOLDS)), np.int64)
     background = torch.as_tensor(background)
     truth = torch.as_tensor(truth).bool().to(background.device)
+    keep = None if counted is None else torch.as_tensor(counted).bool().to(background.device)
     for i, t in enumerate(FOSSIL_THRESHOLDS):
         fossil = background < scale * (1 - t)
+        fossil = fossil if keep is None else fossil & keep
         out[0, i], out[1, i] = int((fossil & truth).sum()), int((fossil | truth).sum())
     return out
-
-
-def choose_fossil_threshold(counts):
-    """The threshold of `FOSSIL_THRESHOLDS` with the highest foreground IoU for `counts` (`threshold_counts`),
-    the one nearest 0.5 among equals; 0.5 when there is no fossil in the truth or the prediction. Returns
-    `(threshold, {threshold: IoU})`."""
-    inter, union = np.asarray(counts, float)
-    if union.max() == 0:
-        return 0.5, {}
-    iou = inter / np.maximum(union, 1)
-    best = max(range(len(iou)), key=lambda i: (round(iou[i], 6), -abs(FOSSIL_THRESHOLDS[i] - 0.5)))
-    return FOSSIL_THRESHOLDS[best], {t: round(float(v), 4) for t, v in zip(FOSSIL_THRESHOLDS, iou)}
 
 
 def threshold_plan(fossil_threshold, vol, split, bundle=None, model_path=None):
@@ -96,12 +88,16 @@ def calibration_slices(vol, split, connectivity=CONNECTIVITY):
     training block and as many of the validation block (slices the model did not learn from), each evenly spaced,
     ascending. Not with `valid_pct=0` (the validation block is then the test block), and not a validation slice
     holding part of a specimen that reaches the training block (docs/evaluation.md, "The fossil threshold")."""
+    labelled = getattr(vol, "labelled", None)  # (sparse labels: only the labelled slices)
+    labelled = np.ones(len(vol.labels), bool) if labelled is None else np.asarray(labelled)
     train = np.asarray(split.train)
+    train = train[labelled[train]]
     out = [train[evenly_spaced(len(train), CALIBRATION_SLICES)]]
-    if not split.published and split.valid_stop > split.valid_start:
+    if not split.published and split.valid_stop > split.valid_start and len(split.test):
         valid = np.asarray(split.valid)
         if split.valid_left_out.get("voxels", 1):  # (the split counted them: 0, none)
             valid = valid[~valid_left_out_mask(vol, split, connectivity).reshape(len(valid), -1).any(1)]
+        valid = valid[labelled[valid]]
         out.append(valid[evenly_spaced(len(valid), CALIBRATION_SLICES)])
     return np.sort(np.concatenate(out))
 
@@ -113,7 +109,8 @@ def _calibrate(vol, zs, bs, background_of, calib):
     for i0 in range(0, len(zs), bs):
         z = zs[i0:i0 + bs]
         background, scale = background_of(z)
-        counts = counts + threshold_counts(background, np.take(vol.labels, z, axis=0) > 0, scale)
+        truth = np.take(vol.labels, z, axis=0)
+        counts = counts + threshold_counts(background, fossil_voxels(truth), scale, truth != UNLABELLED)
     t, iou = choose_fossil_threshold(counts)
     calib.update(threshold=t, chosen_on={"slices": [int(z) for z in zs], "foreground_iou": iou})
     if iou:

@@ -110,11 +110,13 @@ def _volume_in(folder):
     return found[0] if found else None
 
 
-def scan_parts(path, require_labels=True, labels_path=None, h5_dataset=None):
+def scan_parts(path, require_labels=True, labels_path=None, h5_dataset=None, sparse=False):
     """The files of the scan at `path` and of its labels: `(images, masks, codes_path, left_out)`, each a list of
     `Part`s in z order (`masks` None when the scan has no labels), codes.txt's path (None when it has none and the
     scan no labels), and the image files of the folder left out of the scan (a preview, a spare). Only reads names
-    and headers. `labels_path`: a label file or folder, else the `_GT` convention beside the slices."""
+    and headers. `labels_path`: a label file or folder, else the `_GT` convention beside the slices. `sparse` (sparse
+    labels): a slice with no mask file has None in `masks` instead of stopping the load, and a label folder of fewer
+    slices than the scan is matched to the scan's slices by name (`_matched_labels`)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path} does not exist. Set data_dir to the scan: the dataset folder (train/, "
@@ -128,7 +130,7 @@ def scan_parts(path, require_labels=True, labels_path=None, h5_dataset=None):
                                f"{', '.join(sorted(p.name for p in img_dir.iterdir())[:5]) or 'nothing'}).")
         images = [Part(p) for p in files]
         if mask_dir.is_dir() and labels_path is None:
-            masks = [_gt_of(p, mask_dir, "train/") for p in images]
+            masks = [_gt_of(p, mask_dir, "train/", sparse) for p in images]
         elif require_labels and labels_path is None:
             raise DatasetError(f"{mask_dir} does not exist. Add a label image <stem>_GT<ext> per slice there.")
         codes_dirs = [path]
@@ -147,7 +149,7 @@ def scan_parts(path, require_labels=True, labels_path=None, h5_dataset=None):
             images = [Part(p) for p in files]
             gts = [_find_gt(p.path, path) for p in images]
             if labels_path is None and any(gts):
-                masks = [_gt_of(p, path, f"{path.name}/") for p in images]
+                masks = [_gt_of(p, path, f"{path.name}/", sparse) for p in images]
         else:
             images = _dicom_series(path)
             if not images:
@@ -169,6 +171,8 @@ def scan_parts(path, require_labels=True, labels_path=None, h5_dataset=None):
         codes_dirs = [path.parent]
     if labels_path is not None:
         masks = _label_parts(Path(labels_path))
+        if sparse and len(masks) > 1 and len(masks) < len(images):
+            masks = _matched_labels(images, masks, Path(labels_path))
         codes_dirs.append(Path(labels_path) if Path(labels_path).is_dir() else Path(labels_path).parent)
     if require_labels and masks is None:
         raise DatasetError(f"{path} has no labels: add a label file <name>_GT<ext> beside each slice or volume "
@@ -185,12 +189,37 @@ def _find_gt(p, folder):
     return None
 
 
-def _gt_of(part, folder, where):
+def _gt_of(part, folder, where, sparse=False):
     m = _find_gt(part.path, folder)
-    if m is None:
+    if m is None and not sparse:
         raise DatasetError(f"No mask for {part}: expected {folder / (part.stem + '_GT' + _suffix(part.path))}. "
-                           f"Add it, or remove the slice from {where}.")
-    return Part(m)
+                           f"Add it, or remove the slice from {where}; or, when only some slices are labelled, set "
+                           "sparse_labels=True in 01's parameters cell.")
+    return None if m is None else Part(m)
+
+
+def _last_number(name):
+    found = re.findall(r"\d+", name)
+    return int(found[-1]) if found else None
+
+
+def _matched_labels(images, masks, folder):
+    """`masks`, label slices of a folder holding fewer than the scan's `images`, one per image or None: a label file is
+    its slice's when its name is the slice's (with or without `_GT`), else when the last number in both names is the
+    same (`core_rec00000040.bmp` and `labels_0040.tif`)."""
+    by_stem = {_stem(m.path)[:-3] if _stem(m.path).endswith("_GT") else _stem(m.path): m for m in masks}
+    out = [by_stem.get(_stem(p.path)) for p in images]
+    if not any(out):
+        numbers = {}
+        for m in masks:
+            numbers.setdefault(_last_number(_stem(m.path)), []).append(m)
+        out = [(numbers.get(_last_number(_stem(p.path))) or [None])[0] for p in images]
+    unmatched = sorted({m.name for m in masks} - {m.name for m in out if m is not None})
+    if unmatched:
+        raise DatasetError(f"labels_path {folder}: {', '.join(unmatched[:4])} match(es) no slice of the scan by name "
+                           "or by slice number. Name each label file after its slice (e.g. <slice name>_GT.tif), or "
+                           "save the labels as one volume the size of the scan.")
+    return out
 
 
 def _label_parts(labels):

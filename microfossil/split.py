@@ -20,6 +20,14 @@ random split would score the model on slices it has as good as seen. From the to
   blocks, at most as wide as the block it guards. A specimen taller than that still reaches both;
   its voxels in the validation or test block are then left out of that block's scores (per-epoch
   and test alike), and the split says how many.
+
+With sparse labels (`sparse`: some slices unlabelled) the blocks are laid out as above over the labelled span (the
+first labelled slice to the last), and each holds labelled slices: training takes only those, and scores count only
+labelled voxels. A specimen cannot be followed through unlabelled slices, so the automatic gaps also keep the labelled
+slices of two blocks at least as far apart as the widest fossil outline in the labels (fossils are about as tall as
+they are wide). A validation block with no labelled slice gives way to validating on the test block; with too few
+labelled slices for a test block, every labelled slice trains and validates, and no held-out score is reported
+(`Split.held_out` False).
 """
 from __future__ import annotations
 
@@ -28,9 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .sparse import fossil_voxels
 from .specimens import label_components
 from .volume import DatasetError, same_scan
 
+MIN_TRAINING_SLICES = 2  # sparse labels: fewer labelled training slices than this, and nothing is held out
 CONNECTIVITY = 26  # the extraction's default: a specimen is the same object here and there
 PUBLISHED_VALIDATION = "the test block (valid_pct=0, the published recipe): not an unseen score"
 
@@ -54,9 +64,13 @@ class Split:
     valid_left_out: dict = field(default_factory=dict)  # validation: specimens also in the training block
     class_voxels: dict = field(default_factory=dict)  # {"validation": {class: voxels}, "test": {...}}, with labels
     gap_slices: int | None = None  # as asked for (None: automatic): a fit cell checks the parameters cell against it
+    labelled: dict = field(default_factory=dict)  # sparse labels: {block: labelled slices in it}
 
     @property
     def published(self): return self.valid_stop > self.valid_start and self.valid_start == self.test_start
+
+    @property
+    def held_out(self): return self.test_start < self.n_slices
 
     @property
     def train(self): return np.arange(self.train_start, self.train_stop)
@@ -120,7 +134,7 @@ def _shared(labels, a, b, z, connectivity=CONNECTIVITY):
     if not 0 <= z < n or b <= a:
         return np.zeros((max(0, b - a), *labels.shape[1:]), bool)
     lo, hi = min(a, z), max(b, z + 1)
-    cc, k, _, _ = label_components(np.asarray(labels[lo:hi]) > 0, connectivity)
+    cc, k, _, _ = label_components(fossil_voxels(labels[lo:hi]), connectivity)
     block = cc[a - lo:b - lo]
     ids = np.intersect1d(np.unique(cc[z - lo]), np.unique(block))
     ids = ids[ids > 0]
@@ -133,7 +147,7 @@ def _auto_gap(labels, edge, cap, down, connectivity=CONNECTIVITY):
     at `edge`). Returns `(gap, needed)`; `needed` is None when a specimen is taller than `cap` allows."""
     n = len(labels)
     lo, hi = (edge, min(n, edge + cap + 2)) if down else (max(0, edge - cap - 1), edge + 1)
-    cc, k, _, boxes = label_components(np.asarray(labels[lo:hi]) > 0, connectivity)
+    cc, k, _, boxes = label_components(fossil_voxels(labels[lo:hi]), connectivity)
     needed, inner = 0, edge - lo  # the block's edge slice, in the window
     for i in range(1, k + 1):
         z = boxes[i][0]
@@ -197,7 +211,11 @@ def _measured(vol, split, connectivity=CONNECTIVITY):
 def split_volume(vol, test_pct=0.2, valid_pct=0.1, gap_slices=None, connectivity=CONNECTIVITY):
     """The `Split` of `vol`: the last `test_pct` of its slices are the test block, the first `valid_pct` the validation
     block (0: validate on the test block, the published recipe), a gap of `gap_slices` between the training block and
-    each (None: the automatic rule of the module's docstring, from `vol.labels`; 0 without labels)."""
+    each (None: the automatic rule of the module's docstring, from `vol.labels`; 0 without labels). With sparse labels
+    (`vol.labelled`), over the labelled slices (the module's docstring)."""
+    labelled = getattr(vol, "labelled", None)
+    if vol.labels is not None and labelled is not None and not np.all(labelled):
+        return _sparse_split(vol, np.asarray(labelled, bool), test_pct, valid_pct, gap_slices, connectivity)
     Z = len(vol.images)
     n_test, n_valid = _n_block(Z, test_pct, "test_pct"), _n_block(Z, valid_pct, "valid_pct")
     if not n_test:
@@ -224,6 +242,60 @@ def split_volume(vol, test_pct=0.2, valid_pct=0.1, gap_slices=None, connectivity
     split = Split(Z, train_start, train_stop, v0, v1, t0, float(test_pct), float(valid_pct if n_valid else 0.0),
                   rule_t, rule_v, gap_slices=gap_slices)
     return _measured(vol, split, connectivity)
+
+
+class _Span:
+    """Slices `[lo, hi)` of `vol`, as `split_volume` reads a volume."""
+    def __init__(self, vol, lo, hi):
+        self.images, self.labels, self.codes = vol.images[lo:hi], vol.labels[lo:hi], vol.codes
+
+
+def _outline_width(vol, labelled, n=64):
+    """The widest fossil outline (its bounding box's longer side, px) in about `n` labelled slices of `vol`."""
+    from scipy import ndimage
+    zs = np.flatnonzero(labelled)
+    widest = 0
+    for z in zs[np.unique(np.linspace(0, len(zs) - 1, min(n, len(zs))).round().astype(int))]:
+        for box in ndimage.find_objects(ndimage.label(fossil_voxels(vol.labels[z]))[0]):
+            widest = max(widest, box[0].stop - box[0].start, box[1].stop - box[1].start)
+    return widest
+
+
+def _sparse_split(vol, labelled, test_pct, valid_pct, gap_slices, connectivity):
+    """`split_volume` with sparse labels (the module's docstring). The split keeps the `test_pct` and `valid_pct` asked
+    for (what the DataLoaders are checked against) whichever layout it falls back to."""
+    zs, n = np.flatnonzero(labelled), len(vol.images)
+    lo, hi = int(zs[0]), int(zs[-1]) + 1
+    width = _outline_width(vol, labelled) if gap_slices is None else 0
+    count = lambda a, b: int(labelled[a:b].sum()) if b > a else 0  # noqa: E731
+    def rule(other):
+        return (f"automatic, sparse labels: the labelled slices of the {other} and training blocks at least {width} "
+                "slices apart (the widest fossil outline; a specimen is not followed through unlabelled slices)")
+    asked = {"n_slices": n, "test_pct": float(test_pct), "valid_pct": float(valid_pct)}
+    for v_pct in dict.fromkeys((valid_pct, 0.0)):
+        try:
+            s = split_volume(_Span(vol, lo, hi), test_pct, v_pct, gap_slices, connectivity)
+        except DatasetError:
+            continue
+        at = {k: getattr(s, k) + lo for k in ("train_start", "train_stop", "valid_start", "valid_stop", "test_start")}
+        s = Split(**{**s.__dict__, **at, **asked, **({"valid_stop": n} if s.published else {})})
+        first_test = s.test_start + int(np.argmax(labelled[s.test_start:]))
+        if first_test - width + 1 < s.train_stop:
+            s = Split(**{**s.__dict__, "train_stop": max(s.train_start, first_test - width + 1),
+                         "gap_rule": rule("test")})
+        if not s.published and s.valid_stop > s.valid_start:
+            last_valid = s.valid_stop - 1 - int(np.argmax(labelled[s.valid_start:s.valid_stop][::-1]))
+            if last_valid + width > s.train_start:
+                s = Split(**{**s.__dict__, "train_start": last_valid + width, "valid_gap_rule": rule("validation")})
+        if count(s.train_start, s.train_stop) >= MIN_TRAINING_SLICES and count(s.test_start, n) and \
+                (s.published or count(s.valid_start, s.valid_stop)):
+            blocks = {"training": (s.train_start, s.train_stop), "test": (s.test_start, n)}
+            blocks.update({} if s.published else {"validation": (s.valid_start, s.valid_stop)})
+            return _measured(vol, Split(**{**s.__dict__, "labelled": {k: count(*ab) for k, ab in blocks.items()}}),
+                             connectivity)
+    why = (f"too few labelled slices ({len(zs)}) to hold a test block out: every labelled slice trains and validates, "
+           "and no held-out score is reported (label more slices, spread along the core)")
+    return Split(n, lo, hi, lo, hi, n, float(test_pct), float(valid_pct), why, why, gap_slices=gap_slices)
 
 
 def whole_volume_test(vol):
@@ -313,6 +385,9 @@ def describe_split(split):
 
     def gap(a, b):
         return block("gap", a, b) if b > a else "no gap"
+    if not split.held_out and (split.valid_start, split.valid_stop) == (split.train_start, split.train_stop):
+        return (f"{block('training', split.train_start, split.train_stop)}, no test block: {split.gap_rule}; the "
+                "per-epoch scores are on the training slices")
     parts = [] if split.published else [block("validation", split.valid_start, split.valid_stop),
                                         gap(split.valid_stop, split.train_start)]
     parts += [block("training", split.train_start, split.train_stop), gap(split.train_stop, split.test_start),
@@ -330,6 +405,9 @@ def describe_split(split):
         if lo.get("specimens"):
             lines.append(f"left out of the {name} scores: {lo['specimens']} specimen(s) also in the training block, "
                          f"{lo['voxels']} voxels ({', '.join(f'{c} {v}' for c, v in lo['by_class'].items())})")
+    if split.labelled:
+        lines.append("sparse labels: " + ", ".join(f"{k} block {v} labelled slice(s)" for k, v in
+                                                   split.labelled.items()) + "; only those train and score")
     if not any(lo.get("specimens") for _, lo in shown):
         lines.append("no labelled specimen lies in two blocks")
     for name, counts in (split.class_voxels or {}).items():

@@ -25,12 +25,13 @@ from .io import replacing
 from .readers import DatasetError, Part  # noqa: F401  (DatasetError: the package's name for a user's data problem)
 from .runtime import file_digest
 from .scans import metadata_voxel_size, scan_parts
+from .sparse import UNLABELLED, check_labelled, check_sparse, describe_labelled, label_pages, mark_unlabelled
 
 VOXEL_SIZE_FILE = "voxel_size.txt"
 NO_VOXEL_SIZE = ("the default: no voxel_size_um, no voxel_size.txt and no voxel size in the scan's metadata, so sizes "
                  "are in voxels")
-CACHE_FORMAT = 4  # raised when decoding changes (2: NaN/Inf voxels, colour kept at its bit depth; 3: keyed on the
-#                   content, any format; 4: the label files' digest, so an edit is seen); older caches rebuild
+CACHE_FORMAT = 5  # raised when decoding changes (2: NaN/Inf voxels, colour at its bit depth; 3: keyed on the content,
+#                   any format; 4: the label files' digest, so an edit is seen; 5: sparse labels); older caches rebuild
 
 
 def evenly_spaced(length, n):
@@ -41,7 +42,8 @@ def evenly_spaced(length, n):
 
 @dataclass
 class Volume:
-    """A CT volume: `images` (Z,H,W) uint8 after intensity windowing, `labels` (Z,H,W) or None, class names `codes`."""
+    """A CT volume: `images` (Z,H,W) uint8 after intensity windowing, `labels` (Z,H,W) or None, class names `codes`;
+    `labelled` (Z,) bool, the slices that hold labels (all of them unless labels are sparse: `sparse`), or None."""
     images: np.ndarray
     labels: np.ndarray | None
     codes: list
@@ -52,6 +54,11 @@ class Volume:
     files: list = field(default_factory=list, repr=False)
     nonfinite_voxels: int = 0  # NaN or Inf voxels of a float scan, shown as 0
     dataset: str | None = None  # the HDF5 dataset of the scan (`h5_dataset`), when its file has several
+    labelled: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.labels is not None and self.labelled is None:
+            self.labelled = np.ones(len(self.labels), bool)
 
     @property
     def shape(self): return self.images.shape
@@ -307,13 +314,16 @@ def _slice_names(files, counts):
     return list(owner)
 
 
-def _check_mask_page(lab, m, codes, codes_path):
+def _check_mask_page(lab, m, codes, codes_path, unlabelled_value=None):
     if np.issubdtype(lab.dtype, np.floating) and not np.array_equal(lab, np.round(lab)):
         raise DatasetError(f"{m} holds non-integer values; masks must hold integer class labels.")
-    if lab.min() < 0 or lab.max() >= len(codes):
-        bad = int(lab.max()) if lab.max() >= len(codes) else int(lab.min())
+    top = lab.max() if unlabelled_value is None else np.where(lab == unlabelled_value, 0, lab).max()
+    if lab.min() < 0 or top >= len(codes):
+        bad = int(top) if top >= len(codes) else int(lab.min())
+        hint = f" If {bad} marks pixels left unlabelled, set unlabelled_value={bad} in 01's parameters cell." \
+            if bad > 0 and unlabelled_value is None else ""
         raise DatasetError(f"{m} holds label {bad}, but {codes_path} lists only {len(codes)} classes "
-                           f"(labels 0..{len(codes) - 1}). Add a line for it to codes.txt or fix the mask.")
+                           f"(labels 0..{len(codes) - 1}). Add a line for it to codes.txt or fix the mask.{hint}")
 
 
 def _check_page(page, f, first, first_file):
@@ -336,37 +346,45 @@ def _pages_of(parts, labels=False):
             yield part, page
 
 
-def _read_into(images, labels, files, masks, first, window, codes, codes_path):
-    """Decode every slice (and label slice) into the preallocated `images` (and `labels`), checking each against
-    `first`, the first slice, as it comes. Returns the number of NaN or Inf voxels of each file that has any."""
+def _read_into(images, labels, files, masks, first, window, codes, codes_path, sparse=False, unlabelled_value=None,
+               labelled=None):
+    """Decode every slice (and label slice) into the preallocated `images` (and `labels`, with `labelled` the slices
+    that hold labels: `sparse.mark_unlabelled`), checking each against `first`, the first slice, as it comes. Returns
+    the number of NaN or Inf voxels of each file that has any."""
     nonfinite, shape, n = {}, first.shape, len(images)
-    label_pages = _pages_of(masks, labels=True) if labels is not None else None
+    pages = label_pages(files, masks) if labels is not None else None
     for z, (f, page) in enumerate(_pages_of(files)):
         _check_page(page, f, first, files[0])
         images[z] = _to_uint8(page, window)
         nonfinite[f.name] = nonfinite.get(f.name, 0) + _n_nonfinite(page)
-        if label_pages is None:
+        if pages is None:
             continue
-        m, lab = next(label_pages, (masks[-1], None))
-        if lab is None:
+        m, lab = next(pages, (masks[-1], False))
+        if m is None:  # (sparse labels) a slice with no mask file
+            labels[z], labelled[z] = UNLABELLED, False
+            continue
+        if lab is False:
             raise DatasetError(f"{_names(masks)} hold(s) {z} label slice(s) but the scan {_names(files)} has {n}: "
                                "the labels must match the scan slice for slice.")
         if lab.shape != shape:
             raise DatasetError(f"{m} does not match its image {f} ({lab.shape[0]}x{lab.shape[1]} against "
                                f"{shape[0]}x{shape[1]}, HxW): a mask must match its slice pixel for pixel.")
-        _check_mask_page(lab, m, codes, codes_path)
-        labels[z] = lab
-    if label_pages is not None and next(label_pages, None) is not None:
+        if not isinstance(sparse, np.ndarray) or z in sparse:  # (a slice the list leaves out: whatever it holds)
+            _check_mask_page(lab, m, codes, codes_path, unlabelled_value)
+        labels[z], labelled[z] = mark_unlabelled(lab, z, m, sparse, unlabelled_value, len(m) == 1)
+    if pages is not None and next(pages, None) is not None:
         raise DatasetError(f"{_names(masks)} hold(s) more label slices than the scan {_names(files)} has ({n}): "
                            "the labels must match the scan slice for slice.")
     return {name: k for name, k in nonfinite.items() if k}
 
 
 def _names(parts):
+    parts = [p for p in parts if p is not None]
     return str(parts[0]) if len(parts) == 1 else f"{parts[0].parent}/ ({len(parts)} files)"
 
 
-def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None, h5_dataset=None):
+def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None, h5_dataset=None, sparse_labels=False,
+                unlabelled_value=None):
     """Load and validate the scan at `data_dir` (a folder or a volume file, `scans.scan_parts`) into a `Volume`; never
     writes to it.
 
@@ -381,29 +399,34 @@ def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None,
     preallocated uint8 array. With `cache_dir`, that array is a `.npy` file there, keyed on the
     scan's content (`_cache_key`), and later calls on the same scan, wherever it lies, memory-map
     it instead of decoding the images again (volumes larger than RAM work); one cache per scan.
+
+    `sparse_labels` and `unlabelled_value`: which slices and pixels hold no label (`sparse`); `Volume.labelled`.
     """
     data_dir = Path(data_dir)
-    files, masks, codes_path, left_out = scan_parts(data_dir, require_labels, labels_path, h5_dataset)
+    files, masks, codes_path, left_out = scan_parts(data_dir, require_labels, labels_path, h5_dataset,
+                                                    sparse=sparse_labels is not False)
     if left_out:
         print(f"Left out of the scan in {data_dir}: {', '.join(p.name for p in left_out[:5])}"
               f"{' ...' if len(left_out) > 5 else ''} (not named like its {len(files)} slices).")
     has_masks = masks is not None
+    present = [m for m in masks or [] if m is not None]  # (sparse labels: None for a slice with no mask file)
     codes = read_codes(codes_path) if (has_masks or codes_path.exists()) else None
     counts = [len(f) for f in files]
     stems = _slice_names(files, counts)
+    sparse = check_sparse(sparse_labels, unlabelled_value, codes, codes_path, len(stems))
     info = dict(codes=codes, stems=stems, source=data_dir, files=files, dataset=h5_dataset)
 
     cache, kept = None, None
     if isinstance(cache_dir, (tuple, list)):  # (the cache, a kept copy of it for the next runtime: `cache_dirs`)
         cache_dir, kept = cache_dir
     if cache_dir is not None:
-        key = _cache_key(files + (masks or []) + ([Part(codes_path)] if codes_path.exists() else []),
-                         f"{h5_dataset}:{has_masks}")
+        key = _cache_key(files + present + ([Part(codes_path)] if codes_path.exists() else []),
+                         f"{h5_dataset}:{has_masks}:{sparse_labels}:{unlabelled_value}")
         cache = Path(cache_dir) / f"{_cache_name(data_dir)}-{key}"
         if kept is not None and not _valid(cache) and _valid(Path(kept) / cache.name):
             _copy_cache(Path(kept) / cache.name, cache, to_kept=False)
             _drop_stale(cache_dir, _cache_name(data_dir), cache.name)
-        if _valid(cache) and not _labels_edited(cache, masks, kept):
+        if _valid(cache) and not _labels_edited(cache, present, kept):
             return _open_cache(cache, kept, data_dir, info)
 
     # the intensity window comes from a sample of about 32 slices spread over z
@@ -413,19 +436,23 @@ def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None,
     sample = [first] if first.dtype == np.uint8 else [p for f, n in sampled for p in f.pages(max(1, n // 32))]
     window = _window_of(sample, [f for f, _ in sampled])
     del sample
-    full = (len(stems), *first.shape)
+    full, labelled = (len(stems), *first.shape), np.ones(len(stems), bool)
     if cache is None:
         images = np.empty(full, np.uint8)
         labels = np.empty(full, np.uint8) if has_masks else None
-        nonfinite = _read_into(images, labels, files, masks, first, window, codes, codes_path)
+        nonfinite = _read_into(images, labels, files, masks, first, window, codes, codes_path, sparse,
+                               unlabelled_value, labelled)
         _warn_nonfinite(nonfinite, data_dir)
+        check_labelled(labelled, has_masks, data_dir)
         return Volume(images=images, labels=labels, window=window, raw_dtype=raw_dtype,
-                      nonfinite_voxels=sum(nonfinite.values()), **info)
+                      nonfinite_voxels=sum(nonfinite.values()), labelled=labelled if has_masks else None, **info)
     with replacing(cache) as tmp:
         tmp.mkdir(parents=True)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, full)
         labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.uint8, full) if has_masks else None
-        nonfinite = _read_into(images, labels, files, masks, first, window, codes, codes_path)
+        nonfinite = _read_into(images, labels, files, masks, first, window, codes, codes_path, sparse,
+                               unlabelled_value, labelled)
+        check_labelled(labelled, has_masks, data_dir)
         for a in (images, labels):
             if a is not None:
                 a.flush()
@@ -433,7 +460,8 @@ def load_volume(data_dir, require_labels=True, cache_dir=None, labels_path=None,
         (tmp / "volume.json").write_text(json.dumps({"format": CACHE_FORMAT, "scan": _cache_name(data_dir),
                                                      "window": window, "raw_dtype": raw_dtype,
                                                      "has_labels": has_masks, "nonfinite": nonfinite,
-                                                     **_label_record(masks)}))
+                                                     "unlabelled_slices": np.flatnonzero(~labelled).tolist(),
+                                                     **_label_record(present)}))
     _drop_stale(cache_dir, _cache_name(data_dir), cache.name)
     return _open_cache(cache, kept, data_dir, info)
 
@@ -446,14 +474,16 @@ def _open_cache(cache, kept, data_dir, info):
         _drop_stale(kept, _cache_name(data_dir), cache.name)
     meta = json.loads((cache / "volume.json").read_text())
     _warn_nonfinite(meta["nonfinite"], data_dir)
-    return Volume(images=np.load(cache / "images.npy", mmap_mode="r"),
+    labelled = None if not meta["has_labels"] else ~np.isin(np.arange(len(info["stems"])), meta["unlabelled_slices"])
+    return Volume(images=np.load(cache / "images.npy", mmap_mode="r"), labelled=labelled,
                   labels=np.load(cache / "labels.npy", mmap_mode="r") if meta["has_labels"] else None,
                   window=tuple(meta["window"]), raw_dtype=meta["raw_dtype"],
                   nonfinite_voxels=sum(meta["nonfinite"].values()), **info)
 
 
 def describe_volume(vol):
-    """Summary of `vol`: slice count and size, intensity window, NaN/Inf voxel count and per-class pixel fractions."""
+    """Summary of `vol`: slice count and size, intensity window, NaN/Inf voxel count, per-class pixel fractions (of the
+    labelled pixels) and which slices hold labels."""
     z, h, w = vol.shape
     info = {"source": str(vol.source), "slices": z, "height": h, "width": w, "raw_dtype": vol.raw_dtype,
             "intensity_window": [round(v, 3) for v in vol.window], "nonfinite_voxels": vol.nonfinite_voxels}
@@ -466,4 +496,5 @@ def describe_volume(vol):
             present += bc > 0
         info["class_fraction"] = {c: float(k / counts.sum()) for c, k in zip(vol.codes, counts)}
         info["slices_with_class"] = {c: int(k) for c, k in zip(vol.codes, present)}
+        info["labelled_slices"] = describe_labelled(vol.labelled)
     return info

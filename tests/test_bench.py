@@ -538,3 +538,22 @@ def test_cache_copy_times_the_three_ways_a_scan_opens(tmp_path, capsys):
     assert row.startswith("| 6 x 40 x 40, 16-bit TIFF") and row.count(" s |") == 3
     (kept,) = (tmp_path / "kept").iterdir()
     assert sorted(p.name for p in kept.iterdir()) == ["images.npy", "labels.npy.gz", "volume.json"]
+
+
+def test_sparse_labels_thins_the_training_block_only(tmp_path):
+    """bench/sparse_labels.py: each setting's dataset keeps the validation and test blocks' masks and those of its
+    training slices, and loads with sparse labels as exactly those slices."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
+    import sparse_labels
+    from microfossil.sample import make_sample
+    dense = make_sample(tmp_path / "dense", n_slices=40, height=64, width=64, seed=2)
+    split, _ = sparse_labels.blocks(dense)
+    for setting, n in (("every8", None), ("random5", 5)):
+        data, k = sparse_labels.sparse_copy(dense, split, setting, tmp_path / "root")
+        vol = load_volume(data, sparse_labels=True)
+        chosen = sparse_labels.labelled_training_slices(split, setting)
+        assert k == len(chosen) == (n or len(range(split.train_start + 4, split.train_stop, 8)))
+        trained = np.flatnonzero(vol.labelled[split.train_start:split.train_stop]) + split.train_start
+        assert trained.tolist() == chosen.tolist()
+        assert vol.labelled[split.valid_start:split.valid_stop].all() and vol.labelled[split.test_start:].all()

@@ -117,6 +117,9 @@ def test_validation_scores_leave_out_a_specimen_that_also_reaches_training(tmp_p
     assert y.shape[0] == len(split.valid) and set(torch.unique(y).tolist()) == {0, 2, IGNORE}
     assert int((y == IGNORE).sum()) == int((labels[:4] == 1).sum()) and int((y == 2).sum()) == int((labels[:4] == 2).sum())
     assert int(dls.train.planes[0][1][split.train].max()) == 1  # the training block keeps its labels
+    assert len(dls.train.dataset) == len(split.train)  # (an epoch's length is the training block's)
+    tri = make_dls(vol, 1.0, 4, split, augment=False, device=torch.device("cpu"), triplanar=True)
+    assert tri.train.extra == len(split.train)
 
 
 @pytest.mark.parametrize("context", [3, 5])
