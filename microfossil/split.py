@@ -38,7 +38,7 @@ import numpy as np
 
 from .sparse import fossil_voxels
 from .specimens import label_components
-from .volume import DatasetError, same_scan
+from .volume import DatasetError, evenly_spaced, same_scan
 
 MIN_TRAINING_SLICES = 2  # sparse labels: fewer labelled training slices than this, and nothing is held out
 CONNECTIVITY = 26  # the extraction's default: a specimen is the same object here and there
@@ -255,7 +255,7 @@ def _outline_width(vol, labelled, n=64):
     from scipy import ndimage
     zs = np.flatnonzero(labelled)
     widest = 0
-    for z in zs[np.unique(np.linspace(0, len(zs) - 1, min(n, len(zs))).round().astype(int))]:
+    for z in zs[evenly_spaced(len(zs), n)]:
         for box in ndimage.find_objects(ndimage.label(fossil_voxels(vol.labels[z]))[0]):
             widest = max(widest, box[0].stop - box[0].start, box[1].stop - box[1].start)
     return widest
