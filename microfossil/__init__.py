@@ -35,7 +35,7 @@ Only the modules marked [torch] import torch or fastai.
 """
 import warnings
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # fastai's imports call torch.jit.script, which recent torch flags as deprecated: not ours to act on.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")

@@ -33,6 +33,7 @@ import numpy as np
 
 from .io import PREDICTION_RECORD, link_or_copy, read_json, replacing, write_json
 from .paths import data_home, fetch_dataset
+from .runtime import matches
 from .volume import DatasetError, evenly_spaced, volume_fingerprint
 
 BUNDLE_DIR, BUNDLE_FILE = "bundle", "bundle.json"
@@ -65,8 +66,10 @@ def write_bundle(work_dir, weights, record, vol, split=None, dest=None):
     old = read_json(dest / BUNDLE_FILE) or {}
     same = old.get("checkpoint", {}).get("sha256") == record["checkpoint"]["sha256"]
     dest.mkdir(parents=True, exist_ok=True)
-    with replacing(dest / WEIGHTS) as tmp:
-        link_or_copy(weights, tmp)  # weights files are replaced, never changed in place: a hard link is safe
+    sha = record["checkpoint"]["sha256"]
+    if not (same and matches(dest / WEIGHTS, Path(weights).stat().st_size, sha)):  # re-run 04 on Drive: no new copy
+        with replacing(dest / WEIGHTS) as tmp:  # of 165 MB, and none in Drive's bin, unless the weights changed
+            link_or_copy(weights, tmp)  # weights files are replaced, never changed in place: a hard link is safe
     if not same:
         (dest / EXAMPLES).unlink(missing_ok=True)
     info = {"format": 1, "name": old.get("name") if same else f"{Path(work_dir).resolve().name}",

@@ -4,22 +4,31 @@ size for ImageJ/Fiji), a preview image, and the gallery of every specimen.
 The previews and the gallery show each specimen's current class (the catalogue's, then the
 review's decision, read by `decisions.read_decisions`), so they are drawn from the catalogue and
 the crops on disk (`draw_gallery`) after the extraction, after the specimen classifier and after
-each review decision.
+each review decision. With the run folder on Google Drive, a review decision draws on the local
+disk instead (`local=True`: a folder of `runtime.local_dir`, seeded from Drive's gallery), and
+`publish_drawings` copies what changed to Drive in place, once, when the review ends
+(`runtime.flush_drive`, or the next `draw_gallery` on Drive): a click then writes only the
+decision to Drive, not a preview, a gallery page of 100 tiles and the gallery's record, each
+a replaced file in Drive's bin.
 """
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .decisions import read_decisions
 from .io import finish_commit, read_json, replacing, write_json
+from .runtime import copy_in_place, file_digest, local_dir, on_drive
 from .plots import get_class_colours
 from .specimens import NOT_A_FOSSIL, centroid
 
 GALLERY_RECORD = "gallery.json"  # beside the gallery: what each preview and tile shows, so a redraw skips the same
 GREY = [150, 150, 150]  # not a fossil: flagged by the specimen classifier or rejected in the review
+DRAWINGS, DRAWN_FROM = "drawings", "drawn_from.json"  # the review's drawings on the local disk, and the Drive state
+                                                      # they were drawn over (`_drive_state`)
 
 
 def mesh(mask, spacing, max_voxels=2 ** 24):
@@ -258,7 +267,82 @@ def _draw_tile(page, x0, y0, sid, look, slices, tile, font):
     draw.text((x0, y0 + tile + 16), _clip(draw, look["status"], font, tile), fill=(90, 90, 90), font=font)
 
 
-def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None):
+def _drive_state(work_dir):
+    """What the drawings on the local disk were drawn over: the catalogue's size and time and the gallery record's hash
+    on Drive. When either changed since (a new extraction, a classifier, a drawing on Drive), they are stale."""
+    exp = Path(work_dir) / "exports"
+    cat, rec = exp / "fossils.csv", exp / GALLERY_RECORD
+    return {"catalogue": [cat.stat().st_size, cat.stat().st_mtime_ns] if cat.exists() else None,
+            "record": file_digest(rec) if rec.exists() else None}
+
+
+def _local_drawings(work_dir, create=True):
+    """The folder on the local disk where a review of run folder `work_dir` (on Drive) draws, or None: off Drive, or
+    `create` False and none there. It mirrors `exports/`: `gallery*.png`, the record, `fossil_<id>/..._preview.png`."""
+    if not on_drive(work_dir):
+        return None
+    if not create:
+        folder = local_dir(work_dir) / DRAWINGS
+        return folder if folder.is_dir() else None
+    return local_dir(work_dir, DRAWINGS)
+
+
+def _seeded(work_dir):
+    """The local drawings folder of run folder `work_dir`, holding Drive's gallery and record when it held none or
+    stale ones (their previews are read from Drive until one is drawn again)."""
+    folder, state = _local_drawings(work_dir), _drive_state(work_dir)
+    if read_json(folder / DRAWN_FROM) != state:
+        shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        exp = Path(work_dir) / "exports"
+        for p in [*exp.glob("gallery*.png"), exp / GALLERY_RECORD]:
+            if p.exists():
+                shutil.copyfile(p, folder / p.name)
+        write_json(folder / DRAWN_FROM, state)
+    return folder
+
+
+def preview_file(work_dir, folder):
+    """The preview PNG of specimen folder `folder` as it stands: the one a review on Drive drew on the local disk since
+    the last `publish_drawings`, else the folder's own."""
+    mine = Path(folder) / f"{Path(folder).name}_preview.png"
+    local = _local_drawings(work_dir, create=False)
+    if local is not None and (local / DRAWN_FROM).exists():
+        drawn = local / Path(folder).name / mine.name
+        if drawn.exists():
+            return drawn
+    return mine
+
+
+def publish_drawings(work_dir):
+    """Copy what a review on Drive drew on the local disk to the run folder's `exports/` on Drive: each preview and
+    gallery page that differs, written over the Drive file in place (nothing in Drive's bin), the gallery record last
+    (a copy cut short leaves Drive's record older, so those are drawn again). Stale drawings (Drive changed since)
+    are dropped. Returns `(files, bytes)` written."""
+    folder = _local_drawings(work_dir, create=False)
+    if folder is None or not (folder / DRAWN_FROM).exists():
+        return 0, 0
+    if read_json(folder / DRAWN_FROM) != _drive_state(work_dir):
+        shutil.rmtree(folder)
+        return 0, 0
+    exp, n, size = Path(work_dir) / "exports", 0, 0
+    for p in [*sorted(folder.rglob("*.png")), folder / GALLERY_RECORD]:
+        dst = exp / p.relative_to(folder)
+        if not p.exists() or not dst.parent.is_dir():
+            continue
+        if dst.exists() and dst.stat().st_size == p.stat().st_size and dst.read_bytes() == p.read_bytes():
+            continue
+        size += copy_in_place(p, dst)["size"]
+        n += 1
+    pages = (read_json(folder / GALLERY_RECORD) or {}).get("pages", [])
+    for p in exp.glob("gallery*.png"):  # a layout drawn anew (rare in a review): its old pages
+        if p.name not in pages:
+            p.unlink()
+    write_json(folder / DRAWN_FROM, _drive_state(work_dir))
+    return n, size
+
+
+def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None, local=False):
     """Draw the gallery `exports/gallery*.png` and each exported specimen's preview as the catalogue and the review
     stand now; return the tile table (`id`, `name`, `status`, `colour`, `marker`, `page`; `left`, `top` and `size`
     of its square on the page; `redrawn`).
@@ -271,7 +355,8 @@ def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None):
     preview and tile shows, so that only those that changed are drawn again.
     `exp_dir` is where the catalogue, the specimen folders and the gallery are (default
     `work_dir/exports`; the extraction draws its new gallery in its stage, `io.staged`); the
-    review is always that of `work_dir/exports`.
+    review is always that of `work_dir/exports`. `local`: a review decision's drawing; with the run
+    folder on Drive it goes to the local disk until `publish_drawings` (see the module's docstring).
     """
     import pandas as pd
     from PIL import Image, ImageDraw
@@ -282,6 +367,11 @@ def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None):
     if not (exp_dir / "fossils.csv").exists():
         raise FileNotFoundError(f"{exp_dir / 'fossils.csv'} not found: run the extraction cell of 05_predict_export "
                                 "first (same work_dir).")
+    draw_dir, on_drive_now = exp_dir, exp_dir == review_dir and on_drive(work_dir)
+    if on_drive_now and local:
+        draw_dir = _seeded(work_dir)
+    elif on_drive_now:
+        publish_drawings(work_dir)  # a review's drawings first: what is drawn below builds on them
     cat = pd.read_csv(exp_dir / "fossils.csv")
     codes = ["background", *[c[5:] for c in cat.columns if c.startswith("frac_")]]
     colours = [[int(round(255 * v)) for v in c[:3]] for c in get_class_colours(len(codes))]
@@ -291,21 +381,23 @@ def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None):
     looks = {sid: specimen_look(r, decisions.get(sid), codes, colours) for sid, r in rows.items()}
     ids, cols = list(looks), min(10, max(1, len(looks)))
     pages = ["gallery.png" if k == 0 else f"gallery_{k + 1:02d}.png" for k in range(math.ceil(len(ids) / per_page))]
-    old = read_json(exp_dir / GALLERY_RECORD) or {}
+    old = read_json(draw_dir / GALLERY_RECORD) or {}
     same_layout = (old.get("ids") == ids and old.get("layout") == [per_page, tile, cols]
-                   and all((exp_dir / p).exists() for p in pages))
+                   and all((draw_dir / p).exists() for p in pages))
     drawn = {int(k): v for k, v in old.get("looks", {}).items()} if same_layout else {}
     changed = {sid for sid in ids if drawn.get(sid) != looks[sid]}
     central = {}  # the slices at the centroid of the crops read for a preview, for their tile
     for sid in ids:
         p = folders[sid] / f"{folders[sid].name}_preview.png"
-        if sid in changed or not p.exists():
+        out = p if draw_dir == exp_dir else draw_dir / folders[sid].name / p.name  # (a review's, on the local disk)
+        if sid in changed or not (p.exists() or out.exists()):
             mask, ct = _crops(folders[sid])
-            _save_png(_preview(ct, mask, rows[sid], looks[sid]), p)
+            out.parent.mkdir(exist_ok=True)
+            _save_png(_preview(ct, mask, rows[sid], looks[sid]), out)
             z = _centre(mask)[0]
             central[sid] = mask[z], ct[z]
     if not same_layout:
-        for p in exp_dir.glob("gallery*.png"):
+        for p in draw_dir.glob("gallery*.png"):
             p.unlink()
     font, table = _font(11), []
     for k, name in enumerate(pages):
@@ -316,7 +408,7 @@ def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None):
         if not changed.intersection(on_page):
             continue
         if same_layout:
-            page = Image.open(exp_dir / name).convert("RGB")
+            page = Image.open(draw_dir / name).convert("RGB")
         else:
             page = Image.new("RGB", (cols * (tile + 6) + 6, 26 + math.ceil(len(on_page) / cols) * (tile + 32)), "white")
             _draw_header(ImageDraw.Draw(page), f"{len(ids)} specimens, largest first, page {k + 1} of {len(pages)}:",
@@ -324,10 +416,10 @@ def draw_gallery(work_dir, per_page=100, tile=160, exp_dir=None):
         for sid, x0, y0 in slots:
             if sid in changed:
                 _draw_tile(page, x0, y0, sid, looks[sid], central.pop(sid, None) or _crops(folders[sid], False), tile, font)
-        _save_png(page, exp_dir / name)
-    if ids or old:
-        write_json(exp_dir / GALLERY_RECORD, {"layout": [per_page, tile, cols], "ids": ids, "pages": pages,
-                                              "looks": {str(k): v for k, v in looks.items()}})
+        _save_png(page, draw_dir / name)
+    record = {"layout": [per_page, tile, cols], "ids": ids, "pages": pages, "looks": {str(k): v for k, v in looks.items()}}
+    if (ids or old) and record != old:  # (unchanged: not written again, so no replaced copy in Drive's bin)
+        write_json(draw_dir / GALLERY_RECORD, record)
     table = pd.DataFrame(table, columns=["id", "name", "status", "colour", "marker", "page", "left", "top", "size",
                                          "redrawn"])
     table["colour"] = ["#%02x%02x%02x" % tuple(c) for c in table["colour"]]

@@ -19,7 +19,7 @@ import torch
 
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler, valley as _fastai_valley
-from fastai.learner import AvgLoss, AvgSmoothLoss, Callback, Metric
+from fastai.learner import AvgLoss, AvgSmoothLoss, Callback, Learner, Metric
 from fastai.losses import BaseLoss
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import find_bs
@@ -29,7 +29,7 @@ from fastai.vision.learner import model_meta
 from .loaders import draw_weights, n_input_channels
 from .metrics import IGNORE, scores_from_confusion
 from .params import CLASS_WEIGHTS, ParameterError
-from .runtime import local_dir, on_drive
+from .runtime import halve_on_oom, local_dir, on_drive
 
 
 def encoder(arch):
@@ -77,6 +77,20 @@ def _mixed_precision(learn):
     return learn.to_bf16() if dt == torch.bfloat16 else learn.to_fp16()
 
 
+class SegLearner(Learner):
+    """fastai's `Learner`, whose `fit` (so `fit_one_cycle` and `lr_find`) survives a CUDA out-of-memory error: it
+    starts the fit again with half the batch, down to 1, saying so (`runtime.halve_on_oom`); the DataLoaders keep the
+    smaller batch for the phases after it. `PhaseCheckpoint` then resumes or restarts its phase from its own
+    checkpoints and records the batch size used. (An `lr_find` cut by the error keeps the steps it took.)"""
+
+    def fit(self, *args, **kwargs):
+        def attempt(bs):
+            for dl in self.dls.loaders:
+                dl.bs = min(dl.bs, bs)
+            return super(SegLearner, self).fit(*args, **kwargs)
+        return halve_on_oom(attempt, self.dls.train.bs, "training")[0]
+
+
 def _adamw(params, **kwargs):
     """PyTorch's multi-tensor AdamW behind fastai's optimizer API (same hyper-parameters as fastai's Adam:
     decoupled weight decay, eps 1e-5). fastai's own Adam steps each parameter tensor in Python."""
@@ -117,6 +131,7 @@ class _NoStepSync(Callback):
         rec = self.learn.recorder
         # vars(): a Callback's setattr warns that `learn.loss` exists, which is another thing (the batch's loss)
         vars(rec).update(smooth_loss=_DeviceSmoothLoss(beta=rec.smooth_loss.beta), loss=_DeviceAvgLoss())
+        rec.smooth_loss.reset()  # (the Recorder reset the one it had; fastai 2.8.7, Colab's, resets no other)
 
     def _to_host(self):
         losses = self.learn.recorder.losses
@@ -290,6 +305,7 @@ def build_learner(dls, arch="resnet34", pretrained=True, wd=1e-2, work_dir=".", 
                          n_in=n_input_channels(context), wd=wd,
                          loss_func=LOSSES[loss](None if weights is None else torch.tensor(weights, device=dls.device)),
                          path=Path(work_dir), opt_func=_adamw, metrics=epoch_metrics(dls.codes) if metrics else None)
+    learn.__class__ = SegLearner  # (fastai's unet_learner builds a plain Learner)
     if on_drive(work_dir):  # lr_find saves and deletes weights in model_dir: on the local disk, not in Drive's trash
         learn.model_dir = local_dir(work_dir, "tmp")
     learn.remove_cb(ProgressCallback)

@@ -18,7 +18,7 @@ from fastai.vision.all import DataLoaders, Normalize, TensorImage, TensorMask, T
 
 from .augment import Augment, Infill, Scanner
 from .metrics import IGNORE
-from .runtime import check_gpu
+from .runtime import batch_size_for, check_gpu
 from .split import split_volume, valid_left_out_mask
 from .volume import DatasetError, volume_fingerprint
 
@@ -367,7 +367,8 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
              scanner_augment=0.0):
     """fastai DataLoaders over `vol` at `size_frac` of full resolution: the training block of `split` (a `Split` from
     `split.split_volume`; None: its defaults) trains and its validation block validates; the test block and the gaps
-    are never read (with `valid_pct=0`, the published recipe, the test block validates).
+    are never read (with `valid_pct=0`, the published recipe, the test block validates). `bs` None: the batch that
+    fits the GPU's free memory (`runtime.batch_size_for`); `dls.made_with` keeps None, the loaders the batch size used.
 
     The validation block's voxels of a specimen that also reaches the training block (a gap capped below its height)
     are labelled `metrics.IGNORE`: no per-epoch score and no validation loss counts them, as 05's test scores do not.
@@ -428,13 +429,16 @@ def make_dls(vol, size_frac=1.0, bs=8, split=None, smoke=False, augment=True, de
                      crop_size=crop_size, oversample_rare=oversample_rare, infill_augment=infill_augment,
                      scanner_augment=scanner_augment, test_pct=split.test_pct, valid_pct=split.valid_pct,
                      gap_slices=getattr(split, "gap_slices", None))
-    bs = max(1, min(bs, len(block)))
     # The volume is held once at the stage size (tri-planar: at full size, since its XZ/YZ slices are resized
     # along z too); batches are then gathered from it with no per-batch resize.
     held = vol.shape[1:] if triplanar else size
     where = _volume_device(2 * len(vol.images) * held[0] * held[1], device)
     images = _to_tensor(vol.images, where, held, compute=device)
     labels = _to_tensor(vol.labels, where, held, mask=True, compute=device)
+    if bs is None:  # from what is free now, the volume there (`runtime.batch_size_for`)
+        bs, why = batch_size_for(size, device)
+        print(f"batch size {bs} (bs=None: {why})")
+    bs = max(1, min(bs, len(block)))
     # no score counts these voxels (the test scores of 05 neither); with nothing held out, validation is training
     ignore = valid_left_out_mask(vol, split) if split.held_out else np.zeros(0, bool)
     if ignore.any():

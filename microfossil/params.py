@@ -125,7 +125,7 @@ RULES = {  # name: (rule, what it is, for the message)
     "oversample_rare": (_number(1), "at most how much more often slices holding a rarer fossil class are drawn"),
     "infill_augment": (_number(0, 1), "the share of training slices whose fossils' insides get a random gray"),
     "scanner_augment": (_number(0, 1), "the share of training slices shown as another scanner would give them"),
-    "bs": (_whole(1), "the batch size"),
+    "bs": (_or_none(_whole(1)), "the batch size (None: what fits the GPU's free memory)"),
     "wd": (_number(0), "the weight decay"),
     "epochs_frozen": (_whole(1), "epochs with the encoder frozen"),
     "epochs_unfrozen": (_whole(1), "epochs of the whole network"),
@@ -199,11 +199,11 @@ RUN_TYPED_IN = {"01": ("data_dir", "labels_path", "h5_dataset", "sparse_labels",
 # The values of the training notebooks' parameters cells that quick mode's or smoke's schedule replaces (and 05's tta):
 # `use_schedule` replaces a parameter only while it holds this value (a test keeps these in step with the notebooks).
 NOTEBOOK_DEFAULTS = {
-    "02": {"size_frac": 0.25, "bs": 16, "epochs_frozen": 5, "lr_frozen": 2e-4, "pct_frozen": 0.9, "epochs_unfrozen": 10,
+    "02": {"size_frac": 0.25, "bs": None, "epochs_frozen": 5, "lr_frozen": 2e-4, "pct_frozen": 0.9, "epochs_unfrozen": 10,
            "lr_unfrozen_lo": 5e-7, "lr_unfrozen_hi": 5e-5, "pct_unfrozen": 0.25},
-    "03": {"size_frac": 0.5, "bs": 16, "epochs_frozen": 5, "lr_frozen": 1e-3, "pct_frozen": 0.8, "epochs_unfrozen": 10,
+    "03": {"size_frac": 0.5, "bs": None, "epochs_frozen": 5, "lr_frozen": 1e-3, "pct_frozen": 0.8, "epochs_unfrozen": 10,
            "lr_unfrozen_lo": 1e-6, "lr_unfrozen_hi": 1e-4, "pct_unfrozen": 0.25},
-    "04": {"size_frac": 1.0, "bs": 4, "epochs_frozen": 3, "lr_frozen": 2e-5, "pct_frozen": 0.8, "epochs_unfrozen": 10,
+    "04": {"size_frac": 1.0, "bs": None, "epochs_frozen": 3, "lr_frozen": 2e-5, "pct_frozen": 0.8, "epochs_unfrozen": 10,
            "lr_unfrozen_lo": 1e-6, "lr_unfrozen_hi": 2e-6, "pct_unfrozen": 0.25},
     "05": {"tta": True},
 }

@@ -27,7 +27,7 @@ from .learner import amp_dtype, encoder
 from .metrics import FOSSIL_THRESHOLDS, choose_fossil_threshold  # noqa: F401  (imported from here too)
 from .loaders import END_TAPER, batch_tfms, get_device, n_input_channels, plane_weights
 from .plots import get_class_colours
-from .runtime import Progress, local_dir, on_drive, require_mounted
+from .runtime import Progress, halve_on_oom, local_dir, on_drive, require_mounted
 from .sparse import UNLABELLED, fossil_voxels
 from .split import CONNECTIVITY, valid_left_out_mask
 from .training import checkpoint_files, phase_done, read_record, weights_sha256
@@ -325,11 +325,12 @@ def predict_volume(model, vol, out_dir, bs=4, device=None, save_probs=True, cont
             probs_path.parent.mkdir(parents=True, exist_ok=True)
         run = _predict_triplanar if triplanar else _predict_axial
         calib = {"threshold": float(fossil_threshold), "chosen_on": None, "slices": calibrate_on, "spacing": spacing}
-        pred = run(model, vol, new, bs, device, probs_path, save_probs, context_slices, tta, slice_pngs, calib)
+        pred, bs = halve_on_oom(lambda b: run(model, vol, new, b, device, probs_path, save_probs, context_slices, tta,
+                                              slice_pngs, calib), bs, "prediction")  # (from the start, with half)
         _write_previews(vol, pred, new / "previews")
         write_json(new / PREDICTION_RECORD, {
             "checkpoint": checkpoint, "shape": list(vol.shape), "codes": vol.codes, "context_slices": int(context_slices),
-            "tta": bool(tta), "triplanar": bool(triplanar), "slice_pngs": bool(slice_pngs),
+            "tta": bool(tta), "triplanar": bool(triplanar), "slice_pngs": bool(slice_pngs), "bs": int(bs),
             "fossil_threshold": calib["threshold"], "fossil_threshold_chosen_on": calib["chosen_on"],
             "probs_file": file_stamp(probs_path) if save_probs else None,
             "probs_path": None if not save_probs or probs_dir is None else str(probs_path.resolve()),

@@ -1,8 +1,10 @@
 """The review: a person goes through the specimens, accepts or rejects each and names its taxon.
 
-Every decision is saved at once to `exports/review.csv` (atomically), so a disconnect loses
-nothing. A person may open that file in a spreadsheet and save it again: it is read however
-the spreadsheet wrote it (`decisions.read_decisions`), every row of it and every column a
+Every decision is saved at once to `exports/review.csv` (atomically; on Google Drive rewritten in
+place, so that a click leaves no replaced copy in Drive's bin), so a disconnect loses nothing.
+On Drive the previews and gallery a decision changes are drawn on the local disk and copied to
+Drive when the review ends (`exports.publish_drawings`, run by `flush_drive`). A person may open
+that file in a spreadsheet and save it again: it is read however the spreadsheet wrote it (`decisions.read_decisions`), every row of it and every column a
 person added are written back, and a file that cannot be read stops the review with what to
 do, untouched. No save drops a decision (only undoing one does), and before a save replaces a
 `review.csv` that is not what this session last wrote (a spreadsheet's, an edited one, one
@@ -17,9 +19,9 @@ import time
 from pathlib import Path
 
 from .decisions import DECISIONS, REVIEW_COLUMNS, REVIEW_FILE, read_decisions
-from .exports import draw_gallery, specimen_folders
+from .exports import draw_gallery, preview_file, publish_drawings, specimen_folders
 from .io import finish_commit, replacing
-from .runtime import enable_colab_widgets, headless
+from .runtime import before_flush, enable_colab_widgets, headless, on_drive, write_in_place
 
 REVIEW_ORDERS = {"confidence": "least certain first", "confidence_desc": "most certain first",
                  "size": "largest first", "size_asc": "smallest first", "id": "by id"}
@@ -53,6 +55,8 @@ class ReviewSession:
         self._decided = sum(bool(r["decision"]) for r in self._rows())  # a save may never write fewer
         self._written = self._content()  # what the file holds when this session wrote it (or would have)
         draw_gallery(work_dir)  # only what a kill left unfinished (after a classifier's commit, say) is drawn
+        if on_drive(work_dir):  # the drawings of this review's clicks, made on the local disk, go to Drive then
+            before_flush(("review drawings", str(work_dir)), lambda: publish_drawings(work_dir))
 
     def taxa(self):
         """Taxa to offer: the model's fossil classes, then every taxon typed so far."""
@@ -91,7 +95,7 @@ class ReviewSession:
                 store.pop(sid, None) if old is None else store.__setitem__(sid, old)
             self._decided = undo[2]
             raise
-        draw_gallery(self.exp_dir.parent)
+        draw_gallery(self.exp_dir.parent, local=True)
         return d
 
     def _sync(self):
@@ -147,8 +151,11 @@ class ReviewSession:
             self._backup(old, "it was not as this review session last wrote it (a spreadsheet saved it, or a new "
                               "extraction moved its decisions)")
         self.exp_dir.mkdir(parents=True, exist_ok=True)
-        with replacing(self.path) as tmp:
-            tmp.write_bytes(new)
+        if old is not None and on_drive(self.path):  # the same Drive file (a replaced one would go to the bin); one
+            write_in_place(self.path, new)            # write of a few kB, the old version kept as .bak when not ours
+        else:
+            with replacing(self.path) as tmp:
+                tmp.write_bytes(new)
         self._written = new
 
     def order(self, cls="all", sort="confidence"):
@@ -177,7 +184,7 @@ class ReviewSession:
     def preview(self, sid):
         """Path of specimen `sid`'s preview PNG, or None when its export was capped."""
         d = self._folders.get(int(sid))
-        p = d / f"{d.name}_preview.png" if d is not None else None
+        p = preview_file(self.exp_dir.parent, d) if d is not None else None
         return p if p is not None and p.exists() else None
 
 

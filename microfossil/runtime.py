@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 DRIVE_RUNS = "microfossil_runs"  # MyDrive/microfossil_runs/<dataset>: the run folders, in Colab
+REMOUNT = ("Choose Runtime > Disconnect and delete runtime, then run this notebook again from the top: the run folder "
+           "on Drive is kept.")  # what to do when Colab cannot mount Drive again (the setup cell says the same)
 
 
 def colab_root():
@@ -125,9 +127,9 @@ def copy_in_place(src, dst, block=1 << 22):
 
 
 def write_in_place(path, text):
-    """Write `text` over file `path` in place (see `copy_in_place`), unlike `io.write_text`, which replaces the file:
-    small records and the history on Drive."""
-    Path(path).write_bytes(text.encode())
+    """Write `text` (str or bytes) over file `path` in place (see `copy_in_place`), unlike `io.write_text`, which
+    replaces the file: small records, the history and the review's decisions on Drive."""
+    Path(path).write_bytes(text.encode() if isinstance(text, str) else text)
 
 
 def file_digest(path, block=1 << 22):
@@ -144,6 +146,15 @@ def matches(path, size, sha256):
     return path.is_file() and path.stat().st_size == size and file_digest(path) == sha256
 
 
+_BEFORE_FLUSH = {}  # key -> what `flush_drive` runs before it unmounts Drive (`before_flush`)
+
+
+def before_flush(key, fn):
+    """Have `flush_drive` call `fn()` before it unmounts Drive (one per `key`): the review registers the copy of
+    the drawings it made on the local disk (`exports.publish_drawings`)."""
+    _BEFORE_FLUSH[key] = fn
+
+
 def flush_drive():
     """End of a notebook in Colab: wait until everything written to Drive is uploaded (`drive.flush_and_unmount`),
     so the next notebook, on a fresh runtime, finds it. Drive is unmounted: re-run the setup cell to write again."""
@@ -158,9 +169,14 @@ def flush_drive():
         return False
     from google.colab import drive
     t = time.time()
+    for key, fn in list(_BEFORE_FLUSH.items()):
+        try:
+            fn()
+        except Exception as e:  # a drawing not copied is drawn again later; the flush goes on
+            print(f"WARNING: {key}: {e}", file=sys.stderr)
     drive.flush_and_unmount()
     print(f"Drive flushed in {time.time() - t:.0f}s: everything this notebook wrote is on Drive. Drive is now "
-          "unmounted; re-run the setup cell before running more cells here.")
+          f"unmounted; re-run the setup cell before running more cells here. If it cannot mount Drive again: {REMOUNT}")
     return True
 
 
@@ -170,6 +186,50 @@ def check_gpu(cuda, cpu_ok):
         raise RuntimeError("This Colab runtime has no GPU, and the full schedule would take days on its CPU. Choose "
                            "Runtime > Change runtime type > T4 GPU (or any GPU), then run the notebook again from the "
                            "top; or set quick = True in the parameters cell for the CPU demo.")
+
+
+TRAIN_BYTES_PER_PIXEL = 2600  # GPU memory per input pixel of a training batch (ResNet34 U-Net, mixed precision),
+                              # from the peak GPU memory of bench/benchmark.py at 1/2 and full size, bs 16 and 4
+MODEL_RESERVE = 1.5e9  # the model, its gradients, AdamW's state and the convolution workspaces
+CPU_BATCH_PIXELS = 4_000_000  # off a GPU: the published recipe's batches (16 at 1/4 and 1/2, 4 at full size of 1000^2)
+MAX_AUTO_BS = 16  # the recipe's largest batch: a larger GPU is not a reason to change the schedule's dynamics
+
+
+def batch_size_for(size, device):
+    """The batch size that training at `size` (H, W) fits on `device` (bs=None in a parameters cell): on CUDA, from the
+    GPU's free memory now (the volume already there), `TRAIN_BYTES_PER_PIXEL` a pixel, with a fifth kept spare; else
+    `CPU_BATCH_PIXELS`; within 1..`MAX_AUTO_BS`. Returns `(bs, why)`. An out-of-memory error later halves it anyway
+    (`halve_on_oom`)."""
+    pixels = int(size[0]) * int(size[1])
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+        free = torch.cuda.mem_get_info(device)[0]
+        bs = int(0.8 * (free - MODEL_RESERVE) // (TRAIN_BYTES_PER_PIXEL * pixels))
+        why = f"from the GPU's {free / 1e9:.1f} GB free"
+    else:
+        bs, why = CPU_BATCH_PIXELS // pixels, f"{CPU_BATCH_PIXELS / 1e6:.0f} M pixels a batch off a GPU"
+    return max(1, min(MAX_AUTO_BS, bs)), why
+
+
+def _out_of_memory(e):
+    """True for torch's CUDA out-of-memory error (`torch.OutOfMemoryError`, a RuntimeError in older torch)."""
+    return type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def halve_on_oom(run, bs, what="training"):
+    """`run(bs)`; when CUDA runs out of memory, again with half the batch, down to 1, saying so each time. Returns
+    `(run's result, the batch size it ran with)`."""
+    while True:
+        try:
+            return run(bs), bs
+        except Exception as e:
+            if not _out_of_memory(e) or bs <= 1:
+                raise
+        torch = sys.modules.get("torch")  # (outside the except clause: its traceback, which holds the batch, is gone)
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"{what}: CUDA out of memory at batch size {bs}; going on with batch size {bs // 2}")
+        bs //= 2
 
 
 def widgets_major():

@@ -140,6 +140,13 @@ def load_stage(learn, name):
     return learn
 
 
+def _asked_bs(dls):
+    """The plan's batch size: the parameters cell's ("auto": bs=None), not the loaders' (`bs_used`), which an
+    out-of-memory error may have halved: a resume on another GPU or after a halving is the same plan."""
+    bs = getattr(dls, "made_with", {}).get("bs", dls.train.bs)  # (DataLoaders made elsewhere: theirs)
+    return "auto" if bs is None else int(bs)
+
+
 def _plan_of(rec, plan):
     """The plan recorded in `rec`, on the keys of `plan`. A record of the earlier code is flat and knows fewer keys:
     those it lacks are taken as unchanged."""
@@ -197,10 +204,10 @@ class PhaseCheckpoint(Callback):
     def _drop_progress(self):
         for suffix in (".pth", ".json"):
             self._progress(suffix).unlink(missing_ok=True)
-        for s, rec in self._slots():  # this phase's copies on Drive: emptied in place (deleting sends them to the trash)
-            if rec.get("phase") == self.phase:
-                write_in_place(self._slot(s, ".pth"), "")
-                write_in_place(self._slot(s, ".json"), "{}")
+        for s, rec in self._slots():  # this phase's copies on Drive: deleted (emptied in place, their earlier
+            if rec.get("phase") == self.phase:  # contents would stay in Drive's version history, counted for 30 days)
+                for suffix in (".pth", ".json"):
+                    self._slot(s, suffix).unlink(missing_ok=True)
 
     def _slots(self):
         """`(slot, record)` of the resumable copies on Drive (record `{}` for an empty or unreadable one)."""
@@ -268,7 +275,7 @@ class PhaseCheckpoint(Callback):
         split = dls.split.plan() if getattr(dls, "split", None) is not None else {
             "valid_slices": [int(valid[0]), int(valid[-1])] if len(valid) else [], "test_slices": None}
         return {"epochs": int(learn.n_epoch), **lr_plan(learn, len(opt.param_lists)),
-                "wd": sig(opt.hypers[-1].get("wd", 0.0)), "bs": int(dls.train.bs), "size": list(dls.size),
+                "wd": sig(opt.hypers[-1].get("wd", 0.0)), "bs": _asked_bs(dls), "size": list(dls.size),
                 "frozen": bool(opt.frozen_idx), "context_slices": int(getattr(dls, "context_slices", 1)),
                 "triplanar": bool(getattr(dls, "triplanar", False)), "train_slices": None, **split, "seed": getattr(dls, "seed", None),
                 "arch": getattr(learn, "arch_name", None), "codes": list(dls.codes), "start": self._start_name(),
@@ -420,7 +427,8 @@ class PhaseCheckpoint(Callback):
         self._save(self._path(".pth"), with_opt=False)
         last = self.rows[-1] if self.rows else {}
         final = {k: float(v) for k, v in last.items() if k not in ("epoch", "time") and v not in ("", None)}
-        rec = {"name": self.phase, "attempt": self.attempt, "plan": self.plan, "final": final,
+        rec = {"name": self.phase, "attempt": self.attempt, "plan": {**self.plan, "bs_used": int(self.learn.dls.train.bs)},
+               "final": final,
                "sha256": weights_sha256(self._path(".pth")), "file_size": self._path(".pth").stat().st_size,
                "epochs_trained": len(self.rows), "seconds": round(time.time() - self.t0, 1),
                "trained_on": getattr(self.learn.dls, "trained_on", None),  # the scan: path, shape, sampled-bytes hash

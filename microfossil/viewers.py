@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .decisions import read_decisions
-from .exports import mesh, specimen_folders, specimen_look
+from .exports import mesh, preview_file, specimen_folders, specimen_look
 from .io import finish_commit, read_json, replacing
 from .plots import get_class_colours, save_figure
 from .review import has_widget_frontend
@@ -353,7 +353,7 @@ def view_specimen(work_dir, sid=None, path=None):
     import ipywidgets as w
     enable_colab_widgets()
     d = _folder(work_dir, row["id"])
-    preview = d / f"{d.name}_preview.png" if d is not None else None
+    preview = preview_file(work_dir, d) if d is not None else None  # (a review's, drawn on the local disk in Colab)
     has_preview = preview is not None and preview.exists()
     note = "" if has_preview else " · no preview: its export was capped (re-run the extraction with a larger max_exports)"
     status = f" ({look['status']})" if look["status"] else ""

@@ -101,3 +101,14 @@ def record_prediction(work, shape, checkpoint=None):
     write_json(work / "predictions" / "prediction.json",
                {"checkpoint": checkpoint or {"name": "test.attempt1", "sha256": "0" * 64}, "shape": list(shape),
                 "probs_file": file_stamp(probs) if probs.exists() else None})
+
+
+@pytest.fixture
+def colab_modules(monkeypatch):
+    """The stub `google.colab` (tests/colab_stub) importable in this process for one test, and gone after it, so that
+    no later test (nor plotly, fastprogress and the others that look for it) believes it runs in Colab."""
+    import fastprogress.fastprogress  # noqa: F401  (first: imported under google.colab it picks its notebook bar)
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "colab_stub"))
+    for name in ("google", "google.colab", "google.colab.drive", "google.colab.output"):
+        monkeypatch.setitem(sys.modules, name, None)  # (put back as it was after the test: absent, or the real one)
+        del sys.modules[name]

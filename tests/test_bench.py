@@ -172,21 +172,86 @@ def test_variants_over_samples_and_training_seeds(tmp_path, capsys, monkeypatch)
     assert calls[1][calls[1].index("loss") + 1] == "'ce_dice'" and calls[2][calls[2].index("context_slices") + 1] == "1"
 
 
-def test_colab_requirements_sees_colabs_packages_as_installed(tmp_path):
-    """The dry run over Colab's list: packages of the list count as installed (no index needed when every
-    requirement is met), and one that pip would replace is reported and fails the check."""
+def test_colab_requirements_sees_colabs_packages_as_installed(tmp_path, monkeypatch):
+    """The dry run over Colab's list, offline: each package of the list counts as installed with its real dependency
+    list (a metadata cache stands in for PyPI); a requirement Colab's version meets changes nothing, one that pip would
+    replace fails the check, and so does one that breaks a pin of a Colab package that is not in the requirements
+    (pip's resolver never looks at it; `pip check` does). A package without cached metadata gets a stand-in and a
+    warning. The constraints written are Colab's versions of what the requirements pull in, through those pins. And
+    the fetcher itself, on a fake index: a wheel's METADATA read by range requests, then from its cache."""
+    import io
+    import zipfile
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import colab_requirements
+
+    def metadata(name, version, *requires):
+        return f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n"
+                                                                                     for r in requires)
+
+    def wheel(name, version):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr(f"{name}/__init__.py", "")
+            z.writestr(f"{name}-{version}.dist-info/METADATA", metadata(name, version))
+            z.writestr(f"{name}-{version}.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            z.writestr(f"{name}-{version}.dist-info/RECORD", "")
+        return buf.getvalue()
+
     freeze = tmp_path / "freeze.txt"
-    freeze.write_text("# pip freeze\nfastprogress==1.1.6\nipywidgets==7.7.1\nsome-tool @ file:///x\n")
-    ok, bad = tmp_path / "ok.txt", tmp_path / "bad.txt"
-    ok.write_text("fastprogress>=1.0.3,<2   # a comment\nipywidgets>=7.7,<9\n")
-    bad.write_text("fastprogress<1.1\n")
-    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}  # nothing to download from
-    run = lambda req: subprocess.run([sys.executable, str(ROOT / "bench" / "colab_requirements.py"), str(freeze),  # noqa: E731
-                                      "--requirements", str(req)], capture_output=True, text=True, env=env, timeout=300)
-    kept = run(ok)
-    assert kept.returncode == 0 and "2 packages in Colab's list; pip would install 0" in kept.stdout, kept.stdout + kept.stderr
-    assert "all kept" in kept.stdout
-    assert run(bad).returncode != 0  # fastprogress<1.1 is not met by Colab's 1.1.6 (online, pip reports it REPLACED)
+    freeze.write_text("# pip freeze\nfastprogress==1.1.6\nipywidgets==7.7.1\ntraitlets==5.7.1\nsome-tool @ file:///x\n"
+                      "untouched==1.0\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "fastprogress-1.1.6.METADATA").write_text(metadata("fastprogress", "1.1.6"))
+    (cache / "ipywidgets-7.7.1.METADATA").write_text(metadata("ipywidgets", "7.7.1", "traitlets>=4.3.1",
+                                                              'pytest; extra == "test"'))
+    (cache / "traitlets-5.7.1.METADATA").write_text(metadata("traitlets", "5.7.1"))
+    (tmp_path / "wheels").mkdir()  # the only index: an older traitlets
+    (tmp_path / "wheels" / "traitlets-4.0.0-py3-none-any.whl").write_bytes(wheel("traitlets", "4.0.0"))
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "wheels")}
+
+    def run(requirements, *more):
+        req = tmp_path / f"req{len(list(tmp_path.glob('req*')))}.txt"
+        req.write_text(requirements)
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "colab_requirements.py"), str(freeze),
+                               "--requirements", str(req), "--cache", str(cache), "--offline", *more],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    kept = run("fastprogress>=1.0.3,<2   # a comment\nipywidgets>=7.7,<9\n",
+               "--write-constraints", str(tmp_path / "c.txt"))
+    out = kept.stdout + kept.stderr
+    assert kept.returncode == 0 and "4 packages in Colab's list; pip would install 0" in kept.stdout, out
+    assert "all kept" in kept.stdout and "3 of 4 packages with their real dependency lists" in kept.stdout, out
+    assert "WARNING: 1 stand-in records" in kept.stderr and "untouched" in kept.stderr, out
+    pins = [line for line in (tmp_path / "c.txt").read_text().splitlines() if not line.startswith("#")]
+    assert pins == ["fastprogress==1.1.6", "ipywidgets==7.7.1", "traitlets==5.7.1"]  # traitlets: ipywidgets' own
+    assert run("fastprogress<1.1\n").returncode != 0  # not met by Colab's 1.1.6 (online, pip reports it REPLACED)
+    older = run("traitlets<5\n")  # allowed by the requirements, not by Colab's ipywidgets
+    assert older.returncode == 1 and "traitlets 4.0.0  (Colab has 5.7.1: REPLACED)" in older.stdout, older.stdout
+    assert "ipywidgets 7.7.1 has requirement traitlets>=4.3.1, but you have traitlets 4.0.0" in older.stdout
+
+    index = "https://index.invalid/simple"
+    files = {f"{index}/traitlets/": json.dumps({"files": [
+        {"filename": "traitlets-4.0.0.tar.gz", "url": "https://files.invalid/t.tar.gz"},
+        {"filename": "traitlets-4.0.0-py3-none-any.whl", "url": "https://files.invalid/t.whl#sha256=0",
+         "size": len(wheel("traitlets", "4.0.0"))}]}).encode(),
+        "https://files.invalid/t.whl": wheel("traitlets", "4.0.0")}  # no .metadata beside it: the wheel is read
+    asked = []
+
+    def get(self, url, headers=None):
+        asked.append(url)
+        if url not in files:
+            raise colab_requirements.urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        first, last = map(int, headers["Range"][6:].split("-")) if headers and "Range" in headers else (0, None)
+        return files[url][first:None if last is None else last + 1]
+    monkeypatch.setattr(colab_requirements.Fetcher, "_get", get)
+    fetcher = colab_requirements.Fetcher(tmp_path / "fetched", index)
+    assert fetcher.get("traitlets", "4.0.0") == metadata("traitlets", "4.0.0") and fetcher.fetched == 1
+    assert fetcher.get("nothing-here", "1.0") is None and (tmp_path / "fetched" / "nothing-here-1.0.none").exists()
+    n = len(asked)
+    assert fetcher.get("traitlets", "4.0.0") == metadata("traitlets", "4.0.0") and len(asked) == n  # the cache
+    assert fetcher.get("nothing-here", "1.0") is None and len(asked) == n  # a known absence is not asked again
 
 
 def test_per_specimen_and_threshold_rules_read_a_finished_run(tiny, tmp_path, capsys):

@@ -76,6 +76,25 @@ def test_the_bundle_holds_the_model_what_it_expects_and_the_classifier_examples(
     assert info["trained_on"] == {**volume_fingerprint(vol), **split.plan()}
 
 
+def test_saving_the_bundle_again_copies_the_weights_only_when_they_changed(trained, monkeypatch):
+    """Re-running 04 on Drive saves the bundle again: the same weights (same SHA-256 as the bundle's copy) are not
+    copied again (165 MB on Drive, and the replaced copy in its bin); the bundle keeps its version and examples."""
+    import microfossil.bundle as bundle
+    _, work, vol = trained
+    copies = []
+    monkeypatch.setattr(bundle, "link_or_copy", lambda src, dst: copies.append(src) or shutil.copy2(src, dst))
+    before = read_bundle(work / "bundle")
+    save_bundle(work, "full_unfrozen", vol)
+    after = read_bundle(work / "bundle")
+    assert copies == [] and after["version"] == before["version"] and after["classifier"] == before["classifier"]
+    weights = work / "bundle" / bundle.WEIGHTS
+    cut = weights.read_bytes()[:-1]
+    weights.unlink()  # (a hard link to the run's checkpoint on a local disk: not written through)
+    weights.write_bytes(cut)  # a copy cut short: copied again
+    save_bundle(work, "full_unfrozen", vol)
+    assert len(copies) == 1 and hashlib.sha256(weights.read_bytes()).hexdigest() == after["checkpoint"]["sha256"]
+
+
 def test_05_on_the_models_own_training_scan_scores_its_test_block_only(trained):
     """model_path = the bundle, data_dir = the very scan it was trained on, ground truth and all, with other split
     parameters: 05 knows the scan again and scores only the test block the bundle recorded, never the slices the model

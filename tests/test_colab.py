@@ -16,6 +16,14 @@ import pytest
 from conftest import ROOT
 
 STUB = ROOT / "tests" / "colab_stub"
+
+
+def colab_env(tmp):  # tests/colab_stub/stub_env.py's, loaded from its file: the stub stays off this process's path,
+    import importlib.util  # where `google.colab` would make plotly and others believe they run in Colab
+    spec = importlib.util.spec_from_file_location("stub_env", STUB / "stub_env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.colab_env(tmp)
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -28,14 +36,7 @@ def _setup_cell(nb):
 def _colab(tmp_path, monkeypatch=None):
     """`/content` and the stub Drive under tmp_path; the environment of a Colab kernel (as a dict, and set in this
     process with `monkeypatch` for papermill's kernels, which inherit it)."""
-    content, drive = tmp_path / "content", tmp_path / "gdrive"
-    (drive / "MyDrive").mkdir(parents=True)
-    content.mkdir()
-    ipython = tmp_path / "ipython"  # Colab's kernel has google.colab imported before the first cell
-    (ipython / "profile_default" / "startup").mkdir(parents=True)
-    (ipython / "profile_default" / "startup" / "00-colab.py").write_text("import google.colab\n")
-    env = {"PYTHONPATH": str(STUB), "IPYTHONDIR": str(ipython), "MICROFOSSIL_COLAB_ROOT": str(content),
-           "COLAB_STUB_DRIVE": str(drive), "PIP_NO_INDEX": "1", "MPLBACKEND": "Agg"}
+    content, drive, env = colab_env(tmp_path)
     if monkeypatch is not None:
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -152,11 +153,8 @@ def test_a_quick_run_02_to_05_in_colab_keeps_drive_clean(tmp_path, monkeypatch):
         "cache/sample_default-<key>/volume.json"]
     models = [n for n in names if n.startswith("models/")]
     phases = [f"{s}_{p}" for s in ("256", "512", "full") for p in ("frozen", "unfrozen")]
-    assert set(models) - {"models/256_frozen.start.pth", "models/256_frozen.start.json"} - {
-        f"models/resume.{s}.{e}" for s in "ab" for e in ("pth", "json")} == {
-        f"models/{p}.{e}" for p in phases for e in ("pth", "json")}, models
-    for s in "ab":  # a resumable copy left behind would be a superseded checkpoint
-        assert not (run / "models" / f"resume.{s}.pth").exists() or (run / "models" / f"resume.{s}.pth").stat().st_size == 0
+    assert set(models) - {"models/256_frozen.start.pth", "models/256_frozen.start.json"} == {
+        f"models/{p}.{e}" for p in phases for e in ("pth", "json")}, models  # no resumable copy left behind
     for p in phases:
         check_weights(run, p)
     preds = [n for n in names if n.startswith("predictions/")]
@@ -170,3 +168,109 @@ def test_a_quick_run_02_to_05_in_colab_keeps_drive_clean(tmp_path, monkeypatch):
     text = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/html", ""))
                    for c in executed["cells"] for o in c.get("outputs", []))
     assert "Drive flushed" in text and "[64/64" in text and "slices/s" in text and "specimens/s" in text
+
+
+def test_a_clone_that_would_ask_for_a_sign_in_fails_fast_and_says_not_found_or_private(tmp_path):
+    """GitHub answers a missing or private repository with 401, and git then asks for a user name: a notebook cell has
+    no terminal, so the prompt would wait for ever. Here a local server answers 401 and the environment holds a
+    credential program that never answers (a prompt nobody sees); the cell must not start it, and fails in seconds."""
+    import http.server
+    import threading
+    import time
+
+    class Private(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="GitHub"')
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Private)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    content, _, env = _colab(tmp_path)
+    prompt = tmp_path / "prompt.sh"
+    prompt.write_text(f"#!/bin/sh\ntouch {tmp_path / 'prompted'}\nsleep 600\n")
+    prompt.chmod(0o755)
+    url = f"http://127.0.0.1:{server.server_address[1]}/lapix-ufsc/microfossil-ct"
+    t = time.time()
+    try:
+        r = _run_setup(content, {**env, "GIT_ASKPASS": str(prompt), "SSH_ASKPASS": str(prompt)}, repo_url=url)
+    finally:
+        server.shutdown()
+    assert r.returncode != 0 and time.time() - t < 60
+    assert not (tmp_path / "prompted").exists()
+    assert f"git clone {url} failed: the repository was not found, or it is private" in r.stderr, r.stderr[-2000:]
+    assert "Three ways to fix it" in r.stderr and not (content / "microfossil-ct").exists()
+
+
+def test_the_setup_cell_finds_githubs_zip_on_drive_skips_a_stray_utils_and_prints_what_it_uses(tmp_path):
+    """GitHub's "Download ZIP" unpacks to `microfossil-ct-main`, uploaded to My Drive as it is; a stray
+    `/content/utils.py` (the working folder) is not the project. The cell prints the folder and the version, and warns
+    when that copy is older than the notebook."""
+    from microfossil import __version__
+    content, my_drive, env = _colab(tmp_path)
+    (content / "utils.py").write_text("raise SystemExit('the stray utils.py was imported')\n")
+    copy = _copy_project(my_drive / "microfossil-ct-main")
+    r = _run_setup(content, env, repo_url="file:///nowhere/no-such-repo")
+    assert r.returncode == 0, r.stderr[-3000:]
+    used = content / "drive" / "MyDrive" / "microfossil-ct-main"
+    assert f"Project: {used} (microfossil-ct {__version__})" in r.stdout and f"ROOT {used} utils" in r.stdout
+    assert "WARNING" not in r.stdout
+    init = copy / "microfossil" / "__init__.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{__version__}"', '__version__ = "0.1.0"'))
+    r = _run_setup(content, env)
+    assert r.returncode == 0 and "(microfossil-ct 0.1.0)" in r.stdout, r.stderr[-3000:]
+    assert f"WARNING: the project in {used} is version 0.1.0, older than this notebook ({__version__})" in r.stdout
+
+
+def test_the_notebooks_belong_to_this_version_of_the_project():
+    from microfossil import __version__
+    assert f'NOTEBOOK_VERSION = "{__version__}"' in _setup_cell(NOTEBOOKS[0])
+
+
+def test_a_failed_mount_says_to_delete_the_runtime_and_flush_drive_says_it_too(tmp_path, monkeypatch, capsys,
+                                                                               colab_modules):
+    """Mounting Drive again after `flush_and_unmount` is known to fail in Colab ("mount failed"): the cell says what to
+    do, and so does `flush_drive`, which unmounts."""
+    content, my_drive, env = _colab(tmp_path)
+    _copy_project(my_drive / "microfossil-ct")
+    r = _run_setup(content, {**env, "COLAB_STUB_MOUNT_FAILS": "1"})
+    assert r.returncode != 0 and "Google Drive could not be mounted" in r.stderr and "(mount failed)" in r.stderr
+    assert "Runtime > Disconnect and delete runtime, then run this notebook again from the top" in r.stderr
+    from microfossil import runtime
+    for k in ("MICROFOSSIL_COLAB_ROOT", "COLAB_STUB_DRIVE"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.delenv("MICROFOSSIL_HEADLESS", raising=False)
+    monkeypatch.setattr(runtime, "in_colab", lambda: True)
+    (content / "drive").symlink_to(my_drive.parent, target_is_directory=True)
+    assert runtime.flush_drive()
+    assert "Runtime > Disconnect and delete runtime" in capsys.readouterr().out
+
+
+def test_the_drive_writes_bench_counts_uploads_and_the_bin_as_drive_would(tmp_path):
+    """bench/drive_writes.py's watcher: a file counts as written once it stops changing; a file replaced by a rename
+    over it, or deleted, goes to the bin; a temporary file renamed to its name, or rewritten in place, does not."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("drive_writes", ROOT / "bench" / "drive_writes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "kept.bin").write_bytes(b"k" * 100)
+    watch = bench.DriveWatch(tmp_path, poll=0.01)
+    tmp = tmp_path / "new.bin.partial"
+    tmp.write_bytes(b"n" * 50)
+    watch._step()
+    tmp.rename(tmp_path / "new.bin")  # written atomically: not in the bin
+    assert watch.take() == {"written_bytes": 50, "written_files": 1, "binned_bytes": 0, "binned_files": 0,
+                            "drive_bytes": 150}
+    with open(tmp_path / "kept.bin", "r+b") as fh:  # rewritten in place: an upload, nothing in the bin
+        fh.write(b"K" * 100)
+    os.utime(tmp_path / "kept.bin", ns=(1, 1))
+    assert watch.take()["written_files"] == 1
+    (tmp_path / "other").write_bytes(b"o" * 70)
+    watch.take()
+    (tmp_path / "other").replace(tmp_path / "new.bin")  # replaced: the old new.bin goes to the bin
+    (tmp_path / "kept.bin").unlink()  # deleted: the bin
+    got = watch.take()
+    assert (got["binned_files"], got["binned_bytes"], got["written_files"], got["drive_bytes"]) == (2, 150, 0, 70)

@@ -327,15 +327,16 @@ def test_phase_cells_train_what_they_name_whatever_ran_before(tiny, tmp_path):
         text = k.run("fit2")
         assert "256_unfrozen: already trained with this plan (attempt 1)" in text, text
         params = k.nb.cells[k.at["params"]].source.split("\n" + k.params)[0]
-        k.run("params", params.replace("bs = 16 ", "bs = 4  "))
+        k.run("params", params.replace("bs = None ", "bs = 4    "))
         text = k.run("fit1", error=True)
-        assert "bs = 4 (made with 16)" in text and "run the DataLoaders cell" in text and "Nothing was trained" in text
+        assert "bs = 4 (made with None)" in text and "run the DataLoaders cell" in text and "Nothing was trained" in text
         assert not (work / "models" / "attempts").exists()
         for name in ("mode", "dls", "learner"):
             k.run(name)
         text = k.run("fit1")
-        assert re.search(r"256_frozen: plan changed: bs \d+ -> 4;", text), text  # (16, capped at the training slices)
-    assert read_record(work, "256_frozen")["bs"] == 4 and read_record(work, "256_frozen.attempt1")["bs"] > 4
+        assert "256_frozen: plan changed: bs auto -> 4;" in text, text  # (bs None: what fits, "auto" in the plan)
+    assert read_record(work, "256_frozen")["bs"] == 4 and read_record(work, "256_frozen.attempt1")["bs"] == "auto"
+    assert read_record(work, "256_frozen.attempt1")["bs_used"] > 4
     assert read_record(work, "256_frozen")["frozen"] and not read_record(work, "256_unfrozen")["frozen"]
 
 

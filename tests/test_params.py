@@ -21,7 +21,7 @@ def test_every_notebook_parameter_has_a_rule_and_the_defaults_pass():
 
 
 @pytest.mark.parametrize("name, value, says", [
-    ("bs", 0, "bs=0: bs is the batch size; it takes a whole number >= 1"),
+    ("bs", 0, "bs=0: bs is the batch size (None: what fits the GPU's free memory); it takes None or a whole number >= 1"),
     ("bs", -1, "whole number >= 1"),
     ("bs", 4.5, "whole number >= 1"),
     ("bs", True, "whole number >= 1"),

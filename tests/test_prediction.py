@@ -354,3 +354,24 @@ def test_a_new_prediction_keeps_every_file_it_does_not_write(tmp_path):
     assert [(out / f).read_text() for f in ("specimens.tif", "labels_corrected.tif", "notes/a.txt")] == \
         ["extraction", "mine", "mine too"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pred")) == ["pred"]
+
+
+def test_an_out_of_memory_error_in_prediction_halves_the_batch(odd_vol, tmp_path, capsys):
+    """CUDA running out of memory while predicting (faked on CPU): the prediction starts again with half the batch
+    and ends as it would have with that batch; prediction.json records the batch size used."""
+    model = create_unet_model(encoder("resnet18"), 3, (32, 32), pretrained=False).eval()
+
+    class Tight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            if len(x) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (fake)")
+            return self.inner(x)
+
+    pred = predict_volume(Tight(), odd_vol, tmp_path / "tight", bs=4)
+    assert "prediction: CUDA out of memory at batch size 4; going on with batch size 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tight" / "prediction.json").read_text())["bs"] == 2
+    np.testing.assert_array_equal(pred, predict_volume(model, odd_vol, tmp_path / "plain", bs=2))

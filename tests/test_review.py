@@ -350,3 +350,63 @@ def test_a_click_that_cannot_be_saved_says_so_and_decides_nothing(tmp_path, monk
     monkeypatch.setattr(mio.os, "replace", real)
     p.accept_b.click()
     assert ReviewSession(work).get(first)["decision"] == "accepted" and p.current != first
+
+
+def test_a_review_on_drive_writes_only_its_decisions_there_until_it_ends(tmp_path, monkeypatch, colab_modules):
+    """Colab, its run folder on (stub) Drive: 100 clicks in the panel (accept, reject, a taxon typed) write nothing
+    to Drive but `review.csv`, rewritten in place (no file replaced or deleted: nothing in Drive's bin); the previews
+    and gallery they change are drawn on the local disk, shown from there, and copied to Drive in place by
+    `flush_drive`, after which Drive's gallery is that of the decisions."""
+    import hashlib
+    import shutil
+
+    pytest.importorskip("ipywidgets")
+    from microfossil import runtime
+    content, gdrive = tmp_path / "content", tmp_path / "gdrive"
+    (gdrive / "MyDrive").mkdir(parents=True)
+    content.mkdir()
+    for k, v in {"MICROFOSSIL_COLAB_ROOT": content, "COLAB_STUB_DRIVE": gdrive}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.delenv("MICROFOSSIL_HEADLESS", raising=False)
+    monkeypatch.setattr(runtime, "in_colab", lambda: True)
+    monkeypatch.setattr(runtime, "_BEFORE_FLUSH", {})
+    from google.colab import drive
+    drive.mount(str(content / "drive"))
+    vol, pred, case, _, _ = make_case(tmp_path)
+    work = content / "drive" / "MyDrive" / "microfossil_runs" / "run"
+    shutil.move(case, work)
+    extract_fossils(vol, work, pred, min_voxels=20)
+
+    def on_drive():
+        return {str(p.relative_to(gdrive)): (p.stat().st_ino, hashlib.sha1(p.read_bytes()).hexdigest())
+                for p in gdrive.rglob("*") if p.is_file()}
+
+    panel = ReviewPanel(work)
+    n = len(panel.ids)
+    seen = [on_drive()]
+    for k in range(100):
+        if k % 5 == 4:
+            panel.taxon.value = f"Taxon {k}"
+        else:
+            panel.decide(["accepted", "rejected"][(k // n) % 2])
+        seen.append(on_drive())
+    review = "MyDrive/microfossil_runs/run/exports/review.csv"
+    for before, after in zip(seen, seen[1:]):
+        assert set(before) - {review} == set(after) - {review}  # nothing new, nothing deleted
+        assert all(after[f][0] == before[f][0] for f in before)  # no file replaced: the same inodes
+        assert [f for f in before if after[f] != before[f]] in ([], [review])  # only the decisions written
+    assert len({s[review][1] for s in seen[1:]}) > 50  # (each click saved at once)
+    panel.session.set(panel.ids[0], "rejected")
+    panel.pos = 0
+    panel.show()  # the preview on show is the one drawn on the local disk: the rejected one's grey swatch
+    assert tuple(np.asarray(Image.open(__import__("io").BytesIO(panel.image.value)).convert("RGB"))[10, 10]) == tuple(GREY)
+    last = on_drive()
+    assert runtime.flush_drive()  # the end of the review: the drawings go to Drive, in place
+    drive.mount(str(content / "drive"))
+    now = on_drive()
+    assert set(now) == set(last) and all(now[f][0] == last[f][0] for f in last)
+    changed = sorted(f.rsplit("/", 1)[1] for f in last if now[f] != last[f])
+    assert "gallery.png" in changed and "gallery.json" in changed and any(f.endswith("_preview.png") for f in changed)
+    assert not draw_gallery(work)["redrawn"].any()  # Drive's gallery shows the decisions as they are
+    rejected = draw_gallery(work).set_index("id").loc[panel.ids[0]]
+    assert rejected["marker"] == "x"

@@ -370,7 +370,8 @@ def _on_drive(tmp_path, monkeypatch):
 def test_on_drive_epochs_stay_local_and_no_drive_file_is_ever_replaced(odd_vol, tmp_path, monkeypatch, capsys):
     """Every epoch's checkpoint goes to the local disk; Drive gets resumable copies over two slots, rewritten in place
     (same files: nothing in Drive's trash), and the phase's weights at the end; no file on Drive is replaced or
-    deleted during the phase, and none of its checkpoints is superseded at the end (the slots are emptied)."""
+    deleted during the phase, and none of its checkpoints is superseded at the end: the slots are deleted then (emptied
+    in place, their earlier contents would stay in Drive's version history)."""
     work, local = _on_drive(tmp_path, monkeypatch)
     learn = _learner(odd_vol, work)
     watch = _DriveWatch(work)
@@ -381,10 +382,8 @@ def test_on_drive_epochs_stay_local_and_no_drive_file_is_ever_replaced(odd_vol, 
     assert not [n for seen in watch.seen for n in seen if "progress" in n or n.endswith(".partial")]
     assert list(local.rglob("t_frozen.progress.pth")) == []  # dropped at the end, as locally
     models = work / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["resume.a.json", "resume.a.pth", "resume.b.json", "resume.b.pth",
-                                                        "t_frozen.json", "t_frozen.pth", "t_frozen.start.json",
+    assert sorted(p.name for p in models.iterdir()) == ["t_frozen.json", "t_frozen.pth", "t_frozen.start.json",
                                                         "t_frozen.start.pth"]
-    assert (models / "resume.a.pth").stat().st_size == 0 == (models / "resume.b.pth").stat().st_size
     rec = read_record(work, "t_frozen")
     assert rec["file_size"] == (models / "t_frozen.pth").stat().st_size and rec["sha256"] == weights_sha256(models / "t_frozen.pth")
     assert [r["epoch"] for r in _history(work, "t_frozen")] == ["0", "1", "2", "3"]
@@ -450,3 +449,53 @@ def test_a_resume_from_drive_takes_the_history_from_the_copy_when_drives_history
     _learner(odd_vol, work).fit_one_cycle(3, 1e-3, pct_start=0.5, cbs=PhaseCheckpoint("t_frozen", drive_minutes=0))
     assert "resuming after epoch 2 of 3, from the copy on Drive" in capsys.readouterr().out
     assert [r["epoch"] for r in _history(work, "t_frozen")] == ["0", "1", "2"]
+
+
+class _FakeOOM(Callback):
+    """CUDA running out of memory (on CPU): torch's error, raised on every batch larger than `limit`."""
+    def __init__(self, limit):
+        self.limit, self.raised = limit, 0
+
+    def before_batch(self):
+        if len(self.xb[0]) > self.limit:
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+
+
+def test_an_out_of_memory_error_halves_the_batch_and_the_phase_goes_on(odd_vol, tmp_path, capsys):
+    """A CUDA out-of-memory error in a fit: the batch is halved (down to what fits) and the phase trains to its end,
+    saying so; its record keeps the plan's batch size and the one used, so the same cell run again loads it."""
+    from microfossil.sample import make_sample
+    from microfossil.volume import load_volume
+    vol = load_volume(make_sample(tmp_path / "core", n_slices=20, height=40, width=40, seed=1))
+    learn = build_learner(make_dls(vol, 1.0, bs=8, device=torch.device("cpu")), pretrained=False, work_dir=tmp_path)
+    assert learn.dls.train.bs == 8
+    oom = _FakeOOM(limit=2)
+    learn.fit_one_cycle(1, 1e-3, cbs=[PhaseCheckpoint("t_frozen"), oom])
+    out = capsys.readouterr().out
+    assert oom.raised == 2 and "training: CUDA out of memory at batch size 8; going on with batch size 4" in out
+    assert "going on with batch size 2" in out and learn.dls.train.bs == 2 == learn.dls.valid.bs
+    rec = read_record(tmp_path, "t_frozen")
+    assert rec["bs"] == 8 and rec["bs_used"] == 2 and rec["epochs_trained"] == 1
+    learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))  # the same plan: loaded, not trained again
+    assert "already trained with this plan" in capsys.readouterr().out
+    with pytest.raises(torch.OutOfMemoryError):  # at batch size 1 there is nothing left to halve
+        learn.fit_one_cycle(1, 1e-3, cbs=[PhaseCheckpoint("t_unfrozen"), _FakeOOM(limit=0)])
+
+
+def test_bs_none_takes_the_batch_that_fits_and_the_plan_says_auto(odd_vol, tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from microfossil import runtime
+    dls = make_dls(odd_vol, 0.25, bs=None, device=torch.device("cpu"))
+    assert "bs=None: 4 M pixels a batch off a GPU" in capsys.readouterr().out and dls.made_with["bs"] is None
+    learn = build_learner(dls, pretrained=False, work_dir=tmp_path)
+    learn.fit_one_cycle(1, 1e-3, cbs=PhaseCheckpoint("t_frozen"))
+    rec = read_record(tmp_path, "t_frozen")
+    assert rec["bs"] == "auto" and rec["bs_used"] == dls.train.bs
+    # a Colab T4 (15 GB, 14.5 free) at full size of a 1004 x 956 scan, its volume (1.9 GB) already there: bs 3;
+    # at half size (the volume 0.5 GB) the recipe's 16; an H100 at full size: 16 at most
+    cuda = SimpleNamespace(type="cuda")
+    for free, size, bs in ((12.6e9, (1004, 956), 3), (14.0e9, (502, 478), 16), (78e9, (1004, 956), 16)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (int(free), int(16e9)))
+        assert runtime.batch_size_for(size, cuda)[0] == bs

@@ -114,7 +114,8 @@ def test_slice_browser_headless_writes_a_figure_with_the_legend_under_it(tmp_pat
     assert viewers.browse_slices(vol, pred, path=tmp_path / "figures" / "slices.png") is None
     p = np.asarray(Image.open(tmp_path / "figures" / "slices.png").convert("RGB")).astype(int)
     ink = np.flatnonzero((p < 240).any(-1).any(1))  # rows with anything drawn
-    assert np.diff(ink).max() < 12  # no empty band: panels, rows and legend follow one another
+    assert np.diff(ink).max() < 20  # no empty band: panels, rows and legend follow one another (matplotlib 3.10,
+                                    # Colab's, leaves 12 blank rows above the legend; 3.11 fewer)
     bottom = p[ink[-1] - 12:ink[-1] + 1]
     for k in (1, 2):  # the legend's swatches, under the panels, in the class colours of the other figures
         assert (np.abs(bottom - get_class_colours(3)[k][:3] * 255).max(-1) < 3).any()

@@ -8,6 +8,8 @@ def _drive():
 
 
 def mount(mountpoint, force_remount=False, timeout_ms=120000, readonly=False):
+    if os.environ.get("COLAB_STUB_MOUNT_FAILS"):  # what Colab raises when a mount after an unmount fails
+        raise ValueError("mount failed")
     point = Path(mountpoint)
     if point.is_symlink() and point.resolve() == _drive().resolve():
         print(f"Drive already mounted at {point}; to attempt to forcibly remount, call "
