@@ -77,6 +77,8 @@ def test_the_setup_cell_uses_a_copy_of_the_project_on_drive_and_installs_once(tm
     assert f"ROOT {content / 'drive' / 'MyDrive' / 'microfossil-ct'} utils {content / 'drive'}" in r.stdout
     assert "Mounted at" in r.stdout and not (content / "microfossil-ct").exists()
     assert (content / ".microfossil_requirements").read_text() == (copy / "requirements.txt").read_text()
+    import numpy
+    assert f"numpy=={numpy.__version__}\n" in (content / ".microfossil_keep.txt").read_text()  # Colab's numpy is kept
     again = _run_setup(content, {**env, "PIP_REQUIRE_VIRTUALENV": "1"})  # pip would now refuse: it is not run again
     assert again.returncode == 0 and "already mounted" in again.stdout, again.stderr[-3000:]
 
