@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -112,16 +111,6 @@ def _colab(tmp):
     return content, gdrive
 
 
-def _copy_project(src, dest):
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=src, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
-    for f in files:
-        if (Path(src) / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(src) / f, dest / f)
-    return dest
-
-
 def _review(project, work, clicks, watch, content, pause):
     """`clicks` clicks in the review panel of run folder `work`, then `flush_drive`; the counts of each."""
     sys.path[:0] = [str(project), str(STUB)]  # (this process: the stub google.colab, as the kernels have it)
@@ -162,7 +151,8 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="drive_writes_"))
     try:
         content, gdrive = _colab(tmp)
-        copy = _copy_project(args.project, gdrive / "MyDrive" / "microfossil-ct")
+        from stub_env import copy_project  # (on the path since `_colab`)
+        copy = copy_project(args.project, gdrive / "MyDrive" / "microfossil-ct")
         watch = DriveWatch(gdrive, args.poll)
         watch.start()
         out, result = tmp / "executed", {"mode": args.mode, "notebooks": {}}

@@ -4,11 +4,12 @@ Every decision is saved at once to `exports/review.csv` (atomically; on Google D
 place, so that a click leaves no replaced copy in Drive's bin), so a disconnect loses nothing.
 On Drive the previews and gallery a decision changes are drawn on the local disk and copied to
 Drive when the review ends (`exports.publish_drawings`, run by `flush_drive`). A person may open
-that file in a spreadsheet and save it again: it is read however the spreadsheet wrote it (`decisions.read_decisions`), every row of it and every column a
-person added are written back, and a file that cannot be read stops the review with what to
-do, untouched. No save drops a decision (only undoing one does), and before a save replaces a
-`review.csv` that is not what this session last wrote (a spreadsheet's, an edited one, one
-whose decisions a new extraction moved), that file is kept beside it as `review.csv.bak`.
+that file in a spreadsheet and save it again: it is read however the spreadsheet wrote it
+(`decisions.read_decisions`), every row of it and every column a person added are written back,
+and a file that cannot be read stops the review with what to do, untouched. No save drops a
+decision (only undoing one does), and before a save replaces a `review.csv` that is not what
+this session last wrote (a spreadsheet's, an edited one, one whose decisions a new extraction
+moved), that file is kept beside it as `review.csv.bak`.
 Needs pandas, and ipywidgets for the panel; never torch.
 """
 from __future__ import annotations

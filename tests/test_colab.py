@@ -6,7 +6,6 @@ scan."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +17,14 @@ from conftest import ROOT
 STUB = ROOT / "tests" / "colab_stub"
 
 
-def colab_env(tmp):  # tests/colab_stub/stub_env.py's, loaded from its file: the stub stays off this process's path,
-    import importlib.util  # where `google.colab` would make plotly and others believe they run in Colab
+def _stub_env():  # tests/colab_stub/stub_env.py, loaded from its file: the stub stays off this process's path, where
+    import importlib.util  # `google.colab` would make plotly and others believe they run in Colab
     spec = importlib.util.spec_from_file_location("stub_env", STUB / "stub_env.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.colab_env(tmp)
+    return module
+
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -36,7 +37,7 @@ def _setup_cell(nb):
 def _colab(tmp_path, monkeypatch=None):
     """`/content` and the stub Drive under tmp_path; the environment of a Colab kernel (as a dict, and set in this
     process with `monkeypatch` for papermill's kernels, which inherit it)."""
-    content, drive, env = colab_env(tmp_path)
+    content, drive, env = _stub_env().colab_env(tmp_path)
     if monkeypatch is not None:
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -45,14 +46,8 @@ def _colab(tmp_path, monkeypatch=None):
 
 
 def _copy_project(dest):
-    """The project as a user would upload it: the files git knows (tracked, or new and not ignored)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    return dest
+    """The project as a user would upload it (the files git knows)."""
+    return _stub_env().copy_project(ROOT, dest)
 
 
 def _run_setup(content, env, repo_url=None):
